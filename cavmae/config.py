@@ -1,0 +1,131 @@
+"""Model and preprocessing configuration.
+
+One place decides each fact: the sizes of the model and the constants of the input pipeline
+(SPEC sections 1-5) live here and nowhere else. This module is numpy/torch free so that the
+runtime can read it where torch is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Constants of the reference input pipeline (SPEC section 1)."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    low_freq: float = 20.0
+    preemphasis: float = 0.97
+    target_length: int = 1024
+    # AudioSet statistics; the released models use them for VGGSound too.
+    fbank_mean: float = -5.081
+    fbank_std: float = 4.4849
+    clip_seconds: float = 10.0
+    num_frames: int = 10
+    image_size: int = 224
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Single-frame protocols (retrieval, localization) use the middle frame.
+    middle_frame: int = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a CAV-MAE model (SPEC sections 2-5).
+
+    ``num_classes`` is only used by the classifier (``CAVMAEFT``); the decoder fields only by the
+    pre-training model (``CAVMAE``).
+    """
+
+    embed_dim: int = 768
+    depth_modality: int = 11  # blocks_a and blocks_v
+    depth_joint: int = 1  # blocks_u
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    audio_length: int = 1024  # time frames of the spectrogram
+    num_mel_bins: int = 128
+    image_size: int = 224
+    num_classes: int = 527
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = False
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        """(frequency rows, time columns) of the audio patch grid, e.g. (8, 64)."""
+        return self.num_mel_bins // self.patch_size, self.audio_length // self.patch_size
+
+    @property
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image patch grid, e.g. (14, 14)."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_audio_tokens(self) -> int:
+        f, t = self.audio_grid
+        return f * t
+
+    @property
+    def num_visual_tokens(self) -> int:
+        h, w = self.visual_grid
+        return h * w
+
+    @property
+    def audio_patch_dim(self) -> int:
+        return self.patch_size * self.patch_size
+
+    @property
+    def visual_patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+#: The size of every released checkpoint.
+BASE = ModelConfig()
+
+#: A tiny size for fast tests: same token grids, small width and depth.
+TINY = ModelConfig(
+    embed_dim=64,
+    depth_modality=2,
+    depth_joint=1,
+    num_heads=4,
+    num_classes=10,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+)
+
+PRESETS: dict[str, ModelConfig] = {"base": BASE, "tiny": TINY}
+
+#: The reference input pipeline.
+DEFAULT_PREPROCESS = PreprocessConfig()
+

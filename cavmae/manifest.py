@@ -1,0 +1,193 @@
+"""The export manifest: what an export directory holds and how to feed it.
+
+Written by ``cavmae.export`` next to the ONNX files and read by ``cavmae.runtime``, so a deployment
+needs neither the checkpoint nor PyTorch. Plain Python (json + dataclasses): no torch, no numpy.
+
+Shapes use the string ``"batch"`` for the one dynamic axis; every other axis is a fixed int.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, PreprocessConfig
+from .errors import CavmaeError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ``shape`` like ``["batch", 512, 768]``."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape with the batch axis set to ``batch``."""
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(name=d["name"], shape=tuple(d["shape"]), dtype=d.get("dtype", "float32"))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported ONNX graph (a stage of the model)."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int
+    precision: str = "fp32"
+    description: str = ""
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"graph {self.name!r} has no input {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "max_batch": self.max_batch,
+            "precision": self.precision,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphSpec:
+        return cls(
+            name=d["name"],
+            file=d["file"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            max_batch=int(d["max_batch"]),
+            precision=d.get("precision", "fp32"),
+            description=d.get("description", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs to know about an export directory."""
+
+    model_kind: str  # "classifier" or "pretrain"
+    model_config: ModelConfig
+    preprocess: PreprocessConfig
+    graphs: dict[str, GraphSpec]
+    precision: str = "fp32"
+    num_frames: int = 10
+    max_batch: int = 8
+    task: str | None = None  # "multi-label" / "single-label" for classifiers
+    modes: tuple[str, ...] = ()
+    labels: tuple[str, ...] | None = None
+    label_ids: tuple[str, ...] | None = None
+    mask_ratio_a: float | None = None
+    mask_ratio_v: float | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def graph(self, name: str) -> GraphSpec:
+        try:
+            return self.graphs[name]
+        except KeyError:
+            have = ", ".join(sorted(self.graphs)) or "none"
+            raise CavmaeError(
+                f"this export has no graph {name!r} (it has: {have}); re-export the model"
+                " with a version of cavmae that writes it"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "schema_version": self.schema_version,
+            "model_kind": self.model_kind,
+            "task": self.task,
+            "precision": self.precision,
+            "num_frames": self.num_frames,
+            "max_batch": self.max_batch,
+            "modes": list(self.modes),
+            "mask_ratio_a": self.mask_ratio_a,
+            "mask_ratio_v": self.mask_ratio_v,
+            "model_config": self.model_config.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "labels": list(self.labels) if self.labels is not None else None,
+            "label_ids": list(self.label_ids) if self.label_ids is not None else None,
+            "source": dict(self.source),
+            "versions": dict(self.versions),
+            "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CavmaeError(
+                f"export manifest has schema version {version!r}, this cavmae reads"
+                f" {SCHEMA_VERSION}; re-export the model with this version"
+            )
+        return cls(
+            schema_version=version,
+            model_kind=d["model_kind"],
+            task=d.get("task"),
+            precision=d.get("precision", "fp32"),
+            num_frames=int(d.get("num_frames", 10)),
+            max_batch=int(d.get("max_batch", 8)),
+            modes=tuple(d.get("modes", ())),
+            mask_ratio_a=d.get("mask_ratio_a"),
+            mask_ratio_v=d.get("mask_ratio_v"),
+            model_config=ModelConfig.from_dict(d["model_config"]),
+            preprocess=PreprocessConfig.from_dict(d["preprocess"]),
+            labels=tuple(d["labels"]) if d.get("labels") is not None else None,
+            label_ids=tuple(d["label_ids"]) if d.get("label_ids") is not None else None,
+            source=dict(d.get("source", {})),
+            versions=dict(d.get("versions", {})),
+            graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
+        )
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise CavmaeError(
+                f"{directory} is not a cavmae export (no {MANIFEST_NAME}); create one with"
+                " `cavmae export MODEL -o DIR`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CavmaeError(f"cannot read {path}: {e}") from None
+        return cls.from_dict(data)
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding an export manifest."""
+    return (Path(path) / MANIFEST_NAME).is_file()

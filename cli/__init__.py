@@ -1,0 +1,1 @@
+"""The `cavmae` command line."""

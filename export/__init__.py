@@ -1,0 +1,1 @@
+"""Export CAV-MAE stages to fixed-shape ONNX graphs with a manifest."""

@@ -1,0 +1,1 @@
+"""Run exported CAV-MAE graphs on ONNX Runtime, TensorRT or PyTorch."""

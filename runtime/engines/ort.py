@@ -1,0 +1,370 @@
+"""The ONNX Runtime engine (``ort``): CPU and CUDA execution providers.
+
+Session options are tuned for latency of one request at a time: intra-op threads = physical
+cores (``$CAVMAE_THREADS`` or ``threads=`` override), one inter-op thread, sequential
+execution, every graph optimization on.
+
+Optimized-model cache (ONNX Runtime's "offline mode"): the first session of a graph runs the
+optimizers online and saves the result to
+``{export_dir}/.ort/{graph}.{provider}.{ort version}.{hardware}.onnx``. Later sessions load
+that file with optimizations *disabled*, as the ONNX Runtime graph-optimization docs advise
+for a pre-optimized model, which cuts session start-up. Because ``ORT_ENABLE_ALL`` bakes
+provider- and CPU-specific layout transforms into the saved graph, the file name carries the
+provider, the ONNX Runtime version and a hardware fingerprint. A cached file older than its
+source, or one that fails to load, is replaced. A read-only export directory just means no
+cache.
+
+``onnxruntime`` is imported lazily so this module (and ``check_inputs``) imports anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cavmae.errors import CavmaeError, EngineUnavailableError
+from cavmae.manifest import BATCH, GraphSpec, Manifest
+
+from .. import hardware
+from .base import Engine, GraphSession
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = ".ort"
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+
+# ONNX Runtime's type strings for the dtypes a manifest may declare.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Input checking (shared with the TensorRT engine)
+# --------------------------------------------------------------------------------------------
+
+
+def _shape_str(shape: tuple[int | str, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_inputs(
+    spec: GraphSpec, inputs: Mapping[str, Any]
+) -> tuple[dict[str, np.ndarray], int]:
+    """Validate ``inputs`` against ``spec`` and return C-contiguous arrays plus the batch size.
+
+    Every input of ``spec`` must be present (no others), with the declared dtype (no silent
+    casts: a float64 array fed to a float32 graph is a bug upstream) and the declared shape,
+    the ``"batch"`` axis being the same ``1 <= B <= spec.max_batch`` for all inputs. Raises
+    ``CavmaeError`` naming the graph, the input, what was expected and what was given.
+    Arrays are made C-contiguous (a copy only when needed), since both runtimes read raw
+    row-major buffers.
+    """
+    where = f"graph {spec.name!r}"
+    expected_names = [t.name for t in spec.inputs]
+    missing = [n for n in expected_names if n not in inputs]
+    if missing:
+        raise CavmaeError(
+            f"{where}: missing input(s) {', '.join(map(repr, missing))}; it takes"
+            f" {', '.join(map(repr, expected_names))}"
+        )
+    extra = [n for n in inputs if n not in expected_names]
+    if extra:
+        raise CavmaeError(
+            f"{where}: unknown input(s) {', '.join(map(repr, extra))}; it takes"
+            f" {', '.join(map(repr, expected_names))}"
+        )
+
+    arrays: dict[str, np.ndarray] = {}
+    batch: int | None = None
+    batch_from = ""
+    for t in spec.inputs:
+        arr = np.asarray(inputs[t.name])
+        want_dtype = np.dtype(t.dtype)
+        if arr.dtype != want_dtype:
+            raise CavmaeError(
+                f"{where}, input {t.name!r}: expected dtype {want_dtype.name}, got"
+                f" {arr.dtype.name} (convert with .astype(np.{want_dtype.name}))"
+            )
+        if arr.ndim != len(t.shape):
+            raise CavmaeError(
+                f"{where}, input {t.name!r}: expected shape {_shape_str(t.shape)}"
+                f" ({len(t.shape)} axes), got {list(arr.shape)} ({arr.ndim} axes)"
+            )
+        for axis, (want, got) in enumerate(zip(t.shape, arr.shape, strict=True)):
+            if want == BATCH:
+                if not 1 <= got <= spec.max_batch:
+                    raise CavmaeError(
+                        f"{where}, input {t.name!r}: batch size {got} (axis {axis}) is outside"
+                        f" 1..{spec.max_batch}, the range this export supports; split the"
+                        f" batch or re-export with a larger max batch"
+                    )
+                if batch is None:
+                    batch, batch_from = int(got), t.name
+                elif got != batch:
+                    raise CavmaeError(
+                        f"{where}, input {t.name!r}: batch size {got} differs from {batch}"
+                        f" of input {batch_from!r}; all inputs must share the batch size"
+                    )
+            elif int(want) != got:
+                raise CavmaeError(
+                    f"{where}, input {t.name!r}: expected shape {_shape_str(t.shape)}, got"
+                    f" {list(arr.shape)} (axis {axis} should be {want})"
+                )
+        arrays[t.name] = np.ascontiguousarray(arr)
+    return arrays, (batch if batch is not None else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ("cpu", 0); ``"cuda"`` / ``"cuda:1"`` -> ("cuda", index)."""
+    kind, _, index = device.partition(":")
+    kind = kind.strip().lower()
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise CavmaeError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if kind == "cpu" and index:
+        raise CavmaeError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    return kind, int(index or 0)
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # a hard dependency, but say what to do if it is broken
+        raise EngineUnavailableError(
+            f"the ONNX Runtime engine needs onnxruntime: pip install onnxruntime ({e})"
+        ) from None
+    return ort
+
+
+def writable_dir(path: Path) -> bool:
+    """True when ``path`` is (or can be made) a directory we can create files in.
+
+    Tries for real instead of trusting ``os.access``: root ignores permission bits but not
+    read-only mounts, and a file squatting on the name must count as "not writable".
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError as e:
+        log.debug("cache dir %s not writable: %s", path, e)
+        return False
+
+
+class OrtSession(GraphSession):
+    """One graph in an ``onnxruntime.InferenceSession``."""
+
+    def __init__(self, spec: GraphSpec, session: Any, source: str) -> None:
+        super().__init__(spec)
+        self._session = session
+        #: where the graph came from: "source", "cache" (pre-optimized) or "source+cached"
+        self.source = source
+        self._outputs = [t.name for t in spec.outputs]
+        self._check_against_spec()
+
+    def _check_against_spec(self) -> None:
+        """Fail at open, not at first run, when the ONNX file and the manifest disagree."""
+        have_in = {i.name: i for i in self._session.get_inputs()}
+        have_out = {o.name for o in self._session.get_outputs()}
+        want_in = [t.name for t in self.spec.inputs]
+        if set(have_in) != set(want_in) or not set(self._outputs) <= have_out:
+            raise CavmaeError(
+                f"graph {self.spec.name!r}: the ONNX file has inputs {sorted(have_in)} and"
+                f" outputs {sorted(have_out)}, the manifest declares inputs {want_in} and"
+                f" outputs {self._outputs}; the export is inconsistent, re-export the model"
+            )
+        for t in self.spec.inputs:
+            ort_dtype = _ORT_TYPES.get(have_in[t.name].type)
+            if ort_dtype is not None and ort_dtype != np.dtype(t.dtype).name:
+                raise CavmaeError(
+                    f"graph {self.spec.name!r}, input {t.name!r}: the ONNX file takes"
+                    f" {ort_dtype}, the manifest says {t.dtype}; re-export the model"
+                )
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Inputs/outputs follow ``spec`` (shapes with ``batch`` = B)."""
+        feeds, _ = check_inputs(self.spec, inputs)
+        # Plain ``run`` copies outputs once into fresh numpy arrays; IO binding saves nothing
+        # measurable on CPU for these large compute-bound graphs.
+        values = self._session.run(self._outputs, feeds)
+        return dict(zip(self._outputs, values, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OrtEngine(Engine):
+    """ONNX Runtime on ``device`` "cpu" (CPUExecutionProvider) or "cuda[:N]" (CUDA provider).
+
+    Options: ``threads`` (intra-op threads; default ``$CAVMAE_THREADS`` or physical cores),
+    ``cache`` (save/load optimized models next to the export; default True).
+    """
+
+    name = "ort"
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        manifest: Manifest,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        cache: bool = True,
+    ) -> None:
+        kind, index = parse_device(device)
+        super().__init__(export_dir, manifest, device)
+        self._ort = _import_ort()
+        self.threads = hardware.default_threads(threads)
+        self.cache = cache
+        self.device_kind = kind
+        self.device_index = index
+        self.provider = _PROVIDERS[kind]
+        available = self._ort.get_available_providers()
+        if self.provider not in available:
+            raise EngineUnavailableError(
+                "ONNX Runtime here has no CUDA provider (it offers"
+                f" {', '.join(available)}); for device {device!r} install the GPU build:"
+                " pip uninstall onnxruntime && pip install 'cavmae[gpu]' (onnxruntime-gpu,"
+                " with CUDA and cuDNN), or use device 'cpu'"
+            )
+
+    # ---- session construction ----------------------------------------------------------
+
+    def _providers(self) -> list[Any]:
+        if self.provider == "CUDAExecutionProvider":
+            # CPU stays listed for the few ops the CUDA provider lacks (shape ops etc.).
+            return [
+                ("CUDAExecutionProvider", {"device_id": self.device_index}),
+                "CPUExecutionProvider",
+            ]
+        return ["CPUExecutionProvider"]
+
+    def _options(self, level: Any) -> Any:
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        # One request at a time: parallelism lives inside ops, not across graph branches.
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = level
+        return so
+
+    def _hardware_tag(self) -> str:
+        if self.provider == "CUDAExecutionProvider":
+            return "gpu" + (hardware.gpu_fingerprint() or "unknown")
+        return "cpu" + hardware.cpu_fingerprint()
+
+    def cache_path(self, spec: GraphSpec) -> Path:
+        """Where the optimized model of ``spec`` is cached for this provider and machine."""
+        short = _SHORT[self.provider]
+        version = self._ort.__version__
+        return (
+            self.export_dir
+            / CACHE_DIRNAME
+            / f"{spec.name}.{short}.{version}.{self._hardware_tag()}.onnx"
+        )
+
+    def _new_session(self, path: Path, options: Any) -> Any:
+        sess = self._ort.InferenceSession(str(path), options, providers=self._providers())
+        if self.provider not in sess.get_providers():
+            # onnxruntime-gpu falls back to CPU when CUDA/cuDNN libraries fail to load.
+            raise EngineUnavailableError(
+                f"ONNX Runtime could not start the CUDA provider for {path.name} (it runs on"
+                f" {', '.join(sess.get_providers())}); check the CUDA and cuDNN versions"
+                " onnxruntime-gpu needs, or use device 'cpu'"
+            )
+        return sess
+
+    def _open(self, spec: GraphSpec) -> GraphSession:
+        ort = self._ort
+        source = self.export_dir / spec.file
+        if not source.is_file():
+            raise CavmaeError(
+                f"graph {spec.name!r}: {source} is missing; the export directory is"
+                " incomplete, re-export the model"
+            )
+        full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self.cache:
+            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+
+        cached = self.cache_path(spec)
+        if cached.is_file():
+            if cached.stat().st_mtime >= source.stat().st_mtime:
+                try:
+                    sess = self._new_session(
+                        cached, self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+                    )
+                    log.debug("graph %s: loaded optimized model %s", spec.name, cached)
+                    return OrtSession(spec, sess, "cache")
+                except EngineUnavailableError:
+                    raise
+                except Exception as e:  # corrupt or foreign file: rebuild it below
+                    log.warning(
+                        "graph %s: cached optimized model %s is unusable (%s); rebuilding it",
+                        spec.name,
+                        cached,
+                        e,
+                    )
+            else:
+                log.debug("graph %s: cached model %s is older than its source", spec.name, cached)
+            try:
+                cached.unlink()
+            except OSError as e:
+                log.debug("cannot remove %s: %s", cached, e)
+
+        if not writable_dir(cached.parent):
+            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+
+        # Save to a private temporary name, then rename: concurrent processes never see a
+        # half-written model.
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        options = self._options(full)
+        options.optimized_model_filepath = str(tmp)
+        # ORT warns that an ENABLE_ALL model is hardware specific; the cache name already
+        # carries the provider, version and hardware, so silence that one warning.
+        options.log_severity_level = 3
+        try:
+            sess = self._new_session(source, options)
+        except EngineUnavailableError:
+            tmp.unlink(missing_ok=True)
+            raise
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            log.debug("graph %s: saving the optimized model failed (%s); not caching", spec.name, e)
+            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+        try:
+            os.replace(tmp, cached)
+            log.debug("graph %s: cached optimized model at %s", spec.name, cached)
+        except OSError as e:
+            log.debug("graph %s: cannot move optimized model into place: %s", spec.name, e)
+            tmp.unlink(missing_ok=True)
+        return OrtSession(spec, sess, "source+cached")
+
+    def describe(self) -> str:
+        return f"ort on {self.device} ({self.provider}, {self.threads} threads)"

@@ -1,0 +1,480 @@
+"""Named released checkpoints, the local cache and mirrors.
+
+Every checkpoint of the reference release (SPEC section 7) has a name here carrying its URL, what
+it is (pre-trained with a decoder, or a fine-tuned classifier), how many classes it predicts, the
+classifier modes it supports and the label CSV its indices refer to (the open_clip
+``pretrained.py`` idea: a weight tag carries everything needed to use it).
+
+Cache layout (``cavmae_home()``)::
+
+    $CAVMAE_HOME/                        default $XDG_CACHE_HOME/cavmae or ~/.cache/cavmae
+        checkpoints/
+            as-full-51.2.pth             one file per registry name: {name}.pth
+            audioset_labels.csv          label CSVs beside them: {label_set}_labels.csv
+            vggsound_labels.csv
+
+Downloads are atomic (see ``cavmae.runtime.download``), so a file under its final name is
+complete. Plain stdlib: this module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from cavmae.errors import CavmaeError, DownloadError, EngineUnavailableError
+
+from .download import download
+
+Kind = Literal["pretrain", "classifier"]
+Task = Literal["multi-label", "single-label"]
+LabelSet = Literal["audioset", "vggsound"]
+
+#: Environment variables read by this module (never written).
+ENV_HOME = "CAVMAE_HOME"
+ENV_MIRROR = "CAVMAE_MIRROR"
+
+#: Modes of a classifier fine-tuned on both modalities (SPEC section 4): the joint stream, or one
+#: modality alone pushed through the joint block ("missing...").
+AV_MODES: tuple[str, ...] = ("multimodal", "missingaudioonly", "missingvideoonly")
+AUDIO_MODES: tuple[str, ...] = ("audioonly",)
+VISUAL_MODES: tuple[str, ...] = ("videoonly",)
+
+#: Column names of both label CSVs (the reference loader reads them with csv.DictReader).
+LABEL_CSV_COLUMNS: tuple[str, ...] = ("index", "mid", "display_name")
+
+LABEL_URLS: dict[str, str] = {
+    "audioset": "https://www.dropbox.com/s/z3ko8bv9b7738t1/class_labels_indices.csv?dl=1",
+    "vggsound": "https://www.dropbox.com/s/6k0czs8pzz6yj2c/class_labels_indices_vgg.csv?dl=1",
+}
+
+LABEL_COUNTS: dict[str, int] = {"audioset": 527, "vggsound": 309}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One released checkpoint.
+
+    ``num_classes``, ``task``, ``label_url`` and ``label_set`` are None for pre-trained models
+    (they have a decoder, no head). ``modes`` lists the classifier modes the checkpoint was
+    fine-tuned for; empty for pre-trained models. ``norm_pix_loss`` says whether the decoder was
+    trained on per-patch normalized targets: only meaningful for pre-trained models (False for
+    classifiers). ``sha256`` is None for all of them: the reference publishes no checksums.
+    """
+
+    name: str
+    url: str
+    kind: Kind
+    num_classes: int | None
+    task: Task | None
+    modes: tuple[str, ...]
+    label_url: str | None
+    label_set: LabelSet | None
+    norm_pix_loss: bool
+    reported: str
+    sha256: str | None
+    description: str
+
+    @property
+    def file_name(self) -> str:
+        """The checkpoint's file name on the original host, the name a mirror must use."""
+        return url_file_name(self.url)
+
+    @property
+    def label_file_name(self) -> str | None:
+        """The label CSV's file name on the original host (and on a mirror)."""
+        return None if self.label_url is None else url_file_name(self.label_url)
+
+    @property
+    def default_mode(self) -> str | None:
+        """The mode to classify with when none is asked for (None for pre-trained models)."""
+        return self.modes[0] if self.modes else None
+
+
+def _pretrain(
+    name: str, url: str, reported: str, description: str, *, norm_pix: bool = True
+) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        url=url,
+        kind="pretrain",
+        num_classes=None,
+        task=None,
+        modes=(),
+        label_url=None,
+        label_set=None,
+        norm_pix_loss=norm_pix,
+        reported=reported,
+        sha256=None,
+        description=description,
+    )
+
+
+def _classifier(
+    name: str,
+    url: str,
+    label_set: LabelSet,
+    modes: tuple[str, ...],
+    reported: str,
+    description: str,
+) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        url=url,
+        kind="classifier",
+        num_classes=LABEL_COUNTS[label_set],
+        # AudioSet clips carry several labels (sigmoid, mAP); VGGSound one (softmax, accuracy).
+        task="multi-label" if label_set == "audioset" else "single-label",
+        modes=modes,
+        label_url=LABEL_URLS[label_set],
+        label_set=label_set,
+        norm_pix_loss=False,
+        reported=reported,
+        sha256=None,
+        description=description,
+    )
+
+
+_DB = "https://www.dropbox.com/s"
+
+_MODELS: tuple[ModelInfo, ...] = (
+    _pretrain(
+        "cav-mae-scale++",
+        f"{_DB}/l5t5geufdy3qvnv/audio_model.21.pth?dl=1",
+        "recommended",
+        "CAV-MAE-Scale++ pre-trained (with decoder); the recommended starting point",
+    ),
+    _pretrain(
+        "cav-mae-scale+",
+        f"{_DB}/xu8bfie6hz86oev/audio_model.25.pth?dl=1",
+        "paper",
+        "CAV-MAE-Scale+ pre-trained (with decoder), as in the paper",
+    ),
+    _pretrain(
+        "cav-mae-base",
+        f"{_DB}/wxrjgr86gdhc5k8/cav-mae-base.pth?dl=1",
+        "paper",
+        "CAV-MAE base pre-trained (with decoder), as in the paper",
+    ),
+    _pretrain(
+        "cav-mae-base-nonorm",
+        f"{_DB}/arrg7cb3e4hhjwu/cav-mae-base-nonorm.pth?dl=1",
+        "inpainting",
+        "CAV-MAE base pre-trained without norm_pix_loss: predicts pixels, for reconstruction",
+        norm_pix=False,
+    ),
+    _classifier(
+        "as-full-51.2",
+        f"{_DB}/hejj49zdgyyfsuh/as-full-51.2.pth?dl=1",
+        "audioset",
+        AV_MODES,
+        "51.2 mAP",
+        "audio-visual classifier fine-tuned on full AudioSet (2M), 527 classes",
+    ),
+    _classifier(
+        "as-20k-42.0",
+        f"{_DB}/9x6y642so3zve5y/as-20k-42.0.pth?dl=1",
+        "audioset",
+        AV_MODES,
+        "42.0 mAP",
+        "audio-visual classifier fine-tuned on AudioSet-20K, 527 classes",
+    ),
+    _classifier(
+        "vgg-65.5",
+        f"{_DB}/f4wrbxv2unewss9/vgg_65.5.pth?dl=1",
+        "vggsound",
+        AV_MODES,
+        "65.5 acc",
+        "audio-visual classifier fine-tuned on VGGSound, 309 classes",
+    ),
+    _classifier(
+        "vgg-66.0",
+        f"{_DB}/q66s3mu526mj2x6/vgg_66.0.pth?dl=1",
+        "vggsound",
+        AV_MODES,
+        "65.9 acc",
+        "audio-visual classifier on VGGSound with extra VGGSound pre-training, 309 classes",
+    ),
+    _classifier(
+        "as-46.6-audio",
+        f"{_DB}/itfw7p0ueq7z9og/as_46.6.pth?dl=1",
+        "audioset",
+        AUDIO_MODES,
+        "46.6 mAP",
+        "audio-only classifier fine-tuned on full AudioSet (2M), 527 classes",
+    ),
+    _classifier(
+        "as-37.7-audio",
+        f"{_DB}/pariabyh1iyayda/as_37.7.pth?dl=1",
+        "audioset",
+        AUDIO_MODES,
+        "37.7 mAP",
+        "audio-only classifier fine-tuned on AudioSet-20K, 527 classes",
+    ),
+    _classifier(
+        "as-20.0-visual",
+        f"{_DB}/9ngkq9ygwqecxz5/as_20.0.pth?dl=1",
+        "audioset",
+        VISUAL_MODES,
+        "20.0 mAP",
+        "visual-only classifier fine-tuned on AudioSet, 527 classes",
+    ),
+    _classifier(
+        "vgg-59.8-audio",
+        f"{_DB}/l4rj0sgpnt08bp2/vgg_59.8.pth?dl=1",
+        "vggsound",
+        AUDIO_MODES,
+        "59.8 acc",
+        "audio-only classifier fine-tuned on VGGSound, 309 classes",
+    ),
+)
+
+#: Name -> info, in the order of the SPEC table.
+MODELS: dict[str, ModelInfo] = {m.name: m for m in _MODELS}
+
+DEFAULT_MODEL = "as-full-51.2"
+
+
+def list_models() -> list[ModelInfo]:
+    """Every registered checkpoint, pre-trained ones first (the SPEC table's order)."""
+    return list(MODELS.values())
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """The registry entry called ``name``; ``CavmaeError`` naming close matches otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        pass
+    close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise CavmaeError(
+        f"unknown model {name!r}; {hint}known models: {', '.join(MODELS)} "
+        "(or pass a checkpoint file path)"
+    )
+
+
+# --- cache locations -------------------------------------------------------------------------
+
+
+def cavmae_home() -> Path:
+    """The cache root: ``$CAVMAE_HOME``, else ``$XDG_CACHE_HOME/cavmae``, else ``~/.cache/cavmae``.
+
+    Read on every call (not at import), so tests and users can change the environment.
+    """
+    home = os.environ.get(ENV_HOME)
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "cavmae"
+
+
+def checkpoint_dir() -> Path:
+    return cavmae_home() / "checkpoints"
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where the checkpoint ``name`` lives in the cache (whether or not it is there)."""
+    return checkpoint_dir() / f"{get_model_info(name).name}.pth"
+
+
+def label_path(name: str) -> Path | None:
+    """Where the label CSV of model ``name`` lives in the cache; None for pre-trained models."""
+    info = get_model_info(name)
+    return None if info.label_set is None else checkpoint_dir() / f"{info.label_set}_labels.csv"
+
+
+def cached_path(name: str) -> Path | None:
+    """The cached checkpoint of ``name`` if it is present, else None.
+
+    Present means complete: downloads only ever rename a finished, verified ``.part`` file to the
+    final name, so a file under the final name is whole. An empty file (created by hand) is not
+    counted.
+    """
+    path = checkpoint_path(name)
+    return path if _nonempty_file(path) else None
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+# --- mirrors ---------------------------------------------------------------------------------
+
+
+def url_file_name(url: str) -> str:
+    """The last component of the URL's path, percent-decoded; the query string is ignored."""
+    name = PurePosixPath(unquote(urlsplit(url).path)).name
+    if not name:
+        raise CavmaeError(f"URL {url!r} has no file name in its path")
+    return name
+
+
+def resolve_url(url: str, mirror: str | None = None) -> str:
+    """The URL to fetch ``url`` from, honouring a mirror.
+
+    The mirror comes from ``mirror`` or else ``$CAVMAE_MIRROR`` (an empty value means none).
+    A mirror is a flat directory served over HTTP(S) (or a ``file://`` URL, or a plain local
+    directory path) holding the files under their **original file names**, i.e. the last path
+    component of each official URL, without the query string::
+
+        {mirror}/audio_model.21.pth            cav-mae-scale++
+        {mirror}/audio_model.25.pth            cav-mae-scale+
+        {mirror}/cav-mae-base.pth, cav-mae-base-nonorm.pth, as-full-51.2.pth, as-20k-42.0.pth
+        {mirror}/vgg_65.5.pth, vgg_66.0.pth, as_46.6.pth, as_37.7.pth, as_20.0.pth, vgg_59.8.pth
+        {mirror}/class_labels_indices.csv      AudioSet labels
+        {mirror}/class_labels_indices_vgg.csv  VGGSound labels
+
+    so ``https://host/dir/`` + ``as-full-51.2.pth`` -> ``https://host/dir/as-full-51.2.pth``.
+    Without a mirror the URL is returned unchanged.
+    """
+    mirror = mirror if mirror is not None else os.environ.get(ENV_MIRROR)
+    if not mirror:
+        return url
+    if "://" not in mirror:
+        # A local directory: urllib reads file:// URLs, so no server is needed.
+        mirror = Path(mirror).expanduser().resolve().as_uri()
+    return f"{mirror.rstrip('/')}/{url_file_name(url)}"
+
+
+def _active_mirror(mirror: str | None) -> str | None:
+    return mirror if mirror is not None else (os.environ.get(ENV_MIRROR) or None)
+
+
+def _network_hint(url: str, mirror: str | None) -> str:
+    """What to tell the user when fetching ``url`` failed."""
+    name = url_file_name(url)
+    mirror = _active_mirror(mirror)
+    if mirror:
+        return (
+            f"check that the mirror {mirror} (from --mirror / {ENV_MIRROR}) serves {name} "
+            "under that exact name"
+        )
+    return (
+        f"if the host cannot be reached from here, put {name} on a reachable server or "
+        f"directory and pass --mirror URL or set {ENV_MIRROR}"
+    )
+
+
+# --- verification ----------------------------------------------------------------------------
+
+Verifier = Callable[[Path], None]
+
+
+def _default_checkpoint_verifier(info: ModelInfo) -> Verifier:
+    """A verifier that loads the file with the core's checkpoint reader (needs torch).
+
+    Imported here, when a download is about to start, never at module import: the runtime must
+    import where torch is absent, and only fetching a checkpoint needs torch.
+    """
+    try:
+        from cavmae.checkpoint import verify_checkpoint_file
+    except ImportError as e:
+        raise EngineUnavailableError(
+            f"verifying the downloaded checkpoint {info.name} needs PyTorch, which could not be "
+            f"imported ({e}); install torch (pip install torch), or pass your own verify callable"
+        ) from e
+
+    def verify(path: Path) -> None:
+        verify_checkpoint_file(path, kind=info.kind, num_classes=info.num_classes)
+
+    return verify
+
+
+def verify_label_csv(path: Path, num_classes: int) -> None:
+    """Raise ``CavmaeError`` unless ``path`` is a label CSV with ``num_classes`` rows.
+
+    Checks the header (``index,mid,display_name``), the row count and that ``index`` runs
+    0..num_classes-1 in order, since predictions are looked up by that index.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            missing = [c for c in LABEL_CSV_COLUMNS if c not in header]
+            if missing:
+                raise CavmaeError(f"label CSV {path} lacks column(s) {missing}; header is {header}")
+            indices = [row["index"] for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CavmaeError(f"cannot read label CSV {path}: {e}") from e
+    if len(indices) != num_classes:
+        raise CavmaeError(f"label CSV {path} has {len(indices)} rows, expected {num_classes}")
+    if indices != [str(i) for i in range(num_classes)]:
+        raise CavmaeError(f"label CSV {path}: column 'index' is not 0..{num_classes - 1} in order")
+
+
+# --- fetching --------------------------------------------------------------------------------
+
+
+def ensure_labels(name: str, mirror: str | None = None, progress: bool = True) -> Path | None:
+    """The cached label CSV of model ``name``, downloaded when missing; None for pre-trained.
+
+    Raises ``DownloadError`` when the download fails or the CSV does not have the model's
+    number of classes.
+    """
+    info = get_model_info(name)
+    path = label_path(name)
+    if path is None or info.label_url is None or info.num_classes is None:
+        return None
+    if _nonempty_file(path):
+        return path
+    num_classes = info.num_classes
+
+    def verify(part: Path) -> None:
+        verify_label_csv(part, num_classes)
+
+    url = resolve_url(info.label_url, mirror)
+    return download(
+        url,
+        path,
+        verify=verify,
+        progress=progress,
+        hint=_network_hint(info.label_url, mirror),
+    )
+
+
+def ensure_model(
+    name: str,
+    mirror: str | None = None,
+    progress: bool = True,
+    verify: Verifier | None = None,
+) -> Path:
+    """The cached checkpoint of ``name``, downloaded (with its label CSV) when missing.
+
+    ``verify(path)`` must raise on a bad file; it runs on the finished download before the file
+    gets its final name, so a file that fails is deleted rather than cached. With ``verify=None``
+    the checkpoint is loaded by ``cavmae.checkpoint.verify_checkpoint_file`` (needs torch;
+    ``EngineUnavailableError`` before any download if torch is missing). An already cached file
+    is returned as is: it was verified when it was downloaded.
+
+    Raises ``CavmaeError`` for an unknown name and ``DownloadError`` when fetching or
+    verification fails.
+    """
+    info = get_model_info(name)
+    path = checkpoint_path(name)
+    if not _nonempty_file(path):
+        # Resolve the verifier first so a missing torch fails before a long download.
+        check = verify if verify is not None else _default_checkpoint_verifier(info)
+        url = resolve_url(info.url, mirror)
+        download(
+            url,
+            path,
+            sha256=info.sha256,
+            verify=check,
+            progress=progress,
+            hint=_network_hint(info.url, mirror),
+        )
+    ensure_labels(name, mirror=mirror, progress=progress)
+    if not _nonempty_file(path):  # pragma: no cover - download() guarantees it
+        raise DownloadError(f"checkpoint {name} is missing at {path} after download")
+    return path

@@ -1,0 +1,153 @@
+"""Loading and saving checkpoints: reference format, own format, safetensors, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cavmae import CAVMAE, CAVMAEFT, TINY, load_checkpoint, save_checkpoint
+from cavmae.checkpoint import inspect_checkpoint, verify_checkpoint_file
+from cavmae.errors import CheckpointError
+from cavmae.model import MODES
+
+from reference_format import save_reference_checkpoint
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 1024, 128, generator=g), torch.randn(2, 3, 224, 224, generator=g)
+
+
+def _random_model(cls, config=TINY, seed=0):
+    torch.manual_seed(seed)
+    m = cls(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # learned-looking positions and norms
+    return m
+
+
+def test_reference_format_classifier_gives_identical_outputs(tmp_path, inputs):
+    model = _random_model(CAVMAEFT)
+    path = save_reference_checkpoint(model, tmp_path / "ref.pth")
+    raw = torch.load(path, weights_only=True)
+    assert all(k.startswith("module.") for k in raw)
+    # a reference file does not say how many heads a tiny model has: pass it
+    loaded = load_checkpoint(path, num_heads=TINY.num_heads)
+    assert isinstance(loaded, CAVMAEFT) and not loaded.training
+    # a classifier file says nothing of a decoder; every encoder and head field must match
+    unused = {"decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
+    got, want = loaded.config.to_dict(), model.config.to_dict()
+    assert {k: v for k, v in got.items() if k not in unused} == {k: v for k, v in want.items() if k not in unused}
+    audio, image = inputs
+    with torch.no_grad():
+        for mode in MODES:
+            assert torch.equal(loaded(audio, image, mode), model(audio, image, mode)), mode
+        for got, want in zip(loaded.forward_feat(audio, image), model.forward_feat(audio, image)):
+            assert torch.equal(got, want)
+
+
+def test_reference_format_pretrain_seeded_forward_identical(tmp_path, inputs):
+    model = _random_model(CAVMAE, TINY.replace(norm_pix_loss=True))
+    path = save_reference_checkpoint(model, tmp_path / "ref.pth")
+    loaded = load_checkpoint(path, num_heads=4, decoder_num_heads=4, norm_pix_loss=True)
+    assert isinstance(loaded, CAVMAE) and loaded.config.norm_pix_loss
+    audio, image = inputs
+    noise_a, noise_v = torch.rand(2, 512), torch.rand(2, 196)
+    with torch.no_grad():
+        a = loaded(audio, image, noise_a=noise_a, noise_v=noise_v)
+        b = model(audio, image, noise_a=noise_a, noise_v=noise_v)
+    for name in ("loss", "loss_c", "c_acc", "pred_a", "pred_v", "mask_a", "mask_v"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_own_format_roundtrip_keeps_config(tmp_path, inputs, suffix):
+    model = _random_model(CAVMAE, TINY.replace(norm_pix_loss=True))
+    path = save_checkpoint(model, tmp_path / f"own{suffix}")
+    loaded = load_checkpoint(path)  # no overrides needed: the config travels with the file
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_saved_file_loads_with_reference_recipe(tmp_path):
+    model = _random_model(CAVMAEFT)
+    path = save_checkpoint(model, tmp_path / "own.pth")
+    target = nn.DataParallel(CAVMAEFT(TINY))
+    result = target.load_state_dict(torch.load(path, map_location="cpu"))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(target.module.mlp_head[1].weight, model.mlp_head[1].weight)
+
+
+def test_pretrain_checkpoint_starts_a_classifier_only_when_asked(tmp_path):
+    pre = _random_model(CAVMAE)
+    path = save_checkpoint(pre, tmp_path / "pre.pth")
+    assert isinstance(load_checkpoint(path), CAVMAE)
+    ft = load_checkpoint(path, kind="classifier", num_classes=309)
+    assert isinstance(ft, CAVMAEFT) and ft.config.num_classes == 309
+    assert torch.equal(ft.blocks_u[0].attn.qkv.weight, pre.blocks_u[0].attn.qkv.weight)
+    cls_path = save_checkpoint(ft, tmp_path / "ft.pth")
+    with pytest.raises(CheckpointError, match="cannot be loaded as a pretrain"):
+        load_checkpoint(cls_path, kind="pretrain")
+
+
+def test_partial_and_mismatched_loads_are_refused(tmp_path):
+    model = _random_model(CAVMAEFT)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    broken = dict(state)
+    del broken["module.blocks_u.0.norm1_a.weight"]
+    broken["module.extra.weight"] = torch.zeros(3)
+    broken["module.norm_v.bias"] = torch.zeros(5)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "broken.pth", num_heads=4)
+    msg = str(e.value)
+    assert "missing keys: blocks_u.0.norm1_a.weight" in msg
+    assert "unexpected keys: extra.weight" in msg
+    assert "mis-shaped keys: norm_v.bias [5] != [64]" in msg
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pth")
+    torch.save({"module.foo": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="neither a decoder"):
+        load_checkpoint(tmp_path / "foreign.pth")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    """weights_only=True: a checkpoint carrying arbitrary objects is rejected, not unpickled."""
+    torch.save({"module.x": torch.zeros(1), "payload": object()}, tmp_path / "evil.pth", )
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "evil.pth")
+
+
+def test_verify_checkpoint_file_checks_kind_and_classes(tmp_path):
+    path = save_reference_checkpoint(_random_model(CAVMAEFT), tmp_path / "ft.pth")
+    info = verify_checkpoint_file(path, kind="classifier", num_classes=TINY.num_classes)
+    assert info.kind == "classifier" and info.num_keys == len(CAVMAEFT(TINY).state_dict())
+    with pytest.raises(CheckpointError, match="expected a pretrain"):
+        verify_checkpoint_file(path, kind="pretrain")
+    with pytest.raises(CheckpointError, match="expected 527"):
+        verify_checkpoint_file(path, num_classes=527)
+
+
+@pytest.mark.slow
+def test_full_size_reference_checkpoint_inference(tmp_path):
+    """A full-size classifier file in the released layout: 478 keys, config inferred from shapes."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CAVMAEFT().state_dict().items()}
+    # random tensors with the right shapes, written like the released files (no model built)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"module." + k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}, tmp_path / "as.pth")
+    info = inspect_checkpoint(tmp_path / "as.pth")
+    assert info.kind == "classifier" and info.num_keys == 478
+    cfg = info.config
+    assert (cfg.embed_dim, cfg.depth_modality, cfg.depth_joint, cfg.num_heads, cfg.num_classes,
+            cfg.audio_length, cfg.image_size) == (768, 11, 1, 12, 527, 1024, 224)
