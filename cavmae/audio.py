@@ -7,12 +7,15 @@ sample_frequency=16000, use_energy=False, window_type='hanning', num_mel_bins=12
 frame_shift=10)`` (all other options at their defaults) to float32 rounding. ``prepare_audio``
 is the whole reference audio pipeline from a mono 16 kHz waveform to the model input.
 
-Precision: torchaudio works in float32 throughout. We compute in float64 and cast the result to
-float32 once. The float64 values are the exact ones up to ~1e-15, so our output differs from
-torchaudio's only by torchaudio's own float32 rounding (about 1e-6 relative on the power, i.e.
-about 1e-6 absolute on the log), whereas a float32 reimplementation with a different order of
-operations (numpy's FFT is not torch's) would add a second, independent rounding error of the
-same size. The cost is negligible (a 10 s clip takes a few milliseconds).
+Precision: torchaudio works in float32. We build the mel filter weights in float32 exactly the
+way torchaudio does (their float32 rounding is the largest difference between implementations,
+see ``mel_filterbank``) and do the signal path (framing, FFT, power, mel projection, log) in
+float64, casting once at the end. The float64 path is the exact value of torchaudio's formula;
+torchaudio's own float32 FFT/matmul noise around that value is ~6e-5 on the log (99.9th
+percentile, larger only near the log floor), and a float32 numpy path would add a second,
+independent error of the same size, since numpy's FFT is not torch's. Checked against
+torchaudio 2.11 out of tree: where the log-mel value is above -8 the difference is <= 1e-4 on
+noise and real clips, <= 3.5e-4 on a pure sine sweep. A 10 s clip takes ~3-4 ms.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ LOG_FLOOR: float = float(np.finfo(np.float32).eps)
 
 
 def _ms_to_samples(sample_rate: int, ms: float) -> int:
-    # Kaldi truncates; the tiny guard keeps e.g. 16000 * 0.01 = 159.999... from becoming 159.
+    # Kaldi and torchaudio truncate; the tiny guard keeps a product that lands a rounding error
+    # below an integer (e.g. 159.99999999999997) from losing a sample.
     return int(sample_rate * ms / 1000.0 + 1e-6)
 
 
@@ -146,6 +150,12 @@ def _check_waveform(waveform: np.ndarray, sample_rate: int, config: PreprocessCo
     return waveform
 
 
+#: Frames processed per block. Whole-clip temporaries (several MB each) are returned to the OS
+#: and faulted back in on every call, which cost more than the arithmetic (~9 ms instead of ~3 ms
+#: for a 10 s clip); blocks of this size keep every temporary under ~0.5 MB and reused.
+_FRAMES_PER_BLOCK = 128
+
+
 def _log_mel(
     waveform: np.ndarray, sample_rate: int, num_mel_bins: int, config: PreprocessConfig
 ) -> np.ndarray:
@@ -153,23 +163,26 @@ def _log_mel(
     frame_length = _ms_to_samples(sample_rate, config.frame_length_ms)
     frame_shift = _ms_to_samples(sample_rate, config.frame_shift_ms)
     fft_size = 1 << (frame_length - 1).bit_length()  # round_to_power_of_two
-
-    # [T, frame_length] view, then one float64 copy with the DC offset removed per frame.
-    frames = sliding_window_view(waveform, frame_length)[::frame_shift]
-    frames = frames.astype(np.float64)
-    frames -= frames.mean(axis=1, keepdims=True)
-    # Pre-emphasis per frame; the first sample is its own predecessor.
+    window = _hann_symmetric(frame_length)
+    projection = _mel_projection(num_mel_bins, fft_size, sample_rate, config.low_freq)
     coeff = config.preemphasis
-    emphasized = np.empty_like(frames)
-    emphasized[:, 1:] = frames[:, 1:] - coeff * frames[:, :-1]
-    emphasized[:, 0] = (1.0 - coeff) * frames[:, 0]
-    emphasized *= _hann_symmetric(frame_length)
 
-    spectrum = np.fft.rfft(emphasized, n=fft_size, axis=1)  # zero-pads to fft_size
-    num_bins = fft_size // 2  # the Nyquist bin has zero weight: leave it out
-    power = spectrum.real[:, :num_bins] ** 2 + spectrum.imag[:, :num_bins] ** 2
-    energies = power @ _mel_projection(num_mel_bins, fft_size, sample_rate, config.low_freq)
-    return np.log(np.maximum(energies, LOG_FLOOR))
+    frames = sliding_window_view(waveform, frame_length)[::frame_shift]  # [T, frame_length] view
+    energies = np.empty((frames.shape[0], num_mel_bins))
+    for start in range(0, frames.shape[0], _FRAMES_PER_BLOCK):
+        block = frames[start : start + _FRAMES_PER_BLOCK].astype(np.float64)
+        block -= block.mean(axis=1, keepdims=True)  # remove the DC offset per frame
+        # Pre-emphasis per frame (the first sample is its own predecessor), then the window.
+        emphasized = np.empty_like(block)
+        emphasized[:, 1:] = block[:, 1:] - coeff * block[:, :-1]
+        emphasized[:, 0] = (1.0 - coeff) * block[:, 0]
+        emphasized *= window
+        spectrum = np.fft.rfft(emphasized, n=fft_size, axis=1)  # zero-pads to fft_size
+        below_nyquist = spectrum[:, : fft_size // 2]  # the Nyquist bin has zero weight
+        power = below_nyquist.real**2 + below_nyquist.imag**2
+        np.matmul(power, projection, out=energies[start : start + _FRAMES_PER_BLOCK])
+    np.maximum(energies, LOG_FLOOR, out=energies)
+    return np.log(energies, out=energies)
 
 
 def fbank(
@@ -224,7 +237,9 @@ def prepare_audio(
         float32 C-contiguous ``[target_length, num_mel_bins]`` = ``[1024, 128]`` (time, freq).
     """
     waveform = _check_waveform(waveform, config.sample_rate, config)
-    centred = waveform.astype(np.float64) - waveform.mean(dtype=np.float64)
+    # The reference subtracts the clip mean first. The per-frame DC removal inside fbank makes
+    # this a no-op up to rounding; it is kept for fidelity (float64 result: mean is np.float64).
+    centred = waveform - waveform.mean(dtype=np.float64)
     log_mel = _log_mel(centred, config.sample_rate, config.num_mel_bins, config)
     log_mel = pad_or_cut(log_mel, config.target_length)
     normalized = (log_mel - config.fbank_mean) / config.fbank_std

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -51,6 +52,9 @@ _SEEK_PREROLL = 1.0
 # Audio packets beyond the window end still demuxed, so the resampler's filter sees real samples
 # past the cut (its delay is a few milliseconds).
 _AUDIO_TAIL = 0.2
+# A stream whose packets stop more than max(this, 3 packet durations) before its indexed end is
+# reported as truncated (valid files end a frame or two short of it, e.g. after an edit list).
+_TRUNCATION_SLACK = 0.25
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,8 @@ def _demux_window(
         s.index: end if s.type == "video" else end + _AUDIO_TAIL for s in streams
     }
     pending = set(packets)
+    reached = dict.fromkeys(packets, -math.inf)  # end time of the last packet seen per stream
+    longest = dict.fromkeys(packets, 0.0)  # longest packet duration per stream
     with _media_errors(path, "reading"):
         for packet in container.demux(streams):
             if packet.size == 0 and packet.pts is None and packet.dts is None:
@@ -251,12 +257,44 @@ def _demux_window(
             if index not in pending:
                 continue
             packets[index].append(packet)
+            shown = _packet_time(packet, origin)
+            if shown is not None:
+                length = float(packet.duration * packet.time_base) if packet.duration else 0.0
+                reached[index] = max(reached[index], shown + length)
+                longest[index] = max(longest[index], length)
             t = _packet_time(packet, origin, decode_order=True)
             if t is not None and t >= limits[index] - _EPS:
                 pending.discard(index)
                 if not pending:
                     break
+        else:
+            for stream in streams:
+                if stream.index in pending:
+                    _check_complete(
+                        stream, reached[stream.index], 3 * longest[stream.index], end, origin, path
+                    )
     return packets
+
+
+def _check_complete(
+    stream: av.stream.Stream, reached: float, slack: float, end: float, origin: float, path: str
+) -> None:
+    """Raise when a stream's packets stop well before its indexed duration (a cut-off file).
+
+    Only streams whose header gives their own duration (MP4/MOV indexes) are checked; the
+    container's overall duration is not used, since a sound track may end before the video.
+    """
+    if stream.duration is None or stream.time_base is None:
+        return
+    begin = stream.start_time if stream.start_time is not None else 0
+    declared = float((begin + stream.duration) * stream.time_base) - origin
+    expected = min(end, declared)
+    if reached < expected - max(slack, _TRUNCATION_SLACK):
+        got = "no packets" if reached == -math.inf else f"data up to {reached:.2f} s"
+        raise MediaError(
+            f"{path}: truncated file: the {stream.type} stream has {got} but its index says "
+            f"{declared:.2f} s; re-download or re-encode it"
+        )
 
 
 def _first_time(packets: list[av.Packet], origin: float) -> float | None:
@@ -323,6 +361,39 @@ def _read_window(
 # Audio
 
 
+def _align_to_output_grid(
+    frame: av.AudioFrame, anchor: float, origin: float, out_rate: int
+) -> av.AudioFrame | None:
+    """Drop leading samples so the frame starts where input and output sample clocks meet.
+
+    Input and output samples coincide every ``period = rate / gcd(rate, out_rate)`` input
+    samples (441 for 44.1 kHz -> 16 kHz), counted from the stream's first sample (``anchor``).
+    Starting the resampler on such a sample makes a decode that began after a seek produce the
+    very samples a decode from the start of the file produces, instead of ones shifted by a
+    fraction of a sample. Returns ``None`` when the whole frame lies before the next meeting
+    point. Decodes from the start of the stream are untouched (their first sample is one).
+    """
+    rate = frame.sample_rate
+    if frame.pts is None or frame.time_base is None or not rate:
+        return frame
+    period = rate // math.gcd(rate, out_rate)
+    first = round((float(frame.pts * frame.time_base) - origin - anchor) * rate)
+    drop = (-first) % period
+    if drop == 0:
+        return frame
+    if drop >= frame.samples:
+        return None
+    data = frame.to_ndarray()
+    # Planar: [channels, samples]; packed: [1, samples * channels], interleaved.
+    width = 1 if frame.format.is_planar else frame.layout.nb_channels
+    data = np.ascontiguousarray(data[:, drop * width :])
+    trimmed = av.AudioFrame.from_ndarray(data, format=frame.format.name, layout=frame.layout)
+    trimmed.sample_rate = rate
+    trimmed.time_base = frame.time_base
+    trimmed.pts = frame.pts + round(Fraction(drop, rate) / frame.time_base)
+    return trimmed
+
+
 def _decode_audio_packets(
     stream: av.audio.stream.AudioStream,
     packets: list[av.Packet],
@@ -339,12 +410,15 @@ def _decode_audio_packets(
     resampled on its own), and planar output puts channel 0 in its own plane, so taking row 0
     of ``to_ndarray()`` is exactly the first channel resampled, as the reference keeps it
     (``ffmpeg -ar 16000`` then ``sox ... remix 1``). A mono layout would instead down-mix all
-    channels.
+    channels. Integer PCM becomes float in [-1, 1) (int16 / 32768), as ``torchaudio.load``.
     """
     resampler: av.AudioResampler | None = None
     chunks: list[np.ndarray] = []
     first_time: float | None = None
     codec = stream.codec_context
+    anchor = 0.0
+    if stream.start_time is not None and stream.time_base is not None:
+        anchor = float(stream.start_time * stream.time_base) - origin
 
     def take(frames: list[av.AudioFrame]) -> None:
         for out in frames:
@@ -354,6 +428,9 @@ def _decode_audio_packets(
         for packet in [*packets, None]:
             for frame in codec.decode(packet):
                 if resampler is None:
+                    frame = _align_to_output_grid(frame, anchor, origin, sample_rate)
+                    if frame is None:
+                        continue
                     if frame.pts is not None and frame.time_base is not None:
                         first_time = float(frame.pts * frame.time_base) - origin
                     resampler = av.AudioResampler(
@@ -429,24 +506,52 @@ def sample_frame_positions(total: int, num_frames: int) -> list[int]:
     return [max(int(i * total / num_frames) - 1, 0) for i in range(num_frames)]
 
 
-def _count_frames(packets: list[av.Packet], origin: float, start: float, end: float) -> int:
-    """Frames shown in ``[start, end)``, counted from packets without decoding.
+# Decoders that read ``skip_frame`` for every packet, so it can be switched per packet: frames
+# that are neither kept nor referenced by other frames are then not decoded at all.
+_SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video"})
 
-    Each video packet holds one frame, and its presentation timestamp is the frame's, so the
-    count is right for variable frame rate and independent of B-frame reordering (packets come
-    in decode order, but membership in the window only depends on pts). Packets flagged
-    *discard* (pre-roll before an MP4 edit list's start) are not shown by the decoder and not
-    counted. Stream metadata is not used: ``nb_frames`` counts discarded and out-of-window
-    frames (e.g. 400 for a 299-frame sample clip) and the average rate is wrong for VFR.
+
+@dataclass(frozen=True)
+class _WindowFrames:
+    """The frames shown in a window, known from packets before decoding.
+
+    ``total`` counts the frames; ``index_of`` maps a frame's pts to its 0-based display index in
+    the window, or is ``None`` when some packet lacks a pts (then frames are counted as they
+    come out of the decoder).
     """
-    count = 0
+
+    total: int
+    index_of: dict[int, int] | None
+
+
+def _window_frames(
+    packets: list[av.Packet], origin: float, start: float, end: float
+) -> _WindowFrames:
+    """Count the frames shown in ``[start, end)`` from packets, without decoding.
+
+    Each video packet holds one frame and carries that frame's presentation timestamp, so the
+    count is right for variable frame rate and does not depend on B-frame reordering (packets
+    come in decode order; membership in the window and display order only depend on pts).
+    Packets flagged *discard* (the pre-roll before an MP4 edit list's start) are not shown by
+    the decoder and are not counted. Stream metadata is not used: ``nb_frames`` counts
+    discarded and out-of-window frames (400 for a sample clip that shows 299) and the average
+    frame rate is only an average for VFR video.
+    """
+    total = 0
+    shown: list[int] = []
     for packet in packets:
         if packet.is_discard:
             continue
         t = _packet_time(packet, origin)
-        if t is not None and start - _EPS <= t < end - _EPS:
-            count += 1
-    return count
+        if t is None or not start - _EPS <= t < end - _EPS:
+            continue
+        total += 1
+        if packet.pts is not None:
+            shown.append(packet.pts)
+    unique = sorted(set(shown))
+    if len(unique) != total:  # a packet without pts, or repeated pts
+        return _WindowFrames(total, None)
+    return _WindowFrames(total, {pts: i for i, pts in enumerate(unique)})
 
 
 def _decode_video_packets(
@@ -458,51 +563,69 @@ def _decode_video_packets(
     num_frames: int,
     path: str,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decode once, in order; convert to RGB only the frames at the sampled positions."""
-    total = _count_frames(packets, origin, start, end)
-    if total == 0:
+    """Decode once, in order, converting to RGB only the frames at the sampled positions.
+
+    Each position takes the first decoded frame at or after it (itself, unless that frame
+    failed to decode); positions past the last decodable frame take the last one. Decoding
+    stops as soon as every position is filled. For codecs in ``_SKIP_NONREF_CODECS``,
+    non-reference frames that are not kept are skipped by the decoder.
+    """
+    window = _window_frames(packets, origin, start, end)
+    if window.total == 0:
         raise MediaError(f"{path}: no video frames in the window [{start:g}, {end:g}) s")
-    positions = sample_frame_positions(total, num_frames)
-    wanted = set(positions)
+    positions = sample_frame_positions(window.total, num_frames)
+    pending = sorted(set(positions))
     kept: dict[int, tuple[np.ndarray, float]] = {}
-    last: tuple[av.VideoFrame, float] | None = None
-    shown = 0  # frames of the window decoded so far
+    codec = stream.codec_context
+    wanted_pts: set[int] | None = None
+    if window.index_of is not None and codec.name in _SKIP_NONREF_CODECS:
+        wanted = set(pending)
+        wanted_pts = {pts for pts, i in window.index_of.items() if i in wanted}
+    skip_mode = ""
     step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
     previous_time = start - step
-    codec = stream.codec_context
-
-    def frame_time(frame: av.VideoFrame) -> float:
-        ts = frame.pts if frame.pts is not None else frame.dts
-        if ts is None or frame.time_base is None:
-            return previous_time + step  # no timestamp: assume the nominal rate
-        return float(ts * frame.time_base) - origin
+    counted = 0  # in-window frames decoded so far (used when index_of is None)
+    last: tuple[av.VideoFrame, float] | None = None
 
     with _media_errors(path, "decoding video"):
         for packet in [*packets, None]:
+            if wanted_pts is not None and packet is not None:
+                mode = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+                if mode != skip_mode:
+                    codec.skip_frame = skip_mode = mode
             for frame in codec.decode(packet):
-                t = frame_time(frame)
+                ts = frame.pts if frame.pts is not None else frame.dts
+                if ts is None or frame.time_base is None:
+                    t = previous_time + step  # no timestamp: assume the nominal rate
+                else:
+                    t = float(ts * frame.time_base) - origin
                 previous_time = t
-                if t < start - _EPS or t >= end - _EPS:
-                    continue
-                if shown in wanted:
-                    kept[shown] = (frame.to_ndarray(format="rgb24"), t)
+                if window.index_of is not None:
+                    index = window.index_of.get(frame.pts)
+                    if index is None:
+                        continue
+                else:
+                    if not start - _EPS <= t < end - _EPS:
+                        continue
+                    index = counted
+                    counted += 1
                 last = (frame, t)
-                shown += 1
-            if len(kept) == len(wanted):
+                if pending and pending[0] <= index:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    while pending and pending[0] <= index:
+                        kept[pending.pop(0)] = (rgb, t)
+            if not pending:
                 break  # the rest of the window is not needed
     if last is None:
         raise MediaError(f"{path}: no video frame could be decoded in the window "
                          f"[{start:g}, {end:g}) s; the file may be corrupt")
-    missing = sorted(wanted - kept.keys())
-    if missing:
-        # Fewer frames decoded than packets counted (undecodable packets): the positions past
-        # the end take the last decoded frame.
+    if pending:
         logger.warning(
-            "%s: counted %d video frames but decoded %d; positions %s use the last frame",
-            path, total, shown, missing,
+            "%s: %d video frames in the window but frames at positions %s did not decode; "
+            "using the last decoded frame", path, window.total, pending,
         )
         rgb = last[0].to_ndarray(format="rgb24")
-        for position in missing:
+        for position in pending:
             kept[position] = (rgb, last[1])
     frames = [kept[p][0] for p in positions]
     times = np.array([kept[p][1] for p in positions], dtype=np.float64)

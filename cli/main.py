@@ -1,17 +1,117 @@
-"""Entry point of the ``cavmae`` console script."""
+"""Entry point of the ``cavmae`` console script.
+
+Commands live in their own modules and are imported only when invoked (``LazyGroup``), so
+``cavmae --help`` stays fast and a command that needs torch or TensorRT does not slow the rest.
+Errors are handled once, here: a ``CavmaeError`` is a user mistake (one line, exit 2), anything
+else is a bug (one line and a hint, exit 1); ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
 
 import click
 
 from cavmae import __version__
+from cavmae.errors import CavmaeError
+
+#: command name -> "module:function", imported on first use
+COMMANDS: dict[str, str] = {
+    "models": "cavmae.cli.models_cmd:models",
+    "download": "cavmae.cli.models_cmd:download",
+    "export": "cavmae.cli.export_cmd:export",
+    "classify": "cavmae.cli.classify_cmd:classify",
+    "embed": "cavmae.cli.embed_cmd:embed",
+    "search": "cavmae.cli.embed_cmd:search",
+    "reconstruct": "cavmae.cli.visualize_cmd:reconstruct",
+    "localize": "cavmae.cli.visualize_cmd:localize",
+    "evaluate": "cavmae.cli.evaluate_cmd:evaluate",
+    "bench": "cavmae.cli.bench_cmd:bench",
+    "prepare": "cavmae.cli.train_cmd:prepare",
+    "pretrain": "cavmae.cli.train_cmd:pretrain",
+    "finetune": "cavmae.cli.train_cmd:finetune",
+}
+
+#: one-line summaries for `cavmae --help` without importing every command
+SUMMARIES: dict[str, str] = {
+    "models": "List the released checkpoints and which are cached.",
+    "download": "Download released checkpoints into the cache.",
+    "export": "Export a model to per-stage ONNX graphs (and a Triton repository).",
+    "classify": "Classify videos: top-k audio-visual labels.",
+    "embed": "Build or merge an audio-visual embedding index.",
+    "search": "Search an embedding index with audio, an image or a video.",
+    "reconstruct": "Masked reconstruction figure of a clip (pre-trained models).",
+    "localize": "Sound-source heat map over a frame.",
+    "evaluate": "mAP / accuracy and retrieval recall on a dataset.",
+    "bench": "Latency benchmark against the reference-style PyTorch loop.",
+    "prepare": "Extract audio and frames of videos into the reference dataset layout.",
+    "pretrain": "CAV-MAE pre-training (masked reconstruction + contrast).",
+    "finetune": "Fine-tune a classifier.",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except CavmaeError as e:
+            if debug:
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug: keep it to one line unless asked
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(
+                f"Internal error: {type(e).__name__}: {first} (run with --debug for a traceback)",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cavmae")
-def cli() -> None:
-    """CAV-MAE audio-visual models: export, classify, embed, reconstruct, benchmark."""
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(debug: bool, verbose: int) -> None:
+    """CAV-MAE audio-visual models: export, classify, embed, reconstruct, benchmark, train.
+
+    \b
+    Examples:
+      cavmae classify video.mp4
+      cavmae export as-full-51.2 -o exports/as-full
+      cavmae bench --engine ort --batch 1,8
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def main() -> None:
-    cli()
+    cli(prog_name="cavmae")

@@ -199,9 +199,7 @@ def gpu_names() -> tuple[str, ...]:
     if smi is None:
         return ()
     try:
-        out = subprocess.run(
-            [smi, "-L"], capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("nvidia-smi failed: %s", e)
         return ()

@@ -56,9 +56,7 @@ def resolve_engine(name: str = "auto", device: str | None = "auto") -> tuple[str
     """
     key = name.strip().lower()
     if key != "auto" and key not in ENGINES:
-        raise CavmaeError(
-            f"unknown engine {name!r}; choose one of: auto, {', '.join(ENGINES)}"
-        )
+        raise CavmaeError(f"unknown engine {name!r}; choose one of: auto, {', '.join(ENGINES)}")
     dev = _check_device(device)
 
     if key == "auto":

@@ -63,9 +63,7 @@ def _shape_str(shape: tuple[int | str, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_inputs(
-    spec: GraphSpec, inputs: Mapping[str, Any]
-) -> tuple[dict[str, np.ndarray], int]:
+def check_inputs(spec: GraphSpec, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``inputs`` against ``spec`` and return C-contiguous arrays plus the batch size.
 
     Every input of ``spec`` must be present (no others), with the declared dtype (no silent

@@ -334,7 +334,9 @@ def build_serialized_engine(
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     if config.add_optimization_profile(profile) < 0:
-        raise CavmaeError(f"TensorRT rejected the optimization profile {shapes} for {onnx_path.name}")
+        raise CavmaeError(
+            f"TensorRT rejected the optimization profile {shapes} for {onnx_path.name}"
+        )
 
     cache_obj = None
     if timing_cache is not None:
@@ -609,7 +611,9 @@ class TrtEngine(Engine):
         self._trt = import_tensorrt()
         self._cudart = import_cudart()
         try:
-            count = cuda_check(self._cudart, self._cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+            count = cuda_check(
+                self._cudart, self._cudart.cudaGetDeviceCount(), "cudaGetDeviceCount"
+            )
         except CavmaeError as e:
             raise EngineUnavailableError(f"{INSTALL_HINT}; no usable CUDA GPU ({e})") from None
         if not count or index >= count:
@@ -621,7 +625,9 @@ class TrtEngine(Engine):
         self.gpu_name, self.compute_capability = gpu_identity(self._cudart, index)
         self.opt_batch = opt_batch
         self.workspace_bytes = workspace_bytes
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else choose_cache_dir(self.export_dir)
+        self.cache_dir = (
+            Path(cache_dir) if cache_dir is not None else choose_cache_dir(self.export_dir)
+        )
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._logger = self._trt.Logger(self._trt.Logger.WARNING)

@@ -1,0 +1,239 @@
+"""Export a CAV-MAE model to one fixed-shape ONNX graph per stage plus ``manifest.json``.
+
+Every graph has static shapes except the batch axis, no data-dependent shapes and no randomness
+(mask indices are inputs). Weights live inside each file. Each graph is validated against its
+PyTorch stage in ONNX Runtime right after export; a failed validation fails the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+import cavmae
+from cavmae.checkpoint import file_sha256, load_checkpoint, model_kind
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.errors import ExportError
+from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
+from cavmae.manifest import Manifest, is_export_dir
+from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from cavmae.stages import FINETUNE_MODES, Stage, build_stages
+
+from .fp16 import convert_to_fp16
+from .validate import ValidationReport, validate_graph
+
+log = logging.getLogger(__name__)
+
+#: ONNX opset: LayerNormalization needs 17; TensorRT 10 and 11 parse up to 20.
+OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class ExportResult:
+    """What ``export_model`` wrote and how each graph validated."""
+
+    out_dir: Path
+    manifest: Manifest
+    reports: dict[str, ValidationReport] = field(default_factory=dict)
+
+
+def _resolve_model(model: CAVMAEEncoder | str | Path) -> tuple[CAVMAEEncoder, dict[str, Any]]:
+    if isinstance(model, (CAVMAE, CAVMAEFT)):
+        return model.eval(), {"checkpoint": None, "sha256": None}
+    path = Path(model)
+    return load_checkpoint(path), {"checkpoint": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def _labels(labels: LabelSet | str | Path | Sequence[str] | None, num_classes: int) -> LabelSet | None:
+    if labels is None:
+        return default_labels(num_classes)
+    if isinstance(labels, LabelSet):
+        result = labels
+    elif isinstance(labels, (str, Path)):
+        result = read_label_csv(labels)
+    else:
+        names = tuple(labels)
+        result = LabelSet(names=names, ids=names)
+    if len(result) != num_classes:
+        raise ExportError(f"the label set has {len(result)} classes but the model has {num_classes}")
+    return result
+
+
+def export_stage(stage: Stage, path: Path, opset: int = OPSET) -> None:
+    """Trace one stage to ONNX at ``path`` with a dynamic batch axis (TorchScript exporter).
+
+    The TorchScript-based exporter is used because it needs no extra packages and writes plain
+    MatMul/Softmax attention at opset 17, which every TensorRT 10/11 parser takes.
+    """
+    spec = stage.spec
+    example = stage.sample(np.random.default_rng(0), 2)
+    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+    dynamic = {t.name: {0: "batch"} for t in (*spec.inputs, *spec.outputs)}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+        torch.onnx.export(
+            stage.module,
+            args,
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def check_graph(path: Path, stage: Stage) -> None:
+    """``onnx.checker`` with full shape inference; every non-batch axis must be static."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+    except Exception as e:
+        raise ExportError(f"{path.name} failed the ONNX checker: {e}") from None
+    graph_io = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    for t in (*stage.spec.inputs, *stage.spec.outputs):
+        dims = graph_io[t.name].type.tensor_type.shape.dim
+        got = tuple(d.dim_param if d.dim_param else d.dim_value for d in dims)
+        if got != t.shape:
+            raise ExportError(f"{path.name}: {t.name} has shape {got}, expected {t.shape}")
+
+
+def export_model(
+    model: CAVMAEEncoder | str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    *,
+    num_frames: int = 10,
+    max_batch: int = 8,
+    task: str | None = None,
+    finetune_mode: str = "multimodal",
+    labels: LabelSet | str | Path | Sequence[str] | None = None,
+    mask_ratio_a: float = 0.75,
+    mask_ratio_v: float = 0.75,
+    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    graphs: Sequence[str] | None = None,
+    validate: bool = True,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export ``model`` (a model or a checkpoint path) to ``out_dir``.
+
+    ``precision="fp16"`` writes fp16 graphs (LayerNorm, softmax and normalization kept in fp32,
+    float32 inputs and outputs). ``graphs`` limits the export to some graph names. The directory
+    is written into a temporary sibling and renamed into place, so a failed export never leaves
+    a half-written directory behind.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        what = "an export" if is_export_dir(out_dir) else "not empty"
+        raise ExportError(f"{out_dir} is {what}; choose another directory or pass overwrite")
+    net, src = _resolve_model(model)
+    kind = model_kind(net)
+    cfg = net.config
+    label_set = _labels(labels, cfg.num_classes) if kind == "classifier" else None
+    task = (task or default_task(cfg.num_classes)) if kind == "classifier" else None
+    if finetune_mode not in FINETUNE_MODES:
+        raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
+    stages = build_stages(
+        net, num_frames=num_frames, max_batch=max_batch, task=task or "multi-label",
+        finetune_mode=finetune_mode, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v,
+    )
+    if graphs is not None:
+        unknown = sorted(set(graphs) - set(stages))
+        if unknown:
+            raise ExportError(f"unknown graph(s) {unknown}; this model has {sorted(stages)}")
+        stages = {k: v for k, v in stages.items() if k in graphs}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    reports: dict[str, ValidationReport] = {}
+    specs = {}
+    try:
+        bar = tqdm(stages.items(), desc="export", unit="graph", disable=not progress)
+        for name, stage in bar:
+            bar.set_postfix_str(name)
+            path = work / stage.spec.file
+            export_stage(stage, path)
+            if precision == "fp16":
+                convert_to_fp16(path)
+            check_graph(path, stage)
+            spec = stage.spec if precision == "fp32" else _with_precision(stage, precision)
+            specs[name] = spec
+            if validate:
+                reports[name] = validate_graph(stage, path, precision, task=task)
+                if not reports[name].passed:
+                    raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
+        manifest = Manifest(
+            model_kind=kind,
+            model_config=cfg,
+            preprocess=preprocess,
+            graphs=specs,
+            precision=precision,
+            num_frames=num_frames,
+            max_batch=max_batch,
+            task=task,
+            modes=_modes(kind, finetune_mode),
+            labels=label_set.names if label_set else None,
+            label_ids=label_set.ids if label_set else None,
+            mask_ratio_a=mask_ratio_a if kind == "pretrain" else None,
+            mask_ratio_v=mask_ratio_v if kind == "pretrain" else None,
+            source={**src, **(source or {}), "finetune_mode": finetune_mode if kind == "classifier" else None},
+            versions=_versions(),
+        )
+        manifest.save(work)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; an export is meant to be shared
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)
+
+
+def _with_precision(stage: Stage, precision: str):
+    from dataclasses import replace
+
+    return replace(stage.spec, precision=precision)
+
+
+def _modes(kind: str, finetune_mode: str) -> tuple[str, ...]:
+    """Reference modes the export serves."""
+    if kind != "classifier":
+        return ()
+    return {
+        "multimodal": ("multimodal", "missingaudioonly", "missingvideoonly"),
+        "audioonly": ("audioonly",),
+        "videoonly": ("videoonly",),
+    }[finetune_mode]
+
+
+def _versions() -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "cavmae": cavmae.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": OPSET,
+    }
