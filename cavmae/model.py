@@ -19,34 +19,13 @@ from torch import nn
 from .config import BASE, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
 from .masking import MASK_MODES, MaskIndices, force_structure, indices_from_noise, num_kept
+from .patches import audio_to_image, patchify
 
 #: classifier modes (SPEC section 4)
 MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
 
 #: temperature of the contrastive loss
 CONTRAST_TEMPERATURE = 0.05
-
-
-def audio_to_image(audio: torch.Tensor) -> torch.Tensor:
-    """``[B, T, F] -> [B, 1, F, T]``: frequency becomes the image height, time the width."""
-    return audio.unsqueeze(1).transpose(2, 3)
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]``, each patch flattened as (rows, cols, channels)."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, gh*gw, p*p*C] -> [B, C, gh*p, gw*p]``."""
-    b = patches.shape[0]
-    gh, gw = grid
-    x = patches.reshape(b, gh, gw, patch, patch, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, channels, gh * patch, gw * patch)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

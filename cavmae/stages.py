@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .manifest import BATCH, GraphSpec, TensorSpec
+from .config import PreprocessConfig
+from .labels import LabelSet
+from .manifest import BATCH, GraphSpec, Manifest, TensorSpec
 from .masking import indices_from_noise, num_kept
 from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
 
@@ -273,3 +276,52 @@ def run_stage(stage: Stage, inputs: dict[str, np.ndarray], device: str = "cpu") 
         out = stage.module(*args)
     out = out if isinstance(out, tuple) else (out,)
     return {s.name: o.float().cpu().numpy() for s, o in zip(stage.spec.outputs, out, strict=True)}
+
+
+def modes_for(kind: str, finetune_mode: str) -> tuple[str, ...]:
+    """Reference classifier modes that a deployment of this model serves."""
+    if kind != "classifier":
+        return ()
+    return {
+        "multimodal": ("multimodal", "missingaudioonly", "missingvideoonly"),
+        "audioonly": ("audioonly",),
+        "videoonly": ("videoonly",),
+    }[finetune_mode]
+
+
+def make_manifest(
+    model: CAVMAEEncoder,
+    specs: dict[str, GraphSpec],
+    *,
+    precision: str,
+    num_frames: int,
+    max_batch: int,
+    task: str | None,
+    finetune_mode: str,
+    labels: LabelSet | None,
+    mask_ratio_a: float,
+    mask_ratio_v: float,
+    preprocess: PreprocessConfig,
+    source: dict[str, Any],
+    versions: dict[str, Any],
+) -> Manifest:
+    """The manifest describing ``model`` deployed as the graphs ``specs``."""
+    kind = "pretrain" if isinstance(model, CAVMAE) else "classifier"
+    classifier = kind == "classifier"
+    return Manifest(
+        model_kind=kind,
+        model_config=model.config,
+        preprocess=preprocess,
+        graphs=specs,
+        precision=precision,
+        num_frames=num_frames,
+        max_batch=max_batch,
+        task=task if classifier else None,
+        modes=modes_for(kind, finetune_mode),
+        labels=labels.names if labels else None,
+        label_ids=labels.ids if labels else None,
+        mask_ratio_a=None if classifier else mask_ratio_a,
+        mask_ratio_v=None if classifier else mask_ratio_v,
+        source={**source, "finetune_mode": finetune_mode if classifier else None},
+        versions=versions,
+    )

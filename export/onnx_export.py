@@ -23,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 import cavmae
-from cavmae.checkpoint import file_sha256, load_checkpoint, model_kind
+from cavmae.checkpoint import file_sha256, load_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
 from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
-from cavmae.stages import FINETUNE_MODES, Stage, build_stages
+from cavmae.stages import FINETUNE_MODES, Stage, build_stages, make_manifest
 
 from .fp16 import convert_to_fp16
 from .validate import ValidationReport, validate_graph
@@ -145,10 +145,9 @@ def export_model(
         what = "an export" if is_export_dir(out_dir) else "not empty"
         raise ExportError(f"{out_dir} is {what}; choose another directory or pass overwrite")
     net, src = _resolve_model(model)
-    kind = model_kind(net)
     cfg = net.config
-    label_set = _labels(labels, cfg.num_classes) if kind == "classifier" else None
-    task = (task or default_task(cfg.num_classes)) if kind == "classifier" else None
+    label_set = _labels(labels, cfg.num_classes) if isinstance(net, CAVMAEFT) else None
+    task = (task or default_task(cfg.num_classes)) if isinstance(net, CAVMAEFT) else None
     if finetune_mode not in FINETUNE_MODES:
         raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
     stages = build_stages(
@@ -180,21 +179,10 @@ def export_model(
                 reports[name] = validate_graph(stage, path, precision, task=task)
                 if not reports[name].passed:
                     raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
-        manifest = Manifest(
-            model_kind=kind,
-            model_config=cfg,
-            preprocess=preprocess,
-            graphs=specs,
-            precision=precision,
-            num_frames=num_frames,
-            max_batch=max_batch,
-            task=task,
-            modes=_modes(kind, finetune_mode),
-            labels=label_set.names if label_set else None,
-            label_ids=label_set.ids if label_set else None,
-            mask_ratio_a=mask_ratio_a if kind == "pretrain" else None,
-            mask_ratio_v=mask_ratio_v if kind == "pretrain" else None,
-            source={**src, **(source or {}), "finetune_mode": finetune_mode if kind == "classifier" else None},
+        manifest = make_manifest(
+            net, specs, precision=precision, num_frames=num_frames, max_batch=max_batch,
+            task=task, finetune_mode=finetune_mode, labels=label_set, mask_ratio_a=mask_ratio_a,
+            mask_ratio_v=mask_ratio_v, preprocess=preprocess, source={**src, **(source or {})},
             versions=_versions(),
         )
         manifest.save(work)
@@ -214,17 +202,6 @@ def _with_precision(stage: Stage, precision: str):
     from dataclasses import replace
 
     return replace(stage.spec, precision=precision)
-
-
-def _modes(kind: str, finetune_mode: str) -> tuple[str, ...]:
-    """Reference modes the export serves."""
-    if kind != "classifier":
-        return ()
-    return {
-        "multimodal": ("multimodal", "missingaudioonly", "missingvideoonly"),
-        "audioonly": ("audioonly",),
-        "videoonly": ("videoonly",),
-    }[finetune_mode]
 
 
 def _versions() -> dict[str, Any]:

@@ -89,7 +89,7 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     existed = dest.exists()
-    with _exclusive_lock(lock_path(dest), lock_timeout, url):
+    with exclusive_lock(lock_path(dest), lock_timeout, url):
         if dest.exists() and not existed:
             # Another process finished this download while we waited for the lock.
             log.info("%s was downloaded by another process", dest)
@@ -274,7 +274,7 @@ def _check(
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, timeout: float | None, url: str) -> Iterator[None]:
+def exclusive_lock(path: Path, timeout: float | None, url: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` body.
 
     The lock file is removed on release. Because a waiter may have opened the file just

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cavmae.config import BASE, TINY
-from cavmae.model import CAVMAE, CAVMAEFT, MODES, patchify, unpatchify
+from cavmae.model import CAVMAE, CAVMAEFT, MODES
+from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
 
 import reference_format as ref
 
@@ -127,6 +128,14 @@ def test_patchify_roundtrip_and_layout():
     # patch 1 is row 0, col 1; its first value is pixel (0, 16) of channel 0, then channel 1
     assert p[0, 1, 0] == x[0, 0, 0, 16] and p[0, 1, 1] == x[0, 1, 0, 16]
     torch.testing.assert_close(unpatchify(p, 16, (2, 3), 3), x)
+    # numpy and torch give the same layout
+    pn = patchify(x.numpy(), 16)
+    assert (pn == p.numpy()).all()
+    assert (unpatchify(pn, 16, (2, 3), 3) == x.numpy()).all()
+    spec = torch.randn(2, 64, 32)
+    assert audio_to_image(spec).shape == (2, 1, 32, 64)
+    torch.testing.assert_close(image_to_audio(audio_to_image(spec)), spec)
+    assert (audio_to_image(spec.numpy()) == audio_to_image(spec).numpy()).all()
 
 
 def test_full_size_key_layout_and_parameter_count():

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from cavmae.errors import CavmaeError, EngineUnavailableError
-from cavmae.manifest import BATCH, GraphSpec, Manifest
+from cavmae.manifest import GraphSpec, Manifest
 
 from .. import hardware
-from .base import Engine, GraphSession
+from .base import Engine, GraphSession, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,80 +52,6 @@ _ORT_TYPES = {
     "tensor(uint8)": "uint8",
     "tensor(bool)": "bool",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Input checking (shared with the TensorRT engine)
-# --------------------------------------------------------------------------------------------
-
-
-def _shape_str(shape: tuple[int | str, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def check_inputs(spec: GraphSpec, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """Validate ``inputs`` against ``spec`` and return C-contiguous arrays plus the batch size.
-
-    Every input of ``spec`` must be present (no others), with the declared dtype (no silent
-    casts: a float64 array fed to a float32 graph is a bug upstream) and the declared shape,
-    the ``"batch"`` axis being the same ``1 <= B <= spec.max_batch`` for all inputs. Raises
-    ``CavmaeError`` naming the graph, the input, what was expected and what was given.
-    Arrays are made C-contiguous (a copy only when needed), since both runtimes read raw
-    row-major buffers.
-    """
-    where = f"graph {spec.name!r}"
-    expected_names = [t.name for t in spec.inputs]
-    missing = [n for n in expected_names if n not in inputs]
-    if missing:
-        raise CavmaeError(
-            f"{where}: missing input(s) {', '.join(map(repr, missing))}; it takes"
-            f" {', '.join(map(repr, expected_names))}"
-        )
-    extra = [n for n in inputs if n not in expected_names]
-    if extra:
-        raise CavmaeError(
-            f"{where}: unknown input(s) {', '.join(map(repr, extra))}; it takes"
-            f" {', '.join(map(repr, expected_names))}"
-        )
-
-    arrays: dict[str, np.ndarray] = {}
-    batch: int | None = None
-    batch_from = ""
-    for t in spec.inputs:
-        arr = np.asarray(inputs[t.name])
-        want_dtype = np.dtype(t.dtype)
-        if arr.dtype != want_dtype:
-            raise CavmaeError(
-                f"{where}, input {t.name!r}: expected dtype {want_dtype.name}, got"
-                f" {arr.dtype.name} (convert with .astype(np.{want_dtype.name}))"
-            )
-        if arr.ndim != len(t.shape):
-            raise CavmaeError(
-                f"{where}, input {t.name!r}: expected shape {_shape_str(t.shape)}"
-                f" ({len(t.shape)} axes), got {list(arr.shape)} ({arr.ndim} axes)"
-            )
-        for axis, (want, got) in enumerate(zip(t.shape, arr.shape, strict=True)):
-            if want == BATCH:
-                if not 1 <= got <= spec.max_batch:
-                    raise CavmaeError(
-                        f"{where}, input {t.name!r}: batch size {got} (axis {axis}) is outside"
-                        f" 1..{spec.max_batch}, the range this export supports; split the"
-                        f" batch or re-export with a larger max batch"
-                    )
-                if batch is None:
-                    batch, batch_from = int(got), t.name
-                elif got != batch:
-                    raise CavmaeError(
-                        f"{where}, input {t.name!r}: batch size {got} differs from {batch}"
-                        f" of input {batch_from!r}; all inputs must share the batch size"
-                    )
-            elif int(want) != got:
-                raise CavmaeError(
-                    f"{where}, input {t.name!r}: expected shape {_shape_str(t.shape)}, got"
-                    f" {list(arr.shape)} (axis {axis} should be {want})"
-                )
-        arrays[t.name] = np.ascontiguousarray(arr)
-    return arrays, (batch if batch is not None else 1)
 
 
 # --------------------------------------------------------------------------------------------

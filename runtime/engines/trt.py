@@ -38,8 +38,8 @@ import numpy as np
 from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import BATCH, GraphSpec, Manifest
 
-from .base import Engine, GraphSession
-from .ort import check_inputs, parse_device, writable_dir
+from .base import Engine, GraphSession, check_inputs
+from .ort import parse_device, writable_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,662 @@
+"""Datasets for training and evaluation: the reference layout and plain video files.
+
+Two sources of clips, one dataset class:
+
+- the **reference layout** (SPEC section 8): a JSON ``{"data": [{"video_id", "wav",
+  "video_path", "labels"}]}``; audio from the 16 kHz ``wav``, frames from
+  ``{video_path}/frame_{i}/{video_id}.jpg`` (``i = 0..9``); ``labels`` are comma-separated
+  ``mid`` s looked up in a label CSV ``index,mid,display_name``; an optional weight CSV holds
+  one sampling weight per clip (``cavmae prepare`` writes this layout);
+- **video files** listed in a CSV (header with a ``video`` or ``path`` column and an optional
+  ``labels`` column) or a JSON (a list, or ``{"data": [...]}``, of objects with ``video`` and
+  ``labels``), decoded on the fly with the shared preprocessing (:mod:`cavmae.media`).
+
+Relative paths in a dataset file are resolved against the folder of that file.
+
+:class:`AVDataset` is a map-style dataset (any ``torch.utils.data.DataLoader`` takes it). It
+returns dicts of numpy arrays; :func:`collate` stacks them into torch tensors. A training item
+is addressed by an :class:`ItemKey` that carries the index *and* the seed of its augmentation
+(``(run seed, epoch, position in the epoch)``), so what a position of an epoch looks like never
+depends on worker processes, ranks or resumption. :class:`StepBatchSampler` produces those keys:
+one global order per epoch, cut into optimizer steps of ``batch_size`` samples, each step split
+into the micro-batches of every rank and accumulation round.
+
+This module needs numpy only (torch is imported inside :func:`collate`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import wave
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cavmae.audio import fbank, pad_or_cut
+from cavmae.augment import (
+    AugmentConfig,
+    add_noise,
+    mix,
+    mix_waveforms,
+    mixup_lambda,
+    smooth_labels,
+    spec_augment,
+    time_roll,
+)
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.errors import DatasetError, MediaError
+from cavmae.visual import load_image, preprocess_frame
+
+__all__ = [
+    "AVDataset",
+    "ClipRecord",
+    "ItemKey",
+    "LabelSet",
+    "StepBatchSampler",
+    "audio_window_seconds",
+    "balanced_sample_weights",
+    "collate",
+    "epoch_order",
+    "eval_batches",
+    "read_clips",
+    "read_labels",
+    "read_wav",
+    "read_weights",
+    "write_dataset_json",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes of a label CSV (``index,mid,display_name``), in index order."""
+
+    mids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.mids)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {m: i for i, m in enumerate(self.mids)}
+
+    def encode(self, labels: Sequence[str], source: str = "") -> np.ndarray:
+        """Multi-hot float32 ``[C]`` of ``labels`` (mids). Unknown mids raise ``DatasetError``."""
+        index = self._lookup
+        out = np.zeros(len(self.mids), dtype=np.float32)
+        for mid in labels:
+            i = index.get(mid)
+            if i is None:
+                where = f" ({source})" if source else ""
+                raise DatasetError(
+                    f"label {mid!r}{where} is not in the label CSV; check that the dataset and "
+                    "the label CSV belong together"
+                )
+            out[i] = 1.0
+        return out
+
+    @property
+    def _lookup(self) -> dict[str, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = self.index
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+
+def read_labels(path: str | Path) -> LabelSet:
+    """Read a label CSV with the header ``index,mid,display_name`` (the reference format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"label CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or ())
+        if not {"index", "mid"} <= fields:
+            raise DatasetError(
+                f"{path}: a label CSV needs the header 'index,mid,display_name', got "
+                f"{sorted(fields)}"
+            )
+        rows = []
+        for n, row in enumerate(reader, start=2):
+            try:
+                rows.append((int(row["index"]), row["mid"].strip(), (row.get("display_name") or "").strip()))
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}, line {n}: index {row.get('index')!r} is not an integer") from None
+    rows.sort()
+    if [r[0] for r in rows] != list(range(len(rows))):
+        raise DatasetError(f"{path}: the indices must be 0..{len(rows) - 1}, each once")
+    mids = tuple(r[1] for r in rows)
+    if len(set(mids)) != len(mids):
+        raise DatasetError(f"{path}: a mid appears twice")
+    if not mids:
+        raise DatasetError(f"{path}: no classes")
+    return LabelSet(mids=mids, names=tuple(r[2] for r in rows))
+
+
+def read_weights(path: str | Path, num_clips: int | None = None) -> np.ndarray:
+    """Read a sample-weight CSV (one non-negative float per line, dataset order) -> ``[N]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"weight CSV not found: {path}")
+    values = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            line = line.strip().rstrip(",")
+            if not line:
+                continue
+            try:
+                values.append(float(line.split(",")[0]))
+            except ValueError:
+                raise DatasetError(f"{path}, line {n}: {line!r} is not a number") from None
+    w = np.asarray(values, dtype=np.float64)
+    if num_clips is not None and w.shape[0] != num_clips:
+        raise DatasetError(
+            f"{path} has {w.shape[0]} weights but the dataset has {num_clips} clips; the weight "
+            "file must have one line per clip, in the same order"
+        )
+    if w.size == 0 or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise DatasetError(f"{path}: weights must be finite, >= 0 and not all zero")
+    return w
+
+
+def balanced_sample_weights(clips: Sequence[ClipRecord], labels: LabelSet) -> np.ndarray:
+    """Class-balanced sampling weights, as the reference ``gen_weight_file`` makes them.
+
+    Each class weighs ``1000 / (its clip count + 0.01)``; a clip weighs the sum of its classes'
+    weights. Returns float64 ``[N]``.
+    """
+    targets = np.stack([labels.encode(c.labels, c.video_id) for c in clips]) if clips else np.zeros((0, len(labels)))
+    class_weight = 1000.0 / (targets.sum(axis=0) + 0.01)
+    return (targets * class_weight).sum(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Clip lists
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One clip of a dataset.
+
+    Reference layout: ``wav`` and ``frame_dir`` (the JSON's ``video_path``) are set. Video
+    files: ``video`` is set. ``labels`` are mids (empty when unlabeled).
+    """
+
+    video_id: str
+    labels: tuple[str, ...] = ()
+    wav: str | None = None
+    frame_dir: str | None = None
+    video: str | None = None
+
+    def frame_path(self, i: int) -> str:
+        """``{video_path}/frame_{i}/{video_id}.jpg`` (reference layout only)."""
+        if self.frame_dir is None:
+            raise DatasetError(f"clip {self.video_id} has no frame folder")
+        return f"{self.frame_dir}/frame_{i}/{self.video_id}.jpg"
+
+    def to_json(self) -> dict[str, str]:
+        """The clip as a reference dataset-JSON entry."""
+        return {
+            "video_id": self.video_id,
+            "wav": self.wav or "",
+            "video_path": self.frame_dir or "",
+            "labels": ",".join(self.labels),
+        }
+
+
+def _split_labels(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(s.strip() for s in str(value).split(",") if s.strip())
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+_VIDEO_KEYS = ("video", "path", "video_file", "file")
+
+
+def _video_record(entry: dict[str, Any], base: Path, where: str) -> ClipRecord:
+    key = next((k for k in _VIDEO_KEYS if entry.get(k)), None)
+    if key is None:
+        raise DatasetError(f"{where}: no video path (expected one of the keys {', '.join(_VIDEO_KEYS)})")
+    video = _resolve(base, str(entry[key]))
+    vid = str(entry.get("video_id") or Path(video).stem)
+    return ClipRecord(video_id=vid, labels=_split_labels(entry.get("labels")), video=video)
+
+
+def read_clips(path: str | Path) -> list[ClipRecord]:
+    """Read a dataset file: a reference dataset JSON, or a CSV/JSON list of video files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path}")
+    base = path.resolve().parent
+    if path.suffix.lower() == ".csv":
+        return _read_video_csv(path, base)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); expected a dataset JSON or a video list") from None
+    entries = obj.get("data") if isinstance(obj, dict) else obj
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected {{\"data\": [...]}} or a JSON list of clips")
+    clips: list[ClipRecord] = []
+    for n, entry in enumerate(entries):
+        where = f"{path}, entry {n}"
+        if isinstance(entry, str):
+            entry = {"video": entry}
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: expected an object")
+        if "wav" in entry:
+            missing = [k for k in ("video_id", "video_path") if not entry.get(k)]
+            if missing or not entry.get("wav"):
+                raise DatasetError(f"{where}: a reference entry needs video_id, wav, video_path (missing {missing or ['wav']})")
+            clips.append(
+                ClipRecord(
+                    video_id=str(entry["video_id"]),
+                    labels=_split_labels(entry.get("labels")),
+                    wav=_resolve(base, str(entry["wav"])),
+                    frame_dir=_resolve(base, str(entry["video_path"])),
+                )
+            )
+        else:
+            clips.append(_video_record(entry, base, where))
+    if not clips:
+        raise DatasetError(f"{path}: the dataset is empty")
+    return clips
+
+
+def _read_video_csv(path: Path, base: Path) -> list[ClipRecord]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [s.strip() for s in (reader.fieldnames or [])]
+        if not any(k in fields for k in _VIDEO_KEYS):
+            raise DatasetError(
+                f"{path}: a video-list CSV needs a header with a 'video' (or 'path') column and "
+                f"optionally 'labels', got {fields}"
+            )
+        clips = [
+            _video_record({k.strip(): v for k, v in row.items() if k}, base, f"{path}, line {n}")
+            for n, row in enumerate(reader, start=2)
+        ]
+    if not clips:
+        raise DatasetError(f"{path}: the dataset is empty")
+    return clips
+
+
+def write_dataset_json(clips: Sequence[ClipRecord], path: str | Path) -> Path:
+    """Write clips as a reference dataset JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"data": [c.to_json() for c in clips]}, f, indent=1)
+        f.write("\n")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading media
+
+
+def audio_window_seconds(config: PreprocessConfig = DEFAULT_PREPROCESS) -> float:
+    """Seconds of audio that fill exactly ``target_length`` fbank frames (10.255 s)."""
+    samples = (config.target_length - 1) * round(config.sample_rate * config.frame_shift_ms / 1000)
+    samples += round(config.sample_rate * config.frame_length_ms / 1000)
+    return samples / config.sample_rate
+
+
+def read_wav(path: str | Path, sample_rate: int = DEFAULT_PREPROCESS.sample_rate) -> np.ndarray:
+    """First channel of an audio file at ``sample_rate`` as float32 ``[n]``.
+
+    16-bit PCM WAV at the right rate (what ``cavmae prepare`` writes) is read directly; anything
+    else goes through PyAV (:func:`cavmae.media.decode_audio`), which resamples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"audio file not found: {path}")
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() == 2 and w.getframerate() == sample_rate and w.getcomptype() == "NONE":
+                channels = w.getnchannels()
+                data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+                data = data.reshape(-1, channels)[:, 0]
+                return data.astype(np.float32) / np.float32(32768.0)
+    except (wave.Error, EOFError):
+        pass  # not a plain PCM WAV: let FFmpeg read it
+    from cavmae.media import decode_audio
+
+    return decode_audio(path, sample_rate=sample_rate)
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+class ItemKey(NamedTuple):
+    """A training item: the clip ``index`` and the seed of its augmentation."""
+
+    index: int
+    seed: int
+    epoch: int
+    position: int
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, self.position])
+
+
+#: what ``frame`` may be: "random" (training), "middle", an index, or "all" (the 10 frames)
+FrameChoice = str | int
+
+
+class AVDataset:
+    """Audio-visual clips as model inputs (map-style dataset).
+
+    ``dataset[key]`` returns a dict of numpy arrays:
+
+    - ``"audio"``: float32 ``[target_length, num_mel_bins]`` normalized fbank (if ``audio``);
+    - ``"image"``: float32 ``[3, S, S]`` one normalized frame, or ``"frames"``
+      ``[F, 3, S, S]`` with ``frame="all"`` (if ``video``);
+    - ``"target"``: float32 ``[C]`` (multi-hot, or mixed and smoothed in training) when a label
+      set is given;
+    - ``"index"``: the clip's index.
+
+    ``key`` is an ``int`` (evaluation: no augmentation; a ``"random"`` frame is then drawn
+    from a generator seeded by the index) or an :class:`ItemKey` (training: all randomness comes
+    from ``key.rng()``).
+
+    Args:
+        clips: the clip list (:func:`read_clips`).
+        labels: label set to encode targets, or ``None`` (no targets).
+        augment: training augmentation; ``None`` or an inactive config = none.
+        frame: ``"random"`` (a random frame of ``num_frames``, the reference training rule),
+            ``"middle"`` (``preprocess.middle_frame``, the reference evaluation rule), an index,
+            or ``"all"``.
+        audio / video: which modalities to load.
+        preprocess: preprocessing constants (target length, image size, normalization).
+    """
+
+    def __init__(
+        self,
+        clips: Sequence[ClipRecord],
+        labels: LabelSet | None = None,
+        *,
+        augment: AugmentConfig | None = None,
+        frame: FrameChoice = "middle",
+        audio: bool = True,
+        video: bool = True,
+        preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    ) -> None:
+        if not (audio or video):
+            raise ValueError("AVDataset needs audio or video")
+        if isinstance(frame, str) and frame not in ("random", "middle", "all"):
+            raise ValueError(f"frame must be 'random', 'middle', 'all' or an index, not {frame!r}")
+        if isinstance(frame, int) and not 0 <= frame < preprocess.num_frames:
+            raise ValueError(f"frame index must be in 0..{preprocess.num_frames - 1}, got {frame}")
+        self.clips = list(clips)
+        self.labels = labels
+        self.augment = augment or AugmentConfig()
+        self.frame = frame
+        self.audio = audio
+        self.video = video
+        self.preprocess = preprocess
+        if labels is not None:
+            for c in self.clips:  # fail early on unknown or missing labels
+                if not c.labels:
+                    raise DatasetError(f"clip {c.video_id} has no labels; a labeled dataset is needed here")
+                labels.encode(c.labels, c.video_id)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    # -- media -----------------------------------------------------------------------------
+    def waveform(self, index: int) -> np.ndarray:
+        """Mono float32 waveform at the preprocessing rate."""
+        clip = self.clips[index]
+        sr = self.preprocess.sample_rate
+        if clip.wav is not None:
+            return read_wav(clip.wav, sr)
+        from cavmae.media import decode_audio
+
+        assert clip.video is not None
+        return decode_audio(clip.video, sample_rate=sr, duration=audio_window_seconds(self.preprocess))
+
+    def rgb_frames(self, index: int, which: Sequence[int]) -> list[np.ndarray]:
+        """RGB uint8 frames ``which`` (indices into the clip's ``num_frames`` frames)."""
+        clip = self.clips[index]
+        n = self.preprocess.num_frames
+        if clip.frame_dir is not None:
+            return [load_image(self._existing_frame(clip, i)) for i in which]
+        from cavmae.media import decode_frames
+
+        assert clip.video is not None
+        rgb, _ = decode_frames(clip.video, n, 0.0, self.preprocess.clip_seconds)
+        return [rgb[i] for i in which]
+
+    @staticmethod
+    def _existing_frame(clip: ClipRecord, i: int) -> str:
+        """Frame ``i``'s path; like the reference, a missing frame falls back to the nearest
+        lower one that exists (with a warning). None existing is a ``DatasetError``."""
+        for j in range(i, -1, -1):
+            path = clip.frame_path(j)
+            if Path(path).is_file():
+                if j != i:
+                    log.warning("clip %s: frame %d missing, using frame %d", clip.video_id, i, j)
+                return path
+        raise DatasetError(
+            f"clip {clip.video_id}: no frame at or below frame_{i} in {clip.frame_dir}; "
+            "re-run `cavmae prepare` for this clip"
+        )
+
+    # -- items -----------------------------------------------------------------------------
+    def _frame_indices(self, rng: np.random.Generator) -> list[int]:
+        n = self.preprocess.num_frames
+        if self.frame == "all":
+            return list(range(n))
+        if self.frame == "random":
+            return [int(rng.integers(n))]
+        if self.frame == "middle":
+            return [self.preprocess.middle_frame]
+        return [int(self.frame)]
+
+    def _images(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        which = self._frame_indices(rng)
+        rgb = self.rgb_frames(index, which)
+        return np.stack([preprocess_frame(x, self.preprocess) for x in rgb])
+
+    def _audio_features(self, waveform: np.ndarray) -> np.ndarray:
+        """Mean-subtract, fbank, pad/cut; *not* normalized."""
+        cfg = self.preprocess
+        centred = waveform - waveform.mean(dtype=np.float64)
+        feats = fbank(centred.astype(np.float32), cfg.sample_rate, cfg.num_mel_bins, cfg)
+        return pad_or_cut(feats, cfg.target_length)
+
+    def __getitem__(self, key: int | ItemKey) -> dict[str, Any]:
+        if isinstance(key, ItemKey):
+            index, rng, train = key.index, key.rng(), True
+        else:
+            index = int(key)
+            rng, train = np.random.default_rng([index]), False
+        if not 0 <= index < len(self.clips):
+            raise IndexError(f"index {index} out of range for {len(self.clips)} clips")
+        aug = self.augment if train else AugmentConfig()
+        cfg = self.preprocess
+        out: dict[str, Any] = {"index": index}
+
+        partner, lam = None, 1.0
+        if aug.mixup > 0 and rng.random() < aug.mixup:
+            partner = int(rng.integers(len(self.clips)))
+            lam = mixup_lambda(rng, aug.mixup_alpha)
+
+        if self.audio:
+            wav = self.waveform(index)
+            if partner is not None:
+                wav = mix_waveforms(wav, self.waveform(partner), lam)
+            try:
+                raw = self._audio_features(wav)
+            except MediaError as e:
+                raise MediaError(f"clip {self.clips[index].video_id}: {e}") from None
+            x = ((raw - cfg.fbank_mean) / cfg.fbank_std).astype(np.float32)
+            if aug.freqm or aug.timem:
+                fill = (0.0 - cfg.fbank_mean) / cfg.fbank_std
+                x = spec_augment(x, rng, aug.freqm, aug.timem, fill)
+            if aug.noise:
+                x = add_noise(x, rng)
+                roll = cfg.target_length if aug.roll_frames is None else aug.roll_frames
+                x = time_roll(x, rng, roll)
+            out["audio"] = np.ascontiguousarray(x, dtype=np.float32)
+
+        if self.video:
+            images = self._images(index, rng)
+            if partner is not None:
+                images = mix(images, self._images(partner, rng), lam)
+            if self.frame == "all":
+                out["frames"] = images
+            else:
+                out["image"] = images[0]
+
+        if self.labels is not None:
+            clip = self.clips[index]
+            target = self.labels.encode(clip.labels, clip.video_id)
+            if partner is not None:
+                other = self.clips[partner]
+                target = mix(target, self.labels.encode(other.labels, other.video_id), lam)
+            out["target"] = smooth_labels(target, aug.label_smooth) if train else target
+        return out
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of :class:`AVDataset` items into a dict of torch tensors."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        values = [it[k] for it in items]
+        if k == "index":
+            out[k] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[k] = torch.from_numpy(np.stack(values))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def epoch_order(
+    num_clips: int,
+    seed: int,
+    epoch: int,
+    *,
+    shuffle: bool = True,
+    weights: np.ndarray | None = None,
+    num_samples: int | None = None,
+) -> np.ndarray:
+    """The global order of clip indices for one epoch, the same on every rank.
+
+    ``weights`` given: ``num_samples`` (default ``num_clips``) draws with replacement, with
+    probability proportional to the weights (``WeightedRandomSampler``). Otherwise a random
+    permutation (``shuffle``) or ``0..N-1``.
+    """
+    rng = np.random.default_rng([seed, epoch, 0x5A4D])
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (num_clips,):
+            raise ValueError(f"weights must have shape [{num_clips}], got {w.shape}")
+        return rng.choice(num_clips, size=num_samples or num_clips, replace=True, p=w / w.sum())
+    if shuffle:
+        return rng.permutation(num_clips)
+    return np.arange(num_clips)
+
+
+class StepBatchSampler:
+    """This rank's micro-batches of :class:`ItemKey` for one epoch (a ``batch_sampler``).
+
+    Optimizer step ``k`` consumes positions ``[k * B, (k + 1) * B)`` of the epoch ``order``
+    (``B = batch_size``, the global batch per optimizer step); the incomplete last step is
+    dropped (the reference drops the last batch). A step is split into
+    ``world_size * accum_steps`` micro-batches of ``m = B / (world_size * accum_steps)``
+    positions; micro-batch ``j`` covers ``[k * B + j * m, k * B + (j + 1) * m)`` and rank ``r``
+    takes ``j = a * world_size + r`` in accumulation round ``a``. Ranks therefore see disjoint
+    shards, and a position's augmentation seed does not depend on how the batch is split.
+
+    ``start_step`` skips the first steps (resuming mid-epoch).
+    """
+
+    def __init__(
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        world_size: int = 1,
+        rank: int = 0,
+        accum_steps: int = 1,
+        start_step: int = 0,
+    ) -> None:
+        per = world_size * accum_steps
+        if batch_size % per:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by world_size x accum_steps = {per}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
+        self.order = np.asarray(order)
+        self.batch_size = batch_size
+        self.micro = batch_size // per
+        self.seed, self.epoch = seed, epoch
+        self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
+        self.steps = len(self.order) // batch_size
+        self.start_step = min(start_step, self.steps)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accum_steps
+
+    def positions(self, step: int, round_: int) -> range:
+        j = round_ * self.world_size + self.rank
+        start = step * self.batch_size + j * self.micro
+        return range(start, start + self.micro)
+
+    def __iter__(self) -> Iterator[list[ItemKey]]:
+        for k in range(self.start_step, self.steps):
+            for a in range(self.accum_steps):
+                yield [
+                    ItemKey(int(self.order[p]), self.seed, self.epoch, p)
+                    for p in self.positions(k, a)
+                ]
+
+
+def eval_batches(num_clips: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[int]]:
+    """This rank's evaluation batches: a contiguous shard of ``0..N-1`` cut into batches.
+
+    Shards of consecutive ranks are consecutive, so concatenating the ranks' outputs in rank
+    order gives the dataset order.
+    """
+    lo = rank * num_clips // world_size
+    hi = (rank + 1) * num_clips // world_size
+    return [list(range(s, min(s + batch_size, hi))) for s in range(lo, hi, batch_size)]
+
+
+def steps_per_epoch(num_items: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of ``num_items`` positions (the last partial batch dropped)."""
+    return math.floor(num_items / batch_size)

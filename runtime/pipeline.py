@@ -1,0 +1,325 @@
+"""Pipelines over an engine: classification, retrieval embeddings, localization, reconstruction.
+
+A pipeline speaks only the ``Engine`` interface (numpy in, numpy out), so it runs the same on
+ONNX Runtime, TensorRT and PyTorch. The audio graph runs once per clip and all frames of a clip
+go through the visual graph as one batch; the joint graph then reproduces the reference's
+per-frame loop and averages the frames' probabilities (SPEC section 4).
+
+Shapes: audio ``[T, F] = [1024, 128]``; frames ``[F, 3, 224, 224]``; ``N`` clips in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cavmae.errors import CavmaeError, ModelKindError
+from cavmae.manifest import Manifest
+from cavmae.masking import MASK_MODES, draw_noise, indices_from_noise, num_kept
+from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
+
+from .engines.base import Engine
+
+#: classification modes on the command line -> graph that serves them
+CLASSIFY_GRAPHS = {"av": "joint_classifier", "audio": "audio_classifier", "visual": "visual_classifier"}
+
+
+@dataclass
+class Prediction:
+    """Class probabilities of one clip (or window) with the label names."""
+
+    probs: np.ndarray  # [C]
+    labels: tuple[str, ...] | None
+    path: str | None = None
+    offset: float = 0.0
+
+    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """``k`` best classes as (index, name, probability), best first."""
+        idx = np.argsort(-self.probs, kind="stable")[:k]
+        names = self.labels or tuple(str(i) for i in range(len(self.probs)))
+        return [(int(i), names[i], float(self.probs[i])) for i in idx]
+
+
+@dataclass
+class Reconstruction:
+    """Masked reconstruction of one clip (SPEC section 6).
+
+    ``*_masked`` have removed patches zeroed; ``*_pasted`` are the input with the predicted
+    patches pasted into the removed places; ``*_pred`` the raw prediction for every patch.
+    Spectrograms are ``[T, F]``, images ``[3, H, W]``, in normalized input units.
+    """
+
+    audio: np.ndarray
+    audio_masked: np.ndarray
+    audio_pred: np.ndarray
+    audio_pasted: np.ndarray
+    image: np.ndarray
+    image_masked: np.ndarray
+    image_pred: np.ndarray
+    image_pasted: np.ndarray
+    mask_a: np.ndarray  # [La] 1 = removed
+    mask_v: np.ndarray  # [Lv]
+    mse_a: float
+    mse_v: float
+
+
+class Pipeline:
+    """Everything a deployment does with a model, over one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.manifest: Manifest = engine.manifest
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.manifest.labels
+
+    @property
+    def num_frames(self) -> int:
+        return self.manifest.num_frames
+
+    @property
+    def classify_modes(self) -> tuple[str, ...]:
+        """Command-line modes (``av``, ``audio``, ``visual``) this model can classify in."""
+        return tuple(m for m, g in CLASSIFY_GRAPHS.items() if g in self.manifest.graphs)
+
+    def describe(self) -> str:
+        return self.engine.describe()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # -- batched graph calls ----------------------------------------------------------------
+    def _run_chunked(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``graph`` over any batch size, in chunks of its max batch."""
+        session = self.engine.session(graph)
+        n = next(iter(inputs.values())).shape[0]
+        step = session.spec.max_batch
+        parts: list[dict[str, np.ndarray]] = []
+        for i in range(0, n, step):
+            parts.append(session.run({k: v[i : i + step] for k, v in inputs.items()}))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """``[N, T, F] -> audio tokens [N, La, D]``."""
+        return self._run_chunked("audio_encoder", {"audio": _f32(audio)})["audio_tokens"]
+
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """``[M, 3, H, W] -> visual tokens [M, Lv, D]``."""
+        return self._run_chunked("visual_encoder", {"image": _f32(frames)})["visual_tokens"]
+
+    # -- classification ---------------------------------------------------------------------
+    def _classify_graph(self, mode: str) -> str:
+        if self.manifest.model_kind != "classifier":
+            raise ModelKindError(
+                "this is a pre-training model without a classification head; use a fine-tuned"
+                " model (e.g. as-full-51.2) to classify"
+            )
+        graph = CLASSIFY_GRAPHS.get(mode)
+        if graph is None:
+            raise CavmaeError(f"mode must be one of {', '.join(CLASSIFY_GRAPHS)}, not {mode!r}")
+        if graph not in self.manifest.graphs:
+            have = ", ".join(self.classify_modes) or "none"
+            raise ModelKindError(f"this model cannot classify in mode {mode!r}; it supports: {have}")
+        return graph
+
+    def classify_batch(
+        self, audio: np.ndarray | None, frames: np.ndarray | None, mode: str = "av"
+    ) -> np.ndarray:
+        """``audio [N, T, F]``, ``frames [N, F, 3, H, W]`` -> probabilities ``[N, C]``.
+
+        ``mode="av"`` is the reference's 10-frame aggregation: each frame paired with the same
+        audio, probabilities averaged. ``audio``/``visual`` use one modality (``None`` the other).
+        """
+        graph = self._classify_graph(mode)
+        feeds: dict[str, np.ndarray] = {}
+        if mode in ("av", "audio"):
+            if audio is None:
+                raise CavmaeError(f"mode {mode!r} needs audio")
+            feeds["audio_tokens"] = self.encode_audio(audio)
+        if mode in ("av", "visual"):
+            if frames is None:
+                raise CavmaeError(f"mode {mode!r} needs frames")
+            frames = _f32(frames)
+            if frames.ndim != 5 or frames.shape[1] != self.num_frames:
+                raise CavmaeError(
+                    f"expected frames [N, {self.num_frames}, 3, H, W], got {list(frames.shape)};"
+                    f" this export aggregates {self.num_frames} frames per clip"
+                )
+            n, f = frames.shape[:2]
+            tokens = self.encode_frames(frames.reshape(n * f, *frames.shape[2:]))
+            feeds["visual_tokens"] = tokens.reshape(n, f, *tokens.shape[1:])
+        return self._run_chunked(graph, feeds)["probs"]
+
+    def classify(self, audio: np.ndarray | None, frames: np.ndarray | None, mode: str = "av") -> np.ndarray:
+        """One clip: ``audio [T, F]``, ``frames [F, 3, H, W]`` -> probabilities ``[C]``."""
+        return self.classify_batch(
+            None if audio is None else audio[None], None if frames is None else frames[None], mode
+        )[0]
+
+    def classify_file(self, path: str | Path, mode: str = "av", offset: float = 0.0) -> Prediction:
+        """Decode, preprocess and classify the 10 s window at ``offset`` of a video file."""
+        from cavmae.media import load_clip
+
+        self._classify_graph(mode)
+        clip = load_clip(
+            path, num_frames=self.num_frames, offset=offset, config=self.manifest.preprocess,
+            need_audio=mode in ("av", "audio"), need_video=mode in ("av", "visual"),
+        )
+        probs = self.classify(clip.audio, clip.frames, mode)
+        return Prediction(probs=probs, labels=self.labels, path=str(path), offset=offset)
+
+    # -- embeddings and localization --------------------------------------------------------
+    def embed_audio(self, audio: np.ndarray) -> np.ndarray:
+        """``[N, T, F] -> L2-normalized audio embeddings [N, D]``."""
+        tokens = self.encode_audio(audio)
+        return self._run_chunked("audio_embed", {"audio_tokens": tokens})["audio_embedding"]
+
+    def embed_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[M, 3, H, W] -> (embeddings [M, D], patch tokens [M, Lv, D])``."""
+        tokens = self.encode_frames(images)
+        out = self._run_chunked("visual_embed", {"visual_tokens": tokens})
+        return out["visual_embedding"], out["visual_patches"]
+
+    def embed_frames(self, frames: np.ndarray, frame: int | str = "middle") -> np.ndarray:
+        """``frames [N, F, 3, H, W]`` -> visual embeddings ``[N, D]`` of one frame per clip
+        (``"middle"`` = the reference's frame 5, or an index) or the normalized mean over frames
+        (``"mean"``)."""
+        frames = _f32(frames)
+        n, f = frames.shape[:2]
+        if frame == "mean":
+            emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]))
+            return _l2(emb.reshape(n, f, -1).mean(1))
+        index = self._frame_index(frame, f)
+        return self.embed_images(frames[:, index])[0]
+
+    def _frame_index(self, frame: int | str, count: int) -> int:
+        index = min(self.manifest.preprocess.middle_frame, count - 1) if frame == "middle" else frame
+        if not isinstance(index, int) or not 0 <= index < count:
+            raise CavmaeError(f"frame must be 'middle', 'mean' or an index in 0..{count - 1}, not {frame!r}")
+        return index
+
+    def embed(
+        self, audio: np.ndarray | None, frames: np.ndarray | None, frame: int | str = "middle"
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One clip -> (audio embedding ``[D]``, visual embedding ``[D]``), L2-normalized."""
+        ea = self.embed_audio(audio[None])[0] if audio is not None else None
+        ev = self.embed_frames(frames[None], frame)[0] if frames is not None else None
+        return ea, ev
+
+    def localize(self, audio: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """Sound-source map: cosine between the audio embedding and each visual patch token of
+        ``image [3, H, W]`` -> ``[gh, gw]`` (14 x 14)."""
+        ea = self.embed_audio(audio[None])[0]
+        _, patches = self.embed_images(_f32(image)[None])
+        gh, gw = self.manifest.model_config.visual_grid
+        return (_l2(patches[0]) @ ea).reshape(gh, gw)
+
+    # -- reconstruction ---------------------------------------------------------------------
+    def reconstruct(
+        self,
+        audio: np.ndarray,
+        image: np.ndarray,
+        seed: int = 0,
+        mask_ratio_a: float | None = None,
+        mask_ratio_v: float | None = None,
+        mask_mode: str = "unstructured",
+    ) -> Reconstruction:
+        """Mask ``audio [T, F]`` and ``image [3, H, W]``, predict the removed patches, paste them.
+
+        The mask ratios are fixed when the model is exported (the graphs have a fixed number of
+        kept tokens); asking for other ratios is an error that says how to re-export.
+        """
+        m = self.manifest
+        if m.model_kind != "pretrain":
+            raise ModelKindError(
+                "reconstruction needs a pre-training model with its decoder (e.g."
+                " cav-mae-base-nonorm); this is a classifier"
+            )
+        if mask_mode not in MASK_MODES:
+            raise CavmaeError(f"mask mode must be one of {', '.join(MASK_MODES)}, not {mask_mode!r}")
+        ra = m.mask_ratio_a if mask_ratio_a is None else mask_ratio_a
+        rv = m.mask_ratio_v if mask_ratio_v is None else mask_ratio_v
+        cfg = m.model_config
+        la, lv = cfg.num_audio_tokens, cfg.num_visual_tokens
+        ka, kv = num_kept(la, ra), num_kept(lv, rv)
+        if (ka, kv) != (num_kept(la, m.mask_ratio_a), num_kept(lv, m.mask_ratio_v)):
+            raise CavmaeError(
+                f"this export keeps the tokens of mask ratios {m.mask_ratio_a}/{m.mask_ratio_v};"
+                f" for {ra}/{rv} export again with those ratios (cavmae export --mask-ratio)"
+            )
+        rng = np.random.default_rng(seed)
+        idx_a = indices_from_noise(draw_noise(rng, 1, la, cfg.audio_grid, ra, mask_mode), ka)
+        idx_v = indices_from_noise(draw_noise(rng, 1, lv), kv)
+        audio, image = _f32(audio)[None], _f32(image)[None]
+        joint = self._run_chunked("masked_encoder", {
+            "audio": audio, "image": image,
+            "ids_keep_a": idx_a.ids_keep.astype(np.int64), "ids_keep_v": idx_v.ids_keep.astype(np.int64),
+        })["joint_tokens"]
+        pred = self._run_chunked("decoder", {
+            "joint_tokens": joint,
+            "ids_restore_a": idx_a.ids_restore.astype(np.int64),
+            "ids_restore_v": idx_v.ids_restore.astype(np.int64),
+        })
+        p = cfg.patch_size
+        target_a, target_v = patchify(audio_to_image(audio), p), patchify(image, p)
+        pred_a, pred_v = pred["pred_a"], pred["pred_v"]
+        if cfg.norm_pix_loss:
+            # predictions are per-patch standardized; show them in input units using each
+            # original patch's statistics (as MAE's visualization does), and score them
+            # against the standardized targets the model was trained on
+            mse_a = _masked_mse(pred_a, _standardize(target_a), idx_a.mask)
+            mse_v = _masked_mse(pred_v, _standardize(target_v), idx_v.mask)
+            pred_a, pred_v = _unstandardize(pred_a, target_a), _unstandardize(pred_v, target_v)
+        else:
+            mse_a = _masked_mse(pred_a, target_a, idx_a.mask)
+            mse_v = _masked_mse(pred_v, target_v, idx_v.mask)
+
+        def rebuild_audio(patches: np.ndarray) -> np.ndarray:
+            return image_to_audio(unpatchify(patches, p, cfg.audio_grid, 1))[0]
+
+        def rebuild_image(patches: np.ndarray) -> np.ndarray:
+            return unpatchify(patches, p, cfg.visual_grid, 3)[0]
+
+        ma, mv = idx_a.mask[..., None], idx_v.mask[..., None]
+        return Reconstruction(
+            audio=audio[0],
+            audio_masked=rebuild_audio(target_a * (1 - ma)),
+            audio_pred=rebuild_audio(pred_a),
+            audio_pasted=rebuild_audio(target_a * (1 - ma) + pred_a * ma),
+            image=image[0],
+            image_masked=rebuild_image(target_v * (1 - mv)),
+            image_pred=rebuild_image(pred_v),
+            image_pasted=rebuild_image(target_v * (1 - mv) + pred_v * mv),
+            mask_a=idx_a.mask[0],
+            mask_v=idx_v.mask[0],
+            mse_a=mse_a,
+            mse_v=mse_v,
+        )
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _standardize(t: np.ndarray) -> np.ndarray:
+    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
+    return (t - mean) / np.sqrt(var + 1e-6)
+
+
+def _unstandardize(pred: np.ndarray, t: np.ndarray) -> np.ndarray:
+    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
+    return pred * np.sqrt(var + 1e-6) + mean
+
+
+def _masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    per_patch = ((pred - target) ** 2).mean(-1)
+    return float((per_patch * mask).sum() / mask.sum())
+
