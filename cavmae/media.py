@@ -119,8 +119,9 @@ def _media_errors(path: str, doing: str) -> Iterator[None]:
     except CavmaeError:
         raise
     except (av.error.FFmpegError, OSError, EOFError) as exc:
-        raise MediaError(f"{path}: {doing} failed ({_reason(exc)}); the file may be corrupt "
-                         "or truncated") from exc
+        raise MediaError(
+            f"{path}: {doing} failed ({_reason(exc)}); the file may be corrupt or truncated"
+        ) from exc
 
 
 def _open(path: str | Path) -> av.container.InputContainer:
@@ -239,13 +240,10 @@ def _demux_window(
         target = int((start - _SEEK_PREROLL + origin) * av.time_base)
         try:
             container.seek(target, backward=True, any_frame=False)
-        except av.error.FFmpegError as exc:  # unseekable: read from the beginning instead
+        except av.error.FFmpegError as exc:  # unseekable: read on from the beginning instead
             logger.debug("%s: seek failed (%s); reading from the start", path, _reason(exc))
-            container.seek(0)
     packets: dict[int, list[av.Packet]] = {s.index: [] for s in streams}
-    limits = {
-        s.index: end if s.type == "video" else end + _AUDIO_TAIL for s in streams
-    }
+    limits = {s.index: end if s.type == "video" else end + _AUDIO_TAIL for s in streams}
     pending = set(packets)
     reached = dict.fromkeys(packets, -math.inf)  # end time of the last packet seen per stream
     longest = dict.fromkeys(packets, 0.0)  # longest packet duration per stream
@@ -309,8 +307,9 @@ def _read_window(
     start: float,
     duration: float | None,
     need_hint: bool = True,
-) -> tuple[MediaInfo, av.container.InputContainer, dict[str, av.stream.Stream],
-           dict[int, list[av.Packet]]]:
+) -> tuple[
+    MediaInfo, av.container.InputContainer, dict[str, av.stream.Stream], dict[int, list[av.Packet]]
+]:
     """Open ``path``, check its streams and offset, and demux the window's packets.
 
     The returned container must be closed by the caller (it owns the codec contexts).
@@ -319,12 +318,18 @@ def _read_window(
     try:
         info = _info(container, path)
         if want_audio and not info.has_audio:
-            hint = ("use --mode video (visual only)" if info.has_video and need_hint
-                    else "a file with a sound track is needed")
+            hint = (
+                "use --mode video (visual only)"
+                if info.has_video and need_hint
+                else "a file with a sound track is needed"
+            )
             raise _missing_stream(path, "audio", hint)
         if want_video and not info.has_video:
-            hint = ("use --mode audio (audio only)" if info.has_audio and need_hint
-                    else "a file with a video track is needed")
+            hint = (
+                "use --mode audio (audio only)"
+                if info.has_audio and need_hint
+                else "a file with a video track is needed"
+            )
             raise _missing_stream(path, "video", hint)
         _check_offset(path, start, info)
         streams: dict[str, av.stream.Stream] = {}
@@ -338,9 +343,11 @@ def _read_window(
         packets = _demux_window(container, list(streams.values()), start, end, path)
         origin = _origin(container)
         late = [
-            s for s in streams.values()
+            s
+            for s in streams.values()
             if start > _SEEK_PREROLL
-            and (t := _first_time(packets[s.index], origin)) is not None and t > start + _EPS
+            and (t := _first_time(packets[s.index], origin)) is not None
+            and t > start + _EPS
         ]
         if late:
             # The seek overshot (imprecise index): read this window again from the beginning.
@@ -427,6 +434,8 @@ def _decode_audio_packets(
     with _media_errors(path, "decoding audio"):
         for packet in [*packets, None]:
             for frame in codec.decode(packet):
+                if frame.time_base is None:  # frames drained by decode(None) lack it
+                    frame.time_base = stream.time_base
                 if resampler is None:
                     frame = _align_to_output_grid(frame, anchor, origin, sample_rate)
                     if frame is None:
@@ -440,8 +449,9 @@ def _decode_audio_packets(
         if resampler is not None:
             take(resampler.resample(None))
     if not chunks:
-        raise MediaError(f"{path}: the audio stream decoded to no samples in the window "
-                         f"starting at {start:g} s")
+        raise MediaError(
+            f"{path}: the audio stream decoded to no samples in the window starting at {start:g} s"
+        )
     waveform = np.concatenate(chunks)
     if first_time is None:
         first_time = 0.0
@@ -449,8 +459,9 @@ def _decode_audio_packets(
     stop = len(waveform) if duration is None else begin + int(round(duration * sample_rate))
     waveform = waveform[begin:stop]
     if waveform.size == 0:
-        raise MediaError(f"{path}: no audio samples at or after {start:g} s (the audio stream "
-                         f"ends earlier)")
+        raise MediaError(
+            f"{path}: no audio samples at or after {start:g} s (the audio stream ends earlier)"
+        )
     if not np.all(np.isfinite(waveform)):
         raise MediaError(f"{path}: the decoded audio contains NaN or infinite samples")
     return np.ascontiguousarray(waveform, dtype=np.float32)
@@ -594,11 +605,12 @@ def _decode_video_packets(
                 if mode != skip_mode:
                     codec.skip_frame = skip_mode = mode
             for frame in codec.decode(packet):
+                time_base = frame.time_base or stream.time_base  # None when drained
                 ts = frame.pts if frame.pts is not None else frame.dts
-                if ts is None or frame.time_base is None:
+                if ts is None or time_base is None:
                     t = previous_time + step  # no timestamp: assume the nominal rate
                 else:
-                    t = float(ts * frame.time_base) - origin
+                    t = float(ts * time_base) - origin
                 previous_time = t
                 if window.index_of is not None:
                     index = window.index_of.get(frame.pts)
@@ -617,12 +629,17 @@ def _decode_video_packets(
             if not pending:
                 break  # the rest of the window is not needed
     if last is None:
-        raise MediaError(f"{path}: no video frame could be decoded in the window "
-                         f"[{start:g}, {end:g}) s; the file may be corrupt")
+        raise MediaError(
+            f"{path}: no video frame could be decoded in the window "
+            f"[{start:g}, {end:g}) s; the file may be corrupt"
+        )
     if pending:
         logger.warning(
             "%s: %d video frames in the window but frames at positions %s did not decode; "
-            "using the last decoded frame", path, window.total, pending,
+            "using the last decoded frame",
+            path,
+            window.total,
+            pending,
         )
         rgb = last[0].to_ndarray(format="rgb24")
         for position in pending:
@@ -658,8 +675,13 @@ def decode_frames(
     with container:
         stream = streams["video"]
         return _decode_video_packets(
-            stream, packets[stream.index], _origin(container), offset, offset + duration,
-            num_frames, path,
+            stream,
+            packets[stream.index],
+            _origin(container),
+            offset,
+            offset + duration,
+            num_frames,
+            path,
         )
 
 
@@ -718,4 +740,3 @@ def load_clip(
         duration=info.duration,
         offset=float(offset),
     )
-

@@ -68,9 +68,7 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def preprocess_frame(
-    rgb: np.ndarray, config: PreprocessConfig = DEFAULT_PREPROCESS
-) -> np.ndarray:
+def preprocess_frame(rgb: np.ndarray, config: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """One RGB image -> model input.
 
     Args:

@@ -97,19 +97,32 @@ def export_stage(stage: Stage, path: Path, opset: int = OPSET) -> None:
         )
 
 
-def check_graph(path: Path, stage: Stage) -> None:
-    """``onnx.checker`` with full shape inference; every non-batch axis must be static."""
+def finalize_graph(path: Path, stage: Stage) -> None:
+    """Declare the static I/O shapes in the file, then check it.
+
+    The tracer leaves some output axes symbolic; the stage's contract says they are static, so
+    the file is stamped with them and strict shape inference must agree. ``onnx.checker`` runs
+    with full checking.
+    """
+    model = onnx.load(str(path))
+    specs = {t.name: t for t in (*stage.spec.inputs, *stage.spec.outputs)}
+    for vi in (*model.graph.input, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for d, want in zip(dims, specs[vi.name].shape, strict=True):
+            if isinstance(want, str):
+                d.dim_param = want
+            else:
+                d.dim_value = want
     try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.save(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
     except Exception as e:
-        raise ExportError(f"{path.name} failed the ONNX checker: {e}") from None
-    graph_io = {v.name: v for v in (*model.graph.input, *model.graph.output)}
-    for t in (*stage.spec.inputs, *stage.spec.outputs):
-        dims = graph_io[t.name].type.tensor_type.shape.dim
-        got = tuple(d.dim_param if d.dim_param else d.dim_value for d in dims)
-        if got != t.shape:
-            raise ExportError(f"{path.name}: {t.name} has shape {got}, expected {t.shape}")
+        raise ExportError(f"{path.name} failed the ONNX checks: {e}") from None
+    for vi in (*inferred.graph.input, *inferred.graph.output):
+        got = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+        if got != specs[vi.name].shape:
+            raise ExportError(f"{path.name}: {vi.name} has shape {got}, expected {specs[vi.name].shape}")
 
 
 def export_model(
@@ -172,7 +185,7 @@ def export_model(
             export_stage(stage, path)
             if precision == "fp16":
                 convert_to_fp16(path)
-            check_graph(path, stage)
+            finalize_graph(path, stage)
             spec = stage.spec if precision == "fp32" else _with_precision(stage, precision)
             specs[name] = spec
             if validate:

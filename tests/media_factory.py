@@ -10,7 +10,7 @@ channel 1 a 1000 Hz sine), so a test can tell which channel was kept (:func:`dom
 
 Typical use::
 
-    from tests.media_factory import make_media
+    from media_factory import make_media  # tests/ is on sys.path under pytest
     path = make_media(tmp_path / "clip.mp4", duration=3.0, fps=10, audio_rate=8000, channels=2,
                       tones=(440.0, 1000.0))
     no_audio = make_media(tmp_path / "silent.mp4", with_audio=False)
@@ -111,8 +111,7 @@ def make_media(
             ``.wav`` for audio only ...).
         duration: seconds of audio, and of video when ``frame_times`` is not given.
         fps: constant frame rate (frame ``k`` at ``k / fps`` seconds).
-        size: ``(width, height)`` of the video; odd sizes are fine with ``mpeg4``/``libx264``
-            only when even, so keep both even.
+        size: ``(width, height)`` of the video; keep both even (4:2:0 chroma).
         with_video / with_audio: which streams to write (at least one).
         audio_rate: audio sample rate in Hz.
         channels: audio channel count (see :data:`CHANNEL_LAYOUTS`).

@@ -1,0 +1,264 @@
+"""``cavmae prepare``: videos -> the reference dataset layout (SPEC section 8).
+
+For every video this writes
+
+- ``{out}/audio/{video_id}.wav``: the first audio channel at 16 kHz, 16-bit PCM, the first
+  :func:`~cavmae.data.audio_window_seconds` seconds (exactly what fills the 1024 fbank frames);
+- ``{out}/frames/frame_{i}/{video_id}.jpg`` for ``i = 0..9``: the frames at the reference
+  positions of the first 10 s, resized (shorter side 224) and centre-cropped to 224 x 224;
+
+and at the end ``{out}/{json_name}`` (``{"data": [{"video_id", "wav", "video_path",
+"labels"}]}``, paths absolute unless asked otherwise) plus ``{out}/failed.txt`` listing the files
+that could not be used and why.
+
+Every output file is written to a temporary name and renamed, so a clip whose files all exist
+is complete: a re-run skips it (resume after an interruption). Bad files (corrupt, no audio or
+no video stream) are reported and skipped; they never stop the job. Work runs in a process pool.
+
+numpy / PyAV / OpenCV only (no torch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing
+import os
+import wave
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.data import ClipRecord, audio_window_seconds, read_clips, write_dataset_json
+from cavmae.errors import CavmaeError, DatasetError
+from cavmae.visual import _resize, resized_size
+
+__all__ = ["PrepareReport", "clip_outputs", "extract_clip", "prepare_videos", "resize_center_crop"]
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".mpg", ".mpeg")
+
+
+@dataclass
+class PrepareReport:
+    """What a prepare run did.
+
+    ``clips``: the clips in the dataset JSON (input order); ``extracted`` / ``skipped``: how
+    many were written now / found complete from an earlier run; ``failed``: ``(video, reason)``.
+    """
+
+    output_dir: Path
+    dataset_json: Path
+    clips: list[ClipRecord] = field(default_factory=list)
+    extracted: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` -> ``[size, size, 3]``: shorter side to ``size``, centre crop.
+
+    The same resize and crop as :func:`cavmae.visual.preprocess_frame`, without normalizing,
+    so a prepared JPEG preprocesses (up to JPEG loss) to the same model input as the video frame.
+    """
+    out_h, out_w = resized_size(rgb.shape[0], rgb.shape[1], size)
+    resized = _resize(np.ascontiguousarray(rgb), out_h, out_w)
+    top = int(round((out_h - size) / 2.0))
+    left = int(round((out_w - size) / 2.0))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def clip_outputs(out_dir: Path, video_id: str, num_frames: int) -> tuple[Path, list[Path]]:
+    """``(wav path, frame paths)`` of a clip in the layout."""
+    wav = out_dir / "audio" / f"{video_id}.wav"
+    frames = [out_dir / "frames" / f"frame_{i}" / f"{video_id}.jpg" for i in range(num_frames)]
+    return wav, frames
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def _write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
+    pcm = np.clip(np.round(waveform * 32768.0), -32768, 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    tmp.replace(path)
+
+
+def extract_clip(
+    video: str,
+    video_id: str,
+    out_dir: str | Path,
+    config: PreprocessConfig = DEFAULT_PREPROCESS,
+    jpeg_quality: int = 95,
+) -> str:
+    """Extract one video into the layout. Returns ``"skipped"`` when its outputs all exist,
+    else ``"extracted"``. Raises ``MediaError`` for a file that cannot be used."""
+    from cavmae.media import decode_audio, decode_frames
+
+    out_dir = Path(out_dir)
+    wav_path, frame_paths = clip_outputs(out_dir, video_id, config.num_frames)
+    if wav_path.is_file() and all(p.is_file() for p in frame_paths):
+        return "skipped"
+    waveform = decode_audio(video, config.sample_rate, 0.0, audio_window_seconds(config))
+    frames, _ = decode_frames(video, config.num_frames, 0.0, config.clip_seconds)
+    for rgb, path in zip(frames, frame_paths, strict=True):
+        crop = resize_center_crop(rgb, config.image_size)
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+        )
+        if not ok:
+            raise DatasetError(f"{video}: JPEG encoding failed")
+        _atomic_write(path, buf.tobytes())
+    _write_wav(wav_path, waveform, config.sample_rate)
+    return "extracted"
+
+
+def _work(args: tuple[str, str, str, PreprocessConfig, int]) -> tuple[str, str | None]:
+    """Pool task: ``(status, None)`` or ``("failed", reason)``; never raises for a bad file."""
+    video, video_id, out_dir, config, quality = args
+    try:
+        return extract_clip(video, video_id, out_dir, config, quality), None
+    except CavmaeError as e:
+        return "failed", str(e)
+    except Exception as e:  # a decoder bug on one odd file must not stop a 2M-clip job
+        return "failed", f"{type(e).__name__}: {e}"
+
+
+def _unique_ids(clips: Sequence[ClipRecord]) -> list[ClipRecord]:
+    """Give clips whose ids collide (same file stem in different folders) a path-hash suffix."""
+    counts = Counter(c.video_id for c in clips)
+    out = []
+    for c in clips:
+        if counts[c.video_id] > 1:
+            digest = hashlib.sha1(str(Path(c.video or "").resolve()).encode()).hexdigest()[:8]
+            c = ClipRecord(video_id=f"{c.video_id}-{digest}", labels=c.labels, video=c.video)
+        out.append(c)
+    return out
+
+
+def _collect(videos: Sequence[str | Path], list_file: str | Path | None) -> list[ClipRecord]:
+    clips: list[ClipRecord] = []
+    if list_file is not None:
+        listed = read_clips(list_file)
+        if any(c.video is None for c in listed):
+            raise DatasetError(f"{list_file} is a prepared dataset, not a list of videos")
+        clips.extend(listed)
+    for v in videos:
+        p = Path(v)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                raise DatasetError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {p}")
+            clips.extend(ClipRecord(video_id=q.stem, video=str(q)) for q in found)
+        else:
+            clips.append(ClipRecord(video_id=p.stem, video=str(p)))
+    if not clips:
+        raise DatasetError("no videos given; pass video files, folders, or --list FILE")
+    return _unique_ids(clips)
+
+
+def prepare_videos(
+    videos: Sequence[str | Path] = (),
+    output_dir: str | Path = "prepared",
+    *,
+    list_file: str | Path | None = None,
+    jobs: int = 1,
+    json_name: str = "data.json",
+    relative_paths: bool = False,
+    config: PreprocessConfig = DEFAULT_PREPROCESS,
+    jpeg_quality: int = 95,
+    progress: bool = True,
+    on_clip: Callable[[str, str], None] | None = None,
+) -> PrepareReport:
+    """Extract videos into the reference layout under ``output_dir`` and write the dataset JSON.
+
+    Args:
+        videos: video files, or folders searched recursively for video files.
+        list_file: a CSV/JSON video list with labels (see :func:`cavmae.data.read_clips`); its
+            clips come first and keep their labels.
+        jobs: worker processes (1 = in this process).
+        json_name: name of the dataset JSON inside ``output_dir``.
+        relative_paths: write paths relative to ``output_dir`` (the dataset loader resolves them
+            against the JSON's folder; the reference loader needs absolute paths, the default).
+        progress: show a progress bar.
+        on_clip: called with ``(video, status)`` after each clip (status ``extracted``,
+            ``skipped`` or ``failed``).
+    """
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    clips = _collect(videos, list_file)
+    tasks = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
+    results: list[tuple[str, str | None]] = [("failed", "not run")] * len(tasks)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="prepare", unit="clip", disable=not progress)
+
+    def done(i: int, result: tuple[str, str | None]) -> None:
+        results[i] = result
+        bar.update(1)
+        if result[0] == "failed":
+            log.warning("skipping %s: %s", tasks[i][0], result[1])
+        if on_clip is not None:
+            on_clip(tasks[i][0], result[0])
+
+    try:
+        if jobs <= 1:
+            for i, t in enumerate(tasks):
+                done(i, _work(t))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                pending: dict[cf.Future, int] = {}
+                next_task = 0
+                while next_task < len(tasks) or pending:
+                    while next_task < len(tasks) and len(pending) < 4 * jobs:
+                        pending[pool.submit(_work, tasks[next_task])] = next_task
+                        next_task += 1
+                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        done(pending.pop(fut), fut.result())
+    finally:
+        bar.close()
+
+    report = PrepareReport(output_dir=out, dataset_json=out / json_name)
+    for clip, (status, reason) in zip(clips, results, strict=True):
+        if status == "failed":
+            report.failed.append((str(clip.video), reason or ""))
+            continue
+        report.extracted += status == "extracted"
+        report.skipped += status == "skipped"
+        wav, _ = clip_outputs(out, clip.video_id, config.num_frames)
+        frame_dir = out / "frames"
+        if relative_paths:
+            wav, frame_dir = wav.relative_to(out), frame_dir.relative_to(out)
+        report.clips.append(
+            ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
+        )
+    write_dataset_json(report.clips, report.dataset_json)
+    failed_txt = out / "failed.txt"
+    if report.failed:
+        _atomic_write(
+            failed_txt, "".join(f"{v}\t{r}\n" for v, r in report.failed).encode("utf-8")
+        )
+    elif failed_txt.exists():
+        failed_txt.unlink()
+    return report

@@ -1,0 +1,133 @@
+"""Export: graphs, manifest, validation, fp16, failure handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cavmae import BASE, CAVMAE, CAVMAEFT, TINY, save_checkpoint
+from cavmae.errors import ExportError
+from cavmae.export import OPSET, export_model
+from cavmae.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    torch.manual_seed(0)
+    return CAVMAEFT(TINY).eval()
+
+
+def _assert_static_except_batch(path, manifest_graph):
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version == OPSET <= 20
+    # weights inside the file: no external data
+    assert all(not init.external_data for init in model.graph.initializer)
+    for vi in (*model.graph.input, *model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch"
+        assert all(d.dim_value > 0 for d in dims[1:]), vi.name
+    ops = {n.op_type for n in model.graph.node}
+    assert {"MatMul", "Softmax"} <= ops
+    assert not ops & {"RandomUniform", "RandomNormal", "RandomUniformLike", "NonZero", "Multinomial"}
+
+
+def test_classifier_export_writes_graphs_and_manifest(tmp_path, tiny_classifier):
+    path = save_checkpoint(tiny_classifier, tmp_path / "ft.pth")
+    result = export_model(path, tmp_path / "out", num_frames=10, max_batch=4)
+    m = Manifest.load(tmp_path / "out")
+    assert set(m.graphs) == {"audio_encoder", "visual_encoder", "audio_embed", "visual_embed",
+                             "joint_classifier", "audio_classifier", "visual_classifier"}
+    assert m.model_kind == "classifier" and m.task == "multi-label" and m.num_frames == 10
+    assert m.graphs["visual_encoder"].max_batch == 40 and m.graphs["joint_classifier"].max_batch == 4
+    assert m.graphs["joint_classifier"].input("visual_tokens").shape == ("batch", 10, 196, 64)
+    assert m.source["sha256"] and len(m.source["sha256"]) == 64
+    assert m.versions["opset"] == OPSET and "torch" in m.versions
+    assert m.preprocess.fbank_mean == -5.081
+    raw = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert raw["schema_version"] == 1
+    for name, spec in m.graphs.items():
+        _assert_static_except_batch(tmp_path / "out" / spec.file, spec)
+        assert result.reports[name].passed
+        assert all(o.max_rel_error <= 1e-4 for o in result.reports[name].outputs)
+
+
+def test_finetune_mode_selects_heads(tmp_path, tiny_classifier):
+    r = export_model(tiny_classifier, tmp_path / "a", finetune_mode="audioonly", task="single-label")
+    assert "joint_classifier" not in r.manifest.graphs and "visual_classifier" not in r.manifest.graphs
+    assert r.manifest.modes == ("audioonly",) and r.manifest.task == "single-label"
+
+
+def test_pretrain_export_fixed_kept_tokens(tmp_path):
+    torch.manual_seed(0)
+    r = export_model(CAVMAE(TINY), tmp_path / "pt", mask_ratio_a=0.75, mask_ratio_v=0.5)
+    m = r.manifest
+    assert m.model_kind == "pretrain" and m.mask_ratio_v == 0.5
+    assert m.graphs["masked_encoder"].input("ids_keep_a").shape == ("batch", 128)
+    assert m.graphs["masked_encoder"].input("ids_keep_v").shape == ("batch", 98)
+    assert m.graphs["masked_encoder"].input("ids_keep_a").dtype == "int64"
+    assert m.graphs["decoder"].outputs[1].shape == ("batch", 196, 768)
+    assert all(rep.passed for rep in r.reports.values())
+
+
+def test_fp16_export_validates(tmp_path, tiny_classifier):
+    r = export_model(tiny_classifier, tmp_path / "h", precision="fp16", graphs=["audio_encoder", "visual_encoder", "joint_classifier"])
+    assert r.manifest.precision == "fp16"
+    rep = r.reports["joint_classifier"]
+    assert rep.passed and rep.outputs[1].top5_equal
+    assert all(o.min_cosine >= 0.999 for rep in r.reports.values() for o in rep.outputs)
+    # fp16 weights really are fp16, LayerNorm stays float32
+    model = onnx.load(str(tmp_path / "h" / "audio_encoder.onnx"))
+    dtypes = {i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in dtypes
+    # float32 I/O, so callers feed the same arrays to both precisions
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_failed_validation_fails_export_and_leaves_nothing(tmp_path, tiny_classifier, monkeypatch):
+    import cavmae.export.validate as validate
+
+    monkeypatch.setattr(validate, "FP32_MAX_REL_ERROR", 0.0)  # nothing can pass
+    with pytest.raises(ExportError, match="validation failed for audio_encoder"):
+        export_model(tiny_classifier, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert not list(tmp_path.iterdir())  # the temporary directory is gone too
+
+
+def test_refuses_to_overwrite_and_bad_arguments(tmp_path, tiny_classifier):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty"):
+        export_model(tiny_classifier, tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(ExportError, match="precision"):
+        export_model(tiny_classifier, tmp_path / "p", precision="int8")
+    with pytest.raises(ExportError, match="unknown graph"):
+        export_model(tiny_classifier, tmp_path / "g", graphs=["nope"])
+    with pytest.raises(ExportError, match="label set has 3 classes"):
+        export_model(tiny_classifier, tmp_path / "l", labels=["a", "b", "c"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [CAVMAEFT, CAVMAE])
+def test_full_size_export_validates(tmp_path, cls):
+    """The real graphs: full-size random weights in the reference format, every graph validated."""
+    torch.manual_seed(0)
+    model = cls(BASE).eval()
+    path = tmp_path / "model.pth"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    del model
+    r = export_model(path, tmp_path / "out", max_batch=2)
+    assert all(rep.passed for rep in r.reports.values()), {k: v.summary() for k, v in r.reports.items()}
+    for spec in r.manifest.graphs.values():
+        onnx.checker.check_model(str(tmp_path / "out" / spec.file), full_check=True)
+        _assert_static_except_batch(tmp_path / "out" / spec.file, spec)
+    if cls is CAVMAEFT:
+        assert r.manifest.labels is not None and len(r.manifest.labels) == 527
+        assert r.manifest.labels[0] == "Speech"
+    size = sum((tmp_path / "out" / s.file).stat().st_size for s in r.manifest.graphs.values())
+    assert size > 4 * 150e6  # weights really are inside the files
+    np.testing.assert_equal(r.manifest.model_config.embed_dim, 768)

@@ -1,0 +1,207 @@
+"""Pipelines against the reference computations, on the ort and torch engines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
+
+from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
+from cavmae.errors import CavmaeError, ModelKindError
+from cavmae.export import export_model
+from cavmae.masking import draw_noise
+from cavmae.media import load_clip
+from cavmae.runtime import load
+
+ENGINES = ["ort", "torch"]
+
+
+@pytest.fixture(scope="module")
+def classifier_files(tmp_path_factory):
+    """A tiny 527-class classifier checkpoint and its export (max batch 2 clips)."""
+    tmp = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    model = CAVMAEFT(TINY.replace(num_classes=527)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ckpt = save_checkpoint(model, tmp / "ft.pth")
+    export_model(ckpt, tmp / "export", max_batch=2)
+    return model, ckpt, tmp / "export"
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return {p.name: load_clip(p) for p in (AUDIOSET_CLIP, VGGSOUND_CLIP)}
+
+
+def reference_loop(model: CAVMAEFT, audio: np.ndarray, frames: np.ndarray, mode="multimodal", act=torch.sigmoid):
+    """The reference evaluation: whole forward once per frame, probabilities averaged."""
+    a = torch.from_numpy(audio)[None]
+    with torch.no_grad():
+        probs = [act(model(a, torch.from_numpy(f)[None], mode)) for f in frames]
+    return torch.cat(probs).mean(0).numpy()
+
+
+def _pipeline(engine, files):
+    model, ckpt, export_dir = files
+    # the torch engine runs the checkpoint; ort runs the export directory
+    return load(ckpt if engine == "torch" else export_dir, engine=engine, device="cpu")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_classify_matches_reference_per_frame_loop(engine, classifier_files, clips):
+    model = classifier_files[0]
+    pipe = _pipeline(engine, classifier_files)
+    for name, clip in clips.items():
+        want = reference_loop(model, clip.audio, clip.frames)
+        got = pipe.classify_file(clip.path)
+        assert got.probs.shape == (527,)
+        np.testing.assert_allclose(got.probs, want, atol=1e-4, err_msg=name)
+        assert got.top(1)[0][1] == pipe.labels[int(np.argmax(want))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_single_modality_modes(engine, classifier_files, clips):
+    model = classifier_files[0]
+    pipe = _pipeline(engine, classifier_files)
+    clip = clips[AUDIOSET_CLIP.name]
+    with torch.no_grad():
+        want_audio = torch.sigmoid(model(torch.from_numpy(clip.audio)[None], None, "missingaudioonly"))[0].numpy()
+    np.testing.assert_allclose(pipe.classify(clip.audio, None, "audio"), want_audio, atol=1e-5)
+    want_visual = reference_loop(model, clip.audio, clip.frames, "missingvideoonly")
+    np.testing.assert_allclose(pipe.classify(None, clip.frames, "visual"), want_visual, atol=1e-5)
+    assert pipe.classify_modes == ("av", "audio", "visual")
+
+
+def test_batched_classification_chunks_past_max_batch(classifier_files, clips):
+    pipe = _pipeline("ort", classifier_files)
+    clip_list = list(clips.values())
+    audio = np.stack([c.audio for c in clip_list] * 2)  # 4 clips > max batch 2
+    frames = np.stack([c.frames for c in clip_list] * 2)
+    batched = pipe.classify_batch(audio, frames)
+    single = np.stack([pipe.classify(c.audio, c.frames) for c in clip_list] * 2)
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_embeddings_and_localization(engine, classifier_files, clips):
+    model = classifier_files[0]
+    pipe = _pipeline(engine, classifier_files)
+    clip = clips[VGGSOUND_CLIP.name]
+    ea, ev = pipe.embed(clip.audio, clip.frames)
+    with torch.no_grad():
+        wa, wv = model.embed(torch.from_numpy(clip.audio)[None], torch.from_numpy(clip.frames[5])[None])
+        _, patches = model.forward_feat(torch.from_numpy(clip.audio)[None], torch.from_numpy(clip.frames[2])[None])
+    np.testing.assert_allclose(ea, wa[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(ev, wv[0].numpy(), atol=1e-5)
+    assert abs(np.linalg.norm(ea) - 1) < 1e-5
+    _, mean_v = pipe.embed(None, clip.frames, frame="mean")
+    assert abs(np.linalg.norm(mean_v) - 1) < 1e-5 and not np.allclose(mean_v, ev)
+    heat = pipe.localize(clip.audio, clip.frames[2])
+    want = torch.nn.functional.normalize(patches[0], dim=-1) @ wa[0]
+    assert heat.shape == (14, 14)
+    np.testing.assert_allclose(heat.ravel(), want.numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["nonorm", "normpix"])
+def pretrain_files(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pre")
+    torch.manual_seed(1)
+    model = CAVMAE(TINY.replace(norm_pix_loss=request.param)).eval()
+    ckpt = save_checkpoint(model, tmp / "pt.pth")
+    export_model(ckpt, tmp / "export", max_batch=1)
+    return model, ckpt, tmp / "export"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mask_mode", ["unstructured", "time"])
+def test_reconstruction_matches_model_forward(engine, mask_mode, pretrain_files, clips):
+    model, ckpt, export_dir = pretrain_files
+    pipe = load(ckpt if engine == "torch" else export_dir, engine=engine, device="cpu")
+    clip = clips[AUDIOSET_CLIP.name]
+    rec = pipe.reconstruct(clip.audio, clip.frames[5], seed=7, mask_mode=mask_mode)
+    # the same draw, through the PyTorch pre-training forward
+    rng = np.random.default_rng(7)
+    noise_a = torch.from_numpy(draw_noise(rng, 1, 512, (8, 64), 0.75, mask_mode))
+    noise_v = torch.from_numpy(draw_noise(rng, 1, 196))
+    with torch.no_grad():
+        out = model(torch.from_numpy(clip.audio)[None], torch.from_numpy(clip.frames[5])[None],
+                    noise_a=noise_a, noise_v=noise_v)
+    np.testing.assert_array_equal(rec.mask_a, out.mask_a[0].numpy())
+    np.testing.assert_array_equal(rec.mask_v, out.mask_v[0].numpy())
+    assert rec.mse_a == pytest.approx(out.loss_mae_a.item(), rel=1e-4)
+    assert rec.mse_v == pytest.approx(out.loss_mae_v.item(), rel=1e-4)
+    if not model.config.norm_pix_loss:  # predictions are in input units: compare them directly
+        from cavmae.patches import unpatchify
+
+        pred = unpatchify(out.pred_a, 16, (8, 64), 1)  # [1, 1, F, T]
+        np.testing.assert_allclose(rec.audio_pred, pred[0, 0].T.numpy(), atol=1e-4)
+    # visible patches are the input, removed ones the prediction
+    keep = rec.mask_a.reshape(8, 64) == 0
+    t, f = np.nonzero(np.kron(keep.T, np.ones((16, 16))))
+    np.testing.assert_array_equal(rec.audio_pasted[t, f], clip.audio[t, f])
+    assert rec.audio.shape == (1024, 128) and rec.image_pasted.shape == (3, 224, 224)
+    if mask_mode == "time":
+        assert rec.mask_a.reshape(8, 64).min(0).sum() == 48  # whole time columns removed
+
+
+def test_wrong_task_for_model_kind(classifier_files, pretrain_files, clips):
+    clip = clips[AUDIOSET_CLIP.name]
+    with pytest.raises(ModelKindError, match="pre-training model"):
+        load(pretrain_files[2], engine="ort", device="cpu").classify(clip.audio, clip.frames)
+    pipe = load(classifier_files[2], engine="ort", device="cpu")
+    with pytest.raises(ModelKindError, match="reconstruction needs"):
+        pipe.reconstruct(clip.audio, clip.frames[5])
+    with pytest.raises(CavmaeError, match="mode must be one of"):
+        pipe.classify(clip.audio, clip.frames, mode="stereo")
+    pre = load(pretrain_files[2], engine="ort", device="cpu")
+    with pytest.raises(CavmaeError, match="export again with those ratios"):
+        pre.reconstruct(clip.audio, clip.frames[5], mask_ratio_a=0.5)
+
+
+def test_checkpoint_is_exported_once_into_the_cache(classifier_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path))
+    ckpt = classifier_files[1]
+    load(ckpt, engine="ort", device="cpu")
+    exports = list((tmp_path / "exports").iterdir())
+    assert len([e for e in exports if e.is_dir()]) == 1
+    stamp = (exports[0] / "manifest.json").stat().st_mtime_ns
+    load(ckpt, engine="ort", device="cpu")
+    assert (exports[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-exported
+    load(ckpt, engine="ort", device="cpu", num_frames=5)  # other settings -> another export
+    assert len([e for e in (tmp_path / "exports").iterdir() if e.is_dir()]) == 2
+
+
+BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_runs_where_torch_cannot_be_imported(classifier_files, clips, tmp_path):
+    model, _, export_dir = classifier_files
+    clip = clips[AUDIOSET_CLIP.name]
+    want = reference_loop(model, clip.audio, clip.frames)
+    code = BLOCK_TORCH + f"""
+import json
+from cavmae.runtime import load
+pipe = load({str(export_dir)!r}, engine="ort", device="cpu")
+pred = pipe.classify_file({str(AUDIOSET_CLIP)!r})
+ea, ev = pipe.embed(*[getattr(__import__("cavmae.media", fromlist=["x"]).load_clip({str(AUDIOSET_CLIP)!r}), k) for k in ("audio", "frames")])
+print(json.dumps({{"probs": pred.probs.tolist(), "torch": "torch" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False
+    np.testing.assert_allclose(np.array(result["probs"]), want, atol=1e-4)
