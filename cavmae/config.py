@@ -34,6 +34,16 @@ class PreprocessConfig:
     # Single-frame protocols (retrieval, localization) use the middle frame.
     middle_frame: int = 5
 
+    @property
+    def audio_seconds(self) -> float:
+        """Audio a clip's spectrogram covers: ``target_length`` frames of fbank.
+
+        The reference computes the fbank of the whole extracted track and then cuts it to
+        ``target_length`` rows, so a 10.04 s clip fills 999 rows, not 998; decoding this much
+        audio (10.255 s) reproduces that exactly.
+        """
+        return ((self.target_length - 1) * self.frame_shift_ms + self.frame_length_ms) / 1000.0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

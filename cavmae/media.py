@@ -699,7 +699,8 @@ def load_clip(
 ) -> Clip:
     """Decode and preprocess the window ``[offset, offset + config.clip_seconds)`` of a file.
 
-    Audio: first channel, resampled to ``config.sample_rate``, then
+    Audio: the ``config.audio_seconds`` (10.255 s) from ``offset`` that fill the spectrogram's
+    1024 rows, as the reference's whole-track fbank cut to 1024 rows does; first channel, resampled to ``config.sample_rate``, then
     :func:`cavmae.audio.prepare_audio` (``[1024, 128]``; shorter audio is padded). Video:
     ``num_frames`` frames at the reference positions, then
     :func:`cavmae.visual.preprocess_frames` (``[F, 3, 224, 224]``).
@@ -711,8 +712,10 @@ def load_clip(
     if not (need_audio or need_video):
         raise ValueError("load_clip needs need_audio or need_video")
     path = str(path)
-    window = config.clip_seconds
-    info, container, streams, packets = _read_window(path, need_audio, need_video, offset, window)
+    window = config.clip_seconds  # frames are sampled from the clip's first 10 s
+    audio_window = config.audio_seconds  # the audio the 1024 fbank rows cover (10.255 s)
+    span = max(window if need_video else 0.0, audio_window if need_audio else 0.0)
+    info, container, streams, packets = _read_window(path, need_audio, need_video, offset, span)
     waveform = audio = frames = None
     times = np.zeros(0, dtype=np.float64)
     with container:
@@ -720,7 +723,7 @@ def load_clip(
         if need_audio:
             stream = streams["audio"]
             waveform = _decode_audio_packets(
-                stream, packets[stream.index], origin, offset, window, config.sample_rate, path
+                stream, packets[stream.index], origin, offset, audio_window, config.sample_rate, path
             )
         if need_video:
             stream = streams["video"]
