@@ -696,8 +696,12 @@ def load_clip(
     config: PreprocessConfig = DEFAULT_PREPROCESS,
     need_audio: bool = True,
     need_video: bool = True,
+    duration: float | None = None,
 ) -> Clip:
     """Decode and preprocess the window ``[offset, offset + config.clip_seconds)`` of a file.
+
+    ``duration`` (at most the model's span) takes a shorter window for both modalities, e.g.
+    for sliding-window predictions; the spectrogram is then padded like a short clip's.
 
     Audio: the ``config.audio_seconds`` (10.255 s) from ``offset`` that fill the spectrogram's
     1024 rows, as the reference's whole-track fbank cut to 1024 rows does; first channel, resampled to ``config.sample_rate``, then
@@ -714,6 +718,10 @@ def load_clip(
     path = str(path)
     window = config.clip_seconds  # frames are sampled from the clip's first 10 s
     audio_window = config.audio_seconds  # the audio the 1024 fbank rows cover (10.255 s)
+    if duration is not None:
+        if not 0 < duration <= window:
+            raise ValueError(f"duration must be in (0, {window:g}] s, got {duration}")
+        window = audio_window = float(duration)
     span = max(window if need_video else 0.0, audio_window if need_audio else 0.0)
     info, container, streams, packets = _read_window(path, need_audio, need_video, offset, span)
     waveform = audio = frames = None

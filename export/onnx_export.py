@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from tqdm.auto import tqdm
 
 import cavmae
 from cavmae.checkpoint import file_sha256, load_checkpoint
@@ -29,6 +28,7 @@ from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
 from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from cavmae.progress import progress_bar
 from cavmae.stages import FINETUNE_MODES, Stage, build_stages, make_manifest
 
 from .fp16 import convert_to_fp16
@@ -178,7 +178,7 @@ def export_model(
     reports: dict[str, ValidationReport] = {}
     specs = {}
     try:
-        bar = tqdm(stages.items(), desc="export", unit="graph", disable=not progress)
+        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph")
         for name, stage in bar:
             bar.set_postfix_str(name)
             path = work / stage.spec.file

@@ -194,16 +194,16 @@ def _stream(
     desc: str,
     timeout: float,
 ) -> None:
-    from tqdm.auto import tqdm  # lazy: only a real transfer needs it
+    from cavmae.progress import progress_bar
 
-    with tqdm(
+    with progress_bar(
+        enabled=progress,
         total=total,
         initial=offset,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         desc=desc,
-        disable=not progress,
         leave=False,
     ) as bar:
         try:

@@ -39,7 +39,7 @@ class SyntheticDataset:
 def _audio(cls: int, u: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
-    f0 = 300.0 * 1.4**cls * (1.0 + 0.08 * (u - 0.5))
+    f0 = 300.0 * 1.4**cls * (1.0 + 0.3 * (u - 0.5))
     rate = 2.0 + cls % 4  # on/off rhythm in Hz
     envelope = (np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)) > -0.2).astype(np.float64)
     x = np.sin(2 * np.pi * f0 * t) + 0.4 * np.sin(2 * np.pi * 2 * f0 * t + 1.0)
@@ -49,7 +49,7 @@ def _audio(cls: int, u: float, seconds: float, rng: np.random.Generator) -> np.n
 
 def _frame(cls: int, u: float, i: int, base: tuple[int, int], shade: int, rng: np.random.Generator) -> np.ndarray:
     img = np.full((224, 224, 3), shade, dtype=np.uint8)
-    size = int(25 + 45 * u)
+    size = int(20 + 60 * u)
     cx = int(np.clip(base[0] + 4 * i, size, 224 - size))
     cy = int(np.clip(base[1], size, 224 - size))
     colour = PALETTE[cls % len(PALETTE)]

@@ -1,0 +1,58 @@
+"""``cavmae bench``: latency against the reference-style PyTorch loop, in one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import ENGINE_CHOICES, echo_json
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINE_CHOICES[1:]), default=("ort",),
+              show_default=True, help="Engine(s) to measure; repeat the option for several.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Clip batch sizes, comma separated.")
+@click.option("--frames", default=10, show_default=True, type=click.IntRange(1))
+@click.option("-m", "--model", default=None, metavar="MODEL",
+              help="Registry name, checkpoint or export [default: full-size random weights].")
+@click.option("--clip", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Video to preprocess (also times decode, fbank and frame preprocessing).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(1), help="Timed runs per measurement.")
+@click.option("--baseline-repeat", default=None, type=click.IntRange(1), help="Timed runs of the slow baseline.")
+@click.option("--no-baseline", is_flag=True, help="Skip the reference-style baseline.")
+@click.option("--no-stages", is_flag=True, help="Skip the per-graph timings.")
+@click.option("--torch-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Autocast precision of the torch engine (fp16/bf16 need CUDA).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads [default: physical cores].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON result here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of a table.")
+def bench(engines, device, batches, frames, model, clip, warmup, repeat, baseline_repeat, no_baseline, no_stages,
+          torch_precision, threads, output, as_json) -> None:
+    """Measure classification latency of each engine next to the reference-style baseline
+    (eager fp32 PyTorch, whole forward once per frame) in the same process; print ratios.
+
+    \b
+    Examples:
+      cavmae bench --engine ort --batch 1,8
+      cavmae bench --engine trt --engine torch --device cuda --torch-precision fp16
+      cavmae bench --clip video.mp4 --json -o bench.json
+    """
+    from cavmae.runtime.benchmark import BenchConfig, format_table, parse_batches, run_benchmark
+
+    cfg = BenchConfig(
+        model=model, engines=tuple(engines), device=device, batches=parse_batches(batches), num_frames=frames,
+        clip=clip, warmup=warmup, repeat=repeat, baseline=not no_baseline, baseline_repeat=baseline_repeat,
+        stages=not no_stages, torch_precision=torch_precision, threads=threads,
+    )
+    log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    result = run_benchmark(cfg, log=log)
+    if output:
+        output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(format_table(result))

@@ -1,0 +1,154 @@
+"""What every command shares: model options, input expansion, sharding, output, progress.
+
+Commands stay thin: they parse, call the library and print. Anything that decides a fact about
+models or media lives in the library, not here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cavmae.errors import CavmaeError
+
+T = TypeVar("T")
+
+#: file endings taken as media when a folder is given
+MEDIA_EXTENSIONS = frozenset(
+    {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".mpg", ".mpeg", ".wav", ".mp3", ".flac", ".m4a", ".ogg"}
+)
+
+ENGINE_CHOICES = ["auto", "ort", "trt", "torch"]
+
+#: exit code of a batch job in which some inputs failed (reported, the rest processed): the same
+#: code as any other user mistake, so scripts need to know only 0, 1 (a bug) and 2.
+EXIT_INPUT_FAILED = 2
+
+
+def default_model() -> str:
+    """The model used when none is given: ``$CAVMAE_MODEL`` or the AudioSet-2M AV classifier."""
+    from cavmae.runtime.registry import DEFAULT_MODEL
+
+    return os.environ.get("CAVMAE_MODEL", DEFAULT_MODEL)
+
+
+def model_options(default: str | None = "registry") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model``, ``--engine``, ``--device``, ``--mirror`` for commands that run a model."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL",
+                         help="Base URL replacing the checkpoint hosts (env CAVMAE_MIRROR).")(f)
+        f = click.option("--device", default="auto", show_default=True,
+                         help="auto, cpu, cuda or cuda:N.")(f)
+        f = click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
+                         help="Inference engine: TensorRT, ONNX Runtime or PyTorch.")(f)
+        help_text = "Registry name, checkpoint file or export directory."
+        if default == "registry":
+            f = click.option("-m", "--model", default=None, metavar="MODEL",
+                             help=help_text + " [default: $CAVMAE_MODEL or as-full-51.2]")(f)
+        else:
+            f = click.option("-m", "--model", default=default, required=default is None, metavar="MODEL",
+                             help=help_text)(f)
+        return f
+
+    return decorate
+
+
+def open_pipeline(model: str | None, engine: str, device: str, mirror: str | None = None, **kw: Any):
+    """Load a pipeline, downloading and exporting on first use with progress on stderr."""
+    from cavmae.runtime import load
+
+    return load(model or default_model(), engine=engine, device=device, mirror=mirror, progress=True, **kw)
+
+
+def expand_inputs(inputs: Iterable[str], extensions: frozenset[str] = MEDIA_EXTENSIONS) -> list[Path]:
+    """Files as given, folders searched recursively for media files, globs expanded.
+
+    A name that matches nothing is an error (a typo should not silently shrink a batch job);
+    files given by name are kept whatever their ending, so a bad file is reported by the job.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                raise CavmaeError(f"no media files in folder {path}")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise CavmaeError(f"no files match {item!r}")
+            out.extend(matches)
+        else:
+            raise CavmaeError(f"no such file or folder: {item}")
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); ``"auto"`` takes torchrun's RANK / WORLD_SIZE; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    if text == "auto":
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CavmaeError(f"--shard takes i/n (e.g. 0/4) or auto, not {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise CavmaeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def select_shard(items: list[T], shard: tuple[int, int], key: Callable[[T], str] = str) -> list[T]:
+    """The deterministic subset of ``items`` for shard ``(i, n)``: sorted by key, every n-th.
+
+    Sorting first makes the split independent of the order inputs were listed in, so every
+    process of a job computes the same partition.
+    """
+    i, n = shard
+    if n == 1:
+        return items
+    return [x for k, x in enumerate(sorted(items, key=key)) if k % n == i]
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "file") -> Iterator[T]:
+    """A progress bar on an interactive stderr (see ``cavmae.progress``)."""
+    from cavmae.progress import progress_bar
+
+    yield from progress_bar(iterable, total=total, desc=desc, unit=unit, leave=False)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (skipped files and the like)."""
+    click.echo(f"warning: {message}", err=True)

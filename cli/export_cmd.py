@@ -1,0 +1,95 @@
+"""``cavmae export``: per-stage ONNX graphs + manifest (+ a Triton model repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import echo_json
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the export into (must be empty or absent).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of clips.")
+@click.option("--finetune-mode", type=click.Choice(["auto", "multimodal", "audioonly", "videoonly"]), default="auto",
+              show_default=True, help="What a classifier was fine-tuned for (auto: from the registry, else multimodal).")
+@click.option("--task", type=click.Choice(["auto", "multi-label", "single-label"]), default="auto", show_default=True,
+              help="Sigmoid (multi-label) or softmax (single-label) probabilities.")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Label CSV (index,mid,display_name) to embed in the manifest.")
+@click.option("--mask-ratio", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Audio mask ratio of the pre-training graphs (fixes the kept-token count).")
+@click.option("--mask-ratio-v", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="Visual mask ratio [default: --mask-ratio].")
+@click.option("--triton", is_flag=True, help="Also write a Triton Inference Server repository into OUTPUT/triton.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it holds an earlier export.")
+@click.option("--no-validate", is_flag=True, help="Skip validating each graph against PyTorch (not recommended).")
+@click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL", help="Mirror for registry downloads.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def export(model, output, precision, frames, max_batch, finetune_mode, task, labels_csv, mask_ratio, mask_ratio_v,
+           triton, overwrite, no_validate, mirror, as_json) -> None:
+    """Export MODEL (registry name or checkpoint) to fixed-shape ONNX graphs, one per stage.
+
+    Every graph is checked with onnx.checker and validated against the PyTorch stage in ONNX
+    Runtime; a failed validation fails the export and leaves nothing behind.
+
+    \b
+    Examples:
+      cavmae export as-full-51.2 -o exports/as-full
+      cavmae export my_finetuned.pth -o exports/mine --precision fp16 --triton
+      cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
+    """
+    from cavmae.export import export_model
+    from cavmae.runtime import registry
+    from cavmae.runtime.loader import _load_source_model, resolve_model
+
+    source = resolve_model(model, mirror=mirror, progress=not as_json)
+    if source.kind == "export":
+        raise click.UsageError(f"{model} is already an export; give a checkpoint or a registry name")
+    labels = labels_csv
+    if labels is None and source.info is not None and source.info.label_url:
+        labels = registry.ensure_labels(source.info.name, mirror=mirror, progress=not as_json)
+    result = export_model(
+        _load_source_model(source), output, precision,
+        num_frames=frames, max_batch=max_batch,
+        task=None if task == "auto" else task,
+        finetune_mode=source.finetune_mode if finetune_mode == "auto" else finetune_mode,
+        labels=labels, mask_ratio_a=mask_ratio,
+        mask_ratio_v=mask_ratio if mask_ratio_v is None else mask_ratio_v,
+        validate=not no_validate, overwrite=overwrite, progress=not as_json,
+        source={"checkpoint": str(source.path.resolve()), "name": source.info.name if source.info else None,
+                "sha256": _sha(source.path)},
+    )
+    triton_models = []
+    if triton:
+        from cavmae.export.triton import write_triton_repository
+
+        triton_models = [str(p) for p in write_triton_repository(output, output / "triton")]
+    summary = {
+        "output": str(output),
+        "kind": result.manifest.model_kind,
+        "precision": precision,
+        "graphs": {name: {"file": spec.file, "max_batch": spec.max_batch,
+                          "validation": result.reports[name].summary() if name in result.reports else None}
+                   for name, spec in result.manifest.graphs.items()},
+        "triton": triton_models,
+    }
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"exported {result.manifest.model_kind} to {output} ({precision})")
+    for name, g in summary["graphs"].items():
+        click.echo(f"  {name:<18} {g['file']:<24} max batch {g['max_batch']:<4} {g['validation'] or 'not validated'}")
+    if triton:
+        click.echo(f"  triton repository: {output / 'triton'} ({len(triton_models)} models)")
+
+
+def _sha(path: Path) -> str:
+    from cavmae.checkpoint import file_sha256
+
+    return file_sha256(path)

@@ -1,0 +1,388 @@
+"""Latency benchmark: the reference-style PyTorch loop and each engine, side by side, one process.
+
+The baseline is what the reference evaluation does: an eager fp32 PyTorch model, the whole
+forward once per frame (10 frames, same audio), probabilities averaged. Every engine runs the
+runtime pipeline (audio once per clip, frames as one batch) on the same preprocessed clips.
+Ratios are only meaningful within one run: they are computed here, never across runs.
+
+torch is needed for the baseline and the torch engine only; it is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig
+
+from . import hardware
+
+
+# -- measurement helpers ----------------------------------------------------------------------
+@dataclass
+class Timing:
+    """Wall-clock samples of one measured operation (seconds)."""
+
+    name: str
+    batch: int
+    samples: list[float] = field(default_factory=list)
+    gflop: float | None = None  # work per call, when known
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.samples, q)) if self.samples else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return self.pct(50)
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.batch / self.p50 if self.samples else float("nan")
+
+    @property
+    def gflops(self) -> float | None:
+        return self.gflop / self.p50 if self.gflop and self.samples else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(p50=self.p50, p90=self.pct(90), p99=self.pct(99), mean=statistics.fmean(self.samples),
+                 n=len(self.samples), clips_per_s=self.clips_per_s, achieved_gflops=self.gflops)
+        return d
+
+
+def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], None] | None = None) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times timed; returns seconds."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark for this process (Linux); no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- work counts --------------------------------------------------------------------------------
+def block_gflop(tokens: int, dim: int, mlp_ratio: float) -> float:
+    """One transformer block on ``tokens``: qkv, scores, weighted sum, projection, MLP."""
+    n, d = tokens, dim
+    return (2 * n * d * d * (3 + 1 + 2 * mlp_ratio) + 4 * n * n * d) / 1e9
+
+
+def stage_gflop(cfg: ModelConfig, num_frames: int) -> dict[str, float]:
+    """GFLOP of one clip's stages (SPEC section 11: audio 88.6, visual 31.8, joint 11.6)."""
+    d, r, p = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
+    la, lv = cfg.num_audio_tokens, cfg.num_visual_tokens
+    audio = cfg.depth_modality * block_gflop(la, d, r) + 2 * la * p * p * d / 1e9
+    visual = cfg.depth_modality * block_gflop(lv, d, r) + 2 * lv * p * p * 3 * d / 1e9
+    joint = cfg.depth_joint * block_gflop(la + lv, d, r)
+    return {
+        "audio_encoder": audio,
+        "visual_encoder_per_frame": visual,
+        "joint_per_frame": joint,
+        "pipeline_per_clip": audio + num_frames * (visual + joint),
+        "baseline_per_clip": num_frames * (audio + visual + joint),
+    }
+
+
+def matmul_gflops(threads: int | None = None, size: int = 2048, repeat: int = 10) -> dict[str, float]:
+    """Achieved GFLOP/s of a large fp32 matrix product (this machine's practical ceiling)."""
+    out: dict[str, float] = {}
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    times = measure(lambda: a @ a, 2, repeat)
+    out["numpy"] = 2 * size**3 / statistics.median(times) / 1e9
+    try:
+        import torch
+
+        t = torch.from_numpy(a)
+        times = measure(lambda: t @ t, 2, repeat)
+        out["torch"] = 2 * size**3 / statistics.median(times) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": hardware.physical_cores(),
+        "gpus": list(hardware.gpu_names()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    import onnxruntime
+
+    info["onnxruntime"] = onnxruntime.__version__
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    model: str | Path | None = None  # None: full-size random weights (latency does not depend on them)
+    engines: tuple[str, ...] = ("ort",)
+    device: str = "cpu"
+    batches: tuple[int, ...] = (1, 8)
+    num_frames: int = 10
+    clip: str | Path | None = None  # None: random preprocessed inputs
+    warmup: int = 1
+    repeat: int = 5
+    baseline: bool = True
+    baseline_repeat: int | None = None  # the slow loop; default: repeat
+    stages: bool = True
+    torch_precision: str = "fp32"
+    work_dir: str | Path | None = None
+    threads: int | None = None
+
+
+def _random_checkpoint(work: Path, config: ModelConfig = BASE) -> Path:
+    """A full-size classifier checkpoint with random weights, written once into ``work``."""
+    import torch
+
+    from cavmae.checkpoint import save_checkpoint
+    from cavmae.model import CAVMAEFT
+
+    path = work / "random-classifier-base.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_checkpoint(CAVMAEFT(config), path)
+    return path
+
+
+def _inputs(cfg: BenchConfig, batch: int, clip_arrays: tuple[np.ndarray, np.ndarray] | None):
+    if clip_arrays is not None:
+        audio, frames = clip_arrays
+        return np.repeat(audio[None], batch, 0), np.repeat(frames[None], batch, 0)
+    rng = np.random.default_rng(0)
+    p = DEFAULT_PREPROCESS
+    audio = rng.standard_normal((batch, p.target_length, p.num_mel_bins), dtype=np.float32)
+    frames = rng.standard_normal((batch, cfg.num_frames, 3, p.image_size, p.image_size), dtype=np.float32)
+    return audio, frames
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict with machine, timings and ratios."""
+    from .loader import load
+
+    work = Path(cfg.work_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "cavmae-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    model_ref = cfg.model if cfg.model is not None else _random_checkpoint(work)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "timings": [],
+        "ratios": {},
+    }
+    clip_arrays = None
+    if cfg.clip is not None:
+        clip_arrays = _stage_timings(cfg, result, log)
+    timings: dict[tuple[str, int], Timing] = {}
+
+    if cfg.baseline:
+        log("baseline: eager fp32 PyTorch, full forward once per frame")
+        base = _baseline(cfg, model_ref, clip_arrays, log)
+        timings.update(base)
+    for engine in cfg.engines:
+        opts = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
+        precision = cfg.torch_precision if engine == "torch" else "fp32"
+        pipe = load(model_ref, engine=engine, device=cfg.device, num_frames=cfg.num_frames,
+                    max_batch=max(cfg.batches), precision=precision, **opts)
+        gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
+        label = f"{engine} ({pipe.describe()})"
+        for b in cfg.batches:
+            audio, frames = _inputs(cfg, b, clip_arrays)
+            log(f"{label}: classify, batch {b}")
+            reset_peak_rss()
+            t = Timing(f"{engine} classify", b, gflop=gf["pipeline_per_clip"] * b)
+            t.samples = measure(lambda: pipe.classify_batch(audio, frames), cfg.warmup, cfg.repeat)
+            t.peak_rss_mb = peak_rss_mb()
+            timings[(engine, b)] = t
+            if cfg.stages:
+                _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result)
+        pipe.close()
+    result["timings"] += [t.to_dict() for t in timings.values()]
+    for (engine, b), t in timings.items():
+        base = timings.get(("baseline", b))
+        if engine != "baseline" and base is not None:
+            result["ratios"][f"{engine}/batch{b}"] = base.p50 / t.p50
+    result["matmul_gflops"] = matmul_gflops()
+    return result
+
+
+def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, int], Timing]:
+    import torch
+
+    from .loader import _load_source_model, resolve_model
+
+    source = resolve_model(model_ref)
+    if source.kind != "checkpoint":
+        path = (source.path / "manifest.json").read_text()
+        ckpt = json.loads(path).get("source", {}).get("checkpoint")
+        if not ckpt or not Path(ckpt).is_file():
+            log("baseline skipped: the export's checkpoint is not available")
+            return {}
+        source = resolve_model(ckpt)
+    model = _load_source_model(source)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    model = model.to(device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    gf = stage_gflop(model.config, cfg.num_frames)
+    out = {}
+    for b in cfg.batches:
+        audio, frames = _inputs(cfg, b, clip_arrays)
+        a = torch.from_numpy(audio).to(device)
+        f = torch.from_numpy(frames).to(device)
+
+        def loop() -> Any:
+            with torch.inference_mode():
+                probs = [torch.sigmoid(model(a, f[:, i])) for i in range(cfg.num_frames)]
+                return torch.stack(probs).mean(0).cpu()
+
+        reset_peak_rss()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = Timing("baseline (reference loop)", b, gflop=gf["baseline_per_clip"] * b)
+        t.samples = measure(loop, cfg.warmup, cfg.baseline_repeat or cfg.repeat, sync)
+        t.peak_rss_mb = peak_rss_mb()
+        if device == "cuda":
+            t.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        log(f"baseline batch {b}: p50 {t.p50:.3f} s")
+        out[("baseline", b)] = t
+    del model
+    return out
+
+
+def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
+    """Per-graph timings of one engine at batch ``b`` (audio once per clip, frames batched)."""
+    n, f = frames.shape[:2]
+    flat = frames.reshape(n * f, *frames.shape[2:])
+    a_tok = pipe.encode_audio(audio)
+    v_tok = pipe.encode_frames(flat).reshape(n, f, -1, a_tok.shape[-1])
+    runs = {
+        "audio graph": (lambda: pipe.encode_audio(audio), gf["audio_encoder"] * b),
+        "visual graph": (lambda: pipe.encode_frames(flat), gf["visual_encoder_per_frame"] * b * f),
+        "joint graph": (lambda: pipe._run_chunked("joint_classifier", {"audio_tokens": a_tok, "visual_tokens": v_tok}),
+                        gf["joint_per_frame"] * b * f),
+    }
+    for name, (fn, gflop) in runs.items():
+        t = Timing(f"{engine} {name}", b, gflop=gflop)
+        t.samples = measure(fn, cfg.warmup, cfg.repeat)
+        result["timings"].append(t.to_dict())
+
+
+def _stage_timings(cfg: BenchConfig, result: dict[str, Any], log) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, fbank and frame preprocessing of the given clip; returns its arrays."""
+    from cavmae.audio import prepare_audio
+    from cavmae.media import decode_audio, decode_frames
+    from cavmae.visual import preprocess_frames
+
+    p = DEFAULT_PREPROCESS
+    log(f"preprocessing stages on {cfg.clip}")
+    holder: dict[str, Any] = {}
+
+    def decode() -> None:
+        holder["wave"] = decode_audio(cfg.clip, p.sample_rate, 0.0, p.audio_seconds)
+        holder["rgb"], _ = decode_frames(cfg.clip, cfg.num_frames, 0.0, p.clip_seconds)
+
+    stages = {
+        "decode (audio + 10 frames)": decode,
+        "fbank": lambda: holder.__setitem__("audio", prepare_audio(holder["wave"], p)),
+        "frame preprocessing": lambda: holder.__setitem__("frames", preprocess_frames(holder["rgb"], p)),
+    }
+    for name, fn in stages.items():
+        t = Timing(name, 1)
+        t.samples = measure(fn, cfg.warmup, max(cfg.repeat, 5))
+        result["timings"].append(t.to_dict())
+    return holder["audio"], holder["frames"]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a benchmark result."""
+    rows = [("operation", "batch", "p50 ms", "p90 ms", "p99 ms", "n", "clips/s", "GFLOP/s", "peak RSS MB")]
+    for t in result["timings"]:
+        rows.append((
+            t["name"], str(t["batch"]), f"{t['p50'] * 1e3:.1f}", f"{t['p90'] * 1e3:.1f}", f"{t['p99'] * 1e3:.1f}",
+            str(t["n"]), f"{t['clips_per_s']:.2f}",
+            f"{t['achieved_gflops']:.1f}" if t.get("achieved_gflops") else "-",
+            f"{t['peak_rss_mb']:.0f}" if t.get("peak_rss_mb") else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if result["ratios"]:
+        lines.append("")
+        lines.extend(f"speed-up vs baseline, {k}: {v:.2f}x" for k, v in result["ratios"].items())
+    mm = result.get("matmul_gflops", {})
+    if mm:
+        lines.append("large fp32 matmul on this machine: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in mm.items()))
+    m = result["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['physical_cores']} physical cores; gpus: {', '.join(m['gpus']) or 'none'}")
+    return "\n".join(lines)
+
+
+def parse_batches(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1,8"`` -> ``(1, 8)``."""
+    if not isinstance(text, str):
+        return tuple(int(x) for x in text)
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        from cavmae.errors import CavmaeError
+
+        raise CavmaeError(f"--batch takes positive integers separated by commas, e.g. 1,8; got {text!r}")
+    return values
