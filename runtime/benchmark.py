@@ -245,7 +245,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
             log(f"{label}: classify, batch {b}")
             reset_peak_rss()
             t = Timing(f"{engine} classify", b, gflop=gf["pipeline_per_clip"] * b)
-            t.samples = measure(lambda: pipe.classify_batch(audio, frames), cfg.warmup, cfg.repeat)
+            t.samples = measure(lambda p=pipe, a=audio, f=frames: p.classify_batch(a, f), cfg.warmup, cfg.repeat)
             t.peak_rss_mb = peak_rss_mb()
             timings[(engine, b)] = t
             if cfg.stages:
@@ -286,7 +286,7 @@ def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, 
         a = torch.from_numpy(audio).to(device)
         f = torch.from_numpy(frames).to(device)
 
-        def loop() -> Any:
+        def loop(model: Any = model, a: Any = a, f: Any = f) -> Any:
             with torch.inference_mode():
                 probs = [torch.sigmoid(model(a, f[:, i])) for i in range(cfg.num_frames)]
                 return torch.stack(probs).mean(0).cpu()
@@ -301,7 +301,6 @@ def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, 
             t.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
         log(f"baseline batch {b}: p50 {t.p50:.3f} s")
         out[("baseline", b)] = t
-    del model
     return out
 
 
@@ -360,7 +359,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{t['peak_rss_mb']:.0f}" if t.get("peak_rss_mb") else "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if result["ratios"]:
         lines.append("")
