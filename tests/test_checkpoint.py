@@ -10,7 +10,6 @@ from cavmae import CAVMAE, CAVMAEFT, TINY, load_checkpoint, save_checkpoint
 from cavmae.checkpoint import inspect_checkpoint, verify_checkpoint_file
 from cavmae.errors import CheckpointError
 from cavmae.model import MODES
-
 from reference_format import save_reference_checkpoint
 
 

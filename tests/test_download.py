@@ -14,11 +14,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+from cavmae.errors import DownloadError, EngineUnavailableError
 from cavmae.runtime import download as dl
 from cavmae.runtime import registry
 from cavmae.runtime.download import download, lock_path, part_path
-
-from cavmae.errors import DownloadError, EngineUnavailableError
 
 PAYLOAD = os.urandom(50_000) + b"end"  # odd size, so chunks never line up by accident
 CHUNK = 4096

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import reference_format as ref
 from cavmae.config import BASE, TINY
 from cavmae.model import CAVMAE, CAVMAEFT, MODES
 from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
-
-import reference_format as ref
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from cavmae.errors import CavmaeError
 from cavmae.runtime import registry
 from cavmae.runtime.registry import (
     DEFAULT_MODEL,
@@ -19,8 +21,6 @@ from cavmae.runtime.registry import (
     resolve_url,
     verify_label_csv,
 )
-
-from cavmae.errors import CavmaeError
 
 # SPEC section 7, copied by hand: the registry must match it exactly.
 SPEC_URLS = {

@@ -1,0 +1,309 @@
+"""``cavmae embed`` (build, extend or merge an embedding index) and ``cavmae search``.
+
+The index format and the embedding loop live in :mod:`cavmae.runtime.index`; these commands
+parse, call it and print.
+
+Exit codes: 0 success; 1 some inputs could not be embedded (each reported on stderr, the rest
+indexed) or an internal error; 2 a user mistake (bad option, missing index, other model ...).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cavmae.errors import CavmaeError
+
+from .common import (
+    ENGINE_CHOICES,
+    echo_json,
+    expand_inputs,
+    model_options,
+    open_pipeline,
+    parse_shard,
+    progress,
+    select_shard,
+    warn,
+)
+
+#: exit code when some inputs failed and the others were processed
+EXIT_SOME_FAILED = 1
+
+
+def _model_ref(model: str) -> str:
+    """How to find ``model`` again from anywhere: an absolute path, or the registry name."""
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else model
+
+
+def _torchrun_device(device: str, shard: str | None) -> str:
+    """Under torchrun (``--shard auto``) put each local rank on its own GPU."""
+    local = os.environ.get("LOCAL_RANK")
+    if shard != "auto" or local is None or not local.isdigit() or device not in ("auto", "cuda"):
+        return device
+    if device == "auto":
+        from cavmae.runtime import hardware
+
+        if not hardware.cuda_available():
+            return device
+    return f"cuda:{local}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("-o", "--output", "index", metavar="INDEX", default=None,
+              help="Index directory (created when missing, extended when it exists).")
+@model_options()
+@click.option("--frame", default="middle", show_default=True, metavar="middle|mean|N",
+              help="Visual embedding: the middle frame (reference), the mean over frames, or frame N.")
+@click.option("--shard", default=None, metavar="i/n|auto",
+              help="Embed only shard i of n (every n-th file in path order) into INDEX/shard-i-of-n;"
+                   " auto takes RANK/WORLD_SIZE from torchrun.")
+@click.option("--merge", is_flag=True,
+              help="Combine the finished INDEX/shard-*-of-n directories into INDEX and remove them.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Clips per model call.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Decoding threads (0: decode in the main thread).")
+@click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
+              help="Write finished rows to disk every this many clips.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def embed(
+    inputs: tuple[str, ...],
+    index: str | None,
+    model: str | None,
+    engine: str,
+    device: str,
+    mirror: str | None,
+    frame: str,
+    shard: str | None,
+    merge: bool,
+    batch: int,
+    workers: int,
+    commit_every: int,
+    as_json: bool,
+) -> None:
+    """Embed videos (files, folders, globs) into an audio-visual embedding index.
+
+    Each clip's first 10 s give an L2-normalized audio embedding and a visual embedding (numpy
+    arrays in INDEX, memory-mapped by `cavmae search`). Running again on the same INDEX adds
+    only new files; rows are written every --commit-every clips, so an interrupted run loses
+    little and resumes. Files that cannot be decoded are reported and skipped (exit code 1).
+
+    \b
+    Examples:
+      cavmae embed videos/ -o my-index
+      cavmae embed clips/*.mp4 -o my-index --model as-full-51.2 --json
+    \b
+    Sharded over processes (each writes my-index/shard-i-of-n), then merged:
+      cavmae embed videos/ -o my-index --shard 0/2 &
+      cavmae embed videos/ -o my-index --shard 1/2 &
+      wait; cavmae embed --merge my-index
+      torchrun --nproc-per-node 4 --no-python cavmae embed videos/ -o my-index --shard auto
+    """
+    from cavmae.runtime import index as ix
+
+    if merge:
+        if index is None and len(inputs) == 1:
+            index, inputs = inputs[0], ()
+        if index is None or inputs:
+            raise click.UsageError("--merge takes only the index: cavmae embed --merge INDEX")
+        result = ix.merge_shards(index)
+        if as_json:
+            echo_json({"index": index, "shards": result.shards, "added": result.added,
+                       "duplicates": result.duplicates, "count": result.count})
+        else:
+            click.echo(f"Merged {result.shards} shards into {index}: {result.added} rows added"
+                       f" ({result.duplicates} duplicates skipped), {result.count} rows in all.")
+        return
+    if index is None:
+        raise click.UsageError("missing -o INDEX (the index directory to write)")
+    if not inputs:
+        raise click.UsageError("no inputs: give video files, folders or globs")
+
+    i, n = parse_shard(shard)
+    root = Path(index)
+    if root.exists() and not root.is_dir():
+        raise CavmaeError(f"{root} exists and is not a directory; choose another -o")
+    main_meta = ix.EmbeddingIndex.open(root).meta if ix.is_index(root) else None
+    if model is None and main_meta is not None:
+        model = main_meta["model"].get("ref")
+    paths = select_shard(expand_inputs(inputs), (i, n), key=ix.path_key)
+
+    pipe = open_pipeline(model, engine, _torchrun_device(device, shard), mirror)
+    try:
+        m = pipe.manifest
+        identity = ix.model_identity(m, _model_ref(model) if model else None)
+        if identity["ref"] is None:
+            from .common import default_model
+
+            identity["ref"] = default_model()
+        settings = dict(dim=m.model_config.embed_dim, frame=ix.parse_frame(frame), num_frames=pipe.num_frames)
+        known: set[str] = set()
+        if main_meta is not None:
+            ix.check_compatible(main_meta, identity, **settings, where=root)
+            if n > 1:
+                known = ix.EmbeddingIndex.open(root).paths()
+        target = ix.shard_dir(root, (i, n)) if n > 1 else root
+        todo = [p for p in paths if ix.path_key(p) not in known]
+        failed: list[dict[str, str]] = []
+        added = 0
+        with ix.IndexWriter(target, model=identity, **settings, shard=(i, n) if n > 1 else None,
+                            commit_every=commit_every) as writer:
+            todo = [p for p in todo if p not in writer]
+            skipped = len(paths) - len(todo)
+            results = ix.embed_files(pipe, todo, writer, batch=batch, workers=workers)
+            for r in progress(results, total=len(todo), desc="embed", unit="clip"):
+                if r.error is not None:
+                    warn(f"skipped {r.error}" if str(r.path) in r.error else f"skipped {r.path}: {r.error}")
+                    failed.append({"path": str(r.path), "error": r.error})
+                else:
+                    added += 1
+            count = writer.count
+    finally:
+        pipe.close()
+
+    summary: dict[str, Any] = {
+        "index": str(target), "added": added, "skipped": skipped, "failed": failed, "count": count,
+        "shard": [i, n] if n > 1 else None,
+    }
+    if as_json:
+        echo_json(summary)
+    else:
+        what = f"shard {i}/{n} " if n > 1 else ""
+        click.echo(f"Indexed {added} new clips into {what}{target} ({skipped} already there,"
+                   f" {len(failed)} failed); {count} rows.")
+        if n > 1:
+            click.echo(f"When all {n} shards are done: cavmae embed --merge {root}")
+    if failed:
+        click.echo(f"{len(failed)} of {len(todo)} inputs failed (see warnings above).", err=True)
+        click.get_current_context().exit(EXIT_SOME_FAILED)
+
+
+QUERY_DEFAULT_TARGETS = {"audio": ("visual",), "image": ("audio",)}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("index", metavar="INDEX")
+@click.option("--audio", "audio_file", metavar="FILE", help="Query with the audio of a media file.")
+@click.option("--image", "image_file", metavar="FILE", help="Query with an image.")
+@click.option("--video", "video_file", metavar="FILE", help="Query with a video (its audio and/or frames).")
+@click.option("-k", "--k", "k", default=10, show_default=True, type=click.IntRange(1), help="Hits per list.")
+@click.option("--target", type=click.Choice(["audio", "visual", "both"]), default=None,
+              help="Index rows to search: audio, visual or both. [default: the other modality for"
+                   " --audio/--image; each stream's own modality for --video]")
+@click.option("--modality", type=click.Choice(["audio", "visual", "both"]), default="both", show_default=True,
+              help="Which streams of a --video query to use.")
+@click.option("-m", "--model", default=None, metavar="MODEL",
+              help="Model to embed the query with. [default: the one recorded in the index]")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
+              help="Inference engine: TensorRT, ONNX Runtime or PyTorch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL",
+              help="Base URL replacing the checkpoint hosts (env CAVMAE_MIRROR).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def search(
+    index: str,
+    audio_file: str | None,
+    image_file: str | None,
+    video_file: str | None,
+    k: int,
+    target: str | None,
+    modality: str,
+    model: str | None,
+    engine: str,
+    device: str,
+    mirror: str | None,
+    as_json: bool,
+) -> None:
+    """Find the clips of INDEX nearest to a sound, an image or a video (cosine similarity).
+
+    By default the search crosses modalities: --audio finds clips that look like the sound
+    (visual rows), --image finds clips that sound like the picture (audio rows); --video
+    compares its audio with the audio rows and its frame with the visual rows ("clips like
+    this one"). --target chooses the rows instead. Rows without that modality are skipped.
+
+    \b
+    Examples:
+      cavmae search my-index --audio dog-bark.wav
+      cavmae search my-index --image beach.jpg --k 5
+      cavmae search my-index --video clip.mp4 --target visual --json
+    """
+    from cavmae.runtime import index as ix
+
+    given = [(kind, f) for kind, f in (("audio", audio_file), ("image", image_file), ("video", video_file)) if f]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one query: --audio FILE, --image FILE or --video FILE")
+    kind, query_file = given[0]
+    idx = ix.EmbeddingIndex.open(index)
+    if ix.find_shards(index):
+        warn(f"{index} has shard directories that are not merged yet (cavmae embed --merge {index})")
+    if len(idx) == 0:
+        raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
+    query_path = Path(query_file)
+    if not query_path.is_file():
+        raise CavmaeError(f"no such file: {query_file}")
+
+    pipe = open_pipeline(model or idx.model.get("ref"), engine, device, mirror)
+    try:
+        identity = ix.model_identity(pipe.manifest)
+        ix.check_compatible(idx.meta, identity, dim=pipe.manifest.model_config.embed_dim, where=index)
+        queries = _embed_query(pipe, kind, query_path, modality, idx.frame)
+    finally:
+        pipe.close()
+
+    runs: list[tuple[str, str]] = []  # (query modality, target rows)
+    for q in queries:
+        if target is None:
+            targets: tuple[str, ...] = (q,) if kind == "video" else ("visual" if q == "audio" else "audio",)
+        else:
+            targets = ("audio", "visual") if target == "both" else (target,)
+        runs.extend((q, t) for t in targets)
+
+    results = []
+    for q, t in runs:
+        hits = idx.search(queries[q], t, k)
+        results.append({"query": q, "target": t, "hits": [h.to_dict() for h in hits]})
+
+    if as_json:
+        echo_json({"index": index, "query": {"kind": kind, "path": str(query_path)}, "k": k, "results": results})
+        return
+    for res in results:
+        click.echo(f"{res['query']} -> {res['target']} ({len(res['hits'])} hits):")
+        if not res["hits"]:
+            click.echo(f"  (no rows with {res['target']} in the index)")
+        for h in res["hits"]:
+            click.echo(f"  {h['rank']:>3}  {h['score']:+.4f}  {h['path']}")
+
+
+def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | int) -> dict[str, Any]:
+    """The query embedding(s) ``{"audio": [D], "visual": [D]}`` of a query file."""
+    import numpy as np
+
+    from cavmae.media import load_clip, probe
+
+    cfg = pipe.manifest.preprocess
+    if kind == "image":
+        from cavmae.visual import load_image, preprocess_frame
+
+        image = preprocess_frame(load_image(path), cfg)
+        return {"visual": pipe.embed_images(image[None])[0][0]}
+    if kind == "audio":
+        clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+        return {"audio": pipe.embed_audio(clip.audio[None])[0]}
+    info = probe(path)
+    need_audio = modality in ("audio", "both") and info.has_audio
+    need_video = modality in ("visual", "both") and info.has_video
+    if not (need_audio or need_video):
+        want = "audio or video" if modality == "both" else ("audio" if modality == "audio" else "video")
+        raise CavmaeError(f"{path} has no {want} stream to query with")
+    clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=need_audio, need_video=need_video)
+    out: dict[str, np.ndarray] = {}
+    if clip.audio is not None:
+        out["audio"] = pipe.embed_audio(clip.audio[None])[0]
+    if clip.frames is not None:
+        out["visual"] = pipe.embed_frames(clip.frames[None], frame)[0]
+    return out

@@ -1,0 +1,247 @@
+"""The embedding index format: writing, incremental appends, crash safety, search, merging.
+
+No model here: rows are random unit vectors written straight through ``IndexWriter``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cavmae.runtime.index import (
+    EmbeddingIndex,
+    EmbeddingIndexError,
+    IndexWriter,
+    merge_shards,
+    path_key,
+    shard_dir,
+)
+
+D = 16
+MODEL = {"sha256": "a" * 64, "name": "tiny", "checkpoint": "/x/tiny.pth", "ref": "/x/tiny.pth",
+         "model_kind": "classifier", "model_config": {"embed_dim": D}, "precision": "fp32"}
+OTHER = {**MODEL, "sha256": "b" * 64}
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def rows(rng: np.random.Generator, n: int, start: int = 0, root: str = "/data"):
+    """``n`` fake clips: (path, audio or None, visual or None); every 5th lacks audio, every 7th video."""
+    a, v = unit(rng, n), unit(rng, n)
+    out = []
+    for j in range(n):
+        k = start + j
+        out.append((f"{root}/clip{k:03d}.mp4", None if k % 5 == 4 else a[j], None if k % 7 == 6 else v[j]))
+    return out
+
+
+def write(path, data, commit_every=3, model=MODEL, **kw):
+    with IndexWriter(path, model=model, dim=D, commit_every=commit_every, **kw) as w:
+        for p, a, v in data:
+            w.add(p, a, v, duration=10.0)
+    return w
+
+
+def check_contents(index: EmbeddingIndex, data) -> None:
+    by_path = {it["path"]: it for it in index.items()}
+    assert len(index) == len(data) == len(by_path)
+    audio, visual = index.embeddings("audio"), index.embeddings("visual")
+    has_a, has_v = index.has("audio"), index.has("visual")
+    for p, a, v in data:
+        it = by_path[path_key(p)]
+        r = it["row"]
+        assert it["has_audio"] == (a is not None) == has_a[r]
+        assert it["has_video"] == (v is not None) == has_v[r]
+        if a is not None:
+            np.testing.assert_array_equal(audio[r], a)
+        if v is not None:
+            np.testing.assert_array_equal(visual[r], v)
+
+
+def test_write_compact_reopen(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rows(rng, 10)
+    write(tmp_path / "idx", data)
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["count"] == meta["base_count"] == 10 and meta["chunks"] == [] and meta["finished"]
+    assert not list((tmp_path / "idx").glob("chunk-*"))  # compacted
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert isinstance(index.embeddings("audio"), np.memmap)
+    assert [it["row"] for it in index.items()] == list(range(10))
+    check_contents(index, data)
+
+
+def test_incremental_append_keeps_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    first, second = rows(rng, 6), rows(rng, 5, start=6)
+    write(tmp_path / "idx", first)
+    before = EmbeddingIndex.open(tmp_path / "idx").embeddings("visual").copy()
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
+        assert first[0][0] in w and second[0][0] not in w
+        with pytest.raises(EmbeddingIndexError, match="already"):
+            w.add(first[0][0], first[0][1], first[0][2])
+        for p, a, v in second:
+            w.add(p, a, v)
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    np.testing.assert_array_equal(index.embeddings("visual")[:6], before)
+    check_contents(index, first + second)
+
+
+def test_refuses_other_model_frame_dim_and_second_writer(tmp_path):
+    write(tmp_path / "idx", rows(np.random.default_rng(2), 2))
+    with pytest.raises(EmbeddingIndexError, match="not of"):
+        IndexWriter(tmp_path / "idx", model=OTHER, dim=D)
+    with pytest.raises(EmbeddingIndexError, match="frame"):
+        IndexWriter(tmp_path / "idx", model=MODEL, dim=D, frame="mean")
+    with pytest.raises(EmbeddingIndexError, match="dimension"):
+        IndexWriter(tmp_path / "idx", model=MODEL, dim=D + 1)
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D):
+        with pytest.raises(EmbeddingIndexError, match="another process"):
+            IndexWriter(tmp_path / "idx", model=MODEL, dim=D)
+    with pytest.raises(EmbeddingIndexError, match="not an embedding index"):
+        EmbeddingIndex.open(tmp_path)
+
+
+def test_killed_writer_keeps_committed_chunks(tmp_path):
+    """A process killed mid-run (no close, no compaction) leaves its committed rows readable;
+    a half-written chunk and tmp files are cleaned up by the next writer."""
+    idx = tmp_path / "idx"
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from cavmae.runtime.index import IndexWriter
+        rng = np.random.default_rng(3)
+        w = IndexWriter({str(idx)!r}, model={MODEL!r}, dim={D}, commit_every=4)
+        for k in range(10):
+            x = rng.standard_normal({D}).astype(np.float32)
+            w.add(f"/data/c{{k}}.mp4", x / np.linalg.norm(x), None)
+        os._exit(9)  # killed: 2 chunks of 4 committed, 2 rows only buffered
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    meta = json.loads((idx / "index.json").read_text())
+    assert meta["count"] == 8 and len(meta["chunks"]) == 2 and not meta["finished"]
+    index = EmbeddingIndex.open(idx)
+    assert len(index) == 8 and index.has("audio").all() and not index.has("visual").any()
+    # debris of a kill between a chunk's rename and index.json: must not be picked up
+    np.save(idx / "chunk-00099-audio.npy", np.zeros((1, D), np.float32))
+    (idx / "audio.npy.tmp").write_bytes(b"partial")
+    rng = np.random.default_rng(4)
+    more = rows(rng, 3, start=20)
+    write(idx, more)
+    assert not (idx / "chunk-00099-audio.npy").exists() and not (idx / "audio.npy.tmp").exists()
+    index = EmbeddingIndex.open(idx)
+    assert len(index) == 11
+    assert sorted(it["path"] for it in index.items())[:3] == ["/data/c0.mp4", "/data/c1.mp4", "/data/c2.mp4"]
+
+
+def test_readers_use_only_base_count_rows(tmp_path):
+    """A compaction killed after replacing audio.npy but before index.json: the longer base
+    file's first base_count rows are the old ones, and the chunks still hold the rest."""
+    rng = np.random.default_rng(5)
+    data = rows(rng, 4)
+    write(tmp_path / "idx", data)
+    longer = np.concatenate([np.load(tmp_path / "idx" / "audio.npy"), unit(rng, 3)])
+    np.save(tmp_path / "idx" / "audio.npy", longer)
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert index.embeddings("audio").shape == (4, D)
+    check_contents(index, data)
+
+
+def test_search_matches_brute_force_and_skips_missing_rows(tmp_path):
+    rng = np.random.default_rng(6)
+    data = rows(rng, 23)
+    write(tmp_path / "idx", data, commit_every=5, **{})
+    # leave some rows in chunks (no compaction) to search across parts
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D, commit_every=2) as w:
+        for p, a, v in rows(rng, 5, start=23):
+            w.add(p, a, v)
+        w.commit()
+        index = EmbeddingIndex.open(tmp_path / "idx")
+        assert len(index._parts) == 4
+        q = unit(rng, 1)[0]
+        for target in ("audio", "visual"):
+            emb, has = index.embeddings(target), index.has(target)
+            hits = index.search(q * 3.0, target, k=7)  # the query is normalized
+            want = sorted(np.flatnonzero(has), key=lambda r: -float(emb[r] @ q))[:7]
+            assert [h.row for h in hits] == want
+            assert [h.rank for h in hits] == list(range(1, 8))
+            np.testing.assert_allclose([h.score for h in hits], [emb[r] @ q for r in want], atol=1e-6)
+            assert all(h.item["has_audio" if target == "audio" else "has_video"] for h in hits)
+            # k larger than the qualifying rows: only those come back
+            assert len(index.search(q, target, k=100)) == int(has.sum())
+        # a row's own embedding finds it first with score 1
+        own = index.embeddings("visual")[3]
+        top = index.search(own, "visual", k=1)[0]
+        assert top.row == 3 and top.score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(EmbeddingIndexError, match="dimension"):
+        index.search(np.ones(D + 1), "audio")
+    with pytest.raises(EmbeddingIndexError, match="modality"):
+        index.search(q, "text")
+
+
+def _shards(root, n, data, model=MODEL, finished=True):
+    for i in range(n):
+        part = [r for k, r in enumerate(data) if k % n == i]
+        w = IndexWriter(shard_dir(root, (i, n)), model=model, dim=D, shard=(i, n), commit_every=2)
+        for p, a, v in part:
+            w.add(p, a, v, duration=1.0)
+        w.close(finished=finished or i > 0)
+
+
+def test_merge_shards(tmp_path):
+    rng = np.random.default_rng(7)
+    data = rows(rng, 9)
+    root = tmp_path / "idx"
+    _shards(root, 3, data)
+    res = merge_shards(root)
+    assert (res.shards, res.added, res.duplicates, res.count) == (3, 9, 0, 9)
+    assert not list(root.glob("shard-*"))
+    check_contents(EmbeddingIndex.open(root), data)
+    # a second job over more files: duplicates skipped, new rows appended
+    more = rows(rng, 4, start=9)
+    _shards(root, 2, data[:3] + more)
+    res = merge_shards(root)
+    assert (res.added, res.duplicates, res.count) == (4, 3, 13)
+    check_contents(EmbeddingIndex.open(root), data + more)
+
+
+def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
+    rng = np.random.default_rng(8)
+    data = rows(rng, 6)
+    root = tmp_path / "a"
+    _shards(root, 2, data, finished=False)
+    with pytest.raises(EmbeddingIndexError, match="did not finish"):
+        merge_shards(root)
+    root = tmp_path / "b"
+    _shards(root, 3, data)
+    (root / "shard-1-of-3" / "index.json").unlink()
+    import shutil
+
+    shutil.rmtree(root / "shard-1-of-3")
+    with pytest.raises(EmbeddingIndexError, match="missing"):
+        merge_shards(root)
+    root = tmp_path / "c"
+    _shards(root, 2, data)
+    w = IndexWriter(shard_dir(root, (0, 3)), model=MODEL, dim=D)
+    w.close()
+    with pytest.raises(EmbeddingIndexError, match="different jobs"):
+        merge_shards(root)
+    root = tmp_path / "d"
+    _shards(root, 2, data)
+    shutil.rmtree(root / "shard-1-of-2")
+    _shards_one = IndexWriter(shard_dir(root, (1, 2)), model=OTHER, dim=D)
+    _shards_one.add("/data/z.mp4", unit(rng, 1)[0], None)
+    _shards_one.close()
+    with pytest.raises(EmbeddingIndexError, match="not of"):
+        merge_shards(root)
+    with pytest.raises(EmbeddingIndexError, match="--merge"):
+        EmbeddingIndex.open(root)  # only shards: say how to combine them
+    with pytest.raises(EmbeddingIndexError, match="no shard"):
+        merge_shards(tmp_path / "empty")
