@@ -57,8 +57,9 @@ def _torchrun_device(device: str, shard: str | None) -> str:
 @click.option("-o", "--output", "index", metavar="INDEX", default=None,
               help="Index directory (created when missing, extended when it exists).")
 @model_options()
-@click.option("--frame", default="middle", show_default=True, metavar="middle|mean|N",
-              help="Visual embedding: the middle frame (reference), the mean over frames, or frame N.")
+@click.option("--frame", default=None, metavar="middle|mean|N",
+              help="Visual embedding: the middle frame (reference), the mean over frames, or frame N."
+                   " [default: the index's choice, else middle]")
 @click.option("--shard", default=None, metavar="i/n|auto",
               help="Embed only shard i of n (every n-th file in path order) into INDEX/shard-i-of-n;"
                    " auto takes RANK/WORLD_SIZE from torchrun.")
@@ -78,7 +79,7 @@ def embed(
     engine: str,
     device: str,
     mirror: str | None,
-    frame: str,
+    frame: str | None,
     shard: str | None,
     merge: bool,
     batch: int,
@@ -129,8 +130,10 @@ def embed(
     if root.exists() and not root.is_dir():
         raise CavmaeError(f"{root} exists and is not a directory; choose another -o")
     main_meta = ix.EmbeddingIndex.open(root).meta if ix.is_index(root) else None
-    if model is None and main_meta is not None:
-        model = main_meta["model"].get("ref")
+    if main_meta is not None:  # an existing index decides what is not given
+        model = model or main_meta["model"].get("ref")
+        frame = frame if frame is not None else str(main_meta["frame"])
+    frame_choice = ix.parse_frame(frame or "middle")
     paths = select_shard(expand_inputs(inputs), (i, n), key=ix.path_key)
 
     pipe = open_pipeline(model, engine, _torchrun_device(device, shard), mirror)
@@ -141,7 +144,7 @@ def embed(
             from .common import default_model
 
             identity["ref"] = default_model()
-        settings = dict(dim=m.model_config.embed_dim, frame=ix.parse_frame(frame), num_frames=pipe.num_frames)
+        settings = dict(dim=m.model_config.embed_dim, frame=frame_choice, num_frames=pipe.num_frames)
         known: set[str] = set()
         if main_meta is not None:
             ix.check_compatible(main_meta, identity, **settings, where=root)

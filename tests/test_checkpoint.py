@@ -44,7 +44,7 @@ def test_reference_format_classifier_gives_identical_outputs(tmp_path, inputs):
     with torch.no_grad():
         for mode in MODES:
             assert torch.equal(loaded(audio, image, mode), model(audio, image, mode)), mode
-        for got, want in zip(loaded.forward_feat(audio, image), model.forward_feat(audio, image)):
+        for got, want in zip(loaded.forward_feat(audio, image), model.forward_feat(audio, image), strict=True):
             assert torch.equal(got, want)
 
 
