@@ -1,9 +1,9 @@
 """``cavmae evaluate``: classification mAP / accuracy and retrieval recall on a dataset.
 
 Thin: parses, reads the dataset with :mod:`cavmae.runtime.evaluation`, runs it, prints.
-Exit codes: 0 every clip evaluated; 1 some clips failed (skipped, reported, metrics over the
-rest) or none could be evaluated; 2 a user mistake (bad option, unreadable dataset, wrong label
-set), one line on stderr.
+Exit codes: 0 every clip evaluated; 2 a user mistake (bad option, unreadable dataset, wrong label
+set; one line on stderr), and also when some clips failed (skipped and reported, metrics over
+the rest) or none could be evaluated; 1 only for a bug.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .common import echo_json, expand_inputs, model_options, open_pipeline, progress, warn
+from .common import EXIT_INPUT_FAILED, echo_json, expand_inputs, model_options, open_pipeline, progress, warn
 
 
 def _is_dataset_json(inputs: tuple[str, ...]) -> bool:
@@ -171,7 +171,7 @@ def evaluate(
       cavmae evaluate clips/ --labels-file clips/labels.csv -m my_finetuned.pth
       cavmae evaluate eval.json -m cav-mae-scale++ --no-classification
 
-    Clips that cannot be read are skipped and reported; the exit code is then 1.
+    Clips that cannot be read are skipped and reported; the exit code is then 2.
     """
     from cavmae.errors import CavmaeError
     from cavmae.runtime import evaluation as ev
@@ -226,4 +226,4 @@ def evaluate(
         if predictions is not None:
             click.echo(f"predictions: {predictions}")
     if not result.ok:
-        click.get_current_context().exit(1)
+        click.get_current_context().exit(EXIT_INPUT_FAILED)

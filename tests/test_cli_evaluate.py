@@ -133,7 +133,7 @@ def test_bad_item_is_skipped_and_exit_code_is_1(env, tmp_path):
     data = tmp_path / "with_bad.json"
     data.write_text(json.dumps({"data": entries}))
     out = run(env, str(data), *model_args(env), "--json")
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 2, out.stderr
     report = json.loads(out.stdout)
     assert report["num_failed"] == 1 and report["num_evaluated"] == len(CLIP_LABELS)
     assert report["failed"][0]["id"] == "ghost" and "ghost.wav" in report["failed"][0]["error"]
@@ -141,7 +141,7 @@ def test_bad_item_is_skipped_and_exit_code_is_1(env, tmp_path):
     assert "ghost.wav" in out.stderr  # reported as it happens
     # text output says it too
     text = run(env, str(data), *model_args(env), "--no-retrieval")
-    assert text.returncode == 1
+    assert text.returncode == 2
     assert "mAP" in text.stdout and "1 failed" in text.stdout
 
 
@@ -171,7 +171,7 @@ def test_video_folder_with_labels_file(env, pipe, tmp_path):
     make_text_file(folder / "zz_corrupt.mp4")
     labels_file.write_text(labels_file.read_text() + "zz_corrupt.mp4,Dog\n")
     out = run(env, str(folder), "--labels-file", str(labels_file), *model_args(env), "--json")
-    assert out.returncode == 1
+    assert out.returncode == 2
     report = json.loads(out.stdout)
     assert [f["id"] for f in report["failed"]] == ["zz_corrupt"] and report["num_evaluated"] == 3
 
