@@ -19,6 +19,7 @@ from cavmae.errors import CavmaeError
 
 from .common import (
     ENGINE_CHOICES,
+    EXIT_INPUT_FAILED,
     echo_json,
     expand_inputs,
     model_options,
@@ -28,9 +29,6 @@ from .common import (
     select_shard,
     warn,
 )
-
-#: exit code when some inputs failed and the others were processed
-EXIT_SOME_FAILED = 1
 
 
 def _model_ref(model: str) -> str:
@@ -92,7 +90,7 @@ def embed(
     Each clip's first 10 s give an L2-normalized audio embedding and a visual embedding (numpy
     arrays in INDEX, memory-mapped by `cavmae search`). Running again on the same INDEX adds
     only new files; rows are written every --commit-every clips, so an interrupted run loses
-    little and resumes. Files that cannot be decoded are reported and skipped (exit code 1).
+    little and resumes. Files that cannot be decoded are reported and skipped (exit code 2 at the end).
 
     \b
     Examples:
@@ -144,6 +142,8 @@ def embed(
             from .common import default_model
 
             identity["ref"] = default_model()
+        if isinstance(frame_choice, int) and not 0 <= frame_choice < pipe.num_frames:
+            raise CavmaeError(f"--frame {frame_choice}: this model samples frames 0..{pipe.num_frames - 1}")
         settings = dict(dim=m.model_config.embed_dim, frame=frame_choice, num_frames=pipe.num_frames)
         known: set[str] = set()
         if main_meta is not None:
@@ -183,7 +183,7 @@ def embed(
             click.echo(f"When all {n} shards are done: cavmae embed --merge {root}")
     if failed:
         click.echo(f"{len(failed)} of {len(todo)} inputs failed (see warnings above).", err=True)
-        click.get_current_context().exit(EXIT_SOME_FAILED)
+        click.get_current_context().exit(EXIT_INPUT_FAILED)
 
 
 QUERY_DEFAULT_TARGETS = {"audio": ("visual",), "image": ("audio",)}

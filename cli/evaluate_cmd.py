@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from .common import EXIT_INPUT_FAILED, echo_json, expand_inputs, model_options, open_pipeline, progress, warn
+from .common import (
+    EXIT_INPUT_FAILED,
+    echo_json,
+    expand_inputs,
+    model_options,
+    open_pipeline,
+    progress,
+    warn,
+)
 
 
 def _is_dataset_json(inputs: tuple[str, ...]) -> bool:

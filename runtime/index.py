@@ -137,9 +137,9 @@ def model_identity(manifest: Manifest, ref: str | None = None) -> dict[str, Any]
     sha = source.get("sha256")
     checkpoint = source.get("checkpoint")
     if not sha and checkpoint and Path(checkpoint).is_file():
-        from .loader import _cached_sha256
+        from .loader import checkpoint_sha256
 
-        sha = _cached_sha256(Path(checkpoint))
+        sha = checkpoint_sha256(Path(checkpoint))
     return {
         "sha256": sha,
         "name": source.get("name"),

@@ -59,7 +59,7 @@ def resolve_model(model: str | Path, *, mirror: str | None = None, progress: boo
     raise AssertionError("unreachable")
 
 
-def _cached_sha256(path: Path) -> str:
+def checkpoint_sha256(path: Path) -> str:
     """sha256 of a checkpoint, memoized by (path, size, mtime) so large files are hashed once."""
     st = path.stat()
     index = registry.cavmae_home() / "hashes.json"
@@ -91,7 +91,7 @@ def export_settings(source: ModelSource, **settings: Any) -> dict[str, Any]:
 
 def cached_export(source: ModelSource, *, progress: bool = True, **settings: Any) -> Path:
     """The export directory of a checkpoint in the cache, exporting it the first time."""
-    sha = _cached_sha256(source.path)
+    sha = checkpoint_sha256(source.path)
     settings = export_settings(source, **settings)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     out = registry.cavmae_home() / "exports" / f"{sha[:16]}-{digest[:12]}"

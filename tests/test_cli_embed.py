@@ -107,7 +107,7 @@ def test_help_has_examples(env):
 
 def test_bad_file_is_skipped_reported_and_exit_nonzero(env, built):
     proc, idx = built
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["added"] == 4 and summary["count"] == 4 and summary["skipped"] == 0
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.mp4"]
@@ -131,7 +131,7 @@ def test_incremental_run_adds_only_new_files(env, built):
     # no --model: the index's model is used; the broken file is tried (and reported) again
     proc = cavmae(env, "embed", str(tmp / "mixed"), str(AUDIOSET_CLIP), str(VGGSOUND_CLIP), "-o", str(copy),
                   "--json", model=False)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     summary = json.loads(proc.stdout)
     assert (summary["added"], summary["skipped"], summary["count"]) == (1, 4, 5)
     assert [Path(f["path"]).name for f in summary["failed"]] == ["broken.mp4"]
@@ -236,7 +236,7 @@ def test_two_shard_processes_then_merge_equal_single_run(env):
         for i in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     summaries = [json.loads(out) for out, _ in outs]
     assert sorted(s["shard"][0] for s in summaries) == [0, 1]

@@ -6,6 +6,7 @@ No model here: rows are random unit vectors written straight through ``IndexWrit
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -157,7 +158,7 @@ def test_readers_use_only_base_count_rows(tmp_path):
 def test_search_matches_brute_force_and_skips_missing_rows(tmp_path):
     rng = np.random.default_rng(6)
     data = rows(rng, 23)
-    write(tmp_path / "idx", data, commit_every=5, **{})
+    write(tmp_path / "idx", data, commit_every=5)
     # leave some rows in chunks (no compaction) to search across parts
     with IndexWriter(tmp_path / "idx", model=MODEL, dim=D, commit_every=2) as w:
         for p, a, v in rows(rng, 5, start=23):
@@ -221,9 +222,6 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
         merge_shards(root)
     root = tmp_path / "b"
     _shards(root, 3, data)
-    (root / "shard-1-of-3" / "index.json").unlink()
-    import shutil
-
     shutil.rmtree(root / "shard-1-of-3")
     with pytest.raises(EmbeddingIndexError, match="missing"):
         merge_shards(root)
@@ -236,9 +234,9 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
     root = tmp_path / "d"
     _shards(root, 2, data)
     shutil.rmtree(root / "shard-1-of-2")
-    _shards_one = IndexWriter(shard_dir(root, (1, 2)), model=OTHER, dim=D)
-    _shards_one.add("/data/z.mp4", unit(rng, 1)[0], None)
-    _shards_one.close()
+    w = IndexWriter(shard_dir(root, (1, 2)), model=OTHER, dim=D)
+    w.add("/data/z.mp4", unit(rng, 1)[0], None)
+    w.close()
     with pytest.raises(EmbeddingIndexError, match="not of"):
         merge_shards(root)
     with pytest.raises(EmbeddingIndexError, match="--merge"):
