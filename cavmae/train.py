@@ -129,7 +129,8 @@ _RESUMABLE_CHANGES = frozenset(
     {
         "output_dir", "epochs", "max_steps", "resume", "progress", "num_workers", "log_every",
         "save_every_steps", "save_epoch_checkpoints", "eval_batch_size", "device", "train_data",
-        "val_data", "label_csv", "weight_csv", "init_checkpoint", "wa_end",
+        "val_data", "label_csv", "weight_csv", "init_checkpoint", "wa_end", "eval_every",
+        "eval_at_start",
     }
 )
 
@@ -176,6 +177,7 @@ class TrainConfig:
     log_every: int = _f(20, "write a step record to metrics.jsonl every N optimizer steps")
     progress: bool = _f(True, "show progress bars")
     eval_at_start: bool = _f(False, "evaluate once before training (epoch 0)")
+    eval_every: int = _f(1, "validate every N epochs (and after the last one)")
 
     kind = "train"
 
@@ -1016,7 +1018,7 @@ def _run(
             "lr": optimizer.param_groups[0]["lr"],
             **{f"train_{k}": v / n for k, v in meters.items()},
         }
-        if job.evaluate is not None:
+        if job.evaluate is not None and (epoch % max(cfg.eval_every, 1) == 0 or epoch == cfg.epochs):
             metrics = job.evaluate()
             rec.update({f"val_{k}": v for k, v in metrics.items()})
             improved, value = job.better(metrics, best["value"])

@@ -42,8 +42,9 @@ def models(as_json: bool) -> None:
 @click.option("--all", "all_models", is_flag=True, help="Download every released checkpoint.")
 @click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL",
               help="Base URL replacing the original hosts (env CAVMAE_MIRROR).")
+@click.option("--sha256", default=None, metavar="HEX", help="Pin the expected sha256 (one model only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def download(names: tuple[str, ...], all_models: bool, mirror: str | None, as_json: bool) -> None:
+def download(names: tuple[str, ...], all_models: bool, mirror: str | None, sha256: str | None, as_json: bool) -> None:
     """Download released checkpoints (and their label CSVs) into the cache, verified.
 
     \b
@@ -58,9 +59,16 @@ def download(names: tuple[str, ...], all_models: bool, mirror: str | None, as_js
     if not names:
         raise click.UsageError("name at least one model (see `cavmae models`) or pass --all")
     infos = [registry.get_model_info(n) for n in names]  # unknown names fail before any download
+    if sha256 and len(infos) != 1:
+        raise click.UsageError("--sha256 pins one file: give exactly one model name")
     done = []
     for info in infos:
-        path = registry.ensure_model(info.name, mirror=mirror, progress=not as_json)
+        if sha256 and registry.cached_path(info.name):
+            from cavmae.checkpoint import file_sha256
+
+            if file_sha256(registry.checkpoint_path(info.name)) != sha256.lower():
+                raise click.ClickException(f"the cached {info.name} does not match --sha256; delete it and download again")
+        path = registry.ensure_model(info.name, mirror=mirror, progress=not as_json, sha256=sha256)
         labels = registry.ensure_labels(info.name, mirror=mirror, progress=not as_json)
         done.append({"name": info.name, "path": str(path), "labels": str(labels) if labels else None})
         if not as_json:

@@ -93,11 +93,13 @@ class Pipeline:
         self.engine.close()
 
     # -- batched graph calls ----------------------------------------------------------------
-    def _run_chunked(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run ``graph`` over any batch size, in chunks of its max batch."""
+    def _run_chunked(
+        self, graph: str, inputs: dict[str, np.ndarray], chunk: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run ``graph`` over any batch size, in chunks of its max batch (or of ``chunk``)."""
         session = self.engine.session(graph)
         n = next(iter(inputs.values())).shape[0]
-        step = session.spec.max_batch
+        step = min(chunk or session.spec.max_batch, session.spec.max_batch)
         parts: list[dict[str, np.ndarray]] = []
         for i in range(0, n, step):
             parts.append(session.run({k: v[i : i + step] for k, v in inputs.items()}))
@@ -152,7 +154,9 @@ class Pipeline:
             n, f = frames.shape[:2]
             tokens = self.encode_frames(frames.reshape(n * f, *frames.shape[2:]))
             feeds["visual_tokens"] = tokens.reshape(n, f, *tokens.shape[1:])
-        return self._run_chunked(graph, feeds)["probs"]
+        # One clip per call: a clip is already F sequences of 708 tokens (large matrix products),
+        # while 8 clips at once would hold 80 attention maps of 708 x 708 per head (~2 GB).
+        return self._run_chunked(graph, feeds, chunk=1)["probs"]
 
     def classify(self, audio: np.ndarray | None, frames: np.ndarray | None, mode: str = "av") -> np.ndarray:
         """One clip: ``audio [T, F]``, ``frames [F, 3, H, W]`` -> probabilities ``[C]``."""

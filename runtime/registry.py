@@ -443,13 +443,27 @@ def ensure_labels(name: str, mirror: str | None = None, progress: bool = True) -
     )
 
 
+def _pinned(sha256: str | None) -> str | None:
+    """A pinned hash in lower case, or None; a malformed one is a user mistake."""
+    if not sha256:
+        return None
+    value = sha256.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise CavmaeError(f"a sha256 is 64 hex digits, not {sha256!r}")
+    return value
+
+
 def ensure_model(
     name: str,
     mirror: str | None = None,
     progress: bool = True,
     verify: Verifier | None = None,
+    sha256: str | None = None,
 ) -> Path:
     """The cached checkpoint of ``name``, downloaded (with its label CSV) when missing.
+
+    ``sha256`` pins the file's hash (the registry has none: the reference publishes none); a
+    download that does not match is deleted and fails.
 
     ``verify(path)`` must raise on a bad file; it runs on the finished download before the file
     gets its final name, so a file that fails is deleted rather than cached. With ``verify=None``
@@ -469,7 +483,7 @@ def ensure_model(
         download(
             url,
             path,
-            sha256=info.sha256,
+            sha256=_pinned(sha256 or info.sha256),
             verify=check,
             progress=progress,
             hint=_network_hint(info.url, mirror),

@@ -192,6 +192,18 @@ def test_download_rejects_a_wrong_file(ckpts, serve, tmp_path):
     assert not (home / "checkpoints" / "as-full-51.2.pth").exists()
 
 
+def test_download_sha256_pinning(mirror, ckpts, tmp_path):
+    from cavmae.checkpoint import file_sha256
+
+    home = tmp_path / "h3"
+    out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", "0" * 64, home=home)
+    assert out.returncode == 2 and "sha256" in out.stderr
+    assert not (home / "checkpoints" / "as-full-51.2.pth").exists()
+    good = file_sha256(ckpts["ft"])
+    out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", good, home=home)
+    assert out.returncode == 0, out.stderr
+
+
 def test_bench_command_runs_baseline_and_engine(ckpts, home):
     out = run("bench", "-m", str(ckpts["ft"]), "--batch", "1", "--repeat", "1", "--warmup", "0", "--no-stages",
               "--frames", "2", "--json", home=home)

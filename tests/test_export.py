@@ -113,21 +113,57 @@ def test_refuses_to_overwrite_and_bad_arguments(tmp_path, tiny_classifier):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [CAVMAEFT, CAVMAE])
-def test_full_size_export_validates(tmp_path, cls):
-    """The real graphs: full-size random weights in the reference format, every graph validated."""
+def test_full_size_export_validates_and_pipelines_match(tmp_path, cls):
+    """The real graphs: full-size random weights in the reference format, every graph validated,
+    then the ort pipeline against the PyTorch model on a real clip (classification with the
+    reference per-frame loop, embeddings, localization; reconstruction for pre-training)."""
+    from conftest import AUDIOSET_CLIP
+
+    from cavmae import load_checkpoint
+    from cavmae.masking import draw_noise
+    from cavmae.media import load_clip
+    from cavmae.runtime import load
+
     torch.manual_seed(0)
     model = cls(BASE).eval()
+    with torch.no_grad():  # trained-looking position embeddings and norms, not the init values
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     path = tmp_path / "model.pth"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     del model
-    r = export_model(path, tmp_path / "out", max_batch=2)
+    r = export_model(path, tmp_path / "out", max_batch=1)
     assert all(rep.passed for rep in r.reports.values()), {k: v.summary() for k, v in r.reports.items()}
     for spec in r.manifest.graphs.values():
         onnx.checker.check_model(str(tmp_path / "out" / spec.file), full_check=True)
         _assert_static_except_batch(tmp_path / "out" / spec.file, spec)
-    if cls is CAVMAEFT:
-        assert r.manifest.labels is not None and len(r.manifest.labels) == 527
-        assert r.manifest.labels[0] == "Speech"
     size = sum((tmp_path / "out" / s.file).stat().st_size for s in r.manifest.graphs.values())
     assert size > 4 * 150e6  # weights really are inside the files
-    np.testing.assert_equal(r.manifest.model_config.embed_dim, 768)
+
+    model = load_checkpoint(path)
+    pipe = load(tmp_path / "out", engine="ort", device="cpu")
+    clip = load_clip(AUDIOSET_CLIP)
+    audio, frames = torch.from_numpy(clip.audio)[None], torch.from_numpy(clip.frames)
+    with torch.no_grad():
+        a_tokens, v_tokens = model.forward_feat(audio, frames[5:6])
+        ea, ev = model.embed(audio, frames[5:6])
+    got_a, got_v = pipe.embed(clip.audio, clip.frames)
+    np.testing.assert_allclose(got_a, ea[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_v, ev[0].numpy(), atol=1e-4)
+    want_heat = torch.nn.functional.normalize(v_tokens[0], dim=-1) @ ea[0]
+    np.testing.assert_allclose(pipe.localize(clip.audio, clip.frames[5]).ravel(), want_heat.numpy(), atol=1e-4)
+    if cls is CAVMAEFT:
+        assert r.manifest.labels is not None and len(r.manifest.labels) == 527 and r.manifest.labels[0] == "Speech"
+        with torch.no_grad():
+            want = torch.stack([torch.sigmoid(model(audio, frames[i : i + 1]))[0] for i in range(10)]).mean(0)
+        np.testing.assert_allclose(pipe.classify(clip.audio, clip.frames), want.numpy(), atol=1e-4)
+    else:
+        rec = pipe.reconstruct(clip.audio, clip.frames[5], seed=3)
+        rng = np.random.default_rng(3)
+        noise_a = torch.from_numpy(draw_noise(rng, 1, 512, (8, 64), 0.75))
+        noise_v = torch.from_numpy(draw_noise(rng, 1, 196))
+        with torch.no_grad():
+            out = model(audio, frames[5:6], noise_a=noise_a, noise_v=noise_v)
+        np.testing.assert_array_equal(rec.mask_a, out.mask_a[0].numpy())
+        assert rec.mse_a == pytest.approx(out.loss_mae_a.item(), rel=1e-3)
+        assert rec.mse_v == pytest.approx(out.loss_mae_v.item(), rel=1e-3)
