@@ -27,6 +27,7 @@ This module needs numpy only (torch is imported inside :func:`collate`).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cavmae.audio import fbank, pad_or_cut
+from cavmae.audio import prepare_audio
 from cavmae.augment import (
     AugmentConfig,
     add_noise,
@@ -50,7 +51,8 @@ from cavmae.augment import (
     time_roll,
 )
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
-from cavmae.errors import DatasetError, MediaError
+from cavmae.errors import CavmaeError, DatasetError, MediaError
+from cavmae.labels import LabelSet, read_label_csv
 from cavmae.visual import load_image, preprocess_frame
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "audio_window_seconds",
     "balanced_sample_weights",
     "collate",
+    "encode_labels",
     "epoch_order",
     "eval_batches",
     "read_clips",
@@ -78,72 +81,42 @@ log = logging.getLogger(__name__)
 # Labels
 
 
-@dataclass(frozen=True)
-class LabelSet:
-    """The classes of a label CSV (``index,mid,display_name``), in index order."""
-
-    mids: tuple[str, ...]
-    names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.mids)
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {m: i for i, m in enumerate(self.mids)}
-
-    def encode(self, labels: Sequence[str], source: str = "") -> np.ndarray:
-        """Multi-hot float32 ``[C]`` of ``labels`` (mids). Unknown mids raise ``DatasetError``."""
-        index = self._lookup
-        out = np.zeros(len(self.mids), dtype=np.float32)
-        for mid in labels:
-            i = index.get(mid)
-            if i is None:
-                where = f" ({source})" if source else ""
-                raise DatasetError(
-                    f"label {mid!r}{where} is not in the label CSV; check that the dataset and "
-                    "the label CSV belong together"
-                )
-            out[i] = 1.0
-        return out
-
-    @property
-    def _lookup(self) -> dict[str, int]:
-        cached = self.__dict__.get("_index_cache")
-        if cached is None:
-            cached = self.index
-            object.__setattr__(self, "_index_cache", cached)
-        return cached
-
-
 def read_labels(path: str | Path) -> LabelSet:
-    """Read a label CSV with the header ``index,mid,display_name`` (the reference format)."""
+    """Read a label CSV with the header ``index,mid,display_name`` (the reference format).
+
+    Returns :class:`cavmae.labels.LabelSet` (``ids`` are the mids, in output order).
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"label CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or ())
-        if not {"index", "mid"} <= fields:
-            raise DatasetError(
-                f"{path}: a label CSV needs the header 'index,mid,display_name', got "
-                f"{sorted(fields)}"
-            )
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            try:
-                rows.append((int(row["index"]), row["mid"].strip(), (row.get("display_name") or "").strip()))
-            except (TypeError, ValueError):
-                raise DatasetError(f"{path}, line {n}: index {row.get('index')!r} is not an integer") from None
-    rows.sort()
-    if [r[0] for r in rows] != list(range(len(rows))):
-        raise DatasetError(f"{path}: the indices must be 0..{len(rows) - 1}, each once")
-    mids = tuple(r[1] for r in rows)
-    if len(set(mids)) != len(mids):
+    try:
+        labels = read_label_csv(path)
+    except CavmaeError as e:
+        raise DatasetError(str(e)) from None
+    if len(set(labels.ids)) != len(labels.ids):
         raise DatasetError(f"{path}: a mid appears twice")
-    if not mids:
-        raise DatasetError(f"{path}: no classes")
-    return LabelSet(mids=mids, names=tuple(r[2] for r in rows))
+    return labels
+
+
+@functools.lru_cache(maxsize=16)
+def _label_index(labels: LabelSet) -> dict[str, int]:
+    return {mid: i for i, mid in enumerate(labels.ids)}
+
+
+def encode_labels(labels: LabelSet, mids: Sequence[str], source: str = "") -> np.ndarray:
+    """Multi-hot float32 ``[C]`` of ``mids``. An unknown mid raises ``DatasetError``."""
+    index = _label_index(labels)
+    out = np.zeros(len(labels), dtype=np.float32)
+    for mid in mids:
+        i = index.get(mid)
+        if i is None:
+            where = f" ({source})" if source else ""
+            raise DatasetError(
+                f"label {mid!r}{where} is not in the label CSV; check that the dataset and the "
+                "label CSV belong together"
+            )
+        out[i] = 1.0
+    return out
 
 
 def read_weights(path: str | Path, num_clips: int | None = None) -> np.ndarray:
@@ -178,7 +151,9 @@ def balanced_sample_weights(clips: Sequence[ClipRecord], labels: LabelSet) -> np
     Each class weighs ``1000 / (its clip count + 0.01)``; a clip weighs the sum of its classes'
     weights. Returns float64 ``[N]``.
     """
-    targets = np.stack([labels.encode(c.labels, c.video_id) for c in clips]) if clips else np.zeros((0, len(labels)))
+    if not clips:
+        return np.zeros(0)
+    targets = np.stack([encode_labels(labels, c.labels, c.video_id) for c in clips])
     class_weight = 1000.0 / (targets.sum(axis=0) + 0.01)
     return (targets * class_weight).sum(axis=1)
 
@@ -423,7 +398,7 @@ class AVDataset:
             for c in self.clips:  # fail early on unknown or missing labels
                 if not c.labels:
                     raise DatasetError(f"clip {c.video_id} has no labels; a labeled dataset is needed here")
-                labels.encode(c.labels, c.video_id)
+                encode_labels(labels, c.labels, c.video_id)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -483,13 +458,6 @@ class AVDataset:
         rgb = self.rgb_frames(index, which)
         return np.stack([preprocess_frame(x, self.preprocess) for x in rgb])
 
-    def _audio_features(self, waveform: np.ndarray) -> np.ndarray:
-        """Mean-subtract, fbank, pad/cut; *not* normalized."""
-        cfg = self.preprocess
-        centred = waveform - waveform.mean(dtype=np.float64)
-        feats = fbank(centred.astype(np.float32), cfg.sample_rate, cfg.num_mel_bins, cfg)
-        return pad_or_cut(feats, cfg.target_length)
-
     def __getitem__(self, key: int | ItemKey) -> dict[str, Any]:
         if isinstance(key, ItemKey):
             index, rng, train = key.index, key.rng(), True
@@ -512,10 +480,9 @@ class AVDataset:
             if partner is not None:
                 wav = mix_waveforms(wav, self.waveform(partner), lam)
             try:
-                raw = self._audio_features(wav)
+                x = prepare_audio(wav, cfg)  # mean-subtract, fbank, pad/cut, normalize
             except MediaError as e:
                 raise MediaError(f"clip {self.clips[index].video_id}: {e}") from None
-            x = ((raw - cfg.fbank_mean) / cfg.fbank_std).astype(np.float32)
             if aug.freqm or aug.timem:
                 fill = (0.0 - cfg.fbank_mean) / cfg.fbank_std
                 x = spec_augment(x, rng, aug.freqm, aug.timem, fill)
@@ -536,10 +503,10 @@ class AVDataset:
 
         if self.labels is not None:
             clip = self.clips[index]
-            target = self.labels.encode(clip.labels, clip.video_id)
+            target = encode_labels(self.labels, clip.labels, clip.video_id)
             if partner is not None:
                 other = self.clips[partner]
-                target = mix(target, self.labels.encode(other.labels, other.video_id), lam)
+                target = mix(target, encode_labels(self.labels, other.labels, other.video_id), lam)
             out["target"] = smooth_labels(target, aug.label_smooth) if train else target
         return out
 

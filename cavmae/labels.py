@@ -51,7 +51,7 @@ def read_label_csv(path: str | Path) -> LabelSet:
 
 def audioset_labels() -> LabelSet:
     """The 527 AudioSet classes, bundled with the package."""
-    ref = resources.files("cavmae") / "data" / "audioset_class_labels_indices.csv"
+    ref = resources.files("cavmae") / "assets" / "audioset_class_labels_indices.csv"
     with resources.as_file(ref) as path:
         return read_label_csv(path)
 

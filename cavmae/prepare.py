@@ -9,7 +9,8 @@ For every video this writes
 
 and at the end ``{out}/{json_name}`` (``{"data": [{"video_id", "wav", "video_path",
 "labels"}]}``, paths absolute unless asked otherwise) plus ``{out}/failed.txt`` listing the files
-that could not be used and why.
+that could not be used and why (and, given a label CSV, ``{json stem}_weight.csv`` with
+class-balanced sampling weights).
 
 Every output file is written to a temporary name and renamed, so a clip whose files all exist
 is complete: a re-run skips it (resume after an interruption). Bad files (corrupt, no audio or
@@ -35,11 +36,18 @@ import cv2
 import numpy as np
 
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
-from cavmae.data import ClipRecord, audio_window_seconds, read_clips, write_dataset_json
+from cavmae.data import (
+    ClipRecord,
+    audio_window_seconds,
+    balanced_sample_weights,
+    read_clips,
+    read_labels,
+    write_dataset_json,
+)
 from cavmae.errors import CavmaeError, DatasetError
-from cavmae.visual import _resize, resized_size
+from cavmae.visual import resize_center_crop
 
-__all__ = ["PrepareReport", "clip_outputs", "extract_clip", "prepare_videos", "resize_center_crop"]
+__all__ = ["PrepareReport", "clip_outputs", "extract_clip", "prepare_videos"]
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +68,7 @@ class PrepareReport:
     extracted: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]`` -> ``[size, size, 3]``: shorter side to ``size``, centre crop.
-
-    The same resize and crop as :func:`cavmae.visual.preprocess_frame`, without normalizing,
-    so a prepared JPEG preprocesses (up to JPEG loss) to the same model input as the video frame.
-    """
-    out_h, out_w = resized_size(rgb.shape[0], rgb.shape[1], size)
-    resized = _resize(np.ascontiguousarray(rgb), out_h, out_w)
-    top = int(round((out_h - size) / 2.0))
-    left = int(round((out_w - size) / 2.0))
-    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+    weight_csv: Path | None = None
 
 
 def clip_outputs(out_dir: Path, video_id: str, num_frames: int) -> tuple[Path, list[Path]]:
@@ -186,6 +182,7 @@ def prepare_videos(
     config: PreprocessConfig = DEFAULT_PREPROCESS,
     jpeg_quality: int = 95,
     progress: bool = True,
+    label_csv: str | Path | None = None,
     on_clip: Callable[[str, str], None] | None = None,
 ) -> PrepareReport:
     """Extract videos into the reference layout under ``output_dir`` and write the dataset JSON.
@@ -199,6 +196,8 @@ def prepare_videos(
         relative_paths: write paths relative to ``output_dir`` (the dataset loader resolves them
             against the JSON's folder; the reference loader needs absolute paths, the default).
         progress: show a progress bar.
+        label_csv: with labeled clips, also write class-balanced sampling weights
+            (``{json stem}_weight.csv``, the reference naming) for these classes.
         on_clip: called with ``(video, status)`` after each clip (status ``extracted``,
             ``skipped`` or ``failed``).
     """
@@ -254,6 +253,10 @@ def prepare_videos(
             ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
         )
     write_dataset_json(report.clips, report.dataset_json)
+    if label_csv is not None:
+        weights = balanced_sample_weights(report.clips, read_labels(label_csv))
+        report.weight_csv = out / f"{Path(json_name).stem}_weight.csv"
+        _atomic_write(report.weight_csv, "".join(f"{w:.6g}\n" for w in weights).encode())
     failed_txt = out / "failed.txt"
     if report.failed:
         _atomic_write(

@@ -42,6 +42,7 @@ gradient scaler; CPU runs in float32.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -353,7 +354,7 @@ class TrainResult:
     """What a training run produced.
 
     ``completed`` is False when the run stopped at ``max_steps`` (resume it by running the same
-    config again). ``model`` is this process's trained model in eval mode (fine-tuning: the
+    config again). ``epoch``: epochs completed; ``global_step``: optimizer steps done. ``model`` is this process's trained model in eval mode (fine-tuning: the
     model the final evaluation used). ``history`` holds the epoch records of ``metrics.jsonl``;
     ``final_metrics`` the final evaluation (fine-tuning).
     """
@@ -379,7 +380,6 @@ class _Dist:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
-    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -396,12 +396,18 @@ def _init_distributed(device_pref: str) -> _Dist:
         return _Dist()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    owns = False
     if not dist.is_initialized():
+        # Initialized once per process and kept for later runs in the same process (pretrain
+        # then finetune): re-creating the rendezvous store on the same port can hang.
         use_cuda = device_pref != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-        owns = True
-    return _Dist(dist.get_world_size(), dist.get_rank(), local, owns)
+        atexit.register(_destroy_group)
+    return _Dist(dist.get_world_size(), dist.get_rank(), local)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device(pref: str, d: _Dist) -> torch.device:
@@ -871,6 +877,7 @@ def _run(
     device: torch.device,
     amp: torch.dtype | None,
     on_step: Callable[[dict[str, Any]], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     cfg = job.cfg
     run_dir = Path(cfg.output_dir)
@@ -944,6 +951,8 @@ def _run(
         rec = {"event": "epoch", "epoch": 0, "step": 0, **{f"val_{k}": v for k, v in job.evaluate().items()}}
         history.append(rec)
         mlog.write(rec)
+        if on_epoch is not None and d.main:
+            on_epoch(rec)
 
     stopped = False
     while epoch <= cfg.epochs and not finished:
@@ -1032,6 +1041,8 @@ def _run(
         history.append(rec)
         mlog.write(rec)
         log.info("%s", json.dumps(rec, default=_json_default))
+        if on_epoch is not None and d.main:
+            on_epoch(rec)
         epoch += 1
         step_in_epoch = 0
         meters = {}
@@ -1040,7 +1051,7 @@ def _run(
     if stopped:
         save_state()
         _barrier(d)
-        return TrainResult(run_dir, False, epoch, global_step, history, model=model.eval()), {}
+        return TrainResult(run_dir, False, epoch - 1, global_step, history, model=model.eval()), {}
 
     completed_now = not finished
     if d.main and completed_now:
@@ -1063,28 +1074,21 @@ def _barrier(d: _Dist) -> None:
         dist.barrier()
 
 
-def _finish(d: _Dist) -> None:
-    if d.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _prepare_run(cfg: TrainConfig) -> tuple[_Dist, torch.device, torch.dtype | None]:
     cfg.validate()
     d = _init_distributed(cfg.device)
-    try:
-        device = _device(cfg.device, d)
-        amp = _precision(cfg.precision, device)
-        if cfg.batch_size % (d.world_size * cfg.accum_steps):
-            raise TrainConfigError(
-                f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = "
-                f"{d.world_size} x {cfg.accum_steps}"
-            )
-        if d.main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        _barrier(d)
-    except BaseException:
-        _finish(d)
-        raise
+    device = _device(cfg.device, d)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+    amp = _precision(cfg.precision, device)
+    if cfg.batch_size % (d.world_size * cfg.accum_steps):
+        raise TrainConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = "
+            f"{d.world_size} x {cfg.accum_steps}"
+        )
+    if d.main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    _barrier(d)
     _seed_everything(cfg.seed)
     return d, device, amp
 
@@ -1101,57 +1105,58 @@ def _model_config(cfg: TrainConfig, **changes: Any) -> ModelConfig:
 
 
 def pretrain(
-    config: PretrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+    config: PretrainConfig,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) CAV-MAE pre-training; see the module docstring for the run directory.
 
     ``on_step`` is called on every process after each optimizer step with the epoch, the global
-    step, the clip indices this process used and the step's loss terms.
+    step, the clip indices this process used and the step's loss terms; ``on_epoch`` on rank 0
+    with each epoch record (what ``metrics.jsonl`` gets).
     """
     cfg = config
     d, device, amp = _prepare_run(cfg)
-    try:
-        if cfg.init_checkpoint:
-            model = load_checkpoint(
-                cfg.init_checkpoint, kind="pretrain",
-                **{**cfg.model_config, "norm_pix_loss": cfg.norm_pix_loss},
-            )
-        else:
-            model = CAVMAE(_model_config(cfg, norm_pix_loss=cfg.norm_pix_loss))
-        assert isinstance(model, CAVMAE)
-        model.pos_embed_a.requires_grad_(cfg.trainable_pos_embed)
-        model.pos_embed_v.requires_grad_(cfg.trainable_pos_embed)
-        model.to(device).train()
-        data = _load_data(cfg, None, _preprocess_for(model.config), True, True)  # labels unused
-        step_module = _PretrainStep(model, cfg)
-        eval_bs = cfg.eval_batch_size or cfg.batch_size // (d.world_size * cfg.accum_steps)
-
-        def forward(module: nn.Module, batch: dict[str, Any], words: list[int]) -> tuple[torch.Tensor, ...]:
-            b = batch["audio"].shape[0]
-            na, nv = _mask_noise(cfg, model, b, [words[0], _MASK_TAG, *words[1:]])
-            return module(batch["audio"], batch["image"], na.to(device), nv.to(device))
-
-        def evaluate() -> dict[str, float]:
-            assert data.val is not None
-            out = _evaluate_pretrain(model, data.val, cfg, device, amp, d, eval_bs)
-            model.train()
-            return out
-
-        def better(metrics: dict[str, float], best: float | None) -> tuple[bool, float]:
-            return best is None or metrics["loss"] < best, metrics["loss"]
-
-        job = _Job(
-            cfg, model, step_module,
-            [{"params": [p for p in model.parameters() if p.requires_grad]}],
-            data, PRETRAIN_TERMS, forward, evaluate if data.val is not None else None, better,
-            lambda e: cfg.save_epoch_checkpoints,
+    if cfg.init_checkpoint:
+        model = load_checkpoint(
+            cfg.init_checkpoint, kind="pretrain",
+            **{**cfg.model_config, "norm_pix_loss": cfg.norm_pix_loss},
         )
-        result, extra = _run(job, d, device, amp, on_step)
-        if result.completed and d.main:
-            _atomic_json(_summary(result), Path(cfg.output_dir) / RESULT_FILE)
-        return result
-    finally:
-        _finish(d)
+    else:
+        model = CAVMAE(_model_config(cfg, norm_pix_loss=cfg.norm_pix_loss))
+    assert isinstance(model, CAVMAE)
+    model.pos_embed_a.requires_grad_(cfg.trainable_pos_embed)
+    model.pos_embed_v.requires_grad_(cfg.trainable_pos_embed)
+    model.to(device).train()
+    data = _load_data(cfg, None, _preprocess_for(model.config), True, True)  # labels unused
+    step_module = _PretrainStep(model, cfg)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size // (d.world_size * cfg.accum_steps)
+
+    def forward(module: nn.Module, batch: dict[str, Any], words: list[int]) -> tuple[torch.Tensor, ...]:
+        b = batch["audio"].shape[0]
+        na, nv = _mask_noise(cfg, model, b, [words[0], _MASK_TAG, *words[1:]])
+        return module(batch["audio"], batch["image"], na.to(device), nv.to(device))
+
+    def evaluate() -> dict[str, float]:
+        assert data.val is not None
+        out = _evaluate_pretrain(model, data.val, cfg, device, amp, d, eval_bs)
+        model.train()
+        return out
+
+    def better(metrics: dict[str, float], best: float | None) -> tuple[bool, float]:
+        return best is None or metrics["loss"] < best, metrics["loss"]
+
+    job = _Job(
+        cfg, model, step_module,
+        [{"params": [p for p in model.parameters() if p.requires_grad]}],
+        data, PRETRAIN_TERMS, forward, evaluate if data.val is not None else None, better,
+        lambda e: cfg.save_epoch_checkpoints,
+    )
+    result, extra = _run(job, d, device, amp, on_step, on_epoch)
+    if result.completed and d.main:
+        _atomic_json(_summary(result), Path(cfg.output_dir) / RESULT_FILE)
+    return result
 
 
 def _summary(result: TrainResult) -> dict[str, Any]:
@@ -1168,7 +1173,10 @@ def _summary(result: TrainResult) -> dict[str, Any]:
 
 
 def finetune(
-    config: FinetuneConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+    config: FinetuneConfig,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) classifier fine-tuning, then the final evaluation.
 
@@ -1178,99 +1186,96 @@ def finetune(
     """
     cfg = config
     d, device, amp = _prepare_run(cfg)
-    try:
-        assert cfg.label_csv
-        labels = read_labels(cfg.label_csv)
-        if cfg.init_checkpoint:
-            model = load_checkpoint(
-                cfg.init_checkpoint, kind="classifier", **{**cfg.model_config, "num_classes": len(labels)}
-            )
-        else:
-            model = CAVMAEFT(_model_config(cfg, num_classes=len(labels)))
-        assert isinstance(model, CAVMAEFT)
-        model.pos_embed_a.requires_grad_(cfg.trainable_pos_embed)
-        model.pos_embed_v.requires_grad_(cfg.trainable_pos_embed)
-        head = [p for n, p in model.named_parameters() if n.startswith("mlp_head.")]
-        base = [p for n, p in model.named_parameters() if not n.startswith("mlp_head.") and p.requires_grad]
-        if cfg.freeze_backbone:
-            for p in base:
-                p.requires_grad_(False)
-            base = []
-        groups = [g for g in ({"params": base, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr}) if g["params"]]
-        model.to(device).train()
-        audio = cfg.mode in ("multimodal", "audioonly")
-        video = cfg.mode in ("multimodal", "videoonly")
-        preprocess = _preprocess_for(model.config)
-        data = _load_data(cfg, labels, preprocess, audio, video)
-        step_module = _ClassifierStep(model, cfg.mode)
-        eval_bs = cfg.eval_batch_size or cfg.batch_size // (d.world_size * cfg.accum_steps)
-        wa_end = min(cfg.wa_end or cfg.epochs, cfg.epochs)
-
-        def forward(module: nn.Module, batch: dict[str, Any], words: list[int]) -> tuple[torch.Tensor, ...]:
-            logits = module(batch.get("audio"), batch.get("image"))
-            loss = _classification_loss(logits, batch["target"], cfg.loss)
-            return (loss,)
-
-        def evaluate() -> dict[str, float]:
-            assert data.val is not None
-            out = _evaluate_finetune(model, data.val, cfg, device, amp, d, eval_bs)
-            model.train()
-            return out
-
-        def better(metrics: dict[str, float], best: float | None) -> tuple[bool, float]:
-            value = metrics[cfg.main_metric]
-            return best is None or value > best, value
-
-        job = _Job(
-            cfg, model, step_module, groups, data, ("loss",), forward,
-            evaluate if data.val is not None else None, better,
-            lambda e: cfg.save_epoch_checkpoints or (cfg.wa and cfg.wa_start <= e <= wa_end),
+    assert cfg.label_csv
+    labels = read_labels(cfg.label_csv)
+    if cfg.init_checkpoint:
+        model = load_checkpoint(
+            cfg.init_checkpoint, kind="classifier", **{**cfg.model_config, "num_classes": len(labels)}
         )
-        result, extra = _run(job, d, device, amp, on_step)
-        if not result.completed:
-            return result
+    else:
+        model = CAVMAEFT(_model_config(cfg, num_classes=len(labels)))
+    assert isinstance(model, CAVMAEFT)
+    model.pos_embed_a.requires_grad_(cfg.trainable_pos_embed)
+    model.pos_embed_v.requires_grad_(cfg.trainable_pos_embed)
+    head = [p for n, p in model.named_parameters() if n.startswith("mlp_head.")]
+    base = [p for n, p in model.named_parameters() if not n.startswith("mlp_head.") and p.requires_grad]
+    if cfg.freeze_backbone:
+        for p in base:
+            p.requires_grad_(False)
+        base = []
+    groups = [g for g in ({"params": base, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr}) if g["params"]]
+    model.to(device).train()
+    audio = cfg.mode in ("multimodal", "audioonly")
+    video = cfg.mode in ("multimodal", "videoonly")
+    preprocess = _preprocess_for(model.config)
+    data = _load_data(cfg, labels, preprocess, audio, video)
+    step_module = _ClassifierStep(model, cfg.mode)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size // (d.world_size * cfg.accum_steps)
+    wa_end = min(cfg.wa_end or cfg.epochs, cfg.epochs)
 
-        run_dir = Path(cfg.output_dir)
-        # -- weights to evaluate: average, else best, else last ------------------------------
-        chosen = "final"
-        if cfg.wa:
-            paths = [run_dir / f"model.{e}.pth" for e in range(cfg.wa_start, wa_end + 1)]
-            if d.main:
-                averaged = average_checkpoints(paths)
-                model.load_state_dict(averaged)
-                save_checkpoint(model, run_dir / "wa.pth")
-            _barrier(d)
-            if not d.main:
-                state, _ = read_state_dict(run_dir / "wa.pth")
-                model.load_state_dict(state)
-            result.averaged_checkpoint = run_dir / "wa.pth"
-            chosen = "wa"
-        elif result.best_checkpoint is not None:
-            state, _ = read_state_dict(result.best_checkpoint)
-            model.load_state_dict(state)
-            chosen = "best"
-        model.to(device).eval()
+    def forward(module: nn.Module, batch: dict[str, Any], words: list[int]) -> tuple[torch.Tensor, ...]:
+        logits = module(batch.get("audio"), batch.get("image"))
+        loss = _classification_loss(logits, batch["target"], cfg.loss)
+        return (loss,)
 
-        final: dict[str, Any] = {"model": chosen}
-        if data.val is not None:
-            frames = "all" if cfg.frame_aggregation and video else "middle"
-            val = AVDataset(
-                data.val.clips, labels, frame=frames, audio=audio, video=video, preprocess=preprocess
-            )
-            scores, targets = predict_clips(
-                model, val, mode=cfg.mode, batch_size=max(1, eval_bs // 2 if frames == "all" else eval_bs),
-                device=device, activation="sigmoid" if cfg.loss == "BCE" else "softmax",
-                amp_dtype=amp, _dist=d,
-            )
-            assert targets is not None
-            final.update(_classification_metrics(scores, targets))
-            final["frame_aggregation"] = frames == "all"
-            final["num_clips"] = int(len(scores))
-        result.final_metrics = final
-        if d.main:
-            extra["mlog"].write({"event": "final", **final})
-            _atomic_json(_summary(result), run_dir / RESULT_FILE)
-        result.model = model
+    def evaluate() -> dict[str, float]:
+        assert data.val is not None
+        out = _evaluate_finetune(model, data.val, cfg, device, amp, d, eval_bs)
+        model.train()
+        return out
+
+    def better(metrics: dict[str, float], best: float | None) -> tuple[bool, float]:
+        value = metrics[cfg.main_metric]
+        return best is None or value > best, value
+
+    job = _Job(
+        cfg, model, step_module, groups, data, ("loss",), forward,
+        evaluate if data.val is not None else None, better,
+        lambda e: cfg.save_epoch_checkpoints or (cfg.wa and cfg.wa_start <= e <= wa_end),
+    )
+    result, extra = _run(job, d, device, amp, on_step, on_epoch)
+    if not result.completed:
         return result
-    finally:
-        _finish(d)
+
+    run_dir = Path(cfg.output_dir)
+    # -- weights to evaluate: average, else best, else last ------------------------------
+    chosen = "final"
+    if cfg.wa:
+        paths = [run_dir / f"model.{e}.pth" for e in range(cfg.wa_start, wa_end + 1)]
+        if d.main:
+            averaged = average_checkpoints(paths)
+            model.load_state_dict(averaged)
+            save_checkpoint(model, run_dir / "wa.pth")
+        _barrier(d)
+        if not d.main:
+            state, _ = read_state_dict(run_dir / "wa.pth")
+            model.load_state_dict(state)
+        result.averaged_checkpoint = run_dir / "wa.pth"
+        chosen = "wa"
+    elif result.best_checkpoint is not None:
+        state, _ = read_state_dict(result.best_checkpoint)
+        model.load_state_dict(state)
+        chosen = "best"
+    model.to(device).eval()
+
+    final: dict[str, Any] = {"model": chosen}
+    if data.val is not None:
+        frames = "all" if cfg.frame_aggregation and video else "middle"
+        val = AVDataset(
+            data.val.clips, labels, frame=frames, audio=audio, video=video, preprocess=preprocess
+        )
+        scores, targets = predict_clips(
+            model, val, mode=cfg.mode, batch_size=max(1, eval_bs // 2 if frames == "all" else eval_bs),
+            device=device, activation="sigmoid" if cfg.loss == "BCE" else "softmax",
+            amp_dtype=amp, _dist=d,
+        )
+        assert targets is not None
+        final.update(_classification_metrics(scores, targets))
+        final["frame_aggregation"] = frames == "all"
+        final["num_clips"] = int(len(scores))
+    result.final_metrics = final
+    if d.main:
+        extra["mlog"].write({"event": "final", **final})
+        _atomic_json(_summary(result), run_dir / RESULT_FILE)
+    result.model = model
+    return result

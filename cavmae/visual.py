@@ -68,6 +68,18 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` -> ``[size, size, 3]`` uint8: shorter side to ``size`` (antialiased),
+    then the centre crop. The geometric half of :func:`preprocess_frame`, shared with the
+    dataset preparation that writes the reference's 224 x 224 JPEGs."""
+    out_h, out_w = resized_size(rgb.shape[0], rgb.shape[1], size)
+    resized = _resize(np.ascontiguousarray(rgb), out_h, out_w)
+    # torchvision CenterCrop: top = int(round((h - S) / 2)) (Python rounding, half to even).
+    top = int(round((out_h - size) / 2.0))
+    left = int(round((out_w - size) / 2.0))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
 def preprocess_frame(rgb: np.ndarray, config: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """One RGB image -> model input.
 
@@ -79,14 +91,7 @@ def preprocess_frame(rgb: np.ndarray, config: PreprocessConfig = DEFAULT_PREPROC
         ``[3, S, S]`` float32, C-contiguous, ``S = config.image_size``: resized (shorter side
         ``S``), centre-cropped, scaled to [0, 1] and normalized per channel.
     """
-    rgb = _check_rgb(rgb)
-    size = config.image_size
-    out_h, out_w = resized_size(rgb.shape[0], rgb.shape[1], size)
-    resized = _resize(rgb, out_h, out_w)
-    # torchvision CenterCrop: top = int(round((h - S) / 2)) (Python rounding, half to even).
-    top = int(round((out_h - size) / 2.0))
-    left = int(round((out_w - size) / 2.0))
-    crop = resized[top : top + size, left : left + size]
+    crop = resize_center_crop(_check_rgb(rgb), config.image_size)
     # (x / 255 - mean) / std == x * scale + shift, computed in float32 on the cropped pixels.
     std = np.asarray(config.image_std, dtype=np.float64)
     scale = (1.0 / (255.0 * std)).astype(np.float32)

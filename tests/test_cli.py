@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AUDIOSET_CLIP, AUDIOSET_LABELS, VGGSOUND_CLIP
 
 from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
+from conftest import AUDIOSET_CLIP, AUDIOSET_LABELS, VGGSOUND_CLIP
 from media_factory import make_media, make_text_file, make_truncated
 
 CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavmae"))
@@ -197,7 +197,7 @@ def test_download_sha256_pinning(mirror, ckpts, tmp_path):
 
     home = tmp_path / "h3"
     out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", "0" * 64, home=home)
-    assert out.returncode == 2 and "sha256" in out.stderr
+    assert out.returncode == 2 and "sha-256" in out.stderr.lower()
     assert not (home / "checkpoints" / "as-full-51.2.pth").exists()
     good = file_sha256(ckpts["ft"])
     out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", good, home=home)

@@ -17,12 +17,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
 
 from cavmae import CAVMAEFT, TINY, save_checkpoint
 from cavmae.media import decode_frames, load_clip
 from cavmae.runtime import load
 from cavmae.runtime.index import EmbeddingIndex, path_key
+from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
 from media_factory import make_media, make_text_file
 
 

@@ -115,7 +115,7 @@ def test_reference_json_metrics_match_library(env, pipe, tmp_path):
         assert list(z["ids"]) == list(CLIP_LABELS)
 
 
-def test_bad_item_is_skipped_and_exit_code_is_1(env, tmp_path):
+def test_bad_item_is_skipped_and_exit_code_is_2(env, tmp_path):
     root = env["json"].parent
     entries = json.loads(env["json"].read_text())["data"]
     for e in entries:

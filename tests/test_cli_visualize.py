@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import AUDIOSET_CLIP
 
 from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
+from conftest import AUDIOSET_CLIP
 from media_factory import make_media
 
 CAVMAE_BIN = shutil.which("cavmae", path=str(Path(sys.executable).parent)) or "cavmae"

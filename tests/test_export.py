@@ -117,12 +117,11 @@ def test_full_size_export_validates_and_pipelines_match(tmp_path, cls):
     """The real graphs: full-size random weights in the reference format, every graph validated,
     then the ort pipeline against the PyTorch model on a real clip (classification with the
     reference per-frame loop, embeddings, localization; reconstruction for pre-training)."""
-    from conftest import AUDIOSET_CLIP
-
     from cavmae import load_checkpoint
     from cavmae.masking import draw_noise
     from cavmae.media import load_clip
     from cavmae.runtime import load
+    from conftest import AUDIOSET_CLIP
 
     torch.manual_seed(0)
     model = cls(BASE).eval()

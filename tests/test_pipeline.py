@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
 
 from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
 from cavmae.errors import CavmaeError, ModelKindError
@@ -17,6 +16,7 @@ from cavmae.export import export_model
 from cavmae.masking import draw_noise
 from cavmae.media import load_clip
 from cavmae.runtime import load
+from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
 
 ENGINES = ["ort", "torch"]
 

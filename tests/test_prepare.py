@@ -1,0 +1,112 @@
+"""``cavmae prepare``: videos -> the reference layout, bad files skipped, resumable, parallel."""
+
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cavmae.cli.main import cli
+from cavmae.data import AVDataset, read_clips, read_wav, read_weights
+from cavmae.media import decode_audio, decode_frames
+from cavmae.prepare import prepare_videos
+from cavmae.visual import load_image, resize_center_crop
+from media_factory import dominant_frequency, frame_index_of, make_media, make_text_file
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    src = tmp_path_factory.mktemp("videos")
+    good = make_media(src / "good.mp4", duration=2.0, fps=10, channels=2, tones=(440.0, 1000.0), size=(96, 64))
+    (src / "sub").mkdir()
+    other = make_media(src / "sub" / "other.mkv", duration=1.5, fps=8, tones=(700.0,), audio_rate=44100)
+    silent = make_media(src / "silent.mp4", with_audio=False)
+    broken = make_text_file(src / "broken.mp4")
+    return src, good, other, silent, broken
+
+
+def test_prepare_layout_failures_and_resume(videos, tmp_path):
+    src, good, other, silent, broken = videos
+    out = tmp_path / "out"
+    report = prepare_videos([good, other, silent, broken], out, progress=False)
+    assert (report.extracted, report.skipped, len(report.failed)) == (2, 0, 2)
+    failed = dict(report.failed)
+    assert "audio" in failed[str(silent)].lower()
+    assert str(broken) in failed
+    assert (out / "failed.txt").read_text().count("\n") == 2
+
+    data = json.loads((out / "data.json").read_text())["data"]
+    assert [d["video_id"] for d in data] == ["good", "other"]
+    entry = data[0]
+    assert entry["wav"] == str(out / "audio" / "good.wav") and entry["video_path"] == str(out / "frames")
+    with wave.open(entry["wav"]) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+    wav = read_wav(entry["wav"])
+    assert dominant_frequency(wav, 16000) == pytest.approx(440.0, abs=5)  # the first channel
+    np.testing.assert_allclose(wav, decode_audio(good), atol=1.5 / 32768)
+    assert dominant_frequency(read_wav(data[1]["wav"]), 16000) == pytest.approx(700.0, abs=5)
+
+    # frames: 224 x 224 JPEGs of the reference positions, resized and centre-cropped
+    rgb, _ = decode_frames(good, 10)
+    for i in range(10):
+        img = load_image(out / "frames" / f"frame_{i}" / "good.jpg")
+        assert img.shape == (224, 224, 3)
+        assert frame_index_of(img) == frame_index_of(rgb[i])
+        assert np.abs(img.astype(float) - resize_center_crop(rgb[i], 224)).mean() < 3
+
+    # the dataset loader reads the result
+    clips = read_clips(out / "data.json")
+    item = AVDataset(clips)[0]
+    assert item["audio"].shape == (1024, 128) and item["image"].shape == (3, 224, 224)
+
+    # resume: complete clips are skipped; a clip with a missing file is redone
+    (out / "frames" / "frame_3" / "other.jpg").unlink()
+    again = prepare_videos([good, other, silent, broken], out, progress=False)
+    assert (again.extracted, again.skipped, len(again.failed)) == (1, 1, 2)
+    assert (out / "frames" / "frame_3" / "other.jpg").is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_prepare_list_labels_relative_parallel(videos, tmp_path):
+    src, good, other, _, _ = videos
+    (tmp_path / "list.csv").write_text(f'video,labels\n{good},"/m/a,/m/b"\n{other},/m/c\n')
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
+    out = tmp_path / "out"
+    seen = []
+    report = prepare_videos(list_file=tmp_path / "list.csv", output_dir=out, jobs=2, relative_paths=True,
+                            json_name="train.json", progress=False, label_csv=tmp_path / "labels.csv",
+                            on_clip=lambda v, s: seen.append(s))
+    # class-balanced weights: each class has one clip (weight 1000 / 1.01); clip 0 has two classes
+    assert report.weight_csv == out / "train_weight.csv"
+    weights = read_weights(report.weight_csv, 2)
+    np.testing.assert_allclose(weights, [2000 / 1.01, 1000 / 1.01], rtol=1e-5)
+    assert sorted(seen) == ["extracted", "extracted"] and not report.failed
+    data = json.loads((out / "train.json").read_text())["data"]
+    assert data[0]["labels"] == "/m/a,/m/b" and data[0]["wav"] == "audio/good.wav"
+    assert data[1]["video_path"] == "frames"
+    clips = read_clips(out / "train.json")
+    assert clips[0].wav == str(out / "audio" / "good.wav")
+
+
+def test_prepare_folder_and_duplicate_names(videos, tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    make_media(src / "a" / "clip.mp4", duration=1.0)
+    make_media(src / "b" / "clip.mp4", duration=1.0)
+    report = prepare_videos([src], tmp_path / "out", progress=False)
+    ids = [c.video_id for c in report.clips]
+    assert len(ids) == 2 and len(set(ids)) == 2 and all(i.startswith("clip-") for i in ids)
+
+
+def test_prepare_cli(videos, tmp_path):
+    src, good, _, silent, _ = videos
+    runner = CliRunner()
+    res = runner.invoke(cli, ["prepare", str(good), str(silent), "-o", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 clips" in res.output and "1 failed" in res.output
+    res = runner.invoke(cli, ["prepare", str(silent), "-o", str(tmp_path / "o2"), "--no-progress"])
+    assert res.exit_code == 2 and "no video could be prepared" in res.output
