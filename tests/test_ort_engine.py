@@ -26,6 +26,7 @@ from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import ENGINES, create_engine, resolve_engine
 from cavmae.runtime.engines.ort import OrtEngine, check_inputs
+from tiny_graphs import proj_graph
 
 MAX_BATCH = 4
 RNG = np.random.default_rng(0)
@@ -45,27 +46,7 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 def write_tiny_export(directory: Path) -> Manifest:
     """Write two tiny graphs and their manifest into ``directory``; return the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
-    proj = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["xw"]),
-            helper.make_node("Add", ["xw", "b"], ["y"]),
-            helper.make_node("Gather", ["table", "idx"], ["z"], axis=0),
-        ],
-        "proj",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8]),
-            helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 3]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3, 5]),
-        ],
-        [
-            numpy_helper.from_array(W, "W"),
-            numpy_helper.from_array(B, "b"),
-            numpy_helper.from_array(TABLE, "table"),
-        ],
-    )
+    proj = proj_graph(W, B, TABLE)
     _save(proj, directory / "proj.onnx")
     half = helper.make_graph(
         [helper.make_node("MatMul", ["h", "W16"], ["o"])],

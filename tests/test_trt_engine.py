@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from cavmae.config import DEFAULT_PREPROCESS, TINY
 from cavmae.errors import CavmaeError, EngineUnavailableError
@@ -20,6 +20,7 @@ from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import create_engine
 from cavmae.runtime.engines import trt as trt_mod
+from tiny_graphs import proj_graph
 
 MAX_BATCH = 4
 RNG = np.random.default_rng(1)
@@ -31,27 +32,7 @@ TABLE = RNG.standard_normal((10, 5)).astype(np.float32)
 def write_export(directory: Path, *, external_data: bool = False) -> Manifest:
     """One tiny graph ``proj`` (x [B,4,8] f32, idx [B,3] i64 -> y [B,4,6], z [B,3,5])."""
     directory.mkdir(parents=True, exist_ok=True)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["xw"]),
-            helper.make_node("Add", ["xw", "b"], ["y"]),
-            helper.make_node("Gather", ["table", "idx"], ["z"], axis=0),
-        ],
-        "proj",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8]),
-            helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 3]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3, 5]),
-        ],
-        [
-            numpy_helper.from_array(W, "W"),
-            numpy_helper.from_array(B, "b"),
-            numpy_helper.from_array(TABLE, "table"),
-        ],
-    )
+    graph = proj_graph(W, B, TABLE)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.save_model(
         model,
