@@ -240,6 +240,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
                     max_batch=max(cfg.batches), precision=precision, **opts)
         gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
         label = f"{engine} ({pipe.describe()})"
+        result.setdefault("engines", {})[engine] = pipe.describe()  # provider and thread count
         for b in cfg.batches:
             audio, frames = _inputs(cfg, b, clip_arrays)
             log(f"{label}: classify, batch {b}")
