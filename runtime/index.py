@@ -30,7 +30,8 @@ Rows are numbered globally: the ``base_count`` base rows, then each chunk's rows
 item is ``{"row", "path", "duration", "has_audio", "has_video"}``; ``path`` is absolute and
 resolved (:func:`path_key`), the key for incremental runs and de-duplication. A clip without an
 audio (or video) stream has ``has_audio`` (``has_video``) false: its row in ``audio.npy``
-(``visual.npy``) is all zeros as a placeholder, never a fake embedding, and search skips it.
+(``visual.npy``) holds zeros only to keep the rows aligned; ``mask.npy`` marks it absent and
+search never scores it.
 
 Writing (:class:`IndexWriter`, one writer per directory, enforced by ``.lock``):
 

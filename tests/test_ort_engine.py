@@ -26,7 +26,7 @@ from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import ENGINES, create_engine, resolve_engine
 from cavmae.runtime.engines.ort import OrtEngine, check_inputs
-from tiny_graphs import proj_graph
+from tiny_graphs import proj_graph, proj_spec
 
 MAX_BATCH = 4
 RNG = np.random.default_rng(0)
@@ -58,19 +58,7 @@ def write_tiny_export(directory: Path) -> Manifest:
     _save(half, directory / "half.onnx")
 
     graphs = {
-        "proj": GraphSpec(
-            name="proj",
-            file="proj.onnx",
-            inputs=(
-                TensorSpec("x", ("batch", 4, 8), "float32"),
-                TensorSpec("idx", ("batch", 3), "int64"),
-            ),
-            outputs=(
-                TensorSpec("y", ("batch", 4, 6), "float32"),
-                TensorSpec("z", ("batch", 3, 5), "float32"),
-            ),
-            max_batch=MAX_BATCH,
-        ),
+        "proj": proj_spec(MAX_BATCH),
         "half": GraphSpec(
             name="half",
             file="half.onnx",

@@ -20,7 +20,7 @@ from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import create_engine
 from cavmae.runtime.engines import trt as trt_mod
-from tiny_graphs import proj_graph
+from tiny_graphs import proj_graph, proj_spec
 
 MAX_BATCH = 4
 RNG = np.random.default_rng(1)
@@ -41,19 +41,7 @@ def write_export(directory: Path, *, external_data: bool = False) -> Manifest:
         location="proj.onnx.data",
         size_threshold=0,
     )
-    spec = GraphSpec(
-        name="proj",
-        file="proj.onnx",
-        inputs=(
-            TensorSpec("x", ("batch", 4, 8), "float32"),
-            TensorSpec("idx", ("batch", 3), "int64"),
-        ),
-        outputs=(
-            TensorSpec("y", ("batch", 4, 6), "float32"),
-            TensorSpec("z", ("batch", 3, 5), "float32"),
-        ),
-        max_batch=MAX_BATCH,
-    )
+    spec = proj_spec(MAX_BATCH)
     manifest = Manifest(
         model_kind="classifier",
         model_config=TINY,

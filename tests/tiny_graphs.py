@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import GraphProto, TensorProto, helper, numpy_helper
 
+from cavmae.manifest import GraphSpec, TensorSpec
+
 
 def proj_graph(w: np.ndarray, b: np.ndarray, table: np.ndarray, name: str = "proj") -> GraphProto:
     return helper.make_graph(
@@ -31,4 +33,15 @@ def proj_graph(w: np.ndarray, b: np.ndarray, table: np.ndarray, name: str = "pro
             numpy_helper.from_array(b, "b"),
             numpy_helper.from_array(table, "table"),
         ],
+    )
+
+
+def proj_spec(max_batch: int, name: str = "proj", file: str = "proj.onnx") -> GraphSpec:
+    """The manifest entry of :func:`proj_graph`."""
+    return GraphSpec(
+        name=name,
+        file=file,
+        inputs=(TensorSpec("x", ("batch", 4, 8), "float32"), TensorSpec("idx", ("batch", 3), "int64")),
+        outputs=(TensorSpec("y", ("batch", 4, 6), "float32"), TensorSpec("z", ("batch", 3, 5), "float32")),
+        max_batch=max_batch,
     )
