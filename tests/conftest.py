@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MEDIA = SHARED / "media"
+REPO = Path(__file__).resolve().parents[1]
+#: the two real sample clips committed with the repository (see examples/media/README.md)
+MEDIA = REPO / "examples" / "media"
 AUDIOSET_CLIP = MEDIA / "00W1lcxW-WU_40.000.mp4"
 VGGSOUND_CLIP = MEDIA / "KlsG1EnBEjc_000361.mp4"
-AUDIOSET_LABELS = SHARED / "labels" / "audioset_class_labels_indices.csv"
+#: the AudioSet label set that ships inside the package
+AUDIOSET_LABELS = REPO / "cavmae" / "assets" / "audioset_class_labels_indices.csv"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,8 +38,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sample_clips() -> list[Path]:
+    # The clips are part of the repository: a missing one is a broken checkout, not a skip.
     clips = [AUDIOSET_CLIP, VGGSOUND_CLIP]
     missing = [str(c) for c in clips if not c.is_file()]
-    if missing:
-        pytest.skip(f"sample media not found: {missing}")
+    assert not missing, f"sample media missing from the checkout: {missing}"
     return clips

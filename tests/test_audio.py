@@ -34,10 +34,11 @@ from hypothesis import strategies as st
 from cavmae.audio import fbank, frame_count, mel_filterbank, pad_or_cut, prepare_audio
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import MediaError
+from conftest import MEDIA as MEDIA_DIR
 
 knf = pytest.importorskip("kaldi_native_fbank")
 
-MEDIA = sorted((Path(__file__).resolve().parents[1] / ".." / "shared" / "media").glob("*.mp4"))
+MEDIA = sorted(MEDIA_DIR.glob("*.mp4"))
 SR = DEFAULT_PREPROCESS.sample_rate
 LOG_EPS = np.float32(math.log(np.finfo(np.float32).eps))
 

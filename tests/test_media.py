@@ -19,6 +19,7 @@ from cavmae.media import (
     probe,
     sample_frame_positions,
 )
+from conftest import MEDIA as MEDIA_DIR
 from media_factory import (
     dominant_frequency,
     frame_index_of,
@@ -30,7 +31,7 @@ from media_factory import (
 
 CFG = DEFAULT_PREPROCESS
 SR = CFG.sample_rate
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+MEDIA = MEDIA_DIR
 SMALL = MEDIA / "00W1lcxW-WU_40.000.mp4"  # 256x144, 12.5 fps, stereo 44.1 kHz, 10.0 s
 HD = MEDIA / "KlsG1EnBEjc_000361.mp4"  # 1280x720, 29.97 fps (see below), stereo 44.1 kHz
 PADDED = (0.0 - CFG.fbank_mean) / CFG.fbank_std  # value of a zero-padded fbank row

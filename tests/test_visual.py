@@ -11,11 +11,12 @@ import pytest
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import MediaError
 from cavmae.visual import load_image, preprocess_frame, preprocess_frames, resized_size
+from conftest import MEDIA as MEDIA_DIR
 
 SIZE = DEFAULT_PREPROCESS.image_size
 MEAN = np.asarray(DEFAULT_PREPROCESS.image_mean, dtype=np.float64)
 STD = np.asarray(DEFAULT_PREPROCESS.image_std, dtype=np.float64)
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+MEDIA = MEDIA_DIR
 HD_CLIP = MEDIA / "KlsG1EnBEjc_000361.mp4"
 
 
