@@ -119,7 +119,8 @@ def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., An
             typ, _ = _base_type(hints[fld.name])
             flag = "--" + fld.name.replace("_", "-")
             default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
-            shown = "required" if default == "" else f"default: {default}"
+            # not click's required=True: a --config file may give the field instead
+            shown = "required" if fld.name in required else f"default: {default}"
             help_text = f"{fld.metadata.get('help', '')} [{shown}]"
             names = [flag] + ([_SHORT[fld.name]] if fld.name in _SHORT else [])
             if typ is bool:
@@ -132,6 +133,7 @@ def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., An
                 opt = click.option(*names, fld.name, type=typ, default=None, help=help_text)
             f = opt(f)
         return f
+    required = set(getattr(cls, "required_fields", ()))
 
     return decorate
 
@@ -153,9 +155,18 @@ def _print_epoch(rec: dict[str, Any]) -> None:
     click.echo("  ".join(parts))
 
 
-def _report(result: Any) -> None:
+def _report(result: Any, config: Any, config_file: Path | None, max_steps_option: bool) -> None:
+    """Print the outcome; a run stopped by max_steps says how to continue it (the same
+    max_steps would stop again at once)."""
     if not result.completed:
-        click.echo(f"stopped at step {result.global_step} (max_steps); run the same command again to continue")
+        if max_steps_option or config_file is None:
+            how = "run again with a larger --max-steps, or without --max-steps"
+        else:
+            how = f"raise max_steps in {config_file} (or give a larger --max-steps), or remove it"
+        click.echo(
+            f"stopped at step {result.global_step} (max_steps {config.max_steps}) in {result.run_dir};"
+            f" to continue, {how} to finish all {config.epochs} epochs"
+        )
         return
     click.echo(f"done: {result.epoch} epochs, {result.global_step} steps; run directory {result.run_dir}")
     for label, path in (("final", result.final_checkpoint), ("best", result.best_checkpoint),
@@ -184,7 +195,8 @@ def _train_command(name: str, cls_name: str, doc: str) -> click.Command:
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         config.validate()
-        _report(run(config, on_epoch=_print_epoch))
+        result = run(config, on_epoch=_print_epoch)
+        _report(result, config, config_file, options.get("max_steps") is not None)
 
     return command
 
