@@ -898,9 +898,10 @@ def _check_epochs(run_dir: Path, cfg: TrainConfig, tr: dict[str, Any]) -> None:
 
 @contextmanager
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Iterator[Any]:
-    from tqdm import tqdm
+    from cavmae.progress import progress_bar
 
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, leave=False)
+    # a bar on a terminal, a line every few seconds in a log (never a bar in a log file)
+    bar = progress_bar(total=total, initial=initial, desc=desc, unit="step", enabled=enabled, leave=False)
     try:
         yield bar
     finally:

@@ -178,7 +178,8 @@ def export_model(
     reports: dict[str, ValidationReport] = {}
     specs = {}
     try:
-        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph")
+        # log_interval=0: in a log, one line per graph (each takes seconds)
+        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph", log_interval=0)
         for name, stage in bar:
             bar.set_postfix_str(name)
             path = work / stage.spec.file
@@ -192,6 +193,7 @@ def export_model(
                 reports[name] = validate_graph(stage, path, precision, task=task)
                 if not reports[name].passed:
                     raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
+                bar.set_postfix_str(f"{name} validated")
         manifest = make_manifest(
             net, specs, precision=precision, num_frames=num_frames, max_batch=max_batch,
             task=task, finetune_mode=finetune_mode, labels=label_set, mask_ratio_a=mask_ratio_a,

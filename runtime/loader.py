@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ def cached_export(source: ModelSource, *, progress: bool = True, **settings: Any
         except ImportError as e:
             raise CavmaeError(f"exporting a checkpoint needs PyTorch and onnx ({e}); pass an export directory instead") from None
         log.info("exporting %s into the cache %s", source.path, out)
+        from cavmae.progress import progress_note
+
+        started = time.monotonic()
+        progress_note(f"export: first use of {source.path.name}: exporting it into the cache once"
+                      " (30-50 s for a full-size model)", enabled=progress)
         labels = registry.ensure_labels(source.info.name, progress=progress) if source.info and source.info.label_url else None
         export_model(
             _load_source_model(source), out, labels=labels, progress=progress, overwrite=True,
@@ -114,6 +120,7 @@ def cached_export(source: ModelSource, *, progress: bool = True, **settings: Any
                     "name": source.info.name if source.info else None},
             **settings,
         )
+        progress_note(f"export: done in {time.monotonic() - started:.1f} s ({out})", enabled=progress)
     return out
 
 
