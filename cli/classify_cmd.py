@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from cavmae.errors import CavmaeError, MediaError
 
 from .common import (
     EXIT_INPUT_FAILED,
+    echo,
     echo_json,
     expand_inputs,
     model_options,
@@ -24,6 +24,10 @@ from .common import (
     select_shard,
     warn,
 )
+from .results import ResultWriter
+
+#: columns of the CSV output (stdout and -o)
+HEADER = ["path", "mode", "start", "end", "rank", "index", "label", "score"]
 
 
 def window_offsets(duration: float, window: float, hop: float) -> list[float]:
@@ -37,57 +41,6 @@ def window_offsets(duration: float, window: float, hop: float) -> list[float]:
         t += hop
     offsets.append(round(duration - window, 6))
     return sorted(set(offsets))
-
-
-class ResultWriter:
-    """Appends one record per prediction to ``-o`` (JSON lines or CSV), flushing each, and
-    knows which (path, offset) pairs an earlier run already wrote, so a re-run skips them."""
-
-    def __init__(self, path: Path | None, fmt: str, header: list[str]) -> None:
-        self.path, self.fmt, self.header = path, fmt, header
-        self.done: set[tuple[str, float]] = set()
-        self._file: Any = None
-        if path is None:
-            return
-        if path.exists() and path.stat().st_size:
-            self._read_done(path)
-        new = not path.exists() or path.stat().st_size == 0
-        self._file = open(path, "a", newline="", encoding="utf-8")
-        if fmt == "csv" and new:
-            csv.writer(self._file).writerow(header)
-            self._file.flush()
-
-    def _read_done(self, path: Path) -> None:
-        with open(path, newline="", encoding="utf-8") as f:
-            if self.fmt == "csv":
-                rows = csv.DictReader(f)
-                if rows.fieldnames is None or "path" not in rows.fieldnames or "start" not in rows.fieldnames:
-                    raise CavmaeError(f"{path} is not a results CSV of this command; choose another -o")
-                for row in rows:
-                    self.done.add((row["path"], float(row["start"])))
-            else:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        self.done.add((rec["path"], float(rec["start"])))
-                    except (ValueError, KeyError):
-                        # a line cut by a kill mid-write: ignore it, the item is redone
-                        warn(f"{path}:{n}: ignoring an incomplete line")
-
-    def write(self, record: dict[str, Any], csv_rows: list[list[Any]]) -> None:
-        if self._file is None:
-            return
-        if self.fmt == "csv":
-            csv.writer(self._file).writerows(csv_rows)
-        else:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,7 +60,8 @@ class ResultWriter:
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows.")
 @click.option("--all-scores", is_flag=True, help="Include every class's score in JSON/CSV output.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Append results here as they come (JSON lines, or CSV with --csv); a re-run skips done items.")
+              help="Write results here as they come, in the format of its ending (.csv, .jsonl, or .json"
+                   " rewritten whole); a re-run skips the clips and modes already in it.")
 @click.option("--shard", default=None, help="Process shard i/n of the inputs (or 'auto' under torchrun).")
 def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window, hop, offset, labels_csv,
              as_json, as_csv, all_scores, output, shard) -> None:
@@ -125,18 +79,19 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     if hop is not None and window is None:
         raise click.UsageError("--hop needs --window")
     files = select_shard(expand_inputs(inputs), parse_shard(shard), key=lambda p: str(p.resolve()))
+    # checked before the model loads: a wrong -o fails in a second, and writes nothing
+    writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
+                          command="cavmae classify")
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames)
     names = _label_names(pipe, labels_csv)
     mode = _choose_mode(pipe, mode)
-    fmt = "csv" if as_csv else "jsonl"
-    header = ["path", "start", "end", "rank", "index", "label", "score"]
-    writer = ResultWriter(output, fmt, header)
     stdout_csv = csv.writer(sys.stdout) if as_csv else None
     if stdout_csv:
-        stdout_csv.writerow(header)
+        stdout_csv.writerow(HEADER)
     failed: list[tuple[Path, str]] = []
+    already_done = 0  # inputs whose every result an earlier run wrote to -o
     try:
-        for path in progress(files, total=len(files), desc="classify"):
+        for path in progress(files, total=len(files), desc="classify", unit="clip"):
             try:
                 offsets = [offset]
                 span = None
@@ -145,11 +100,11 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
 
                     span = window
                     offsets = window_offsets(probe(path).duration, window, hop or window / 2)
-                for start in offsets:
-                    if (str(path), start) in writer.done:
-                        continue
+                todo = [s for s in offsets if not writer.is_done({"path": path, "mode": mode, "start": s})]
+                already_done += not todo
+                for start in todo:
                     pred = _classify_one(pipe, path, mode, start, span)
-                    record, rows = _record(path, start, span, pred, names, top_k, all_scores)
+                    record, rows = _record(path, mode, start, span, pred, names, top_k, all_scores)
                     writer.write(record, rows)
                     _print(record, rows, as_json, stdout_csv, show_time=window is not None or start > 0)
             except MediaError as e:
@@ -157,6 +112,8 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
                 warn(f"skipped {path}: {e}")
     finally:
         writer.close()
+    if already_done:
+        echo(f"{already_done} of {len(files)} inputs already in {output}: skipped", err=True)
     if failed:
         click.echo(f"{len(failed)} of {len(files)} inputs failed; the others were classified", err=True)
         sys.exit(EXIT_INPUT_FAILED)
@@ -198,7 +155,8 @@ def _choose_mode(pipe, mode: str) -> str:
     return mode
 
 
-def _record(path: Path, start: float, span: float | None, result, names, top_k: int, all_scores: bool):
+def _record(path: Path, mode: str, start: float, span: float | None, result, names, top_k: int,
+            all_scores: bool):
     pred, clip = result
     idx = pred.probs.argsort()[::-1][:top_k]
     if span is not None:
@@ -207,24 +165,28 @@ def _record(path: Path, start: float, span: float | None, result, names, top_k: 
         end = min(start + 10.0, clip.duration)
     top = [{"rank": r + 1, "index": int(i), "label": names[i], "score": round(float(pred.probs[i]), 6)}
            for r, i in enumerate(idx)]
-    record: dict[str, Any] = {"path": str(path), "start": start, "end": round(end, 3), "top": top}
+    record: dict[str, Any] = {"path": str(path), "mode": mode, "start": start, "end": round(end, 3), "top": top}
     if all_scores:
         record["scores"] = [round(float(p), 6) for p in pred.probs]
-    rows = [[str(path), start, round(end, 3), t["rank"], t["index"], t["label"], t["score"]] for t in top]
+    first = [str(path), mode, start, round(end, 3)]
+    rows = [[*first, t["rank"], t["index"], t["label"], t["score"]] for t in top]
     if all_scores:
-        rows = [[str(path), start, round(end, 3), "", i, names[i], round(float(p), 6)] for i, p in enumerate(pred.probs)]
+        rows = [[*first, "", i, names[i], round(float(p), 6)] for i, p in enumerate(pred.probs)]
     return record, rows
 
 
 def _print(record, rows, as_json: bool, stdout_csv, show_time: bool) -> None:
+    """One result on stdout; the helpers used clear the progress bar first, so they never share a line."""
     if as_json:
         echo_json(record)
     elif stdout_csv is not None:
-        stdout_csv.writerows(rows)
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        echo(buf.getvalue(), nl=False)
     else:
         buf = io.StringIO()
         when = f" [{record['start']:.1f}-{record['end']:.1f} s]" if show_time else ""
         buf.write(f"{record['path']}{when}\n")
         for t in record["top"]:
             buf.write(f"  {t['score']:.3f}  {t['label']}\n")
-        click.echo(buf.getvalue(), nl=False)
+        echo(buf.getvalue(), nl=False)
