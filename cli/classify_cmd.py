@@ -81,7 +81,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     files = select_shard(expand_inputs(inputs), parse_shard(shard), key=lambda p: str(p.resolve()))
     # checked before the model loads: a wrong -o fails in a second, and writes nothing
     writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
-                          command="cavmae classify")
+                          command="cavmae classify", shared=parse_shard(shard)[1] > 1)
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames)
     names = _label_names(pipe, labels_csv)
     mode = _choose_mode(pipe, mode)

@@ -77,6 +77,8 @@ class ResultWriter:
         requested: "csv" / "json" from the command's flags, or None.
         command: the command's name, for messages.
         key: the identity of a record (see :func:`result_key`).
+        shared: several processes (shards) write this file at once; refused for ``.json``,
+            which each would rewrite with its own records only.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class ResultWriter:
         requested: str | None = None,
         command: str = "cavmae",
         key: Callable[[dict[str, Any]], Hashable] = result_key,
+        shared: bool = False,
     ) -> None:
         self.path, self.columns, self.command, self.key = path, list(columns), command, key
         self.fmt = result_format(path, requested) if path is not None else None
@@ -97,6 +100,9 @@ class ResultWriter:
         self._last_rewrite = 0.0
         if path is None:
             return
+        if shared and self.fmt == "json":
+            raise CavmaeError(f"-o {path}: shards cannot share a .json file (each rewrites it whole);"
+                              " use a .jsonl or .csv file, or one -o per shard")
         if path.is_dir():
             raise CavmaeError(f"-o {path} is a folder; give a file name ending in .csv, .jsonl or .json")
         if path.exists() and path.stat().st_size:

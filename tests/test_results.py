@@ -121,3 +121,9 @@ def test_result_key_reads_csv_text_and_numbers_alike():
     assert result_key({"path": "a.mp4", "mode": "av", "start": "5.0"}) == result_key(
         {"path": Path("a.mp4").resolve(), "mode": "av", "start": 5}
     )
+
+
+def test_shards_cannot_share_a_json_file(tmp_path):
+    with pytest.raises(CavmaeError, match="shards"):
+        ResultWriter(tmp_path / "r.json", COLUMNS, shared=True)
+    ResultWriter(tmp_path / "r.jsonl", COLUMNS, shared=True).close()  # appended: fine
