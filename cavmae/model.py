@@ -19,10 +19,11 @@ from torch import nn
 from .config import BASE, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
 from .masking import MASK_MODES, MaskIndices, force_structure, indices_from_noise, num_kept
+from .modes import REFERENCE_MODES, lookup
 from .patches import audio_to_image, patchify
 
-#: classifier modes (SPEC section 4)
-MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
+#: classifier modes (the reference's names; the table in :mod:`cavmae.modes`)
+MODES = REFERENCE_MODES
 
 #: temperature of the contrastive loss
 CONTRAST_TEMPERATURE = 0.05
@@ -162,25 +163,20 @@ class CAVMAEFT(CAVMAEEncoder):
     ) -> torch.Tensor:
         """Branch outputs (``a [B, La, D]``, ``v [B, Lv, D]``) -> the head's input ``[B, D]``.
 
-        This is everything after the modality branches: the exporter's joint stage.
+        This is everything after the modality branches: the exporter's joint stage. The mode's
+        row in :mod:`cavmae.modes` says which inputs it reads and whether it uses the joint
+        stream (see docs/model.md section 4).
         """
-        if mode == "multimodal":
+        row = lookup(mode)
+        if row.audio and row.video:
             return self.forward_joint(_need(a, mode, "audio"), _need(v, mode, "image")).mean(1)
-        if mode == "audioonly":
-            return self.forward_audio_stream(_need(a, mode, "audio")).mean(1)
-        if mode == "videoonly":
-            return self.forward_visual_stream(_need(v, mode, "image")).mean(1)
-        # "missing*only": an audio-visual model is given one modality; the name says which one
-        # is given ("missingaudioonly" = audio only), following the reference
-        if mode == "missingaudioonly":
-            a = _need(a, mode, "audio")
-            joint = self.forward_joint_single(a).mean(1)
-            return (joint + self.forward_audio_stream(a).mean(1)) / 2
-        if mode == "missingvideoonly":
-            v = _need(v, mode, "image")
-            joint = self.forward_joint_single(v).mean(1)
-            return (joint + self.forward_visual_stream(v).mean(1)) / 2
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        x = _need(a, mode, "audio") if row.audio else _need(v, mode, "image")
+        own = (self.forward_audio_stream if row.audio else self.forward_visual_stream)(x).mean(1)
+        if not row.joint:  # audioonly / videoonly: the modality's own stream
+            return own
+        # missing*only: a model fine-tuned on both modalities gets one; as in the reference, the
+        # average of that modality through the joint block and through its own stream
+        return (self.forward_joint_single(x).mean(1) + own) / 2
 
     def forward(
         self,
@@ -192,12 +188,9 @@ class CAVMAEFT(CAVMAEEncoder):
 
         Single-modality modes accept ``None`` for the unused input.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        uses_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-        uses_image = mode in ("multimodal", "videoonly", "missingvideoonly")
-        a = self.forward_audio_branch(_need(audio, mode, "audio")) if uses_audio else None
-        v = self.forward_visual_branch(_need(image, mode, "image")) if uses_image else None
+        row = lookup(mode)
+        a = self.forward_audio_branch(_need(audio, mode, "audio")) if row.audio else None
+        v = self.forward_visual_branch(_need(image, mode, "image")) if row.video else None
         return self.head(self.pooled_features(a, v, mode))
 
 

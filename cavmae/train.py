@@ -83,7 +83,8 @@ from cavmae.data import (
 from cavmae.errors import CavmaeError
 from cavmae.masking import MASK_MODES, draw_noise
 from cavmae.metrics import accuracy, mean_average_precision, retrieval_metrics
-from cavmae.model import CAVMAE, CAVMAEFT, MODES
+from cavmae.model import CAVMAE, CAVMAEFT
+from cavmae.modes import FINETUNE_MODES, finetune_needs, lookup
 
 __all__ = [
     "FinetuneConfig",
@@ -338,7 +339,7 @@ class FinetuneConfig(TrainConfig):
     freqm: int = _f(48, "SpecAugment: max frequency band width")
     timem: int = _f(192, "SpecAugment: max time band width")
     label_smooth: float = _f(0.1, "label smoothing")
-    mode: str = _f("multimodal", f"fine-tuning mode: {', '.join(MODES[:3])}")
+    mode: str = _f("multimodal", f"fine-tuning mode: {', '.join(FINETUNE_MODES)}")
     loss: str = _f("BCE", "BCE (multi-label) or CE (single-label)")
     metric: str = _f("auto", "main validation metric: mAP, acc, or auto (mAP for BCE, acc for CE)")
     head_lr: float = _f(50.0, "the new head's lr = head_lr x lr")
@@ -359,8 +360,8 @@ class FinetuneConfig(TrainConfig):
 
     def _validate_extra(self) -> list[str]:
         problems = []
-        if self.mode not in ("multimodal", "audioonly", "videoonly"):
-            problems.append(f"mode must be multimodal, audioonly or videoonly, not {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            problems.append(f"mode must be {', '.join(FINETUNE_MODES)}, not {self.mode!r}")
         if self.loss not in ("BCE", "CE"):
             problems.append(f"loss must be BCE or CE, not {self.loss!r}")
         if self.metric not in ("auto", "mAP", "acc"):
@@ -745,8 +746,7 @@ def predict_clips(
     device = torch.device(device)
     model.eval()
     batches = eval_batches(len(dataset), batch_size, d.world_size, d.rank)
-    uses_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-    uses_video = mode in ("multimodal", "videoonly", "missingvideoonly")
+    uses_audio, uses_video = lookup(mode).audio, lookup(mode).video
 
     def act(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -1248,8 +1248,7 @@ def finetune(
         base = []
     groups = [g for g in ({"params": base, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr}) if g["params"]]
     model.to(device).train()
-    audio = cfg.mode in ("multimodal", "audioonly")
-    video = cfg.mode in ("multimodal", "videoonly")
+    audio, video = finetune_needs(cfg.mode)
     preprocess = _preprocess_for(model.config)
     data = _load_data(cfg, labels, preprocess, audio, video)
     step_module = _ClassifierStep(model, cfg.mode)

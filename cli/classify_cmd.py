@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from cavmae.errors import CavmaeError, MediaError
+from cavmae.errors import CavmaeError, MediaError, MissingStreamError
+from cavmae.modes import AUTO, CLI_MODES
 
 from .common import (
     EXIT_INPUT_FAILED,
@@ -30,29 +31,18 @@ from .results import ResultWriter
 HEADER = ["path", "mode", "start", "end", "rank", "index", "label", "score"]
 
 
-def window_offsets(duration: float, window: float, hop: float) -> list[float]:
-    """Start times of sliding windows over ``duration`` seconds; the last one ends at the end."""
-    if duration <= window:
-        return [0.0]
-    offsets = []
-    t = 0.0
-    while t + window < duration - 1e-6:
-        offsets.append(round(t, 6))
-        t += hop
-    offsets.append(round(duration - window, 6))
-    return sorted(set(offsets))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
 @model_options()
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1), help="Labels to show per clip.")
-@click.option("--mode", type=click.Choice(["auto", "av", "audio", "visual"]), default="auto", show_default=True,
-              help="Modalities to use; auto = audio-visual when the model supports it.")
+@click.option("--mode", type=click.Choice([AUTO, *CLI_MODES]), default=AUTO, show_default=True,
+              help="Modalities to use. auto: per file, audio-visual where the model and the file allow,"
+                   " else the stream the file has (with a note on stderr).")
 @click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
 @click.option("--window", type=click.FloatRange(0, 10, min_open=True), default=None,
-              help="Sliding windows of this many seconds over the whole video (max 10).")
-@click.option("--hop", type=click.FloatRange(0, min_open=True), default=None, help="Window hop in seconds [default: window/2].")
+              help="Sliding windows of this many seconds over the whole video (max 10); see below.")
+@click.option("--hop", type=click.FloatRange(0, min_open=True), default=None,
+              help="Seconds between window starts [default: window/2].")
 @click.option("--offset", type=click.FloatRange(0), default=0.0, show_default=True, help="Start of the clip (without --window).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,
               help="Label CSV (index,mid,display_name) replacing the model's label names.")
@@ -66,6 +56,14 @@ def window_offsets(duration: float, window: float, hop: float) -> list[float]:
 def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window, hop, offset, labels_csv,
              as_json, as_csv, all_scores, output, shard) -> None:
     """Classify videos (files, folders or globs): top-k labels with scores.
+
+    Audio files and videos without sound are classified with the one stream they have when the
+    model supports it (--mode auto); images are classified as silent one-frame videos.
+
+    Windows (--window W --hop H) start at 0, H, 2H, ... as long as they fit in the media; one
+    more window, ending at the end, is added only when the tail left uncovered is longer than
+    H/2 (30.02 s with --window 10 --hop 5: 0, 5, 10, 15, 20). Media no longer than W gets one
+    window.
 
     \b
     Examples:
@@ -93,38 +91,47 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     try:
         for path in progress(files, total=len(files), desc="classify", unit="clip"):
             try:
+                file_mode = _file_mode(pipe, path, mode)
                 offsets = [offset]
                 span = None
                 if window is not None:
-                    from cavmae.media import probe
+                    from cavmae.media import probe, window_offsets
 
                     span = window
                     offsets = window_offsets(probe(path).duration, window, hop or window / 2)
-                todo = [s for s in offsets if not writer.is_done({"path": path, "mode": mode, "start": s})]
+                todo = [s for s in offsets if not writer.is_done({"path": path, "mode": file_mode, "start": s})]
                 already_done += not todo
                 for start in todo:
-                    pred = _classify_one(pipe, path, mode, start, span)
-                    record, rows = _record(path, mode, start, span, pred, names, top_k, all_scores)
+                    pred = _classify_one(pipe, path, file_mode, start, span)
+                    record, rows = _record(path, file_mode, start, span, pred, names, top_k, all_scores)
                     writer.write(record, rows)
                     _print(record, rows, as_json, stdout_csv, show_time=window is not None or start > 0)
             except MediaError as e:
                 failed.append((path, str(e)))
-                warn(f"skipped {path}: {e}")
+                if len(files) > 1:
+                    warn(f"skipped {path}: {e}")
     finally:
         writer.close()
     if already_done:
         echo(f"{already_done} of {len(files)} inputs already in {output}: skipped", err=True)
     if failed:
+        if len(files) == 1:  # nothing else was classified: the reason is the whole message
+            raise CavmaeError(failed[0][1])
         click.echo(f"{len(failed)} of {len(files)} inputs failed; the others were classified", err=True)
         sys.exit(EXIT_INPUT_FAILED)
 
 
 def _classify_one(pipe, path: Path, mode: str, start: float, span: float | None):
     from cavmae.media import load_clip
+    from cavmae.modes import needs
     from cavmae.runtime.pipeline import Prediction
 
-    clip = load_clip(path, num_frames=pipe.num_frames, offset=start, config=pipe.manifest.preprocess,
-                     need_audio=mode in ("av", "audio"), need_video=mode in ("av", "visual"), duration=span)
+    need_audio, need_video = needs(mode)
+    try:
+        clip = load_clip(path, num_frames=pipe.num_frames, offset=start, config=pipe.manifest.preprocess,
+                         need_audio=need_audio, need_video=need_video, duration=span)
+    except MissingStreamError as e:
+        raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
     probs = pipe.classify(clip.audio, clip.frames, mode)
     return Prediction(probs=probs, labels=pipe.labels, path=str(path), offset=start), clip
 
@@ -142,17 +149,52 @@ def _label_names(pipe, labels_csv: str | None) -> tuple[str, ...]:
 
 
 def _choose_mode(pipe, mode: str) -> str:
+    """``--mode`` checked against the model: a mode it supports, or ``auto`` (decided per file)."""
     if pipe.manifest.model_kind != "classifier":
         raise CavmaeError(
             "this is a pre-training model without a classification head; classify with a fine-tuned"
             " model such as as-full-51.2 (see `cavmae models`)"
         )
     supported = pipe.classify_modes
-    if mode == "auto":
-        return supported[0]
-    if mode not in supported:
-        raise CavmaeError(f"this model cannot classify with --mode {mode}; it supports: {', '.join(supported)}")
+    if mode != AUTO and mode not in supported:
+        raise CavmaeError(f"this model cannot classify with --mode {mode}; it supports: {', '.join(supported)}"
+                          f" (or --mode {AUTO})")
     return mode
+
+
+def _file_mode(pipe, path: Path, mode: str) -> str:
+    """The mode one file is classified in: ``mode``, or for ``auto`` the best one the model
+    supports with the streams the file has (a note on stderr when a stream is left out)."""
+    if mode != AUTO:
+        return mode
+    from cavmae.media import probe
+    from cavmae.modes import best_mode, needs
+
+    info = probe(path)
+    supported = pipe.classify_modes
+    chosen = best_mode(supported, info.has_audio, info.has_video)
+    if chosen is None:
+        # every mode of the model needs the stream this file lacks
+        missing = "audio" if needs(supported[0])[0] and not info.has_audio else "video"
+        raise MissingStreamError.of(str(path), missing, _missing_hint(pipe, missing))
+    if chosen != supported[0]:
+        lacks = "video" if info.has_audio else "audio"
+        echo(f"note: {path}: no {lacks} stream; classified with {chosen} only (--mode {chosen})", err=True)
+    return chosen
+
+
+def _missing_hint(pipe, stream: str) -> str:
+    """What to do about a file without ``stream`` (``audio``/``video``), in this command's flags."""
+    from cavmae.modes import needs
+
+    uses = 0 if stream == "audio" else 1
+    others = [m for m in pipe.classify_modes if not needs(m)[uses]]
+    if others:
+        return f"classify it with --mode {others[0]} (or --mode {AUTO})"
+    track = "a sound track" if stream == "audio" else "a video track"
+    only = "/".join(pipe.classify_modes)
+    return (f"this model classifies with {only} only: give a file with {track}, or another model"
+            " with -m (see `cavmae models`)")
 
 
 def _record(path: Path, mode: str, start: float, span: float | None, result, names, top_k: int,

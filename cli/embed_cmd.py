@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cavmae.errors import CavmaeError
+from cavmae.errors import CavmaeError, MissingStreamError
 
 from .common import (
     ENGINE_CHOICES,
@@ -295,14 +295,18 @@ def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | i
         image = preprocess_frame(load_image(path), cfg)
         return {"visual": pipe.embed_images(image[None])[0][0]}
     if kind == "audio":
-        clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+        try:
+            clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+        except MissingStreamError as e:  # the decoder's hint knows no flags of this command
+            raise e.with_hint("query with its frames instead: --video FILE (or --image for a still)") from None
         return {"audio": pipe.embed_audio(clip.audio[None])[0]}
     info = probe(path)
     need_audio = modality in ("audio", "both") and info.has_audio
     need_video = modality in ("visual", "both") and info.has_video
     if not (need_audio or need_video):
         want = "audio or video" if modality == "both" else ("audio" if modality == "audio" else "video")
-        raise CavmaeError(f"{path} has no {want} stream to query with")
+        other = "visual" if info.has_video else "audio"
+        raise CavmaeError(f"{path} has no {want} stream to query with; use --modality {other} (or both)")
     clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=need_audio, need_video=need_video)
     out: dict[str, np.ndarray] = {}
     if clip.audio is not None:

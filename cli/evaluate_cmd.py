@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from cavmae.modes import CLI_MODES
+
 from .common import (
     EXIT_INPUT_FAILED,
     echo_json,
@@ -82,7 +84,7 @@ def _print_summary(result: Any) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["av", "audio", "visual"]),
+    type=click.Choice(CLI_MODES),
     default=None,
     help="Classification input: both modalities, audio only or visual only. [default: av]",
 )

@@ -28,8 +28,9 @@ from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
 from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar
-from cavmae.stages import FINETUNE_MODES, Stage, build_stages, make_manifest
+from cavmae.stages import Stage, build_stages, make_manifest
 
 from .fp16 import convert_to_fp16
 from .validate import ValidationReport, validate_graph

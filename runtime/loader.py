@@ -18,6 +18,7 @@ from typing import Any
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError
 from cavmae.manifest import Manifest, is_export_dir
+from cavmae.modes import finetune_mode_of
 
 from . import registry
 from .download import exclusive_lock, sha256_file
@@ -37,8 +38,8 @@ class ModelSource:
 
     @property
     def finetune_mode(self) -> str:
-        modes = self.info.modes if self.info else ()
-        return modes[0] if modes and modes[0] in ("multimodal", "audioonly", "videoonly") else "multimodal"
+        """What the checkpoint was fine-tuned for: from its registry entry, else ``multimodal``."""
+        return finetune_mode_of(self.info.modes if self.info else ())
 
 
 def resolve_model(model: str | Path, *, mirror: str | None = None, progress: bool = True) -> ModelSource:

@@ -18,12 +18,13 @@ import numpy as np
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.manifest import Manifest
 from cavmae.masking import MASK_MODES, draw_noise, indices_from_noise, num_kept
+from cavmae.modes import CLI_MODES, graph_for, needs
 from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
 
 from .engines.base import Engine
 
-#: classification modes on the command line -> graph that serves them
-CLASSIFY_GRAPHS = {"av": "joint_classifier", "audio": "audio_classifier", "visual": "visual_classifier"}
+#: classification modes on the command line -> graph that serves them (from :mod:`cavmae.modes`)
+CLASSIFY_GRAPHS = {mode: graph_for(mode) for mode in CLI_MODES}
 
 
 @dataclass
@@ -138,11 +139,12 @@ class Pipeline:
         """
         graph = self._classify_graph(mode)
         feeds: dict[str, np.ndarray] = {}
-        if mode in ("av", "audio"):
+        use_audio, use_video = needs(mode)
+        if use_audio:
             if audio is None:
                 raise CavmaeError(f"mode {mode!r} needs audio")
             feeds["audio_tokens"] = self.encode_audio(audio)
-        if mode in ("av", "visual"):
+        if use_video:
             if frames is None:
                 raise CavmaeError(f"mode {mode!r} needs frames")
             frames = _f32(frames)
@@ -169,9 +171,10 @@ class Pipeline:
         from cavmae.media import load_clip
 
         self._classify_graph(mode)
+        need_audio, need_video = needs(mode)
         clip = load_clip(
             path, num_frames=self.num_frames, offset=offset, config=self.manifest.preprocess,
-            need_audio=mode in ("av", "audio"), need_video=mode in ("av", "visual"),
+            need_audio=need_audio, need_video=need_video,
         )
         probs = self.classify(clip.audio, clip.frames, mode)
         return Prediction(probs=probs, labels=self.labels, path=str(path), offset=offset)

@@ -29,6 +29,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from cavmae.errors import CavmaeError, DownloadError, EngineUnavailableError
+from cavmae.modes import reference_modes
 
 from .download import download
 
@@ -40,11 +41,10 @@ LabelSet = Literal["audioset", "vggsound"]
 ENV_HOME = "CAVMAE_HOME"
 ENV_MIRROR = "CAVMAE_MIRROR"
 
-#: Modes of a classifier fine-tuned on both modalities (SPEC section 4): the joint stream, or one
-#: modality alone pushed through the joint block ("missing...").
-AV_MODES: tuple[str, ...] = ("multimodal", "missingaudioonly", "missingvideoonly")
-AUDIO_MODES: tuple[str, ...] = ("audioonly",)
-VISUAL_MODES: tuple[str, ...] = ("videoonly",)
+#: Reference modes of the classifiers by what they were fine-tuned for (table in cavmae.modes).
+AV_MODES: tuple[str, ...] = reference_modes("multimodal")
+AUDIO_MODES: tuple[str, ...] = reference_modes("audioonly")
+VISUAL_MODES: tuple[str, ...] = reference_modes("videoonly")
 
 #: Column names of both label CSVs (the reference loader reads them with csv.DictReader).
 LABEL_CSV_COLUMNS: tuple[str, ...] = ("index", "mid", "display_name")
