@@ -78,6 +78,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
       cavmae reconstruct video.mp4 -o rec.png --mask-ratio 0.9 --mask-mode time --seed 3
       cavmae reconstruct video.mp4 -o rec.png --json
     """
+    from cavmae.audio import audio_frames
     from cavmae.runtime.figures import (
         ReconstructionInfo,
         check_png_path,
@@ -108,6 +109,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
             source=video.name, model=_model_name(model), mask_ratio_a=ratio_a, mask_ratio_v=ratio_v,
             mask_mode=mask_mode, seed=seed, frame_index=index, frame_time=frame_time, offset=offset,
             frame_shift_s=m.preprocess.frame_shift_ms / 1000.0,
+            audio_frames=audio_frames(len(clip.waveform), m.preprocess),
             image_mean=m.preprocess.image_mean, image_std=m.preprocess.image_std,
         )
         image = reconstruction_figure(rec, info)
@@ -119,7 +121,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
         "path": str(video), "output": str(output), "model": str(model), "engine": engine_name,
         "mask_ratio_a": ratio_a, "mask_ratio_v": ratio_v, "mask_mode": mask_mode, "seed": seed,
         "offset": offset, "frame": index, "frame_time": round(frame_time, 4),
-        "mse_a": float(rec.mse_a), "mse_v": float(rec.mse_v),
+        "mse_a": float(rec.mse_a), "mse_v": float(rec.mse_v), "audio_frames": info.audio_frames,
         "removed_a": int(rec.mask_a.sum()), "tokens_a": int(rec.mask_a.size),
         "removed_v": int(rec.mask_v.sum()), "tokens_v": int(rec.mask_v.size),
         "width": int(image.shape[1]), "height": int(image.shape[0]),
