@@ -80,8 +80,10 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     # checked before the model loads: a wrong -o fails in a second, and writes nothing
     writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
                           command="cavmae classify", shared=parse_shard(shard)[1] > 1)
-    pipe = open_pipeline(model, engine, device, mirror, num_frames=frames)
-    names = _label_names(pipe, labels_csv)
+    # --labels replaces the model's names inside load(), so no label file is downloaded then
+    pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
+                         task="classify")
+    names = _label_names(pipe)
     mode = _choose_mode(pipe, mode)
     stdout_csv = csv.writer(sys.stdout) if as_csv else None
     if stdout_csv:
@@ -136,15 +138,9 @@ def _classify_one(pipe, path: Path, mode: str, start: float, span: float | None)
     return Prediction(probs=probs, labels=pipe.labels, path=str(path), offset=start), clip
 
 
-def _label_names(pipe, labels_csv: str | None) -> tuple[str, ...]:
+def _label_names(pipe) -> tuple[str, ...]:
+    """The model's class names (those of ``--labels`` when given), else ``class i``."""
     num_classes = pipe.manifest.model_config.num_classes
-    if labels_csv:
-        from cavmae.labels import read_label_csv
-
-        names = read_label_csv(labels_csv).names
-        if len(names) != num_classes:
-            raise CavmaeError(f"{labels_csv} has {len(names)} labels but the model has {num_classes} classes")
-        return names
     return pipe.labels or tuple(f"class {i}" for i in range(num_classes))
 
 

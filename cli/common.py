@@ -33,7 +33,7 @@ EXIT_INPUT_FAILED = 2
 
 def default_model() -> str:
     """The model used when none is given: ``$CAVMAE_MODEL`` or the AudioSet-2M AV classifier."""
-    from cavmae.runtime.registry import DEFAULT_MODEL
+    from cavmae.hub.registry import DEFAULT_MODEL
 
     return os.environ.get("CAVMAE_MODEL", DEFAULT_MODEL)
 

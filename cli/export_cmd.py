@@ -47,7 +47,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
       cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
     """
     from cavmae.export import export_model
-    from cavmae.runtime import registry
+    from cavmae.hub import registry
     from cavmae.runtime.loader import _load_source_model, resolve_model
 
     source = resolve_model(model, mirror=mirror, progress=not as_json)

@@ -88,9 +88,9 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
 
     output = check_png_path(output)
     _check_media(video, "reconstruct")
-    _check_registry_kind(model)
     ratios = {} if mask_ratio is None else {"mask_ratio_a": mask_ratio, "mask_ratio_v": mask_ratio}
-    pipe = open_pipeline(model, engine, device, mirror, **ratios)
+    # task: a classifier is refused from its registry entry or keys, before download or export
+    pipe = open_pipeline(model, engine, device, mirror, task="reconstruct", **ratios)
     try:
         m = pipe.manifest
         if m.model_kind != "pretrain":
@@ -225,15 +225,6 @@ def _check_media(video: Path, command: str) -> None:
     for have, what in ((info.has_audio, "audio"), (info.has_video, "video")):
         if not have:
             raise MissingStreamError(f"{video}: no {what} stream; {command} needs both audio and video")
-
-
-def _check_registry_kind(model: str) -> None:
-    """A registry classifier given to reconstruct: say so before downloading it."""
-    from cavmae.runtime.registry import MODELS
-
-    info = MODELS.get(model)
-    if info is not None and not Path(model).exists() and info.kind != "pretrain":
-        raise ModelKindError(_wrong_kind(model))
 
 
 def _wrong_kind(model: str) -> str:

@@ -89,10 +89,7 @@ def test_exported_graphs_follow_the_table(finetune: str) -> None:
 
 
 def test_registry_modes_come_from_the_table() -> None:
-    try:
-        from cavmae.runtime.registry import MODELS
-    except ImportError:  # the registry moved: read it where it lives now
-        from cavmae.hub.registry import MODELS  # type: ignore[no-redef]
+    from cavmae.hub.registry import MODELS
     for info in MODELS.values():
         if info.kind == "classifier":
             assert info.modes == m.reference_modes(m.finetune_mode_of(info.modes))

@@ -17,7 +17,7 @@ so they never write the same ``.part`` at once. The kernel drops the lock when i
 so a crashed download never leaves a stale lock. A waiter that gets the lock after another
 process created ``dest`` returns that file instead of downloading it again.
 
-No torch, no numpy: this module is part of the runtime.
+No torch, no numpy: the torch-free runtime downloads through this module.
 """
 
 from __future__ import annotations
