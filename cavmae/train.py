@@ -1,4 +1,4 @@
-"""Pre-training and fine-tuning loops (the reference recipes of SPEC section 9).
+"""Pre-training and fine-tuning loops (the reference recipes of docs/model.md section 9).
 
 ``pretrain(PretrainConfig(...))`` and ``finetune(FinetuneConfig(...))`` run a whole training job
 into ``config.output_dir`` (the *run directory*):
@@ -129,7 +129,6 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-# Fields that may change when a run is resumed (they do not change the trajectory).
 def _typed_model_config(values: dict[str, Any]) -> dict[str, Any]:
     """``model_config`` overrides checked against :class:`ModelConfig`'s fields and types."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -141,6 +140,7 @@ def _typed_model_config(values: dict[str, Any]) -> dict[str, Any]:
     return coerce_fields(ModelConfig, values, prefix="model_config.")
 
 
+# Fields that may change when a run is resumed (they do not change the trajectory).
 _RESUMABLE_CHANGES = frozenset(
     {
         "output_dir", "epochs", "max_steps", "resume", "progress", "num_workers", "log_every",
@@ -196,9 +196,9 @@ class TrainConfig:
     eval_every: int = _f(1, "validate every N epochs (and after the last one)")
 
     kind = "train"
-
     #: fields without which no run can start (``--help`` marks them, ``validate`` checks them)
     required_fields: ClassVar[tuple[str, ...]] = ("train_data", "output_dir")
+
     def __post_init__(self) -> None:
         # Every way of making a config (files, CLI, Python, ``replace``) gets typed values.
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -350,8 +350,8 @@ class FinetuneConfig(TrainConfig):
     frame_aggregation: bool = _f(True, "final evaluation averages the predictions of all frames")
 
     kind = "finetune"
-
     required_fields = (*TrainConfig.required_fields, "label_csv")
+
     @property
     def main_metric(self) -> str:
         if self.metric == "auto":
@@ -943,8 +943,8 @@ def _run(
         if tr["kind"] != cfg.kind:
             raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
         _check_resume_config(run_dir, cfg, tr["config"])
-        model.load_state_dict(st["state_dict"])
         _check_epochs(run_dir, cfg, tr)
+        model.load_state_dict(st["state_dict"])
         optimizer.load_state_dict(tr["optimizer"])
         if tr["scaler"]:
             scaler.load_state_dict(tr["scaler"])
@@ -1225,7 +1225,7 @@ def finetune(
 
     Each epoch is validated on the middle frame (``val_loss``, ``val_mAP``, ``val_acc``). At the
     end the evaluated model is the weight average (``wa``), else the best epoch, else the last;
-    with ``frame_aggregation`` its predictions are averaged over all frames (SPEC section 4).
+    with ``frame_aggregation`` its predictions are averaged over all frames (docs/model.md section 4).
     """
     cfg = config
     d, device, amp = _prepare_run(cfg)

@@ -132,6 +132,7 @@ class _JSONParam(click.ParamType):
 def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """One option per field of the config dataclass ``cls`` (default None: not given)."""
     hints = typing.get_type_hints(cls)
+    required = set(getattr(cls, "required_fields", ()))
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for fld in reversed(dataclasses.fields(cls)):
@@ -152,7 +153,6 @@ def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., An
                 opt = click.option(*names, fld.name, type=typ, default=None, help=help_text)
             f = opt(f)
         return f
-    required = set(getattr(cls, "required_fields", ()))
 
     return decorate
 

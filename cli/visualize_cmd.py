@@ -21,7 +21,7 @@ from cavmae.masking import MASK_MODES
 
 from .common import echo_json, model_options, open_pipeline, warn
 
-#: reconstruction: the decoder predicts pixels of the normalized input (SPEC section 6)
+#: reconstruction: the decoder predicts pixels of the normalized input (docs/model.md section 6)
 RECONSTRUCT_MODEL = "cav-mae-base-nonorm"
 #: localization: a pre-trained model's modality streams (the reference's localization.py)
 LOCALIZE_MODEL = "cav-mae-scale++"
