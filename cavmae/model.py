@@ -20,7 +20,7 @@ from .config import BASE, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
 from .masking import MASK_MODES, MaskIndices, force_structure, indices_from_noise, num_kept
 from .modes import REFERENCE_MODES, lookup
-from .patches import audio_to_image, patchify
+from .patches import audio_to_image, masked_mse, patchify, standardize_patches
 
 #: classifier modes (the reference's names; the table in :mod:`cavmae.modes`)
 MODES = REFERENCE_MODES
@@ -330,16 +330,8 @@ class CAVMAE(CAVMAEEncoder):
         ta = patchify(audio_to_image(audio), p)
         tv = patchify(image, p)
         if self.config.norm_pix_loss:
-            # unbiased variance, as the reference (MAE) computes it
-            ta = (ta - ta.mean(-1, keepdim=True)) / (ta.var(-1, keepdim=True) + 1e-6) ** 0.5
-            tv = (tv - tv.mean(-1, keepdim=True)) / (tv.var(-1, keepdim=True) + 1e-6) ** 0.5
+            ta, tv = standardize_patches(ta), standardize_patches(tv)
         return ta, tv
-
-    @staticmethod
-    def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over removed patches (``mask == 1``) only."""
-        per_patch = ((pred - target) ** 2).mean(-1)
-        return (per_patch * mask).sum() / mask.sum()
 
     @staticmethod
     def contrastive_loss(
@@ -389,8 +381,8 @@ class CAVMAE(CAVMAEEncoder):
             joint, mask_a.ids_restore, mask_v.ids_restore, keep_a=a.shape[1]
         )
         target_a, target_v = self.patch_targets(audio, image)
-        loss_mae_a = self.masked_mse(pred_a, target_a, mask_a.mask)
-        loss_mae_v = self.masked_mse(pred_v, target_v, mask_v.mask)
+        loss_mae_a = masked_mse(pred_a, target_a, mask_a.mask)
+        loss_mae_v = masked_mse(pred_v, target_v, mask_v.mask)
         loss_mae = loss_mae_a + loss_mae_v
         # the contrastive pair uses the modality streams of the *masked* tokens, as in the paper
         ca = self.forward_audio_stream(a).mean(1)

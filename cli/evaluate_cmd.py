@@ -1,6 +1,7 @@
 """``cavmae evaluate``: classification mAP / accuracy and retrieval recall on a dataset.
 
-Thin: parses, reads the dataset with :mod:`cavmae.runtime.evaluation`, runs it, prints.
+Thin: parses, reads the dataset with :mod:`cavmae.clip_lists`, evaluates it with
+:mod:`cavmae.runtime.evaluation`, prints.
 Exit codes: 0 every clip evaluated; 2 a user mistake (bad option, unreadable dataset, wrong label
 set; one line on stderr), and also when some clips failed (skipped and reported, metrics over
 the rest) or none could be evaluated; 1 only for a bug.
@@ -183,6 +184,7 @@ def evaluate(
 
     Clips that cannot be read are skipped and reported; the exit code is then 2.
     """
+    from cavmae import clip_lists
     from cavmae.errors import CavmaeError
     from cavmae.runtime import evaluation as ev
 
@@ -191,15 +193,15 @@ def evaluate(
             raise CavmaeError(
                 "--labels-file is for video files; a dataset JSON carries its own labels"
             )
-        data = ev.read_dataset_json(dataset[0])
+        data = clip_lists.read_dataset_json(dataset[0])
     else:
         if any(d.lower().endswith(".json") for d in dataset) and len(dataset) > 1:
             raise CavmaeError("give one dataset JSON at a time")
         if len(dataset) == 1 and dataset[0].lower().endswith(".json"):
             raise CavmaeError(f"no such dataset file: {dataset[0]}")
-        data = ev.read_video_files(expand_inputs(dataset), labels_file)
+        data = clip_lists.read_video_files(expand_inputs(dataset), labels_file)
     if limit is not None and limit < len(data):
-        data = ev.EvalDataset(items=data.items[:limit], source=data.source, kind=data.kind)
+        data = data.head(limit)
 
     pipeline = open_pipeline(model, engine, device, mirror)
     try:

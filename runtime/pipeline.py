@@ -19,7 +19,16 @@ from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.manifest import Manifest
 from cavmae.masking import MASK_MODES, draw_noise, indices_from_noise, num_kept
 from cavmae.modes import CLI_MODES, graph_for, needs
-from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
+from cavmae.patches import (
+    audio_to_image,
+    image_to_audio,
+    masked_mse,
+    patchify,
+    standardize_patches,
+    unpatchify,
+    unstandardize_patches,
+)
+from cavmae.vectors import l2_normalize
 
 from .engines.base import Engine
 
@@ -199,7 +208,7 @@ class Pipeline:
         n, f = frames.shape[:2]
         if frame == "mean":
             emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]))
-            return _l2(emb.reshape(n, f, -1).mean(1))
+            return l2_normalize(emb.reshape(n, f, -1).mean(1))
         index = self._frame_index(frame, f)
         return self.embed_images(frames[:, index])[0]
 
@@ -223,7 +232,7 @@ class Pipeline:
         ea = self.embed_audio(audio[None])[0]
         _, patches = self.embed_images(_f32(image)[None])
         gh, gw = self.manifest.model_config.visual_grid
-        return (_l2(patches[0]) @ ea).reshape(gh, gw)
+        return (l2_normalize(patches[0]) @ ea).reshape(gh, gw)
 
     # -- reconstruction ---------------------------------------------------------------------
     def reconstruct(
@@ -278,12 +287,13 @@ class Pipeline:
             # predictions are per-patch standardized; show them in input units using each
             # original patch's statistics (as MAE's visualization does), and score them
             # against the standardized targets the model was trained on
-            mse_a = _masked_mse(pred_a, _standardize(target_a), idx_a.mask)
-            mse_v = _masked_mse(pred_v, _standardize(target_v), idx_v.mask)
-            pred_a, pred_v = _unstandardize(pred_a, target_a), _unstandardize(pred_v, target_v)
+            mse_a = float(masked_mse(pred_a, standardize_patches(target_a), idx_a.mask))
+            mse_v = float(masked_mse(pred_v, standardize_patches(target_v), idx_v.mask))
+            pred_a = unstandardize_patches(pred_a, target_a)
+            pred_v = unstandardize_patches(pred_v, target_v)
         else:
-            mse_a = _masked_mse(pred_a, target_a, idx_a.mask)
-            mse_v = _masked_mse(pred_v, target_v, idx_v.mask)
+            mse_a = float(masked_mse(pred_a, target_a, idx_a.mask))
+            mse_v = float(masked_mse(pred_v, target_v, idx_v.mask))
 
         def rebuild_audio(patches: np.ndarray) -> np.ndarray:
             return image_to_audio(unpatchify(patches, p, cfg.audio_grid, 1))[0]
@@ -310,23 +320,3 @@ class Pipeline:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _standardize(t: np.ndarray) -> np.ndarray:
-    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
-    return (t - mean) / np.sqrt(var + 1e-6)
-
-
-def _unstandardize(pred: np.ndarray, t: np.ndarray) -> np.ndarray:
-    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
-    return pred * np.sqrt(var + 1e-6) + mean
-
-
-def _masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    per_patch = ((pred - target) ** 2).mean(-1)
-    return float((per_patch * mask).sum() / mask.sum())
-
