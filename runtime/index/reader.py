@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from cavmae.vectors import L2_EPS, l2_normalize
+
 from .layout import (
     ARRAYS,
     META_NAME,
@@ -180,9 +182,9 @@ class EmbeddingIndex:
         if q.shape[0] != self.dim:
             raise EmbeddingIndexError(f"query has dimension {q.shape[0]}, the index {self.dim}")
         norm = float(np.linalg.norm(q))
-        if not np.isfinite(norm) or norm == 0.0:
+        if not np.isfinite(norm) or norm < L2_EPS:  # below the floor it cannot be made unit
             raise EmbeddingIndexError("query embedding is zero or not finite")
-        q = q / norm
+        q = l2_normalize(q)
         col = MODALITIES.index(check_modality(target))
         out = np.empty(len(self), dtype=np.float32)
         rows = zip(self._parts, self._arrays[target], self._arrays["mask"], strict=True)
