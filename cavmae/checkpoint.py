@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import pickle
-import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_keys import count_blocks, kind_of_keys, unreadable
 from .config import BASE, ModelConfig
 from .errors import CheckpointError
 from .hub import registry
@@ -70,15 +70,6 @@ def model_class(kind: str) -> type[CAVMAEEncoder]:
 # -- reading -------------------------------------------------------------------------------
 
 
-def _unreadable(path: Path, what: str = "a PyTorch checkpoint") -> CheckpointError:
-    """The one-line error for a file that is not a checkpoint or was cut short."""
-    try:
-        size = f"{path.stat().st_size} bytes"
-    except OSError:
-        size = "size unknown"
-    return CheckpointError(f"not {what}, or truncated ({size}): {path}")
-
-
 def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any:
     """``torch.load`` with ``weights_only``; any failure becomes one line of ours.
 
@@ -98,7 +89,7 @@ def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any
                 "state?); cavmae reads state dicts of tensors only, since unpickling anything "
                 "else could run code: save model.state_dict() instead"
             ) from None
-        raise _unreadable(path) from None
+        raise unreadable(path) from None
 
 
 def read_state_dict(
@@ -141,27 +132,14 @@ def _read_safetensors(
             header = f.metadata() or {}
             tensors = {k.removeprefix("module."): f.get_tensor(k) for k in f.keys()}
     except Exception:
-        raise _unreadable(path, "a safetensors checkpoint") from None
+        raise unreadable(path, "a safetensors checkpoint") from None
     meta = json.loads(header[META_KEY]) if META_KEY in header else None
     return tensors, meta
 
 
 def infer_kind(state: Mapping[str, torch.Tensor]) -> str:
     """``"pretrain"`` when the state holds a decoder, ``"classifier"`` when it holds a head."""
-    if "decoder_embed.weight" in state:
-        return "pretrain"
-    if "mlp_head.1.weight" in state:
-        return "classifier"
-    raise CheckpointError(
-        "the checkpoint has neither a decoder (decoder_embed.*) nor a classification head"
-        " (mlp_head.*); it is not a CAV-MAE pre-training or fine-tuned checkpoint"
-    )
-
-
-def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    ids = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    return max(ids) + 1 if ids else 0
+    return kind_of_keys(state)
 
 
 def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelConfig:
@@ -169,8 +147,8 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
     try:
         w = state["patch_embed_a.proj.weight"]  # [D, 1, p, p]
         d, patch = int(w.shape[0]), int(w.shape[-1])
-        depth = _count_blocks(state, "blocks_a")
-        if _count_blocks(state, "blocks_v") != depth:
+        depth = count_blocks(state, "blocks_a")
+        if count_blocks(state, "blocks_v") != depth:
             raise CheckpointError("blocks_a and blocks_v differ in depth; not a CAV-MAE checkpoint")
         mel = int(overrides.get("num_mel_bins", BASE.num_mel_bins))
         la = int(state["pos_embed_a"].shape[1])
@@ -180,7 +158,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
             "embed_dim": d,
             "patch_size": patch,
             "depth_modality": depth,
-            "depth_joint": _count_blocks(state, "blocks_u"),
+            "depth_joint": count_blocks(state, "blocks_u"),
             "num_heads": max(1, d // _ENCODER_HEAD_DIM),
             "mlp_ratio": state["blocks_a.0.mlp.fc1.weight"].shape[0] / d,
             "num_mel_bins": mel,
@@ -194,7 +172,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
     if "decoder_embed.weight" in state:
         dd = int(state["decoder_embed.weight"].shape[0])
         values["decoder_embed_dim"] = dd
-        values["decoder_depth"] = _count_blocks(state, "decoder_blocks")
+        values["decoder_depth"] = count_blocks(state, "decoder_blocks")
         values["decoder_num_heads"] = max(1, dd // _DECODER_HEAD_DIM)
     values.update(overrides)
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cavmae.checkpoint_keys import peek_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
@@ -87,13 +88,17 @@ def resolve_model(
 
 
 def _peek_checkpoint(path: Path) -> tuple[str | None, int | None]:
-    """Kind and class count from a checkpoint's keys; (None, None) where torch is missing
-    (then nothing can be exported or run from the checkpoint, and that step says so)."""
+    """Kind and class count from a checkpoint's keys, read without torch (milliseconds); a
+    format only torch reads falls back to it, and to (None, None) where torch is missing (then
+    nothing can be exported or run from the checkpoint, and that step says so)."""
+    summary = peek_checkpoint(path)  # a file that is no checkpoint fails here, in one line
+    if summary is not None:
+        return summary.kind, summary.num_classes
     try:
         from cavmae.checkpoint import inspect_checkpoint
     except ImportError:
         return None, None
-    info = inspect_checkpoint(path)  # a file that is no checkpoint fails here, fast
+    info = inspect_checkpoint(path)
     return info.kind, info.config.num_classes if info.kind == "classifier" else None
 
 

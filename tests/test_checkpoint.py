@@ -196,3 +196,41 @@ def test_full_size_reference_checkpoint_inference(tmp_path):
     cfg = info.config
     assert (cfg.embed_dim, cfg.depth_modality, cfg.depth_joint, cfg.num_heads, cfg.num_classes,
             cfg.audio_length, cfg.image_size) == (768, 11, 1, 12, 527, 1024, 224)
+
+
+def test_peek_reads_kind_classes_and_depth_without_torch(tmp_path):
+    """Every format this project writes or reads gives the same summary as the torch reader;
+    only the legacy (pre-zip) format is left to torch."""
+    from cavmae.checkpoint_keys import peek_checkpoint
+
+    ft, pt = _random_model(CAVMAEFT), _random_model(CAVMAE)
+    files = {
+        "reference": save_reference_checkpoint(ft, tmp_path / "ref.pth"),
+        "own": save_checkpoint(ft, tmp_path / "own.pth"),
+        "safetensors": save_checkpoint(ft, tmp_path / "own.safetensors"),
+        "pretrain": save_checkpoint(pt, tmp_path / "pt.pth"),
+    }
+    torch.save({"cavmae": {"kind": "classifier"}, "state_dict": ft.state_dict()}, tmp_path / "state.pt")
+    files["trainer state"] = tmp_path / "state.pt"
+    for what, path in files.items():
+        summary, info = peek_checkpoint(path), inspect_checkpoint(path)
+        assert summary is not None, what
+        assert summary.kind == info.kind, what
+        assert summary.num_classes == (info.config.num_classes if info.kind == "classifier" else None)
+        assert (summary.depth_modality, summary.depth_joint) == (TINY.depth_modality, TINY.depth_joint)
+        assert summary.num_keys == info.num_keys, what
+    torch.save({"module." + k: v for k, v in ft.state_dict().items()}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)
+    assert peek_checkpoint(tmp_path / "legacy.pth") is None  # torch reads it
+    # the pickle is never executed: a foreign global stops the peek (torch then refuses it)
+    torch.save({"module.x": torch.zeros(1), "payload": object()}, tmp_path / "evil.pth")
+    assert peek_checkpoint(tmp_path / "evil.pth") is None
+    whole = files["reference"].read_bytes()
+    for n in (0, 10, len(whole) // 2, len(whole) - 1):
+        (tmp_path / "cut.pth").write_bytes(whole[:n])
+        with pytest.raises(CheckpointError, match=rf"^not a PyTorch checkpoint, or truncated \({n} bytes\)"):
+            peek_checkpoint(tmp_path / "cut.pth")
+    whole = files["safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 1])
+    with pytest.raises(CheckpointError, match="^not a safetensors checkpoint, or truncated"):
+        peek_checkpoint(tmp_path / "cut.safetensors")
