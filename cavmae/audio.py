@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbank and audio input preparation (SPEC section 1, audio).
+"""Kaldi-compatible log-mel filterbank and audio input preparation (docs/model.md §1, audio).
 
 numpy only: training, the runtime and the tests share this one implementation.
 

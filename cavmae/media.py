@@ -2,7 +2,7 @@
 
 One pass over the file: the packets of the wanted window are demuxed once (after a seek when an
 offset is given), then the audio packets are decoded and resampled and the video packets are
-decoded in order, converting to RGB only the frames that are kept (SPEC section 1).
+decoded in order, converting to RGB only the frames that are kept (docs/model.md §1).
 
 Times are seconds relative to the container's start time, so audio and video stay aligned and
 a file whose timestamps start at e.g. 1.4 s still has its first frame at 0.

@@ -35,7 +35,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class CAVMAEEncoder(nn.Module):
-    """The encoder both released model kinds share (SPEC sections 2-3)."""
+    """The encoder both released model kinds share (docs/model.md §2-3)."""
 
     def __init__(self, config: ModelConfig = BASE) -> None:
         super().__init__()
@@ -202,7 +202,7 @@ def _need(x: torch.Tensor | None, mode: str, what: str) -> torch.Tensor:
 
 @dataclass
 class PretrainOutput:
-    """What one pre-training forward returns (SPEC section 5)."""
+    """What one pre-training forward returns (docs/model.md §5)."""
 
     loss: torch.Tensor
     loss_mae: torch.Tensor

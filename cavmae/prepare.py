@@ -1,4 +1,4 @@
-"""``cavmae prepare``: videos -> the reference dataset layout (SPEC section 8).
+"""``cavmae prepare``: videos -> the reference dataset layout (docs/model.md §8).
 
 For every video this writes
 

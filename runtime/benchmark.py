@@ -105,7 +105,7 @@ def block_gflop(tokens: int, dim: int, mlp_ratio: float) -> float:
 
 
 def stage_gflop(cfg: ModelConfig, num_frames: int) -> dict[str, float]:
-    """GFLOP of one clip's stages (SPEC section 11: audio 88.6, visual 31.8, joint 11.6)."""
+    """GFLOP of one clip's stages (docs/model.md §11: audio 88.6, visual 31.8, joint 11.6)."""
     d, r, p = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
     la, lv = cfg.num_audio_tokens, cfg.num_visual_tokens
     audio = cfg.depth_modality * block_gflop(la, d, r) + 2 * la * p * p * d / 1e9

@@ -3,7 +3,7 @@
 A pipeline speaks only the ``Engine`` interface (numpy in, numpy out), so it runs the same on
 ONNX Runtime, TensorRT and PyTorch. The audio graph runs once per clip and all frames of a clip
 go through the visual graph as one batch; the joint graph then reproduces the reference's
-per-frame loop and averages the frames' probabilities (SPEC section 4).
+per-frame loop and averages the frames' probabilities (docs/model.md §4).
 
 Shapes: audio ``[T, F] = [1024, 128]``; frames ``[F, 3, 224, 224]``; ``N`` clips in a batch.
 """
@@ -54,7 +54,7 @@ class Prediction:
 
 @dataclass
 class Reconstruction:
-    """Masked reconstruction of one clip (SPEC section 6).
+    """Masked reconstruction of one clip (docs/model.md §6).
 
     ``*_masked`` have removed patches zeroed; ``*_pasted`` are the input with the predicted
     patches pasted into the removed places; ``*_pred`` the raw prediction for every patch.
