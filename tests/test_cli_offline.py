@@ -133,3 +133,22 @@ def test_unreadable_checkpoint_is_one_line(wrong_kinds: dict[str, Path], tmp_pat
     line = _one_error_line(run("classify", str(AUDIOSET_CLIP), "-m", str(bad), home=home))
     assert line == f"Error: not a PyTorch checkpoint, or truncated ({len(data)} bytes): {bad}"
     assert _files_under(home) == []
+
+
+def test_readme_python_snippet_runs_as_written(offline_home: Path) -> None:
+    """The README's Python block, executed verbatim from the repository root with the default
+    model in the cache and no network."""
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Python API.*?```python\n(.+?)```", readme, re.S)
+    assert block, "README.md has no Python API snippet"
+    dead = _dead_url()
+    env = {**os.environ, "CAVMAE_HOME": str(offline_home), "CAVMAE_NO_PROGRESS": "1",
+           "CAVMAE_MIRROR": dead, "http_proxy": dead, "https_proxy": dead}
+    code = block.group(1) + "\nassert logits.shape == (1, 527), logits.shape\nprint('snippet ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "snippet ok" in out.stdout
