@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cavmae import fsio
 from cavmae.checkpoint_keys import peek_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
 from cavmae.hub.cache import cavmae_home
-from cavmae.hub.download import exclusive_lock, sha256_file
 from cavmae.hub.inventory import mark_used
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
@@ -122,23 +122,7 @@ def check_kind(source: ModelSource, model: str | Path, task: str | None) -> None
 
 def checkpoint_sha256(path: Path) -> str:
     """sha256 of a checkpoint, memoized by (path, size, mtime) so large files are hashed once."""
-    st = path.stat()
-    index = cavmae_home() / "hashes.json"
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = sha256_file(path)
-        try:
-            index.parent.mkdir(parents=True, exist_ok=True)
-            tmp = index.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, indent=0))
-            tmp.replace(index)
-        except OSError:
-            log.debug("cannot write %s", index)
-    return known[key]
+    return fsio.memo_sha256(path, cavmae_home() / "hashes.json")
 
 
 def export_settings(source: ModelSource, **settings: Any) -> dict[str, Any]:
@@ -166,7 +150,7 @@ def cached_export(
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.with_name(out.name + ".lock")
-    with exclusive_lock(lock, None, str(source.path)):  # concurrent shards export it once
+    with fsio.exclusive_lock(lock):  # concurrent shards export it once
         if is_export_dir(out):
             return out
         try:

@@ -144,3 +144,19 @@ def test_age_parsing():
     with pytest.raises(CavmaeError, match="unit"):
         parse_age("30")
     assert format_age(3 * DAY) == "3 days" and format_age(120) == "2 min"
+
+
+def test_removal_skips_an_export_its_writer_is_still_staging(home):
+    """An export in progress sits under a temporary name (cavmae.fsio.make_temp_dir, as
+    export_model stages it); removal finds its writer's lock from that name and skips it."""
+    from cavmae import fsio
+    from cavmae.hub.inventory import list_cache, remove_entries
+
+    key = "0123456789abcdef-0123456789ab"
+    staging = fsio.make_temp_dir(home / "exports" / key)
+    (staging / "audio_encoder.onnx").write_bytes(b"half")
+    with fsio.exclusive_lock(home / "exports" / f"{key}.lock"):  # the exporting process
+        removed, busy = remove_entries([e for e in list_cache(home) if e.path == staging])
+    assert [e.path for e in busy] == [staging] and removed == [] and staging.is_dir()
+    removed, busy = remove_entries([e for e in list_cache(home) if e.path == staging])
+    assert [e.path for e in removed] == [staging] and not staging.exists()

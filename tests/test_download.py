@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cavmae import fsio
 from cavmae.errors import DownloadError, EngineUnavailableError
-from cavmae.hub import download as dl
 from cavmae.hub import registry
 from cavmae.hub.download import download, lock_path, part_path
 
@@ -257,7 +257,7 @@ def test_waiter_reuses_file_made_by_lock_holder(server, tmp_path: Path) -> None:
     state.files["/f.bin"] = PAYLOAD
     dest = tmp_path / "f.bin"
     result: list[object] = []
-    with dl.exclusive_lock(lock_path(dest), None, "test"):
+    with fsio.exclusive_lock(lock_path(dest)):
         waiter = threading.Thread(target=lambda: result.append(_get(dest, f"{base}/f.bin")))
         waiter.start()
         time.sleep(0.3)
@@ -270,7 +270,7 @@ def test_waiter_reuses_file_made_by_lock_holder(server, tmp_path: Path) -> None:
 
 def test_lock_timeout(tmp_path: Path) -> None:
     dest = tmp_path / "f.bin"
-    with dl.exclusive_lock(lock_path(dest), None, "test"):
+    with fsio.exclusive_lock(lock_path(dest)):
         with pytest.raises(DownloadError, match="another process"):
             download("http://127.0.0.1:9/f.bin", dest, progress=False, lock_timeout=0.2)
 

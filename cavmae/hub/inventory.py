@@ -29,10 +29,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cavmae.errors import CavmaeError, DownloadError
+from cavmae import fsio
+from cavmae.errors import CavmaeError
 
 from .cache import cavmae_home
-from .download import exclusive_lock, lock_path, part_path
+from .download import lock_path, part_path
 
 #: kinds of cache entries, in listing order
 KINDS = ("checkpoint", "labels", "export", "trt-engine", "partial")
@@ -187,9 +188,8 @@ def older_than(entries: Iterable[CacheEntry], seconds: float, now: float | None 
 def _writer_lock(entry: CacheEntry) -> Path:
     """The lock file the writer of ``entry`` holds while writing it."""
     if entry.path.parent.name == "exports":
-        key = entry.path.name
-        if key.startswith("."):  # ".{key}.{random}" of an export in progress
-            key = key[1:].rsplit(".", 1)[0]
+        # a hidden directory is an export in progress (fsio.temp_sibling names it after its key)
+        key = fsio.temp_owner(entry.path.name) or entry.path.name
         return entry.path.with_name(key + ".lock")
     if entry.path.name.endswith(".part"):
         return lock_path(entry.path.with_name(entry.path.name[: -len(".part")]))
@@ -202,7 +202,7 @@ def remove_entries(entries: Iterable[CacheEntry]) -> tuple[list[CacheEntry], lis
     busy: list[CacheEntry] = []
     for entry in entries:
         try:
-            with exclusive_lock(_writer_lock(entry), 0, str(entry.path)):
+            with fsio.exclusive_lock(_writer_lock(entry), timeout=0):
                 if entry.path.is_dir():
                     shutil.rmtree(entry.path)
                 else:
@@ -210,7 +210,7 @@ def remove_entries(entries: Iterable[CacheEntry]) -> tuple[list[CacheEntry], lis
                     # an unfinished download of a removed checkpoint goes with it
                     if entry.kind == "checkpoint":
                         part_path(entry.path).unlink(missing_ok=True)
-        except DownloadError:
+        except fsio.LockBusyError:
             busy.append(entry)
             continue
         except OSError as e:

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from cavmae import fsio
+
 from .identity import check_compatible
 from .layout import (
     ARRAYS,
@@ -35,14 +37,7 @@ from .layout import (
     read_meta,
 )
 from .reader import EmbeddingIndex
-from .storage import (
-    fsync_dir,
-    locked,
-    replace_fsynced,
-    tmp_path,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from .storage import locked
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +106,7 @@ class IndexWriter:
 
     def _save_meta(self) -> None:
         self.meta["updated"] = round(time.time(), 3)
-        write_json_atomic(self.path / META_NAME, self.meta)
+        fsio.write_json(self.path / META_NAME, self.meta, indent=1, ensure_ascii=False)
 
     def _clean_orphans(self) -> None:
         """Delete chunk and tmp files that index.json does not name (left by a killed run)."""
@@ -179,10 +174,10 @@ class IndexWriter:
         name = f"chunk-{int(self.meta['next_chunk']):05d}"
         part = Part(f"{name}-", int(self.meta["count"]), n)
         for what, arr in _stack_rows(self._buffer, self.dim).items():
-            write_bytes_atomic(part.file(self.path, what), lambda f, a=arr: np.save(f, a))
+            with fsio.atomic_open(part.file(self.path, what)) as f:
+                np.save(f, arr)
         lines = b"".join(item_line(item) for item, _, _ in self._buffer)
-        write_bytes_atomic(part.file(self.path, "items"), lambda f: f.write(lines))
-        fsync_dir(self.path)
+        fsio.write_bytes(part.file(self.path, "items"), lines)
         self.meta["chunks"] = [*self.meta["chunks"], {"name": name, "count": n}]
         self.meta["next_chunk"] = int(self.meta["next_chunk"]) + 1
         self.meta["count"] = int(self.meta["count"]) + n
@@ -204,8 +199,8 @@ class IndexWriter:
                 for _, line in read_item_lines(self.path, part):
                     f.write(line if line.endswith(b"\n") else line + b"\n")
 
-        write_bytes_atomic(self.path / "items.jsonl", write_items)
-        fsync_dir(self.path)
+        with fsio.atomic_open(self.path / "items.jsonl") as f:
+            write_items(f)
         self.meta["base_count"] = total
         self.meta["chunks"] = []
         self._save_meta()
@@ -215,17 +210,15 @@ class IndexWriter:
 
     def _compact_array(self, what: str, listed: list[Part], total: int) -> None:
         """Rewrite ``what.npy`` as the rows of all ``listed`` parts, then rename it in place."""
-        dest = self.path / f"{what}.npy"
-        tmp = tmp_path(dest)
         shape = (total, self.dim) if what != "mask" else (total, 2)
         dtype = np.float32 if what != "mask" else np.bool_
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        for part in listed:
-            end = part.start + part.count
-            out[part.start : end] = load_npy(part.file(self.path, what), part.count)
-        out.flush()
-        del out  # unmap before the fsync and rename
-        replace_fsynced(tmp, dest)
+        with fsio.atomic_path(self.path / f"{what}.npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            for part in listed:
+                end = part.start + part.count
+                out[part.start : end] = load_npy(part.file(self.path, what), part.count)
+            out.flush()
+            del out  # unmap before the fsync and rename
 
     def close(self, *, finished: bool = True, compact: bool = True) -> None:
         """Commit, optionally compact, record whether the run finished, release the lock."""
