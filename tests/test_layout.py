@@ -18,6 +18,7 @@ SOURCES = {"cavmae": "cavmae", "cavmae.export": "export", "cavmae.runtime": "run
 SPLIT = [
     "cavmae/prefetch.py",
     "cli/embed_cmd.py",
+    "cli/evaluate_cmd.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "runtime" / "index").glob("*.py")),
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "runtime" / "engines" / "trt").glob("*.py")),
 ]
