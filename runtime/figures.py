@@ -385,25 +385,37 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
     reconstructed side by side with the visual MSE.
     """
     info = info or ReconstructionInfo()
-    t_len, f_len = rec.audio.shape
-    removed_a = patch_mask_to_pixels(rec.mask_a, (f_len, t_len)).T  # [T, F]
-    removed_v = patch_mask_to_pixels(rec.mask_v, rec.image.shape[1:])
-    n_a, n_v = int(np.asarray(rec.mask_a).sum()), int(np.asarray(rec.mask_v).sum())
-    vmin, vmax = spectrogram_range(rec.audio)
+    t_len = rec.audio.shape[0]
+    width = _LEFT + t_len + _RIGHT
+    foot = _strip(30, width)
+    _text(foot, "MSE: mean squared error over the removed patches, in normalized input units;"
+          " reconstructed = input with the predicted patches pasted into the removed places.",
+          _LEFT, 20, 0.4, MUTED)
+    return np.vstack([
+        _reconstruction_header(info, width),
+        *_spectrogram_rows(rec, info, width),
+        _time_axis(t_len, info, width),
+        *_frame_rows(rec, info, width),
+        foot,
+    ])
 
-    spec_w, spec_h = t_len, f_len * _SPEC_ZOOM
-    width = _LEFT + spec_w + _RIGHT
-    rows: list[np.ndarray] = []
 
-    # header
+def _reconstruction_header(info: ReconstructionInfo, width: int) -> np.ndarray:
+    """The header strip: source, model, mask ratios and mode, seed."""
     head = _strip(62, width)
     _text(head, _fit(f"Masked reconstruction - {info.source}", width - 2 * _GAP, 0.62, 2), _GAP, 24, 0.62, thickness=2)
     line = (f"model {info.model}   mask ratio: audio {_ratio(info.mask_ratio_a)}, visual"
             f" {_ratio(info.mask_ratio_v)}   audio mask mode: {info.mask_mode}   seed {info.seed}")
     _text(head, _fit(line, width - 2 * _GAP, 0.45), _GAP, 50, 0.45, MUTED)
-    rows.append(head)
+    return head
 
-    # spectrograms
+
+def _spectrogram_rows(rec: Reconstruction, info: ReconstructionInfo, width: int) -> list[np.ndarray]:
+    """Title strip and image row of the original, masked and reconstructed spectrogram."""
+    t_len, f_len = rec.audio.shape
+    removed_a = patch_mask_to_pixels(rec.mask_a, (f_len, t_len)).T  # [T, F]
+    n_a = int(np.asarray(rec.mask_a).sum())
+    vmin, vmax = spectrogram_range(rec.audio)
     pad_from = info.audio_frames if info.audio_frames is not None and info.audio_frames < t_len else None
     pad_note = ""
     if pad_from is not None:
@@ -415,44 +427,64 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
         ("Audio - reconstructed", f"MSE on removed patches: {rec.mse_a:.4f}"),
     ]
     specs = [(rec.audio, None), (rec.audio_masked, removed_a), (rec.audio_pasted, None)]
+    rows: list[np.ndarray] = []
     for k, ((title, note), (spec, removed)) in enumerate(zip(titles, specs, strict=True)):
         strip = _strip(24, width)
         _text(strip, title, _LEFT, 18, 0.5, thickness=1)
         if note:
-            _text(strip, note, _LEFT + spec_w, 18, 0.45, MUTED, align="right")
-        rows.append(strip)
-        img = spectrogram_to_image(spec, vmin, vmax, removed)
-        img = cv2.resize(img, (spec_w, spec_h), interpolation=cv2.INTER_NEAREST)
-        row = _strip(spec_h + 2, width)  # a 1-pixel frame around the data, not over it
-        _paste(row, img, _LEFT, 1)
-        cv2.rectangle(row, (_LEFT - 1, 0), (_LEFT + spec_w, spec_h + 1), INK, 1)
-        if pad_from is not None:  # the first time frame of the padding, over the whole height
-            row[1 : spec_h + 1, _LEFT + pad_from] = PAD_MARK
-        _text(row, f"mel {f_len - 1}", _LEFT - 6, 13, 0.4, MUTED, align="right")
-        _text(row, "mel 0", _LEFT - 6, spec_h - 2, 0.4, MUTED, align="right")
-        _text(row, "freq", _LEFT - 6, spec_h // 2 + 5, 0.4, MUTED, align="right")
+            _text(strip, note, _LEFT + t_len, 18, 0.45, MUTED, align="right")
+        row = _spectrogram_row(spectrogram_to_image(spec, vmin, vmax, removed), width, pad_from)
         if k == 0:  # one colour bar: the three share the scale
-            bx = _LEFT + spec_w + 10
-            _paste(row, colour_bar(spec_h + 2, 14, SPEC_COLORMAP), bx)
-            _text(row, f"{vmax:.2f}", bx + 18, 13, 0.4, MUTED)
-            _text(row, f"{vmin:.2f}", bx + 18, spec_h - 2, 0.4, MUTED)
-            _vertical_text(row, SPEC_UNITS, bx + 20, spec_h // 2 + 1, 0.4)
-        rows.append(row)
+            _colour_bar_beside(row, t_len, vmin, vmax)
+        rows += [strip, row]
+    return rows
 
-    # time axis (ticks every second, labelled with file time)
+
+def _spectrogram_row(img: np.ndarray, width: int, pad_from: int | None) -> np.ndarray:
+    """One spectrogram image ``[F, T, 3]`` zoomed, framed, with its frequency labels."""
+    f_len, spec_w = img.shape[:2]
+    spec_h = f_len * _SPEC_ZOOM
+    img = cv2.resize(img, (spec_w, spec_h), interpolation=cv2.INTER_NEAREST)
+    row = _strip(spec_h + 2, width)  # a 1-pixel frame around the data, not over it
+    _paste(row, img, _LEFT, 1)
+    cv2.rectangle(row, (_LEFT - 1, 0), (_LEFT + spec_w, spec_h + 1), INK, 1)
+    if pad_from is not None:  # the first time frame of the padding, over the whole height
+        row[1 : spec_h + 1, _LEFT + pad_from] = PAD_MARK
+    _text(row, f"mel {f_len - 1}", _LEFT - 6, 13, 0.4, MUTED, align="right")
+    _text(row, "mel 0", _LEFT - 6, spec_h - 2, 0.4, MUTED, align="right")
+    _text(row, "freq", _LEFT - 6, spec_h // 2 + 5, 0.4, MUTED, align="right")
+    return row
+
+
+def _colour_bar_beside(row: np.ndarray, spec_w: int, vmin: float, vmax: float) -> None:
+    """The spectrogram colour bar with its range and units, right of a spectrogram row."""
+    spec_h = row.shape[0] - 2
+    bx = _LEFT + spec_w + 10
+    _paste(row, colour_bar(spec_h + 2, 14, SPEC_COLORMAP), bx)
+    _text(row, f"{vmax:.2f}", bx + 18, 13, 0.4, MUTED)
+    _text(row, f"{vmin:.2f}", bx + 18, spec_h - 2, 0.4, MUTED)
+    _vertical_text(row, SPEC_UNITS, bx + 20, spec_h // 2 + 1, 0.4)
+
+
+def _time_axis(t_len: int, info: ReconstructionInfo, width: int) -> np.ndarray:
+    """The time axis under the spectrograms: ticks every second, labelled with file time."""
     axis = _strip(30, width)
     seconds = t_len * info.frame_shift_s
     for s in range(int(np.floor(seconds)) + 1):
         x = _LEFT + int(round(s / info.frame_shift_s))
-        if x > _LEFT + spec_w:
+        if x > _LEFT + t_len:
             break
         cv2.line(axis, (x, 0), (x, 5), INK, 1)
         _text(axis, f"{info.offset + s:g}", x, 18, 0.4, MUTED, align="center")
-    _text(axis, "time (s)", _LEFT + spec_w, 18 + 10, 0.4, MUTED, align="right")
-    rows.append(axis)
+    _text(axis, "time (s)", _LEFT + t_len, 18 + 10, 0.4, MUTED, align="right")
+    return axis
 
-    # frames
-    side = (spec_w - 2 * _GAP) // 3
+
+def _frame_rows(rec: Reconstruction, info: ReconstructionInfo, width: int) -> list[np.ndarray]:
+    """A gap, the titles and the frame original / masked / reconstructed side by side."""
+    side = (rec.audio.shape[0] - 2 * _GAP) // 3
+    removed_v = patch_mask_to_pixels(rec.mask_v, rec.image.shape[1:])
+    n_v = int(np.asarray(rec.mask_v).sum())
     frame_titles = [
         f"Frame - original ({_frame_caption(info.frame_index, info.frame_time)})",
         f"masked: {n_v} of {rec.mask_v.size} patches removed",
@@ -469,14 +501,7 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
         x = _LEFT + k * (side + _GAP)
         _text(strip, _fit(title, side, 0.45), x, 20, 0.45)
         _paste(row, cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR), x)
-    rows += [_strip(8, width), strip, row]
-
-    foot = _strip(30, width)
-    _text(foot, "MSE: mean squared error over the removed patches, in normalized input units;"
-          " reconstructed = input with the predicted patches pasted into the removed places.",
-          _LEFT, 20, 0.4, MUTED)
-    rows.append(foot)
-    return np.vstack(rows)
+    return [_strip(8, width), strip, row]
 
 
 def localization_figure(frame: np.ndarray, heat: np.ndarray, info: LocalizationInfo | None = None,
