@@ -127,7 +127,11 @@ def extract_clip(
     return "extracted"
 
 
-def _work(args: tuple[str, str, str, PreprocessConfig, int]) -> tuple[str, str | None]:
+#: one pool task: (video, video id, output dir, preprocessing, JPEG quality)
+_Task = tuple[str, str, str, PreprocessConfig, int]
+
+
+def _work(args: _Task) -> tuple[str, str | None]:
     """Pool task: ``(status, None)`` or ``("failed", reason)``; never raises for a bad file."""
     video, video_id, out_dir, config, quality = args
     try:
@@ -171,6 +175,71 @@ def _collect(videos: Sequence[str | Path], list_file: str | Path | None) -> list
     return _unique_ids(clips)
 
 
+def _run_tasks(
+    tasks: list[_Task], jobs: int, progress: bool, on_clip: Callable[[str, str], None] | None
+) -> list[tuple[str, str | None]]:
+    """Run the extraction tasks in this process or a pool of ``jobs``; results in task order."""
+    from cavmae.progress import bar_paused, progress_bar
+
+    results: list[tuple[str, str | None]] = [("failed", "not run")] * len(tasks)
+    bar = progress_bar(total=len(tasks), desc="prepare", unit="clip", enabled=progress)
+
+    def done(i: int, result: tuple[str, str | None]) -> None:
+        results[i] = result
+        bar.update(1)
+        if result[0] == "failed":
+            with bar_paused():  # the warning gets its own line, not the end of the bar's
+                log.warning("skipping %s: %s", tasks[i][0], result[1])
+        if on_clip is not None:
+            on_clip(tasks[i][0], result[0])
+
+    try:
+        if jobs <= 1:
+            for i, t in enumerate(tasks):
+                done(i, _work(t))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                pending: dict[cf.Future, int] = {}
+                next_task = 0
+                while next_task < len(tasks) or pending:
+                    while next_task < len(tasks) and len(pending) < 4 * jobs:
+                        pending[pool.submit(_work, tasks[next_task])] = next_task
+                        next_task += 1
+                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        done(pending.pop(fut), fut.result())
+    finally:
+        bar.close()
+    return results
+
+
+def _report(
+    out: Path,
+    json_name: str,
+    clips: list[ClipRecord],
+    results: list[tuple[str, str | None]],
+    num_frames: int,
+    relative_paths: bool,
+) -> PrepareReport:
+    """The run's report: counts, failures, and the dataset records of the usable clips."""
+    report = PrepareReport(output_dir=out, dataset_json=out / json_name)
+    for clip, (status, reason) in zip(clips, results, strict=True):
+        if status == "failed":
+            report.failed.append((str(clip.video), reason or ""))
+            continue
+        report.extracted += status == "extracted"
+        report.skipped += status == "skipped"
+        wav, _ = clip_outputs(out, clip.video_id, num_frames)
+        frame_dir = out / "frames"
+        if relative_paths:
+            wav, frame_dir = wav.relative_to(out), frame_dir.relative_to(out)
+        report.clips.append(
+            ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
+        )
+    return report
+
+
 def prepare_videos(
     videos: Sequence[str | Path] = (),
     output_dir: str | Path = "prepared",
@@ -204,55 +273,9 @@ def prepare_videos(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     clips = _collect(videos, list_file)
-    tasks = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
-    results: list[tuple[str, str | None]] = [("failed", "not run")] * len(tasks)
-
-    from cavmae.progress import bar_paused, progress_bar
-
-    bar = progress_bar(total=len(tasks), desc="prepare", unit="clip", enabled=progress)
-
-    def done(i: int, result: tuple[str, str | None]) -> None:
-        results[i] = result
-        bar.update(1)
-        if result[0] == "failed":
-            with bar_paused():  # the warning gets its own line, not the end of the bar's
-                log.warning("skipping %s: %s", tasks[i][0], result[1])
-        if on_clip is not None:
-            on_clip(tasks[i][0], result[0])
-
-    try:
-        if jobs <= 1:
-            for i, t in enumerate(tasks):
-                done(i, _work(t))
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                pending: dict[cf.Future, int] = {}
-                next_task = 0
-                while next_task < len(tasks) or pending:
-                    while next_task < len(tasks) and len(pending) < 4 * jobs:
-                        pending[pool.submit(_work, tasks[next_task])] = next_task
-                        next_task += 1
-                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for fut in finished:
-                        done(pending.pop(fut), fut.result())
-    finally:
-        bar.close()
-
-    report = PrepareReport(output_dir=out, dataset_json=out / json_name)
-    for clip, (status, reason) in zip(clips, results, strict=True):
-        if status == "failed":
-            report.failed.append((str(clip.video), reason or ""))
-            continue
-        report.extracted += status == "extracted"
-        report.skipped += status == "skipped"
-        wav, _ = clip_outputs(out, clip.video_id, config.num_frames)
-        frame_dir = out / "frames"
-        if relative_paths:
-            wav, frame_dir = wav.relative_to(out), frame_dir.relative_to(out)
-        report.clips.append(
-            ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
-        )
+    tasks: list[_Task] = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
+    results = _run_tasks(tasks, jobs, progress, on_clip)
+    report = _report(out, json_name, clips, results, config.num_frames, relative_paths)
     write_dataset_json(report.clips, report.dataset_json)
     if label_csv is not None:
         weights = balanced_sample_weights(report.clips, read_labels(label_csv))

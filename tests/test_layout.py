@@ -19,6 +19,7 @@ SPLIT = [
     "cavmae/prefetch.py",
     "cli/embed_cmd.py",
     "cli/evaluate_cmd.py",
+    "cavmae/prepare.py",
     "runtime/figures.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "runtime" / "index").glob("*.py")),
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "runtime" / "engines" / "trt").glob("*.py")),
