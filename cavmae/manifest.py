@@ -103,6 +103,8 @@ class Manifest:
     mask_ratio_v: float | None = None
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    #: int8 exports: how the graphs were quantized and the accuracy gate's per-clip report
+    quantization: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def graph(self, name: str) -> GraphSpec:
@@ -134,6 +136,8 @@ class Manifest:
             "versions": dict(self.versions),
             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
         }
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
         return d
 
     @classmethod
@@ -161,6 +165,7 @@ class Manifest:
             source=dict(d.get("source", {})),
             versions=dict(d.get("versions", {})),
             graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
+            quantization=d.get("quantization"),
         )
 
     def replace(self, **changes: Any) -> Manifest:

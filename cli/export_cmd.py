@@ -15,7 +15,17 @@ from .common import echo_json
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the export into (must be empty or absent).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="int8: quantized graphs, written only when they agree with fp32 on real clips.")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path), default=None, metavar="DIR",
+              help="int8: clips the int8 graphs are compared on (and calibrated on, with --int8-method"
+                   " static) [default: the sample clips in examples/media].")
+@click.option("--int8-min-top5", default=4, show_default=True, type=click.IntRange(0, 5),
+              help="int8: refuse the export when, on any clip, int8's top-5 keeps fewer of fp32's top-5 classes.")
+@click.option("--int8-min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1, 1),
+              help="int8: refuse the export when an embedding's cosine to fp32 is lower on any clip.")
+@click.option("--int8-method", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="int8: dynamic (weights int8, activations scaled per call) or static (QDQ, calibrated).")
 @click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of clips.")
 @click.option("--finetune-mode", type=click.Choice([AUTO, *FINETUNE_MODES]), default=AUTO,
@@ -34,7 +44,7 @@ from .common import echo_json
 @click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL", help="Mirror for registry downloads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export(model, output, precision, frames, max_batch, finetune_mode, task, labels_csv, mask_ratio, mask_ratio_v,
-           triton, overwrite, no_validate, mirror, as_json) -> None:
+           triton, overwrite, no_validate, mirror, as_json, calibration, **int8) -> None:
     """Export MODEL (registry name or checkpoint) to fixed-shape ONNX graphs, one per stage.
 
     Every graph is checked with onnx.checker and validated against the PyTorch stage in ONNX
@@ -44,6 +54,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     Examples:
       cavmae export as-full-51.2 -o exports/as-full
       cavmae export my_finetuned.pth -o exports/mine --precision fp16 --triton
+      cavmae export as-full-51.2 -o exports/as-int8 --precision int8 --calibration my_clips/
       cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
     """
     from cavmae.export import export_model
@@ -66,6 +77,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         validate=not no_validate, overwrite=overwrite, progress=not as_json,
         source={"checkpoint": str(source.path.resolve()), "name": source.info.name if source.info else None,
                 "sha256": _sha(source.path)},
+        int8=_int8_options(calibration, **int8) if precision == "int8" else None,
     )
     triton_models = []
     if triton:
@@ -76,6 +88,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         "output": str(output),
         "kind": result.manifest.model_kind,
         "precision": precision,
+        "int8_gate": result.manifest.quantization,
         "graphs": {name: {"file": spec.file, "max_batch": spec.max_batch,
                           "validation": result.reports[name].summary() if name in result.reports else None}
                    for name, spec in result.manifest.graphs.items()},
@@ -87,8 +100,19 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     click.echo(f"exported {result.manifest.model_kind} to {output} ({precision})")
     for name, g in summary["graphs"].items():
         click.echo(f"  {name:<18} {g['file']:<24} max batch {g['max_batch']:<4} {g['validation'] or 'not validated'}")
+    if result.manifest.quantization is not None:
+        from cavmae.export.int8 import format_gate
+
+        click.echo(format_gate(result.manifest.quantization))
     if triton:
         click.echo(f"  triton repository: {output / 'triton'} ({len(triton_models)} models)")
+
+
+def _int8_options(calibration, int8_min_top5, int8_min_cosine, int8_method):
+    from cavmae.export.int8 import Int8Options
+
+    return Int8Options(method=int8_method, calibration=calibration, min_top5=int8_min_top5,
+                       min_cosine=int8_min_cosine)
 
 
 def _sha(path: Path) -> str:

@@ -34,6 +34,7 @@ from cavmae.progress import progress_bar
 from cavmae.stages import Stage, build_stages, make_manifest
 
 from .fp16 import convert_to_fp16
+from .int8 import Int8Options, quantize_export
 from .validate import DEFAULT_SEED, ValidationReport, validate_graph
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ VALIDATION_NAME = "validation.json"
 
 #: ONNX opset: LayerNormalization needs 17; TensorRT 10 and 11 parse up to 20.
 OPSET = 17
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -149,11 +150,15 @@ def export_model(
     source: dict[str, Any] | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    int8: Int8Options | None = None,
 ) -> ExportResult:
     """Export ``model`` (a model or a checkpoint path) to ``out_dir``.
 
     ``precision="fp16"`` writes fp16 graphs (LayerNorm, softmax and normalization kept in fp32,
-    float32 inputs and outputs). ``graphs`` limits the export to some graph names. The directory
+    float32 inputs and outputs). ``precision="int8"`` exports and validates fp32 graphs, then
+    quantizes them (``int8``: how, on which clips, the gate's thresholds; see
+    :mod:`cavmae.export.int8`) and refuses the export when int8 disagrees with fp32 on those
+    clips; the gate's report is the manifest's ``quantization``. ``graphs`` limits the export to some graph names. The directory
     is written into a temporary sibling and renamed into place, so a failed export never leaves
     a half-written directory behind.
 
@@ -199,10 +204,11 @@ def export_model(
             if precision == "fp16":
                 convert_to_fp16(path)
             finalize_graph(path, stage)
-            spec = stage.spec if precision == "fp32" else _with_precision(stage, precision)
+            traced = "fp32" if precision == "int8" else precision  # int8: quantized after the gate
+            spec = stage.spec if traced == "fp32" else _with_precision(stage, traced)
             specs[name] = spec
             if validate:
-                reports[name] = validate_graph(stage, path, precision, task=task, seed=validation_seed)
+                reports[name] = validate_graph(stage, path, traced, task=task, seed=validation_seed)
                 if not reports[name].passed:
                     raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
                 bar.set_postfix_str(f"{name} validated")
@@ -214,6 +220,10 @@ def export_model(
             mask_ratio_v=mask_ratio_v, preprocess=preprocess, source={**src, **(source or {})},
             versions=_versions(),
         )
+        if precision == "int8":
+            specs, gate = quantize_export(work, specs, num_frames=manifest.num_frames,
+                                          preprocess=manifest.preprocess, options=int8)
+            manifest = manifest.replace(graphs=specs, quantization=gate.to_dict())
         manifest.save(work)
         umask = os.umask(0)
         os.umask(umask)

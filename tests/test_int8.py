@@ -1,0 +1,145 @@
+"""int8 exports end to end on a tiny classifier: quantize, gate on the sample clips, manifest
+report, pipeline, and a refused gate that leaves nothing on disk. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cavmae import CAVMAEFT, TINY, save_checkpoint
+from cavmae.export import export_model
+from cavmae.export.int8 import Int8GateError, Int8Options
+from cavmae.manifest import Manifest
+from cavmae.media import load_clip
+from cavmae.runtime import load
+from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
+
+CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavmae"))
+QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
+
+
+def run(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAVMAE_HOME": str(home), "CAVMAE_NO_PROGRESS": "1"}
+    return subprocess.run([CAVMAE_EXE, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny 527-class classifier (weights perturbed so the classes do not all tie)."""
+    tmp = tmp_path_factory.mktemp("int8")
+    torch.manual_seed(0)
+    model = CAVMAEFT(TINY.replace(num_classes=527)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, save_checkpoint(model, tmp / "ft.pth"), tmp
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _reference_top5(model: CAVMAEFT, clip) -> set[int]:
+    """The reference loop in fp32 PyTorch: the whole forward per frame, sigmoid averaged."""
+    a = torch.from_numpy(clip.audio)[None]
+    with torch.no_grad():
+        probs = torch.cat([torch.sigmoid(model(a, torch.from_numpy(f)[None])) for f in clip.frames])
+    return set(np.argsort(-probs.mean(0).numpy())[:5].tolist())
+
+
+def test_cli_int8_export_gates_reports_and_runs(tiny):
+    model, ckpt, tmp = tiny
+    out = tmp / "int8"
+    r = run("export", str(ckpt), "-o", str(out), "--precision", "int8", "--max-batch", "2", "--json",
+            home=tmp / "home")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    manifest = Manifest.load(out)
+    assert manifest.precision == "int8"
+    gate = manifest.quantization
+    assert gate == summary["int8_gate"]
+    assert gate["method"] == "dynamic" and gate["per_channel"] is True and gate["passed"] is True
+    # the gate ran on both sample clips, per clip and per classifier graph
+    assert [c["clip"] for c in gate["clips"]] == sorted([AUDIOSET_CLIP.name, VGGSOUND_CLIP.name])
+    for c in gate["clips"]:
+        assert 4 <= c["top5_shared"] <= 5
+        assert "joint_classifier" in c["top5_by_graph"]
+        assert 0 <= c["probs_max_abs"] < 0.05
+        assert set(c["cosines"]) >= {"audio_embedding", "visual_embedding", "audio_tokens", "visual_tokens"}
+        assert min(c["cosines"].values()) >= 0.99
+    assert gate["worst"]["top5_shared_min"] == min(c["top5_shared"] for c in gate["clips"])
+    # the encoders really are int8 on disk, and the head's Gemm stayed fp32
+    for name in ("audio_encoder", "visual_encoder", "joint_classifier"):
+        assert manifest.graphs[name].precision == "int8"
+        assert "MatMulInteger" in _ops(out / manifest.graphs[name].file)
+    head = [n for n in onnx.load(str(out / "joint_classifier.onnx")).graph.node if "mlp_head" in n.name]
+    assert {n.op_type for n in head} & {"Gemm", "MatMul"} and not {n.op_type for n in head} & QUANT_OPS
+    assert gate["kept_fp32"]  # the head's product, named in the report
+    # the runtime runs the int8 export and agrees with the reference loop
+    pipe = load(out, engine="ort", device="cpu")
+    clip = load_clip(AUDIOSET_CLIP)
+    probs = pipe.classify(clip.audio, clip.frames)
+    assert probs.shape == (527,) and np.isfinite(probs).all()
+    assert len(set(np.argsort(-probs)[:5].tolist()) & _reference_top5(model, clip)) >= 4
+    pipe.close()
+
+
+def test_cli_int8_gate_refusal_leaves_nothing(tiny):
+    _, ckpt, tmp = tiny
+    clips = tmp / "calib"
+    clips.mkdir()
+    shutil.copy(VGGSOUND_CLIP, clips / VGGSOUND_CLIP.name)
+    before = set(tmp.iterdir())
+    out = tmp / "refused"
+    r = run("export", str(ckpt), "-o", str(out), "--precision", "int8", "--max-batch", "1",
+            "--calibration", str(clips), "--int8-min-cosine", "1", home=tmp / "home")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: int8 accuracy gate failed")
+    assert VGGSOUND_CLIP.name in lines[0] and "--int8-min-cosine" in lines[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert set(tmp.iterdir()) == before  # no temporary sibling left either
+
+
+def test_calibration_dir_without_clips_is_one_error(tiny, tmp_path):
+    _, ckpt, tmp = tiny
+    (tmp_path / "notes.txt").write_text("no clips here")
+    r = run("export", str(ckpt), "-o", str(tmp_path / "out"), "--precision", "int8",
+            "--calibration", str(tmp_path), home=tmp / "home")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("Error: calibration clips: no video files")
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_qdq_and_runtime_load_with_precision(tiny, tmp_path, monkeypatch):
+    model, ckpt, _ = tiny
+    # static QDQ, calibrated on the sample clips, through the library
+    graphs = ["audio_encoder", "visual_encoder", "joint_classifier"]
+    result = export_model(model, tmp_path / "static", "int8", max_batch=1, graphs=graphs,
+                          int8=Int8Options(method="static"))
+    gate = result.manifest.quantization
+    assert gate["method"] == "static" and gate["worst"]["top5_shared_min"] >= 4
+    assert "QuantizeLinear" in _ops(tmp_path / "static" / "visual_encoder.onnx")
+    # an impossible gate through the library: the typed error, nothing written
+    impossible = Int8Options(min_top5=5, min_cosine=1.0, calibration=[AUDIOSET_CLIP])
+    with pytest.raises(Int8GateError, match="int8 accuracy gate failed"):
+        export_model(model, tmp_path / "never", "int8", max_batch=1, graphs=graphs, int8=impossible)
+    assert not (tmp_path / "never").exists()
+    # a checkpoint opened with precision="int8" is exported (gated) into the cache once
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    pipe = load(ckpt, engine="ort", device="cpu", precision="int8", max_batch=1)
+    assert pipe.manifest.precision == "int8" and pipe.manifest.quantization["passed"]
+    clip = load_clip(VGGSOUND_CLIP)
+    assert pipe.classify(clip.audio, clip.frames).shape == (527,)
+    pipe.close()
+
