@@ -8,50 +8,8 @@ runtime can read it where torch is absent.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Constants of the reference input pipeline (docs/model.md §1)."""
-
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    low_freq: float = 20.0
-    preemphasis: float = 0.97
-    target_length: int = 1024
-    # AudioSet statistics; the released models use them for VGGSound too.
-    fbank_mean: float = -5.081
-    fbank_std: float = 4.4849
-    clip_seconds: float = 10.0
-    num_frames: int = 10
-    image_size: int = 224
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Single-frame protocols (retrieval, localization) use the middle frame.
-    middle_frame: int = 5
-
-    @property
-    def audio_seconds(self) -> float:
-        """Audio a clip's spectrogram covers: ``target_length`` frames of fbank.
-
-        The reference computes the fbank of the whole extracted track and then cuts it to
-        ``target_length`` rows, so a 10.04 s clip fills 999 rows, not 998; decoding this much
-        audio (10.255 s) reproduces that exactly.
-        """
-        return ((self.target_length - 1) * self.frame_shift_ms + self.frame_length_ms) / 1000.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -135,6 +93,84 @@ TINY = ModelConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {"base": BASE, "tiny": TINY}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Constants of the reference input pipeline (docs/model.md §1).
+
+    The input sizes (spectrogram rows, mel bins, image side) are the model's: they are stored
+    once, in :class:`ModelConfig`, and read here through ``model``; bind another model's sizes
+    with :meth:`for_model`. ``num_frames`` is how many frames a clip contributes (the frames a
+    dataset holds per clip, or the frames an export aggregates).
+    """
+
+    sample_rate: int = 16000
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    low_freq: float = 20.0
+    preemphasis: float = 0.97
+    # AudioSet statistics; the released models use them for VGGSound too.
+    fbank_mean: float = -5.081
+    fbank_std: float = 4.4849
+    clip_seconds: float = 10.0
+    num_frames: int = 10
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Single-frame protocols (retrieval, localization) use the middle frame.
+    middle_frame: int = 5
+    #: the model whose inputs this pipeline makes (only its input sizes are read)
+    model: ModelConfig = field(default=BASE, repr=False)
+
+    @property
+    def target_length(self) -> int:
+        """Rows (time frames) of the spectrogram: the model's ``audio_length``."""
+        return self.model.audio_length
+
+    @property
+    def num_mel_bins(self) -> int:
+        """Mel bins of the spectrogram: the model's ``num_mel_bins``."""
+        return self.model.num_mel_bins
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input image: the model's ``image_size``."""
+        return self.model.image_size
+
+    @property
+    def audio_seconds(self) -> float:
+        """Audio a clip's spectrogram covers: ``target_length`` frames of fbank (10.255 s).
+
+        The reference computes the fbank of the whole extracted track and then cuts it to
+        ``target_length`` rows, so a 10.04 s clip fills 999 rows, not 998; decoding this much
+        audio reproduces that exactly. Counted in whole samples, as the fbank frames them.
+        """
+        shift = round(self.sample_rate * self.frame_shift_ms / 1000)
+        length = round(self.sample_rate * self.frame_length_ms / 1000)
+        return ((self.target_length - 1) * shift + length) / self.sample_rate
+
+    def for_model(self, model: ModelConfig) -> PreprocessConfig:
+        """These constants making the inputs of ``model`` (its spectrogram and image sizes)."""
+        return self if model == self.model else dataclasses.replace(self, model=model)
+
+    def replace(self, **changes: Any) -> PreprocessConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constants; the input sizes belong to the model config and are not repeated."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], model: ModelConfig | None = None) -> PreprocessConfig:
+        """Read :meth:`to_dict`'s output for ``model`` (default: the released size).
+
+        Older files also hold ``target_length``, ``num_mel_bins`` and ``image_size``: they
+        repeated the model's sizes and are ignored.
+        """
+        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**kwargs, model=model or BASE)
+
 
 #: The reference input pipeline.
 DEFAULT_PREPROCESS = PreprocessConfig()

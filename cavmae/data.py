@@ -53,7 +53,6 @@ __all__ = [
     "ItemKey",
     "LabelSet",
     "StepBatchSampler",
-    "audio_window_seconds",
     "balanced_sample_weights",
     "collate",
     "encode_labels",
@@ -149,13 +148,6 @@ def balanced_sample_weights(clips: Sequence[ClipRecord], labels: LabelSet) -> np
 
 # --------------------------------------------------------------------------------------------
 # Reading media
-
-
-def audio_window_seconds(config: PreprocessConfig = DEFAULT_PREPROCESS) -> float:
-    """Seconds of audio that fill exactly ``target_length`` fbank frames (10.255 s)."""
-    samples = (config.target_length - 1) * round(config.sample_rate * config.frame_shift_ms / 1000)
-    samples += round(config.sample_rate * config.frame_length_ms / 1000)
-    return samples / config.sample_rate
 
 
 def read_wav(path: str | Path, sample_rate: int = DEFAULT_PREPROCESS.sample_rate) -> np.ndarray:
@@ -277,7 +269,7 @@ class AVDataset:
         from cavmae.media import decode_audio
 
         assert clip.video is not None
-        return decode_audio(clip.video, sample_rate=sr, duration=audio_window_seconds(self.preprocess))
+        return decode_audio(clip.video, sample_rate=sr, duration=self.preprocess.audio_seconds)
 
     def rgb_frames(self, index: int, which: Sequence[int]) -> list[np.ndarray]:
         """RGB uint8 frames ``which`` (indices into the clip's ``num_frames`` frames)."""

@@ -86,17 +86,21 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything a runtime needs to know about an export directory."""
+    """Everything a runtime needs to know about an export directory.
+
+    Each fact is stored once: the input sizes in ``model_config`` (``preprocess`` is bound to
+    them), the frames a clip contributes in ``preprocess.num_frames`` (read as ``num_frames``),
+    what a classifier was fine-tuned for in ``finetune_mode`` (its reference modes derived).
+    """
 
     model_kind: str  # "classifier" or "pretrain"
     model_config: ModelConfig
     preprocess: PreprocessConfig
     graphs: dict[str, GraphSpec]
     precision: str = "fp32"
-    num_frames: int = 10
     max_batch: int = 8
     task: str | None = None  # "multi-label" / "single-label" for classifiers
-    modes: tuple[str, ...] = ()
+    finetune_mode: str | None = None  # of a classifier (cavmae.modes), None for pretrain
     labels: tuple[str, ...] | None = None
     label_ids: tuple[str, ...] | None = None
     mask_ratio_a: float | None = None
@@ -106,6 +110,22 @@ class Manifest:
     #: int8 exports: how the graphs were quantized and the accuracy gate's per-clip report
     quantization: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # the preprocessing makes this model's inputs: its sizes are the model config's
+        object.__setattr__(self, "preprocess", self.preprocess.for_model(self.model_config))
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per clip the export aggregates (``preprocess.num_frames``)."""
+        return self.preprocess.num_frames
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Reference modes the deployed classifier serves (its fine-tune mode's); () for pretrain."""
+        from .modes import reference_modes  # modes -> graphs -> manifest: import when used
+
+        return reference_modes(self.finetune_mode) if self.finetune_mode else ()
 
     def graph(self, name: str) -> GraphSpec:
         try:
@@ -123,9 +143,8 @@ class Manifest:
             "model_kind": self.model_kind,
             "task": self.task,
             "precision": self.precision,
-            "num_frames": self.num_frames,
             "max_batch": self.max_batch,
-            "modes": list(self.modes),
+            "finetune_mode": self.finetune_mode,
             "mask_ratio_a": self.mask_ratio_a,
             "mask_ratio_v": self.mask_ratio_v,
             "model_config": self.model_config.to_dict(),
@@ -148,18 +167,21 @@ class Manifest:
                 f"export manifest has schema version {version!r}, this cavmae reads"
                 f" {SCHEMA_VERSION}; re-export the model with this version"
             )
+        model_config = ModelConfig.from_dict(d["model_config"])
+        preprocess = dict(d["preprocess"])
+        if "num_frames" in d:  # older manifests kept the export's frames beside preprocess
+            preprocess["num_frames"] = int(d["num_frames"])
         return cls(
             schema_version=version,
             model_kind=d["model_kind"],
             task=d.get("task"),
             precision=d.get("precision", "fp32"),
-            num_frames=int(d.get("num_frames", 10)),
             max_batch=int(d.get("max_batch", 8)),
-            modes=tuple(d.get("modes", ())),
+            finetune_mode=_finetune_mode(d),
             mask_ratio_a=d.get("mask_ratio_a"),
             mask_ratio_v=d.get("mask_ratio_v"),
-            model_config=ModelConfig.from_dict(d["model_config"]),
-            preprocess=PreprocessConfig.from_dict(d["preprocess"]),
+            model_config=model_config,
+            preprocess=PreprocessConfig.from_dict(preprocess, model_config),
             labels=tuple(d["labels"]) if d.get("labels") is not None else None,
             label_ids=tuple(d["label_ids"]) if d.get("label_ids") is not None else None,
             source=dict(d.get("source", {})),
@@ -169,6 +191,10 @@ class Manifest:
         )
 
     def replace(self, **changes: Any) -> Manifest:
+        """A copy with ``changes``; ``num_frames`` changes ``preprocess.num_frames``."""
+        if "num_frames" in changes:
+            preprocess = changes.get("preprocess", self.preprocess)
+            changes["preprocess"] = preprocess.replace(num_frames=changes.pop("num_frames"))
         return dataclasses.replace(self, **changes)
 
     def save(self, directory: str | Path) -> Path:
@@ -191,6 +217,17 @@ class Manifest:
         except (OSError, json.JSONDecodeError) as e:
             raise CavmaeError(f"cannot read {path}: {e}") from None
         return cls.from_dict(data)
+
+
+def _finetune_mode(d: dict[str, Any]) -> str | None:
+    """A classifier's fine-tune mode; older manifests listed its reference ``modes`` instead."""
+    if d["model_kind"] != "classifier":
+        return None
+    if d.get("finetune_mode"):
+        return str(d["finetune_mode"])
+    from .modes import finetune_mode_of  # modes -> graphs -> manifest: import when used
+
+    return finetune_mode_of(d.get("modes", ()))
 
 
 def is_export_dir(path: str | Path) -> bool:

@@ -17,6 +17,9 @@ import numpy as np
 
 MASK_MODES = ("unstructured", "time", "freq", "tf")
 
+#: share of tokens removed in pre-training and reconstruction, audio and visual (the reference's)
+DEFAULT_MASK_RATIO = 0.75
+
 #: noise given to tokens that structured masking must remove (uniform noise is < 1)
 FORCED_NOISE = 1.1
 

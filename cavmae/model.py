@@ -18,7 +18,14 @@ from torch import nn
 
 from .config import BASE, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
-from .masking import MASK_MODES, MaskIndices, force_structure, indices_from_noise, num_kept
+from .masking import (
+    DEFAULT_MASK_RATIO,
+    MASK_MODES,
+    MaskIndices,
+    force_structure,
+    indices_from_noise,
+    num_kept,
+)
 from .modes import REFERENCE_MODES, lookup
 from .patches import audio_to_image, masked_mse, patchify, standardize_patches
 
@@ -358,8 +365,8 @@ class CAVMAE(CAVMAEEncoder):
         self,
         audio: torch.Tensor,
         image: torch.Tensor,
-        mask_ratio_a: float = 0.75,
-        mask_ratio_v: float = 0.75,
+        mask_ratio_a: float = DEFAULT_MASK_RATIO,
+        mask_ratio_v: float = DEFAULT_MASK_RATIO,
         noise_a: torch.Tensor | None = None,
         noise_v: torch.Tensor | None = None,
         mask_mode: str = "unstructured",

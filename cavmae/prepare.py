@@ -3,7 +3,7 @@
 For every video this writes
 
 - ``{out}/audio/{video_id}.wav``: the first audio channel at 16 kHz, 16-bit PCM, the first
-  :func:`~cavmae.data.audio_window_seconds` seconds (exactly what fills the 1024 fbank frames);
+  ``PreprocessConfig.audio_seconds`` seconds (exactly what fills the 1024 fbank frames);
 - ``{out}/frames/frame_{i}/{video_id}.jpg`` for ``i = 0..9``: the frames at the reference
   positions of the first 10 s, resized (shorter side 224) and centre-cropped to 224 x 224;
 
@@ -38,7 +38,6 @@ import numpy as np
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.data import (
     ClipRecord,
-    audio_window_seconds,
     balanced_sample_weights,
     read_clips,
     read_labels,
@@ -113,7 +112,7 @@ def extract_clip(
     wav_path, frame_paths = clip_outputs(out_dir, video_id, config.num_frames)
     if wav_path.is_file() and all(p.is_file() for p in frame_paths):
         return "skipped"
-    waveform = decode_audio(video, config.sample_rate, 0.0, audio_window_seconds(config))
+    waveform = decode_audio(video, config.sample_rate, 0.0, config.audio_seconds)
     frames, _ = decode_frames(video, config.num_frames, 0.0, config.clip_seconds)
     for rgb, path in zip(frames, frame_paths, strict=True):
         crop = resize_center_crop(rgb, config.image_size)

@@ -23,7 +23,7 @@ from torch import nn
 from .config import PreprocessConfig
 from .labels import LabelSet
 from .manifest import BATCH, GraphSpec, Manifest, TensorSpec
-from .masking import indices_from_noise, num_kept
+from .masking import DEFAULT_MASK_RATIO, indices_from_noise, num_kept
 from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
 from .modes import FINETUNE_MODES, lookup, reference_modes
 
@@ -185,8 +185,8 @@ def build_stages(
     max_batch: int = 8,
     task: str = "multi-label",
     finetune_mode: str = "multimodal",
-    mask_ratio_a: float = 0.75,
-    mask_ratio_v: float = 0.75,
+    mask_ratio_a: float = DEFAULT_MASK_RATIO,
+    mask_ratio_v: float = DEFAULT_MASK_RATIO,
 ) -> dict[str, Stage]:
     """The stages a model deploys as, keyed by graph name.
 
@@ -304,17 +304,16 @@ def make_manifest(
     return Manifest(
         model_kind=kind,
         model_config=model.config,
-        preprocess=preprocess,
+        preprocess=preprocess.replace(num_frames=num_frames),  # the frames this export aggregates
         graphs=specs,
         precision=precision,
-        num_frames=num_frames,
         max_batch=max_batch,
         task=task if classifier else None,
-        modes=modes_for(kind, finetune_mode),
+        finetune_mode=finetune_mode if classifier else None,
         labels=labels.names if labels else None,
         label_ids=labels.ids if labels else None,
         mask_ratio_a=None if classifier else mask_ratio_a,
         mask_ratio_v=None if classifier else mask_ratio_v,
-        source={**source, "finetune_mode": finetune_mode if classifier else None},
+        source=dict(source),
         versions=versions,
     )

@@ -81,7 +81,7 @@ from cavmae.data import (
     read_weights,
 )
 from cavmae.errors import CavmaeError
-from cavmae.masking import MASK_MODES, draw_noise
+from cavmae.masking import DEFAULT_MASK_RATIO, MASK_MODES, draw_noise
 from cavmae.metrics import accuracy, mean_average_precision, retrieval_metrics
 from cavmae.model import CAVMAE, CAVMAEFT
 from cavmae.modes import FINETUNE_MODES, finetune_needs, lookup
@@ -305,8 +305,8 @@ class PretrainConfig(TrainConfig):
     epochs: int = _f(25, "number of epochs")
     batch_size: int = _f(256, "samples per optimizer step, over all processes")
     lr: float = _f(2e-4, "base learning rate")
-    mask_ratio_a: float = _f(0.75, "audio mask ratio")
-    mask_ratio_v: float = _f(0.75, "visual mask ratio")
+    mask_ratio_a: float = _f(DEFAULT_MASK_RATIO, "audio mask ratio")
+    mask_ratio_v: float = _f(DEFAULT_MASK_RATIO, "visual mask ratio")
     mask_mode: str = _f("unstructured", f"audio mask mode: {', '.join(MASK_MODES)}")
     mae_loss_weight: float = _f(1.0, "weight of the reconstruction loss")
     contrast_loss_weight: float = _f(0.01, "weight of the contrastive loss")
@@ -613,12 +613,7 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _preprocess_for(config: ModelConfig) -> PreprocessConfig:
-    return dataclasses.replace(
-        DEFAULT_PREPROCESS,
-        target_length=config.audio_length,
-        num_mel_bins=config.num_mel_bins,
-        image_size=config.image_size,
-    )
+    return DEFAULT_PREPROCESS.for_model(config)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import AUTO, FINETUNE_MODES
 
 from .common import echo_json
@@ -34,7 +35,7 @@ from .common import echo_json
               help="Sigmoid (multi-label) or softmax (single-label) probabilities.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Label CSV (index,mid,display_name) to embed in the manifest.")
-@click.option("--mask-ratio", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--mask-ratio", default=DEFAULT_MASK_RATIO, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Audio mask ratio of the pre-training graphs (fixes the kept-token count).")
 @click.option("--mask-ratio-v", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Visual mask ratio [default: --mask-ratio].")

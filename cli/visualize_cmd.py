@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cavmae.errors import CavmaeError, MissingStreamError, ModelKindError
-from cavmae.masking import MASK_MODES
+from cavmae.masking import DEFAULT_MASK_RATIO, MASK_MODES
 
 from .common import echo_json, model_options, open_pipeline, warn
 
@@ -54,7 +54,7 @@ def _offset_option(f: Any) -> Any:
 @_show_model_default
 @model_options(default=RECONSTRUCT_MODEL)
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Share of patches removed, audio and visual [default: 0.75, or an export's own].")
+              help=f"Share of patches removed, audio and visual [default: {DEFAULT_MASK_RATIO:g}, or an export's own].")
 @click.option("--mask-mode", type=click.Choice(MASK_MODES), default="unstructured", show_default=True,
               help="Audio masking: random patches, whole time columns, frequency rows, or both.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random masks.")

@@ -28,6 +28,7 @@ from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
+from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar
@@ -141,8 +142,8 @@ def export_model(
     task: str | None = None,
     finetune_mode: str = "multimodal",
     labels: LabelSet | str | Path | Sequence[str] | None = None,
-    mask_ratio_a: float = 0.75,
-    mask_ratio_v: float = 0.75,
+    mask_ratio_a: float = DEFAULT_MASK_RATIO,
+    mask_ratio_v: float = DEFAULT_MASK_RATIO,
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     graphs: Sequence[str] | None = None,
     validate: bool = True,

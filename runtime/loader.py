@@ -28,6 +28,7 @@ from cavmae.hub.cache import cavmae_home
 from cavmae.hub.inventory import mark_used
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
+from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
 from .engines import check_engine, create_engine
@@ -208,8 +209,8 @@ def load(
     precision: str = "fp32",
     num_frames: int = 10,
     max_batch: int = 8,
-    mask_ratio_a: float = 0.75,
-    mask_ratio_v: float = 0.75,
+    mask_ratio_a: float = DEFAULT_MASK_RATIO,
+    mask_ratio_v: float = DEFAULT_MASK_RATIO,
     mirror: str | None = None,
     progress: bool = False,
     labels: str | Path | None = None,

@@ -15,7 +15,6 @@ from cavmae.data import (
     AVDataset,
     ItemKey,
     StepBatchSampler,
-    audio_window_seconds,
     balanced_sample_weights,
     collate,
     encode_labels,
@@ -237,7 +236,7 @@ def test_video_file_dataset(tmp_path):
     clip = load_clip(video)
     np.testing.assert_allclose(item["audio"], clip.audio, atol=1e-5)
     np.testing.assert_allclose(item["frames"], clip.frames, atol=1e-6)
-    assert audio_window_seconds() == pytest.approx(10.255)
+    assert DEFAULT_PREPROCESS.audio_seconds == pytest.approx(10.255)
 
 
 def test_collate(ds):

@@ -48,7 +48,6 @@ def write_export(directory: Path, *, external_data: bool = False) -> Manifest:
         preprocess=DEFAULT_PREPROCESS,
         graphs={"proj": spec},
         max_batch=MAX_BATCH,
-        num_frames=10,
     )
     manifest.save(directory)
     return manifest

@@ -15,6 +15,7 @@ import numpy as np
 
 from cavmae.errors import EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest
+from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
 from .base import Engine, GraphSession, check_inputs
@@ -95,8 +96,8 @@ class TorchEngine(Engine):
             max_batch=m.max_batch,
             task=m.task or "multi-label",
             finetune_mode=finetune_mode_of(m.modes),
-            mask_ratio_a=m.mask_ratio_a if m.mask_ratio_a is not None else 0.75,
-            mask_ratio_v=m.mask_ratio_v if m.mask_ratio_v is not None else 0.75,
+            mask_ratio_a=m.mask_ratio_a if m.mask_ratio_a is not None else DEFAULT_MASK_RATIO,
+            mask_ratio_v=m.mask_ratio_v if m.mask_ratio_v is not None else DEFAULT_MASK_RATIO,
         )
 
     def _open(self, spec: GraphSpec) -> GraphSession:
