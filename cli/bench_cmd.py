@@ -28,12 +28,14 @@ from .common import ENGINE_CHOICES, echo_json
 @click.option("--no-baseline", is_flag=True, help="Skip the reference-style baseline.")
 @click.option("--no-stages", is_flag=True, help="Skip the per-graph timings.")
 @click.option("--torch-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Autocast precision of the torch engine (fp16/bf16 need CUDA).")
+              help="Autocast precision of the torch engine (fp16 needs CUDA; bf16 also runs on the CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: also run the ort engine on the int8 export (gated on the sample clips), beside fp32.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads [default: physical cores].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON result here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of a table.")
 def bench(engines, device, batches, frames, model, clip, warmup, repeat, baseline_repeat, no_baseline, no_stages,
-          torch_precision, threads, output, as_json) -> None:
+          torch_precision, threads, output, as_json, precision) -> None:
     """Measure classification latency of each engine next to the reference-style baseline
     (eager fp32 PyTorch, whole forward once per frame) in the same process; print ratios.
 
@@ -42,13 +44,14 @@ def bench(engines, device, batches, frames, model, clip, warmup, repeat, baselin
       cavmae bench --engine ort --batch 1,8
       cavmae bench --engine trt --engine torch --device cuda --torch-precision fp16
       cavmae bench --clip video.mp4 --json -o bench.json
+      cavmae bench --engine ort --engine torch --precision int8 --torch-precision bf16 --batch 1
     """
     from cavmae.runtime.benchmark import BenchConfig, format_table, parse_batches, run_benchmark
 
     cfg = BenchConfig(
         model=model, engines=tuple(engines), device=device, batches=parse_batches(batches), num_frames=frames,
         clip=clip, warmup=warmup, repeat=repeat, baseline=not no_baseline, baseline_repeat=baseline_repeat,
-        stages=not no_stages, torch_precision=torch_precision, threads=threads,
+        stages=not no_stages, torch_precision=torch_precision, threads=threads, precision=precision,
     )
     log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
     result = run_benchmark(cfg, log=log)

@@ -182,6 +182,7 @@ class BenchConfig:
     baseline_repeat: int | None = None  # the slow loop; default: repeat
     stages: bool = True
     torch_precision: str = "fp32"
+    precision: str = "fp32"  # "int8": the ort engine also runs the int8 export, beside fp32
     work_dir: str | Path | None = None
     threads: int | None = None
 
@@ -221,8 +222,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     from .loader import load
 
     devices = {engine: check_engine(engine, cfg.device)[1] for engine in cfg.engines}
-    if cfg.torch_precision != "fp32" and not devices.get("torch", "cuda").startswith("cuda"):
-        raise CavmaeError(f"--torch-precision {cfg.torch_precision} needs --device cuda (autocast on the GPU)")
+    if cfg.torch_precision == "fp16" and not devices.get("torch", "cuda").startswith("cuda"):
+        raise CavmaeError("--torch-precision fp16 needs --device cuda (bf16 also runs on the CPU)")
     # The baseline runs where the engines do: on the GPU when any of them does.
     gpu = next((d for d in devices.values() if d.startswith("cuda")), None)
     base_device = check_engine("torch", gpu or "cpu")[1] if cfg.baseline else None
@@ -246,24 +247,23 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         log("baseline: eager fp32 PyTorch, full forward once per frame")
         base = _baseline(cfg, model_ref, clip_arrays, log, base_device or "cpu")
         timings.update(base)
-    for engine in cfg.engines:
+    for engine, precision, name in _engine_runs(cfg):
         opts = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
-        precision = cfg.torch_precision if engine == "torch" else "fp32"
         pipe = load(model_ref, engine=engine, device=devices[engine], num_frames=cfg.num_frames,
                     max_batch=max(cfg.batches), precision=precision, **opts)
         gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
-        label = f"{engine} ({pipe.describe()})"
-        result.setdefault("engines", {})[engine] = pipe.describe()  # provider and thread count
+        label = f"{name} ({pipe.describe()})"
+        result.setdefault("engines", {})[name] = pipe.describe()  # provider and thread count
         for b in cfg.batches:
             audio, frames = _inputs(cfg, b, clip_arrays)
             log(f"{label}: classify, batch {b}")
             reset_peak_rss()
-            t = Timing(f"{engine} classify", b, gflop=gf["pipeline_per_clip"] * b)
+            t = Timing(f"{name} classify", b, gflop=gf["pipeline_per_clip"] * b)
             t.samples = measure(lambda p=pipe, a=audio, f=frames: p.classify_batch(a, f), cfg.warmup, cfg.repeat)
             t.peak_rss_mb = peak_rss_mb()
-            timings[(engine, b)] = t
+            timings[(name, b)] = t
             if cfg.stages:
-                _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result)
+                _graph_timings(cfg, pipe, name, b, audio, frames, gf, result)
         pipe.close()
     result["timings"] += [t.to_dict() for t in timings.values()]
     for (engine, b), t in timings.items():
@@ -272,6 +272,18 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
             result["ratios"][f"{engine}/batch{b}"] = base.p50 / t.p50
     result["matmul_gflops"] = matmul_gflops()
     return result
+
+
+def _engine_runs(cfg: BenchConfig) -> list[tuple[str, str, str]]:
+    """(engine, precision, name in the results) of each measured pipeline: ``--precision int8``
+    runs the ort engine twice, fp32 and int8, so both sit beside the baseline of the same run."""
+    runs = []
+    for engine in cfg.engines:
+        precision = cfg.torch_precision if engine == "torch" else "fp32"
+        runs.append((engine, precision, engine if precision == "fp32" else f"{engine}-{precision}"))
+        if engine == "ort" and cfg.precision == "int8":
+            runs.append((engine, "int8", "ort-int8"))
+    return runs
 
 
 def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:

@@ -143,3 +143,16 @@ def test_static_qdq_and_runtime_load_with_precision(tiny, tmp_path, monkeypatch)
     assert pipe.classify(clip.audio, clip.frames).shape == (527,)
     pipe.close()
 
+
+
+def test_bench_runs_int8_beside_fp32_and_torch_bf16_on_cpu(tiny):
+    _, ckpt, tmp = tiny
+    r = run("bench", "-m", str(ckpt), "--engine", "ort", "--engine", "torch", "--precision", "int8",
+            "--torch-precision", "bf16", "--device", "cpu", "--batch", "1", "--warmup", "0",
+            "--repeat", "1", "--no-stages", "--json", home=tmp / "bench-home")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["ratios"]) == {"ort/batch1", "ort-int8/batch1", "torch-bf16/batch1"}
+    names = {t["name"] for t in result["timings"]}
+    assert {"ort classify", "ort-int8 classify", "torch-bf16 classify"} <= names
+    assert result["engines"]["torch-bf16"].startswith("torch bf16 on cpu")

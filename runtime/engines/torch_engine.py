@@ -1,7 +1,8 @@
 """The PyTorch engine: the model's own stages (``cavmae.stages``) run eagerly on CPU or CUDA.
 
 It runs the very modules the exporter traces, so it needs the weights: a model object, or the
-checkpoint an export was made from. On CUDA it can run under fp16 or bf16 autocast.
+checkpoint an export was made from. On CUDA it can run under fp16 or bf16 autocast, on the CPU
+under bf16 (oneDNN's AVX512_BF16 kernels where the CPU has them).
 torch is imported only when this engine is created.
 """
 
@@ -44,7 +45,8 @@ class TorchSession(GraphSession):
         args = [torch.from_numpy(arrays[t.name]).to(self.device) for t in self.spec.inputs]
         with torch.inference_mode():
             if self.autocast is not None:
-                with torch.autocast(device_type="cuda", dtype=self.autocast):
+                kind = "cuda" if str(self.device).startswith("cuda") else "cpu"  # bf16: oneDNN on CPU
+                with torch.autocast(device_type=kind, dtype=self.autocast):
                     out = self.stage.module(*args)
             else:
                 out = self.stage.module(*args)
@@ -53,7 +55,7 @@ class TorchSession(GraphSession):
 
 
 class TorchEngine(Engine):
-    """Runs ``cavmae.stages`` modules; ``precision`` fp16/bf16 means CUDA autocast."""
+    """Runs ``cavmae.stages`` modules; ``precision`` fp16 (CUDA) or bf16 (CUDA or CPU) means autocast."""
 
     name = "torch"
 
@@ -75,8 +77,8 @@ class TorchEngine(Engine):
             raise EngineUnavailableError("the torch engine on cuda needs a CUDA GPU and a CUDA build of PyTorch")
         if precision not in PRECISIONS:
             raise EngineUnavailableError(f"torch precision must be one of {', '.join(PRECISIONS)}")
-        if precision != "fp32" and not device.startswith("cuda"):
-            raise EngineUnavailableError(f"torch {precision} autocast needs --device cuda")
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise EngineUnavailableError("torch fp16 autocast needs --device cuda (bf16 runs on the CPU too)")
         if model is None:
             checkpoint = manifest.source.get("checkpoint")
             if not checkpoint or not Path(checkpoint).is_file():
