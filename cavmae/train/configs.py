@@ -1,0 +1,262 @@
+"""Training configs: the fields of a run, their types, loading from YAML/JSON and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cavmae.augment import AugmentConfig
+from cavmae.coerce import FieldTypeError, coerce_fields
+from cavmae.config import PRESETS, ModelConfig
+from cavmae.errors import CavmaeError
+from cavmae.masking import DEFAULT_MASK_RATIO, MASK_MODES
+from cavmae.modes import FINETUNE_MODES
+
+__all__ = ["FinetuneConfig", "PretrainConfig", "TrainConfig", "TrainConfigError"]
+
+
+class TrainConfigError(CavmaeError):
+    """A training config is invalid, or does not match the run it should resume."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (used by the CLI)."""
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _typed_model_config(values: dict[str, Any]) -> dict[str, Any]:
+    """``model_config`` overrides checked against :class:`ModelConfig`'s fields and types."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FieldTypeError(
+            [f"unknown model_config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"]
+        )
+    return coerce_fields(ModelConfig, values, prefix="model_config.")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by pre-training and fine-tuning. Load from YAML/JSON with ``from_file``."""
+
+    train_data: str = _f("", "training set: a reference dataset JSON, or a CSV/JSON list of videos")
+    output_dir: str = _f("", "run directory (checkpoints, metrics.jsonl, state.pt)")
+    val_data: str | None = _f(None, "validation set, same formats as train_data")
+    label_csv: str | None = _f(None, "label CSV (index,mid,display_name)")
+    weight_csv: str | None = _f(None, "per-clip sampling weights (one per line): class-balanced sampling")
+    model: str = _f("base", f"model size preset ({', '.join(PRESETS)}) when not starting from a checkpoint")
+    model_config: dict = _f({}, "ModelConfig fields overriding the preset or the checkpoint")
+    init_checkpoint: str | None = _f(None, "initialize from this checkpoint")
+    epochs: int = _f(10, "number of epochs")
+    batch_size: int = _f(48, "samples per optimizer step, over all processes")
+    eval_batch_size: int | None = _f(None, "evaluation batch per process (default: the micro-batch)")
+    lr: float = _f(1e-4, "base learning rate")
+    betas: tuple[float, float] = _f((0.95, 0.999), "Adam betas")
+    weight_decay: float = _f(5e-7, "Adam weight decay")
+    lr_decay_start: int = _f(10, "MultiStepLR: first epoch after which the lr decays")
+    lr_decay_step: int = _f(5, "MultiStepLR: decay every this many epochs from then on")
+    lr_decay: float = _f(0.5, "MultiStepLR: decay factor")
+    warmup_steps: int = _f(0, "linear lr warm-up over this many optimizer steps")
+    accum_steps: int = _f(1, "gradient accumulation rounds per optimizer step")
+    trainable_pos_embed: bool = _f(False, "train the encoder's position embeddings")
+    mixup: float = _f(0.0, "mixup probability")
+    mixup_alpha: float = _f(10.0, "mixup lambda ~ Beta(alpha, alpha)")
+    freqm: int = _f(0, "SpecAugment: max frequency band width")
+    timem: int = _f(0, "SpecAugment: max time band width")
+    noise: bool = _f(True, "fbank noise + random time roll")
+    roll_frames: int | None = _f(None, "max time roll in frames (default: target length, as the reference)")
+    label_smooth: float = _f(0.0, "label smoothing")
+    seed: int = _f(0, "random seed (data order, augmentation, masks, initialization)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    num_workers: int = _f(4, "data-loader worker processes")
+    save_every_steps: int = _f(0, "also write state.pt every N optimizer steps (0: only per epoch)")
+    save_epoch_checkpoints: bool = _f(True, "write model.{epoch}.pth after every epoch")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps in total (resumable)")
+    resume: bool = _f(True, "continue from state.pt when the run directory has one")
+    log_every: int = _f(20, "write a step record to metrics.jsonl every N optimizer steps")
+    progress: bool = _f(True, "show progress bars")
+    eval_at_start: bool = _f(False, "evaluate once before training (epoch 0)")
+    eval_every: int = _f(1, "validate every N epochs (and after the last one)")
+
+    kind = "train"
+    #: fields without which no run can start (``--help`` marks them, ``validate`` checks them)
+    required_fields: ClassVar[tuple[str, ...]] = ("train_data", "output_dir")
+
+    def __post_init__(self) -> None:
+        # Every way of making a config (files, CLI, Python, ``replace``) gets typed values.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        problems: list[str] = []
+        typed: dict[str, Any] = {}
+        try:
+            typed = coerce_fields(type(self), values)
+        except FieldTypeError as e:
+            problems += e.problems
+        if isinstance(self.model_config, dict):
+            try:
+                typed["model_config"] = _typed_model_config(self.model_config)
+            except FieldTypeError as e:
+                problems += e.problems
+        if problems:
+            raise TrainConfigError(f"invalid {self.kind} config: " + "; ".join(problems))
+        for name, value in typed.items():
+            object.__setattr__(self, name, value)
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(
+                f"unknown {cls.kind} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Any:
+        """Load a YAML (``.yaml``/``.yml``) or JSON file; ``overrides`` win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:
+            raise TrainConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: the config must be a mapping of field names to values")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        problems = [f"{name} is required" for name in self.required_fields if not getattr(self, name)]
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.accum_steps < 1:
+            problems.append("batch_size and accum_steps must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        if self.model not in PRESETS and not self.init_checkpoint:
+            problems.append(f"model must be one of {', '.join(PRESETS)}, not {self.model!r}")
+        if self.lr_decay_step < 1:
+            problems.append("lr_decay_step must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be >= 1")
+        try:
+            self.augment_config()
+        except ValueError as e:
+            problems.append(str(e))
+        problems += self._validate_extra()
+        if problems:
+            raise TrainConfigError(f"invalid {self.kind} config: " + "; ".join(problems))
+
+    def _validate_extra(self) -> list[str]:
+        return []
+
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(
+            mixup=self.mixup,
+            mixup_alpha=self.mixup_alpha,
+            freqm=self.freqm,
+            timem=self.timem,
+            noise=self.noise,
+            roll_frames=self.roll_frames,
+            label_smooth=self.label_smooth,
+        )
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """CAV-MAE pre-training (defaults: the reference CAV-MAE-Scale++ recipe)."""
+
+    epochs: int = _f(25, "number of epochs")
+    batch_size: int = _f(256, "samples per optimizer step, over all processes")
+    lr: float = _f(2e-4, "base learning rate")
+    mask_ratio_a: float = _f(DEFAULT_MASK_RATIO, "audio mask ratio")
+    mask_ratio_v: float = _f(DEFAULT_MASK_RATIO, "visual mask ratio")
+    mask_mode: str = _f("unstructured", f"audio mask mode: {', '.join(MASK_MODES)}")
+    mae_loss_weight: float = _f(1.0, "weight of the reconstruction loss")
+    contrast_loss_weight: float = _f(0.01, "weight of the contrastive loss")
+    bidirect_contrast: bool = _f(False, "contrastive loss in both directions")
+    norm_pix_loss: bool = _f(True, "reconstruct per-patch normalized targets")
+
+    kind = "pretrain"
+
+    def _validate_extra(self) -> list[str]:
+        problems = []
+        if self.mask_mode not in MASK_MODES:
+            problems.append(f"mask_mode must be one of {', '.join(MASK_MODES)}")
+        for name in ("mask_ratio_a", "mask_ratio_v"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1)")
+        return problems
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Classifier fine-tuning (defaults: the reference AudioSet-20K recipe)."""
+
+    epochs: int = _f(15, "number of epochs")
+    batch_size: int = _f(36, "samples per optimizer step, over all processes")
+    lr: float = _f(5e-5, "base learning rate (the backbone's)")
+    lr_decay_start: int = _f(5, "MultiStepLR: first epoch after which the lr decays")
+    lr_decay_step: int = _f(1, "MultiStepLR: decay every this many epochs from then on")
+    trainable_pos_embed: bool = _f(True, "train the encoder's position embeddings")
+    mixup: float = _f(0.5, "mixup probability")
+    freqm: int = _f(48, "SpecAugment: max frequency band width")
+    timem: int = _f(192, "SpecAugment: max time band width")
+    label_smooth: float = _f(0.1, "label smoothing")
+    mode: str = _f("multimodal", f"fine-tuning mode: {', '.join(FINETUNE_MODES)}")
+    loss: str = _f("BCE", "BCE (multi-label) or CE (single-label)")
+    metric: str = _f("auto", "main validation metric: mAP, acc, or auto (mAP for BCE, acc for CE)")
+    head_lr: float = _f(50.0, "the new head's lr = head_lr x lr")
+    freeze_backbone: bool = _f(False, "train the head only (linear probe)")
+    wa: bool = _f(True, "average the weights of the epoch checkpoints wa_start..wa_end")
+    wa_start: int = _f(1, "first epoch of the weight average")
+    wa_end: int | None = _f(None, "last epoch of the weight average (default: the last epoch)")
+    frame_aggregation: bool = _f(True, "final evaluation averages the predictions of all frames")
+
+    kind = "finetune"
+    required_fields = (*TrainConfig.required_fields, "label_csv")
+
+    @property
+    def main_metric(self) -> str:
+        if self.metric == "auto":
+            return "mAP" if self.loss == "BCE" else "acc"
+        return self.metric
+
+    def _validate_extra(self) -> list[str]:
+        problems = []
+        if self.mode not in FINETUNE_MODES:
+            problems.append(f"mode must be {', '.join(FINETUNE_MODES)}, not {self.mode!r}")
+        if self.loss not in ("BCE", "CE"):
+            problems.append(f"loss must be BCE or CE, not {self.loss!r}")
+        if self.metric not in ("auto", "mAP", "acc"):
+            problems.append(f"metric must be auto, mAP or acc, not {self.metric!r}")
+        if self.wa and not 1 <= self.wa_start <= (self.wa_end or self.epochs) <= self.epochs:
+            problems.append(
+                f"need 1 <= wa_start <= wa_end <= epochs, got {self.wa_start}, {self.wa_end}, {self.epochs}"
+            )
+        return problems

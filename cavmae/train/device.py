@@ -1,0 +1,129 @@
+"""Processes, devices and precision of a run: DDP from the environment, autocast, seeding."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .configs import TrainConfig, TrainConfigError
+
+
+@dataclass
+class Dist:
+    """This process's place among the processes of a run (one process without ``torchrun``)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_pref: str) -> Dist:
+    """The process group the environment describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if not dist.is_initialized():
+        # Initialized once per process and kept for later runs in the same process (pretrain
+        # then finetune): re-creating the rendezvous store on the same port can hang.
+        use_cuda = device_pref != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        atexit.register(_destroy_group)
+    return Dist(dist.get_world_size(), dist.get_rank(), local)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pick_device(pref: str, d: Dist) -> torch.device:
+    """``auto`` is this process's GPU when there is one, else the CPU."""
+    if pref == "auto":
+        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainConfigError(f"device {pref!r} asked for, but CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{d.local_rank}")
+    return dev
+
+
+def precision_dtype(pref: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32."""
+    if device.type != "cuda":
+        if pref in ("bf16", "fp16"):
+            raise TrainConfigError(f"precision {pref} needs a CUDA GPU; use fp32 (or auto) on CPU")
+        return None
+    if pref == "fp32":
+        return None
+    if pref == "bf16" or (pref == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Autocast to ``dtype``; no context at all for float32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def gather(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj`` in rank order (just ``[obj]`` without DDP)."""
+    if not d.active:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (model initialization draws from torch's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
+    """Validate ``cfg``, join the process group, pick device and precision, make the run dir."""
+    cfg.validate()
+    d = init_distributed(cfg.device)
+    device = pick_device(cfg.device, d)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+    amp = precision_dtype(cfg.precision, device)
+    if cfg.batch_size % (d.world_size * cfg.accum_steps):
+        raise TrainConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = "
+            f"{d.world_size} x {cfg.accum_steps}"
+        )
+    if d.main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    barrier(d)
+    seed_everything(cfg.seed)
+    return d, device, amp

@@ -1,0 +1,220 @@
+"""The run directory's files and the resumable training state (``state.pt``).
+
+``state.pt`` holds the model, the optimizer, the loss scaler, the position (epoch, step in the
+epoch, global step), the epoch's running sums, the best metric, the history, the metrics-log
+offset and the global RNG states: everything a resumed run needs to continue bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cavmae import fsio
+from cavmae.checkpoint import checkpoint_meta
+
+from .configs import TrainConfig, TrainConfigError
+from .optim import Optimization
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+
+# Fields that may change when a run is resumed (they do not change the trajectory).
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir", "epochs", "max_steps", "resume", "progress", "num_workers", "log_every",
+        "save_every_steps", "save_epoch_checkpoints", "eval_batch_size", "device", "train_data",
+        "val_data", "label_csv", "weight_csv", "init_checkpoint", "wa_end", "eval_every",
+        "eval_at_start",
+    }
+)
+
+
+def json_default(x: Any) -> Any:
+    """JSON for the numpy scalars and paths in metric records."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(type(x).__name__)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    fsio.write_json(path, obj, indent=2, default=str)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` of the run, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def offset(self) -> int:
+        return self.path.stat().st_size if self.enabled and self.path.exists() else 0
+
+    def truncate(self, offset: int) -> None:
+        if self.enabled and self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(offset)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=json_default) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Global RNG states (saved and restored, though no random choice of a run draws from them)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Position of a run, resume and save
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what ``state.pt`` records besides the model and the optimizer."""
+
+    epoch: int = 1  # the epoch being trained (1-based)
+    step_in_epoch: int = 0
+    global_step: int = 0
+    meters: dict[str, float] = field(default_factory=dict)  # sums of this epoch's loss terms
+    best: dict[str, Any] = field(default_factory=lambda: {"value": None, "epoch": 0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+def _check_resume_config(run_dir: Path, cfg: TrainConfig, saved_json: str) -> None:
+    saved = json.loads(saved_json)
+    now = json.loads(json.dumps(cfg.to_dict()))
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+    ]
+    if diff:
+        raise TrainConfigError(
+            f"{run_dir} holds a run started with another config ({'; '.join(diff)}); resume it "
+            "with the same settings, or use another output_dir"
+        )
+
+
+def _check_epochs(run_dir: Path, cfg: TrainConfig, tr: dict[str, Any]) -> None:
+    """Refuse an ``epochs`` below what the run in ``run_dir`` has already trained."""
+    started = tr["epoch"] - (0 if tr["step_in_epoch"] else 1)  # epochs with any step done
+    if cfg.epochs < started:
+        what = (f"a finished run of {started} epochs" if tr["finished"]
+                else f"a run that has trained into epoch {started}")
+        raise TrainConfigError(
+            f"{run_dir} holds {what}; epochs {cfg.epochs} cannot undo that: give epochs >= "
+            f"{started} (more continues the run), or use another output_dir"
+        )
+
+
+def start_or_resume(
+    cfg: TrainConfig, model: nn.Module, opt: Optimization, mlog: MetricsLog, main: bool
+) -> RunState:
+    """Continue the run in ``cfg.output_dir`` from its ``state.pt``, or start it afresh there.
+
+    Resuming loads model, optimizer, scaler and RNG states in place and cuts ``metrics.jsonl``
+    back to what it held at the save; a fresh start writes ``config.json`` (rank 0).
+    """
+    run_dir = Path(cfg.output_dir)
+    state_path = run_dir / STATE_FILE
+    if not state_path.exists():
+        if main:
+            write_json({"kind": cfg.kind, **cfg.to_dict()}, run_dir / CONFIG_FILE)
+            mlog.truncate(0)
+        return RunState()
+    if not cfg.resume:
+        raise TrainConfigError(
+            f"{run_dir} already holds a training state ({STATE_FILE}); pass resume=True "
+            "(--resume) to continue it, or choose another output_dir"
+        )
+    st = torch.load(state_path, map_location="cpu", weights_only=True)
+    tr = st["training"]
+    if tr["kind"] != cfg.kind:
+        raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
+    _check_resume_config(run_dir, cfg, tr["config"])
+    _check_epochs(run_dir, cfg, tr)
+    model.load_state_dict(st["state_dict"])
+    opt.optimizer.load_state_dict(tr["optimizer"])
+    if tr["scaler"]:
+        opt.scaler.load_state_dict(tr["scaler"])
+    rs = RunState(
+        tr["epoch"], tr["step_in_epoch"], tr["global_step"],
+        dict(tr["meters"]), dict(tr["best"]), list(tr["history"]),
+    )
+    # A finished run asked for more epochs continues: the schedule is a function of (epoch,
+    # step) that does not depend on the epoch count, so epochs N+1.. are exactly those of
+    # a run started with the larger count.
+    rs.finished = bool(tr["finished"]) and rs.epoch > cfg.epochs
+    if tr["finished"] and not rs.finished:
+        log.info("%s: continuing a finished run of %d epochs to %d", run_dir, rs.epoch - 1, cfg.epochs)
+    _set_rng_state(tr["rng"])
+    mlog.truncate(int(tr["log_offset"]))
+    log.info("resuming %s at epoch %d, step %d", run_dir, rs.epoch, rs.global_step)
+    return rs
+
+
+def save_state(
+    cfg: TrainConfig, model: nn.Module, opt: Optimization, rs: RunState, world_size: int,
+    mlog: MetricsLog,
+) -> None:
+    """Write ``state.pt`` atomically (rank 0 calls it)."""
+    state = {
+        "cavmae": checkpoint_meta(model),  # type: ignore[arg-type]
+        "state_dict": model.state_dict(),
+        "training": {
+            "kind": cfg.kind, "config": json.dumps(cfg.to_dict()),
+            "epoch": rs.epoch, "step_in_epoch": rs.step_in_epoch, "global_step": rs.global_step,
+            "world_size": world_size, "optimizer": opt.optimizer.state_dict(),
+            "scaler": opt.scaler.state_dict(), "scheduler": opt.scheduler.state_dict(),
+            "meters": rs.meters, "best": rs.best, "history": rs.history, "finished": rs.finished,
+            "log_offset": mlog.offset(), "rng": _rng_state(),
+        },
+    }
+    with fsio.atomic_open(Path(cfg.output_dir) / STATE_FILE) as f:
+        torch.save(state, f)
