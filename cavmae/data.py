@@ -22,7 +22,6 @@ This module needs numpy only (torch is imported inside :func:`collate`).
 from __future__ import annotations
 
 import functools
-import math
 import wave
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -464,8 +463,3 @@ def eval_batches(num_clips: int, batch_size: int, world_size: int = 1, rank: int
     lo = rank * num_clips // world_size
     hi = (rank + 1) * num_clips // world_size
     return [list(range(s, min(s + batch_size, hi))) for s in range(lo, hi, batch_size)]
-
-
-def steps_per_epoch(num_items: int, batch_size: int) -> int:
-    """Optimizer steps in an epoch of ``num_items`` positions (the last partial batch dropped)."""
-    return math.floor(num_items / batch_size)

@@ -136,8 +136,3 @@ def init_weights(module: nn.Module) -> None:
 def trunc_normal_init(param: torch.Tensor, std: float = 0.02) -> None:
     """Small normal init for learned tokens (modality embeddings, mask token)."""
     nn.init.normal_(param, std=std)
-
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

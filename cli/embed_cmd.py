@@ -234,9 +234,6 @@ def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
         click.get_current_context().exit(EXIT_INPUT_FAILED)
 
 
-QUERY_DEFAULT_TARGETS = {"audio": ("visual",), "image": ("audio",)}
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("index", metavar="INDEX")
 @click.option("--audio", "audio_file", metavar="FILE", help="Query with the audio of a media file.")

@@ -76,6 +76,21 @@ def test_training_is_a_package_with_one_module_per_job() -> None:
     assert jobs <= modules
 
 
+@pytest.mark.parametrize(
+    "rel, name",
+    [("cavmae/layers.py", "num_params"), ("cavmae/data.py", "steps_per_epoch"),
+     ("cli/embed_cmd.py", "QUERY_DEFAULT_TARGETS")],
+)
+def test_dead_helpers_stay_gone(rel: str, name: str) -> None:
+    """Helpers nothing called were deleted; a new caller should find the live mechanism instead
+    (checkpoint metadata counts parameters, StepBatchSampler counts steps, search picks targets)."""
+    tree = ast.parse((ROOT / rel).read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Name)}
+    assert name not in defined
+
+
 def test_trt_builder_and_cache_do_not_depend_on_the_runner() -> None:
     """Building and caching engines stay apart from running them."""
     for rel in ("runtime/engines/trt/build.py", "runtime/engines/trt/cache.py"):
