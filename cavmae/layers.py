@@ -133,6 +133,10 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.proj.bias)
 
 
-def trunc_normal_init(param: torch.Tensor, std: float = 0.02) -> None:
-    """Small normal init for learned tokens (modality embeddings, mask token)."""
+def normal_init(param: torch.Tensor, std: float = 0.02) -> None:
+    """``normal(0, std)`` init of learned tokens (modality embeddings, mask token), untruncated.
+
+    MAE: "timm's trunc_normal_(std=.02) is effectively normal_(std=0.02) as cutoff is too big
+    (2.)": timm truncates at +-2 in absolute terms, 100 standard deviations out.
+    """
     nn.init.normal_(param, std=std)

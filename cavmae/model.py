@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BASE, ModelConfig
-from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
+from .layers import Block, PatchEmbed, init_weights, normal_init, sincos_2d
 from .masking import (
     DEFAULT_MASK_RATIO,
     MASK_MODES,
@@ -71,8 +71,8 @@ class CAVMAEEncoder(nn.Module):
 
     def _init_encoder(self) -> None:
         init_weights(self)
-        trunc_normal_init(self.modality_a)
-        trunc_normal_init(self.modality_v)
+        normal_init(self.modality_a)
+        normal_init(self.modality_v)
 
     # -- embeddings -------------------------------------------------------------------------
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,7 @@ class CAVMAE(CAVMAEEncoder):
         self.decoder_pred_v = nn.Linear(dd, config.visual_patch_dim)
         self._init_encoder()
         for p in (self.mask_token, self.decoder_modality_a, self.decoder_modality_v):
-            trunc_normal_init(p)
+            normal_init(p)
 
     # -- masking ----------------------------------------------------------------------------
     def draw_mask(

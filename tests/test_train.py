@@ -148,6 +148,18 @@ def test_schedule_matches_multisteplr():
     assert [warm.factor(1, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_learned_tokens_get_an_untruncated_normal_init():
+    """MAE's init of learned tokens is normal(std=0.02): timm's trunc_normal_ cuts at +-2 in
+    absolute terms, so the name says normal, and values beyond two std occur."""
+    from cavmae.layers import normal_init
+
+    torch.manual_seed(0)
+    p = torch.empty(100_000)
+    normal_init(p)
+    assert float(p.std()) == pytest.approx(0.02, rel=0.02)
+    assert float(p.abs().max()) > 2 * 0.02  # an init truncated at two std has none
+
+
 # -- run directory and checkpoints -------------------------------------------------------------
 
 
