@@ -1,8 +1,10 @@
 """CAV-MAE models: the shared encoder, the classifier ``CAVMAEFT`` and the pre-training ``CAVMAE``.
 
-The forward passes are compositions of small stage methods, and the exporter wraps those same
-stages one-to-one (audio branch, visual branch, joint block per stream, head, decoder), so there
-is one definition of every computation.
+The forward passes are compositions of small stage methods. Each exported graph is one method,
+``forward_<graph>`` (``forward_audio_encoder``, ``forward_visual_encoder``, ``forward_audio_embed``,
+``forward_visual_embed``, ``forward_{joint,audio,visual}_classifier``, ``forward_masked_encoder``,
+``forward_decoder``; the graphs are declared in :mod:`cavmae.graphs`), which the exporter traces
+and the torch engine runs as it is, so there is one definition of every computation.
 
 Shapes: ``B`` batch; audio ``[B, 1024, 128]`` (time, frequency); image ``[B, 3, 224, 224]``;
 ``D`` encoder width (768), ``La = 512`` audio tokens, ``Lv = 196`` visual tokens.
@@ -34,6 +36,15 @@ MODES = REFERENCE_MODES
 
 #: temperature of the contrastive loss
 CONTRAST_TEMPERATURE = 0.05
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Sigmoid for multi-label, softmax for single-label, over the last axis."""
+    if task == "multi-label":
+        return torch.sigmoid(logits)
+    if task == "single-label":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"task must be 'multi-label' or 'single-label', not {task!r}")
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -75,16 +86,16 @@ class CAVMAEEncoder(nn.Module):
         normal_init(self.modality_v)
 
     # -- embeddings -------------------------------------------------------------------------
-    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+    def tokenize_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """``audio [B, T, F] -> tokens [B, La, D]`` (frequency-major) with position and modality."""
         x = self.patch_embed_a(audio_to_image(audio))
         return x + self.pos_embed_a + self.modality_a
 
-    def embed_visual(self, image: torch.Tensor) -> torch.Tensor:
+    def tokenize_visual(self, image: torch.Tensor) -> torch.Tensor:
         """``image [B, 3, H, W] -> tokens [B, Lv, D]`` with position and modality."""
         return self.patch_embed_v(image) + self.pos_embed_v + self.modality_v
 
-    # -- stages -----------------------------------------------------------------------------
+    # -- building blocks ----------------------------------------------------------------------
     def run_audio_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """``blocks_a`` on audio tokens (all or only the kept ones): ``[B, N, D] -> [B, N, D]``."""
         for blk in self.blocks_a:
@@ -96,14 +107,6 @@ class CAVMAEEncoder(nn.Module):
         for blk in self.blocks_v:
             x = blk(x)
         return x
-
-    def forward_audio_branch(self, audio: torch.Tensor) -> torch.Tensor:
-        """Audio branch: ``audio [B, T, F] -> audio tokens [B, La, D]``."""
-        return self.run_audio_blocks(self.embed_audio(audio))
-
-    def forward_visual_branch(self, image: torch.Tensor) -> torch.Tensor:
-        """Visual branch: ``image [B, 3, H, W] -> visual tokens [B, Lv, D]``."""
-        return self.run_visual_blocks(self.embed_visual(image))
 
     def forward_joint(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Joint stream: ``a [B, Na, D]``, ``v [B, Nv, D]`` -> ``[B, Na+Nv, D]`` after ``norm``."""
@@ -130,12 +133,35 @@ class CAVMAEEncoder(nn.Module):
             v = blk(v, "v")
         return self.norm_v(v)
 
+    # -- stages: one per exported graph (cavmae.graphs), named forward_<graph> ---------------
+    def forward_audio_encoder(self, audio: torch.Tensor) -> torch.Tensor:
+        """Audio branch: ``audio [B, T, F] -> audio tokens [B, La, D]``."""
+        return self.run_audio_blocks(self.tokenize_audio(audio))
+
+    def forward_visual_encoder(self, image: torch.Tensor) -> torch.Tensor:
+        """Visual branch: ``image [B, 3, H, W] -> visual tokens [B, Lv, D]``."""
+        return self.run_visual_blocks(self.tokenize_visual(image))
+
+    def forward_audio_embed(self, audio_tokens: torch.Tensor) -> torch.Tensor:
+        """``audio_tokens [B, La, D] -> audio embedding [B, D]``: audio stream, mean, L2."""
+        return F.normalize(self.forward_audio_stream(audio_tokens).mean(1), dim=-1)
+
+    def forward_visual_embed(self, visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``visual_tokens [B, Lv, D]`` -> (visual embedding ``[B, D]``, patches ``[B, Lv, D]``).
+
+        The patches are the visual stream's tokens (not normalized), for sound-source
+        localization; the embedding is their mean, L2-normalized.
+        """
+        patches = self.forward_visual_stream(visual_tokens)
+        return F.normalize(patches.mean(1), dim=-1), patches
+
+    # -- whole-model conveniences ---------------------------------------------------------
     def forward_feat(
         self, audio: torch.Tensor, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmasked audio-only and visual-only stream outputs: ``([B, La, D], [B, Lv, D])``."""
-        a = self.forward_audio_stream(self.forward_audio_branch(audio))
-        v = self.forward_visual_stream(self.forward_visual_branch(image))
+        a = self.forward_audio_stream(self.forward_audio_encoder(audio))
+        v = self.forward_visual_stream(self.forward_visual_encoder(image))
         return a, v
 
     def embed(
@@ -144,9 +170,9 @@ class CAVMAEEncoder(nn.Module):
         """Retrieval embeddings: mean-pooled streams, L2-normalized: ``[B, D]`` each (or None)."""
         ea = ev = None
         if audio is not None:
-            ea = F.normalize(self.forward_audio_stream(self.forward_audio_branch(audio)).mean(1), dim=-1)
+            ea = self.forward_audio_embed(self.forward_audio_encoder(audio))
         if image is not None:
-            ev = F.normalize(self.forward_visual_stream(self.forward_visual_branch(image)).mean(1), dim=-1)
+            ev = self.forward_visual_embed(self.forward_visual_encoder(image))[0]
         return ea, ev
 
 
@@ -185,6 +211,40 @@ class CAVMAEFT(CAVMAEEncoder):
         # average of that modality through the joint block and through its own stream
         return (self.forward_joint_single(x).mean(1) + own) / 2
 
+    # -- stages: the classifier heads (cavmae.graphs) ---------------------------------------
+    def forward_joint_classifier(
+        self, audio_tokens: torch.Tensor, visual_tokens: torch.Tensor, *, task: str, num_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``audio_tokens [B, La, D]``, ``visual_tokens [B, F, Lv, D]`` -> ``logits [B, F, C]``,
+        ``probs [B, C]``: the reference's per-frame loop (the same audio with each frame) as one
+        batch, probabilities averaged over the frames."""
+        # sizes as Python ints so only the batch axis is symbolic in an exported graph
+        cfg, f = self.config, num_frames
+        la, lv, d = cfg.num_audio_tokens, cfg.num_visual_tokens, cfg.embed_dim
+        a = audio_tokens.unsqueeze(1).expand(-1, f, la, d).reshape(-1, la, d)
+        v = visual_tokens.reshape(-1, lv, d)
+        logits = self.head(self.pooled_features(a, v, "multimodal"))
+        logits = logits.reshape(-1, f, cfg.num_classes)
+        return logits, probabilities(logits, task).mean(1)
+
+    def forward_audio_classifier(
+        self, audio_tokens: torch.Tensor, *, task: str, mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``audio_tokens [B, La, D] -> logits [B, C], probs [B, C]`` in an audio-only ``mode``."""
+        logits = self.head(self.pooled_features(audio_tokens, None, mode))
+        return logits, probabilities(logits, task)
+
+    def forward_visual_classifier(
+        self, visual_tokens: torch.Tensor, *, task: str, mode: str, num_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``visual_tokens [B, F, Lv, D] -> logits [B, F, C], probs [B, C]`` in a visual-only
+        ``mode``, probabilities averaged over the frames."""
+        cfg = self.config
+        v = visual_tokens.reshape(-1, cfg.num_visual_tokens, cfg.embed_dim)
+        logits = self.head(self.pooled_features(None, v, mode))
+        logits = logits.reshape(-1, num_frames, cfg.num_classes)
+        return logits, probabilities(logits, task).mean(1)
+
     def forward(
         self,
         audio: torch.Tensor | None,
@@ -196,8 +256,8 @@ class CAVMAEFT(CAVMAEEncoder):
         Single-modality modes accept ``None`` for the unused input.
         """
         row = lookup(mode)
-        a = self.forward_audio_branch(_need(audio, mode, "audio")) if row.audio else None
-        v = self.forward_visual_branch(_need(image, mode, "image")) if row.video else None
+        a = self.forward_audio_encoder(_need(audio, mode, "audio")) if row.audio else None
+        v = self.forward_visual_encoder(_need(image, mode, "image")) if row.video else None
         return self.head(self.pooled_features(a, v, mode))
 
 
@@ -282,7 +342,7 @@ class CAVMAE(CAVMAEEncoder):
             indices_from_noise(noise_v, num_kept(cfg.num_visual_tokens, ratio_v)),
         )
 
-    # -- stages -----------------------------------------------------------------------------
+    # -- stages: pre-training (cavmae.graphs) ---------------------------------------------------
     def forward_masked_branches(
         self,
         audio: torch.Tensor,
@@ -291,9 +351,20 @@ class CAVMAE(CAVMAEEncoder):
         ids_keep_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality branches on kept tokens only: ``([B, Ka, D], [B, Kv, D])``."""
-        a = self.run_audio_blocks(gather_tokens(self.embed_audio(audio), ids_keep_a))
-        v = self.run_visual_blocks(gather_tokens(self.embed_visual(image), ids_keep_v))
+        a = self.run_audio_blocks(gather_tokens(self.tokenize_audio(audio), ids_keep_a))
+        v = self.run_visual_blocks(gather_tokens(self.tokenize_visual(image), ids_keep_v))
         return a, v
+
+    def forward_masked_encoder(
+        self,
+        audio: torch.Tensor,
+        image: torch.Tensor,
+        ids_keep_a: torch.Tensor,
+        ids_keep_v: torch.Tensor,
+    ) -> torch.Tensor:
+        """The pre-training encoder on kept tokens only: ``audio [B, T, F]``, ``image
+        [B, 3, H, W]``, ``ids_keep_a [B, Ka]``, ``ids_keep_v [B, Kv]`` -> ``[B, Ka+Kv, D]``."""
+        return self.forward_joint(*self.forward_masked_branches(audio, image, ids_keep_a, ids_keep_v))
 
     def forward_decoder(
         self,

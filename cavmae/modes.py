@@ -15,13 +15,15 @@ modes: ``audio`` is its ``missingaudioonly`` stream, ``visual`` its ``missingvid
 one mode. Everything else (model forward, export stages, manifest, runtime, CLI choices,
 training) derives from :data:`TABLE`.
 
-Plain stdlib: the torch-free runtime imports this module.
+Torch-free: the runtime imports this module; graph names come from :mod:`cavmae.graphs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .graphs import AUDIO_CLASSIFIER, JOINT_CLASSIFIER, VISUAL_CLASSIFIER
 
 __all__ = [
     "AUTO",
@@ -49,7 +51,7 @@ class Mode:
     reference: str  # the reference's mode name, the model's ``forward(..., mode)``
     finetune: str  # fine-tune mode of the models that have this mode
     cli: str  # command-line ``--mode`` value that selects it
-    graph: str  # exported graph computing it (the same name for every fine-tune mode)
+    graph: str  # exported graph computing it (declared in cavmae.graphs)
     audio: bool  # needs the audio input
     video: bool  # needs the frames
     joint: bool  # goes through the joint stream (blocks_u with the shared norms, then norm)
@@ -63,14 +65,15 @@ class Mode:
 #: The table. Order matters: the first mode of a fine-tune mode is its default, and
 #: :func:`best_mode` prefers earlier command-line modes (both inputs before one).
 TABLE: tuple[Mode, ...] = (
-    Mode("multimodal", "multimodal", "av", "joint_classifier", audio=True, video=True, joint=True),
-    Mode("missingaudioonly", "multimodal", "audio", "audio_classifier", audio=True, video=False,
+    Mode("multimodal", "multimodal", "av", JOINT_CLASSIFIER.name, audio=True, video=True,
          joint=True),
-    Mode("missingvideoonly", "multimodal", "visual", "visual_classifier", audio=False, video=True,
-         joint=True),
-    Mode("audioonly", "audioonly", "audio", "audio_classifier", audio=True, video=False,
+    Mode("missingaudioonly", "multimodal", "audio", AUDIO_CLASSIFIER.name, audio=True,
+         video=False, joint=True),
+    Mode("missingvideoonly", "multimodal", "visual", VISUAL_CLASSIFIER.name, audio=False,
+         video=True, joint=True),
+    Mode("audioonly", "audioonly", "audio", AUDIO_CLASSIFIER.name, audio=True, video=False,
          joint=False),
-    Mode("videoonly", "videoonly", "visual", "visual_classifier", audio=False, video=True,
+    Mode("videoonly", "videoonly", "visual", VISUAL_CLASSIFIER.name, audio=False, video=True,
          joint=False),
 )
 

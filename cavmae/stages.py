@@ -1,8 +1,10 @@
-"""The model split into deployable stages, each a small ``nn.Module`` with fixed token shapes.
+"""The model split into deployable stages: one ``nn.Module`` per graph of :mod:`cavmae.graphs`.
 
 One definition serves both the exporter (each stage becomes one ONNX graph) and the runtime's
-PyTorch engine (which runs the same modules eagerly), so the two cannot drift apart. Each stage
-calls the model's own stage methods; nothing here re-implements model math.
+PyTorch engine (which runs the same modules eagerly), so the two cannot drift apart. A stage is
+the model's own ``forward_<graph>`` method with the deployment's fixed arguments (task, frames
+per clip, mode, kept tokens); nothing here re-implements model math, and the graphs' names,
+inputs and outputs come from their declarations.
 
 The per-clip flow of a classifier: ``audio_encoder`` once per clip, ``visual_encoder`` on all
 frames as one batch, then ``joint_classifier`` on the audio tokens and the F frames' visual
@@ -11,171 +13,118 @@ tokens, which returns per-frame logits and the frame-aggregated probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import PreprocessConfig
+from .graphs import (
+    ENCODER_GRAPHS,
+    PRETRAIN_GRAPHS,
+    GraphDecl,
+    declaration,
+    graph_sizes,
+)
 from .labels import LabelSet
-from .manifest import BATCH, GraphSpec, Manifest, TensorSpec
-from .masking import DEFAULT_MASK_RATIO, indices_from_noise, num_kept
-from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from .manifest import GraphSpec, Manifest
+from .masking import DEFAULT_MASK_RATIO, indices_from_noise
+from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder, probabilities
 from .modes import FINETUNE_MODES, lookup, reference_modes
 
-
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Sigmoid for multi-label, softmax for single-label, over the last axis."""
-    if task == "multi-label":
-        return torch.sigmoid(logits)
-    if task == "single-label":
-        return torch.softmax(logits, dim=-1)
-    raise ValueError(f"task must be 'multi-label' or 'single-label', not {task!r}")
-
-
-class AudioEncoder(nn.Module):
-    """``audio [B, T, F] -> audio_tokens [B, La, D]`` (embedding + blocks_a)."""
-
-    def __init__(self, model: CAVMAEEncoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_audio_branch(audio)
+__all__ = [
+    "Stage",
+    "StageModule",
+    "build_stages",
+    "graph_specs",
+    "make_manifest",
+    "modes_for",
+    "probabilities",
+    "run_stage",
+]
 
 
-class VisualEncoder(nn.Module):
-    """``image [B, 3, H, W] -> visual_tokens [B, Lv, D]`` (embedding + blocks_v)."""
+class StageModule(nn.Module):
+    """The model's ``forward_<graph>`` stage with its non-tensor arguments fixed.
 
-    def __init__(self, model: CAVMAEEncoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_visual_branch(image)
-
-
-class JointClassifier(nn.Module):
-    """``audio_tokens [B, La, D]``, ``visual_tokens [B, F, Lv, D]`` -> ``logits [B, F, C]``,
-    ``probs [B, C]``: the reference's per-frame loop (same audio with each frame), as one batch.
+    ``forward(*tensors)`` takes the graph's inputs in declaration order and returns its outputs
+    in declaration order, so the traced ONNX graph and the eager module are the same call.
     """
 
-    def __init__(self, model: CAVMAEFT, task: str, num_frames: int) -> None:
+    def __init__(self, model: CAVMAEEncoder, decl: GraphDecl, **params: Any) -> None:
         super().__init__()
-        self.model, self.task, self.num_frames = model, task, num_frames
+        self.model, self.decl, self.params = model, decl, params
 
-    def forward(self, audio_tokens: torch.Tensor, visual_tokens: torch.Tensor):
-        # sizes as Python ints so only the batch axis is symbolic in the exported graph
-        cfg, f = self.model.config, self.num_frames
-        la, lv, d = cfg.num_audio_tokens, cfg.num_visual_tokens, cfg.embed_dim
-        a = audio_tokens.unsqueeze(1).expand(-1, f, la, d).reshape(-1, la, d)
-        v = visual_tokens.reshape(-1, lv, d)
-        logits = self.model.head(self.model.pooled_features(a, v, "multimodal"))
-        logits = logits.reshape(-1, f, cfg.num_classes)
-        return logits, probabilities(logits, self.task).mean(1)
-
-
-class AudioClassifier(nn.Module):
-    """``audio_tokens [B, La, D] -> logits [B, C], probs [B, C]`` in an audio-only mode."""
-
-    def __init__(self, model: CAVMAEFT, task: str, mode: str) -> None:
-        super().__init__()
-        self.model, self.task, self.mode = model, task, mode
-
-    def forward(self, audio_tokens: torch.Tensor):
-        logits = self.model.head(self.model.pooled_features(audio_tokens, None, self.mode))
-        return logits, probabilities(logits, self.task)
-
-
-class VisualClassifier(nn.Module):
-    """``visual_tokens [B, F, Lv, D] -> logits [B, F, C], probs [B, C]`` (frame-averaged)."""
-
-    def __init__(self, model: CAVMAEFT, task: str, mode: str, num_frames: int) -> None:
-        super().__init__()
-        self.model, self.task, self.mode, self.num_frames = model, task, mode, num_frames
-
-    def forward(self, visual_tokens: torch.Tensor):
-        cfg = self.model.config
-        v = visual_tokens.reshape(-1, cfg.num_visual_tokens, cfg.embed_dim)
-        logits = self.model.head(self.model.pooled_features(None, v, self.mode))
-        logits = logits.reshape(-1, self.num_frames, cfg.num_classes)
-        return logits, probabilities(logits, self.task).mean(1)
-
-
-class AudioEmbed(nn.Module):
-    """``audio_tokens [B, La, D] -> audio_embedding [B, D]`` (audio stream, mean, L2)."""
-
-    def __init__(self, model: CAVMAEEncoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, audio_tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.forward_audio_stream(audio_tokens).mean(1), dim=-1)
-
-
-class VisualEmbed(nn.Module):
-    """``visual_tokens [B, Lv, D] -> visual_embedding [B, D], visual_patches [B, Lv, D]``.
-
-    The patches are the visual stream's tokens (not normalized), for sound-source localization.
-    """
-
-    def __init__(self, model: CAVMAEEncoder) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, visual_tokens: torch.Tensor):
-        patches = self.model.forward_visual_stream(visual_tokens)
-        return F.normalize(patches.mean(1), dim=-1), patches
-
-
-class MaskedEncoder(nn.Module):
-    """``audio``, ``image``, ``ids_keep_a [B, Ka]``, ``ids_keep_v [B, Kv]`` (int64) ->
-    ``joint_tokens [B, Ka+Kv, D]``: the pre-training encoder on kept tokens only."""
-
-    def __init__(self, model: CAVMAE) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, audio, image, ids_keep_a, ids_keep_v) -> torch.Tensor:
-        a, v = self.model.forward_masked_branches(audio, image, ids_keep_a, ids_keep_v)
-        return self.model.forward_joint(a, v)
-
-
-class Decoder(nn.Module):
-    """``joint_tokens [B, Ka+Kv, D]``, ``ids_restore_a [B, La]``, ``ids_restore_v [B, Lv]`` ->
-    ``pred_a [B, La, p*p]``, ``pred_v [B, Lv, p*p*3]``. ``Ka`` is fixed at construction."""
-
-    def __init__(self, model: CAVMAE, keep_a: int) -> None:
-        super().__init__()
-        self.model, self.keep_a = model, keep_a
-
-    def forward(self, joint_tokens, ids_restore_a, ids_restore_v):
-        return self.model.forward_decoder(joint_tokens, ids_restore_a, ids_restore_v, self.keep_a)
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return getattr(self.model, self.decl.method)(*tensors, **self.params)
 
 
 @dataclass
 class Stage:
-    """One deployable stage: its module and the graph contract it is exported with."""
+    """One deployable stage: its declaration, the graph contract it is exported with, its
+    module, and the sizes behind the declaration's shape symbols."""
 
+    decl: GraphDecl
     spec: GraphSpec
     module: nn.Module
-    #: how to draw valid random inputs for validation: (rng, batch) -> {name: array}
-    sample: Callable[[np.random.Generator, int], dict[str, np.ndarray]]
+    sizes: dict[str, int]
+
+    def sample(self, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+        """Valid random inputs for validation and tracing, drawn in declaration order:
+        standard normal, except masking indices, which are a real draw of kept tokens."""
+        out: dict[str, np.ndarray] = {}
+        for decl, spec in zip(self.decl.inputs, self.spec.inputs, strict=True):
+            if decl.indices is None:
+                out[spec.name] = rng.standard_normal(spec.concrete_shape(batch)).astype(np.float32)
+                continue
+            which, total, kept = decl.indices
+            idx = indices_from_noise(rng.random((batch, self.sizes[total])), self.sizes[kept])
+            out[spec.name] = (idx.ids_keep if which == "keep" else idx.ids_restore).astype(np.int64)
+        return out
 
 
-def _t(name: str, *shape: int | str, dtype: str = "float32") -> TensorSpec:
-    return TensorSpec(name, tuple(shape), dtype)
+def _plan(
+    model: CAVMAEEncoder,
+    *,
+    num_frames: int,
+    finetune_mode: str,
+    mask_ratio_a: float,
+    mask_ratio_v: float,
+) -> tuple[dict[str, int], list[tuple[GraphDecl, str | None]]]:
+    """The sizes of a deployment and its graphs, each with the reference mode it serves."""
+    cfg = model.config
+    plan: list[tuple[GraphDecl, str | None]] = [(g, None) for g in ENCODER_GRAPHS]
+    if isinstance(model, CAVMAEFT):
+        if finetune_mode not in FINETUNE_MODES:
+            raise ValueError(f"finetune_mode must be one of {FINETUNE_MODES}, not {finetune_mode!r}")
+        # one graph per mode the model serves: the table says which graph computes which mode
+        plan += [(declaration(lookup(mode).graph), mode) for mode in reference_modes(finetune_mode)]
+        sizes = graph_sizes(cfg, num_frames=num_frames)
+    elif isinstance(model, CAVMAE):
+        plan += [(g, None) for g in PRETRAIN_GRAPHS]
+        sizes = graph_sizes(cfg, num_frames=num_frames, mask_ratio_a=mask_ratio_a,
+                            mask_ratio_v=mask_ratio_v)
+    else:
+        sizes = graph_sizes(cfg, num_frames=num_frames)
+    return sizes, plan
 
 
-def _normal(specs: tuple[TensorSpec, ...]) -> Callable[[np.random.Generator, int], dict[str, np.ndarray]]:
-    def sample(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
-        return {s.name: rng.standard_normal(s.concrete_shape(batch)).astype(np.float32) for s in specs}
-
-    return sample
+def graph_specs(
+    model: CAVMAEEncoder,
+    *,
+    num_frames: int = 10,
+    max_batch: int = 8,
+    finetune_mode: str = "multimodal",
+    mask_ratio_a: float = DEFAULT_MASK_RATIO,
+    mask_ratio_v: float = DEFAULT_MASK_RATIO,
+) -> dict[str, GraphSpec]:
+    """The manifest entries of the graphs ``model`` deploys as, keyed by graph name: what
+    :func:`build_stages` would export, without building any module."""
+    sizes, plan = _plan(model, num_frames=num_frames, finetune_mode=finetune_mode,
+                        mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
+    return {d.name: d.spec(sizes, max_batch=max_batch, mode=mode) for d, mode in plan}
 
 
 def build_stages(
@@ -196,75 +145,14 @@ def build_stages(
     (visual-only) model only its own head. Pre-training models get the masked encoder and the
     decoder for a fixed number of kept tokens, from the mask ratios.
     """
-    cfg = model.config
-    d, la, lv = cfg.embed_dim, cfg.num_audio_tokens, cfg.num_visual_tokens
-    img = (3, cfg.image_size, cfg.image_size)
-    frames_max = max_batch * num_frames
+    sizes, plan = _plan(model, num_frames=num_frames, finetune_mode=finetune_mode,
+                        mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
+    fixed: dict[str, Any] = {"task": task, "num_frames": num_frames, "keep_a": sizes.get("Ka")}
     stages: dict[str, Stage] = {}
-
-    def add(name: str, module: nn.Module, inputs, outputs, mb: int, description: str, sample=None) -> None:
-        inputs, outputs = tuple(inputs), tuple(outputs)
-        spec = GraphSpec(name, f"{name}.onnx", inputs, outputs, mb, "fp32", description)
-        stages[name] = Stage(spec, module.eval(), sample or _normal(inputs))
-
-    audio_tokens = _t("audio_tokens", BATCH, la, d)
-    visual_tokens = _t("visual_tokens", BATCH, lv, d)
-    frame_tokens = _t("visual_tokens", BATCH, num_frames, lv, d)
-    add("audio_encoder", AudioEncoder(model), [_t("audio", BATCH, cfg.audio_length, cfg.num_mel_bins)],
-        [audio_tokens], max_batch, "audio branch: spectrogram -> audio tokens (once per clip)")
-    add("visual_encoder", VisualEncoder(model), [_t("image", BATCH, *img)], [visual_tokens],
-        frames_max, "visual branch: frame -> visual tokens (all frames as one batch)")
-    add("audio_embed", AudioEmbed(model), [audio_tokens], [_t("audio_embedding", BATCH, d)],
-        max_batch, "audio-only stream, mean-pooled, L2-normalized")
-    add("visual_embed", VisualEmbed(model), [visual_tokens],
-        [_t("visual_embedding", BATCH, d), _t("visual_patches", BATCH, lv, d)],
-        frames_max, "visual-only stream: pooled L2-normalized embedding and patch tokens")
-
-    if isinstance(model, CAVMAEFT):
-        if finetune_mode not in FINETUNE_MODES:
-            raise ValueError(f"finetune_mode must be one of {FINETUNE_MODES}, not {finetune_mode!r}")
-        c = cfg.num_classes
-        # one graph per mode the model serves: the table says which graph computes which mode
-        for mode in reference_modes(finetune_mode):
-            graph = lookup(mode).graph
-            if graph == "joint_classifier":
-                add(graph, JointClassifier(model, task, num_frames), [audio_tokens, frame_tokens],
-                    [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
-                    "joint stream + head per frame; probabilities averaged over frames")
-            elif graph == "audio_classifier":
-                add(graph, AudioClassifier(model, task, mode), [audio_tokens],
-                    [_t("logits", BATCH, c), _t("probs", BATCH, c)], max_batch,
-                    f"audio-only prediction (reference mode {mode})")
-            elif graph == "visual_classifier":
-                add(graph, VisualClassifier(model, task, mode, num_frames), [frame_tokens],
-                    [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
-                    f"visual-only prediction per frame, averaged (reference mode {mode})")
-    elif isinstance(model, CAVMAE):
-        ka, kv = num_kept(la, mask_ratio_a), num_kept(lv, mask_ratio_v)
-        p = cfg.patch_size
-
-        def masked_sample(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
-            out = _normal(stages["masked_encoder"].spec.inputs[:2])(rng, batch)
-            out["ids_keep_a"] = indices_from_noise(rng.random((batch, la)), ka).ids_keep.astype(np.int64)
-            out["ids_keep_v"] = indices_from_noise(rng.random((batch, lv)), kv).ids_keep.astype(np.int64)
-            return out
-
-        def decoder_sample(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
-            out = _normal(stages["decoder"].spec.inputs[:1])(rng, batch)
-            out["ids_restore_a"] = indices_from_noise(rng.random((batch, la)), ka).ids_restore.astype(np.int64)
-            out["ids_restore_v"] = indices_from_noise(rng.random((batch, lv)), kv).ids_restore.astype(np.int64)
-            return out
-
-        add("masked_encoder", MaskedEncoder(model),
-            [_t("audio", BATCH, cfg.audio_length, cfg.num_mel_bins), _t("image", BATCH, *img),
-             _t("ids_keep_a", BATCH, ka, dtype="int64"), _t("ids_keep_v", BATCH, kv, dtype="int64")],
-            [_t("joint_tokens", BATCH, ka + kv, d)], max_batch,
-            f"pre-training encoder on {ka} audio + {kv} visual kept tokens", masked_sample)
-        add("decoder", Decoder(model, ka),
-            [_t("joint_tokens", BATCH, ka + kv, d), _t("ids_restore_a", BATCH, la, dtype="int64"),
-             _t("ids_restore_v", BATCH, lv, dtype="int64")],
-            [_t("pred_a", BATCH, la, p * p), _t("pred_v", BATCH, lv, p * p * 3)], max_batch,
-            "MAE decoder: joint tokens + restore indices -> patch predictions", decoder_sample)
+    for decl, mode in plan:
+        params = {p: mode if p == "mode" else fixed[p] for p in decl.params}
+        module = StageModule(model, decl, **params).eval()
+        stages[decl.name] = Stage(decl, decl.spec(sizes, max_batch=max_batch, mode=mode), module, sizes)
     return stages
 
 

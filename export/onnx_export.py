@@ -88,7 +88,6 @@ def export_stage(stage: Stage, path: Path, opset: int = OPSET) -> None:
     spec = stage.spec
     example = stage.sample(np.random.default_rng(0), 2)
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-    dynamic = {t.name: {0: "batch"} for t in (*spec.inputs, *spec.outputs)}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
         torch.onnx.export(
@@ -97,7 +96,7 @@ def export_stage(stage: Stage, path: Path, opset: int = OPSET) -> None:
             str(path),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            dynamic_axes=dynamic,
+            dynamic_axes=stage.decl.dynamic_axes(),
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,

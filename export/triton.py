@@ -82,11 +82,29 @@ import onnx
 from onnx import TensorProto, helper
 
 from cavmae.errors import ExportError
+from cavmae.graphs import (
+    AUDIO,
+    AUDIO_CLASSIFIER,
+    AUDIO_ENCODER,
+    AUDIO_TOKENS,
+    FRAME_TOKENS,
+    JOINT_CLASSIFIER,
+    PROBS,
+    VISUAL_CLASSIFIER,
+    VISUAL_ENCODER,
+)
 from cavmae.manifest import BATCH, GraphSpec, Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_NAME = "cavmae_classify"
+#: the ensemble's frames input ``[F, 3, H, W]`` per clip (its audio input is the graphs' ``audio``)
+ENSEMBLE_FRAMES = "frames"
+# tensors between the ensemble's steps (Triton's names, not graph tensors)
+_AUDIO_TOKENS_WIRE = AUDIO_TOKENS.name
+_IMAGES_WIRE = "images"
+_IMAGE_TOKENS_WIRE = "image_tokens"
+_FRAME_TOKENS_WIRE = "frame_tokens"
 FRAMES_TO_BATCH = "frames_to_batch"
 BATCH_TO_FRAMES = "batch_to_frames"
 LABELS_FILE = "labels.txt"
@@ -256,7 +274,7 @@ def _graph_plan(
     label_file = LABELS_FILE if labels is not None and _has_probs(spec) else None
     inputs = [_IO(t.name, t.dtype, _batched_dims(t, spec.name)) for t in spec.inputs]
     outputs = [
-        _IO(t.name, t.dtype, _batched_dims(t, spec.name), label_file if t.name == "probs" else None)
+        _IO(t.name, t.dtype, _batched_dims(t, spec.name), label_file if t.name == PROBS.name else None)
         for t in spec.outputs
     ]
     if label_file is not None:
@@ -270,11 +288,11 @@ def _graph_plan(
 
 
 def _has_probs(spec: GraphSpec) -> bool:
-    return any(t.name == "probs" for t in spec.outputs)
+    return any(t.name == PROBS.name for t in spec.outputs)
 
 
 def _check_label_count(labels: Sequence[str], outputs: Sequence[_IO], where: str) -> None:
-    probs = next(t for t in outputs if t.name == "probs")
+    probs = next(t for t in outputs if t.name == PROBS.name)
     if len(labels) != probs.dims[-1]:
         raise ExportError(
             f"{where}: the manifest has {len(labels)} labels but probs has {probs.dims[-1]} classes;"
@@ -348,16 +366,17 @@ def _ensemble_plans(
     graphs = manifest.graphs
     if manifest.model_kind != "classifier":
         return []
-    if "joint_classifier" in graphs:
-        head, use_audio, use_visual = graphs["joint_classifier"], True, True
-    elif "audio_classifier" in graphs and "visual_classifier" not in graphs:
-        head, use_audio, use_visual = graphs["audio_classifier"], True, False
-    elif "visual_classifier" in graphs and "audio_classifier" not in graphs:
-        head, use_audio, use_visual = graphs["visual_classifier"], False, True
+    joint, audio_head, visual_head = JOINT_CLASSIFIER.name, AUDIO_CLASSIFIER.name, VISUAL_CLASSIFIER.name
+    if joint in graphs:
+        head, use_audio, use_visual = graphs[joint], True, True
+    elif audio_head in graphs and visual_head not in graphs:
+        head, use_audio, use_visual = graphs[audio_head], True, False
+    elif visual_head in graphs and audio_head not in graphs:
+        head, use_audio, use_visual = graphs[visual_head], False, True
     else:
         log.info("no joint classifier or single-modality head in this export: no %s ensemble", ENSEMBLE_NAME)
         return []
-    needed = [n for n, used in (("audio_encoder", use_audio), ("visual_encoder", use_visual)) if used]
+    needed = [g.name for g, used in ((AUDIO_ENCODER, use_audio), (VISUAL_ENCODER, use_visual)) if used]
     missing = [n for n in needed if n not in graphs]
     if missing:
         log.warning("export lacks %s: the Triton repository gets no %s ensemble", missing, ENSEMBLE_NAME)
@@ -369,34 +388,35 @@ def _ensemble_plans(
     head_inputs: dict[str, str] = {}
     limits = [head.max_batch]
     if use_audio:
-        enc = graphs["audio_encoder"]
-        audio, tokens = enc.inputs[0], enc.outputs[0]
-        inputs.append(_IO("audio", audio.dtype, _batched_dims(audio, enc.name)))
-        steps.append(_step(enc.name, {audio.name: "audio"}, {tokens.name: "audio_tokens"}))
-        head_inputs["audio_tokens"] = "audio_tokens"
+        enc = graphs[AUDIO_ENCODER.name]
+        audio, tokens = enc.input(AUDIO.name), enc.outputs[0]
+        inputs.append(_IO(AUDIO.name, audio.dtype, _batched_dims(audio, enc.name)))
+        steps.append(_step(enc.name, {audio.name: AUDIO.name}, {tokens.name: _AUDIO_TOKENS_WIRE}))
+        head_inputs[AUDIO_TOKENS.name] = _AUDIO_TOKENS_WIRE
         limits.append(enc.max_batch)
     if use_visual:
-        enc = graphs["visual_encoder"]
+        enc = graphs[VISUAL_ENCODER.name]
         image, tokens = enc.inputs[0], enc.outputs[0]
-        frame_tokens = head.input("visual_tokens")
+        frame_tokens = head.input(FRAME_TOKENS.name)
         # F comes from the head, the graph that fixes it; the manifest records the same number
         num_frames, *token_dims = _batched_dims(frame_tokens, head.name)
         image_dims, token_out = _batched_dims(image, enc.name), _batched_dims(tokens, enc.name)
         if tuple(token_dims) != token_out:
             raise ExportError(f"{enc.name} writes tokens {token_out}, {head.name} reads {token_dims} per frame")
         opset = int(manifest.versions.get("opset") or DEFAULT_OPSET)
-        plans.append(_helper_plan(FRAMES_TO_BATCH, ("frames", (num_frames, *image_dims)),
+        plans.append(_helper_plan(FRAMES_TO_BATCH, (ENSEMBLE_FRAMES, (num_frames, *image_dims)),
                                   (image.name, image_dims), opset, instance_kind=instance_kind))
         plans.append(_helper_plan(BATCH_TO_FRAMES, (tokens.name, token_out),
-                                  ("frame_tokens", (num_frames, *token_out)), opset,
+                                  (_FRAME_TOKENS_WIRE, (num_frames, *token_out)), opset,
                                   instance_kind=instance_kind))
-        inputs.append(_IO("frames", image.dtype, (num_frames, *image_dims)))
+        inputs.append(_IO(ENSEMBLE_FRAMES, image.dtype, (num_frames, *image_dims)))
         steps += [
-            _step(FRAMES_TO_BATCH, {"frames": "frames"}, {image.name: "images"}),
-            _step(enc.name, {image.name: "images"}, {tokens.name: "image_tokens"}),
-            _step(BATCH_TO_FRAMES, {tokens.name: "image_tokens"}, {"frame_tokens": "frame_tokens"}),
+            _step(FRAMES_TO_BATCH, {ENSEMBLE_FRAMES: ENSEMBLE_FRAMES}, {image.name: _IMAGES_WIRE}),
+            _step(enc.name, {image.name: _IMAGES_WIRE}, {tokens.name: _IMAGE_TOKENS_WIRE}),
+            _step(BATCH_TO_FRAMES, {tokens.name: _IMAGE_TOKENS_WIRE},
+                  {_FRAME_TOKENS_WIRE: _FRAME_TOKENS_WIRE}),
         ]
-        head_inputs["visual_tokens"] = "frame_tokens"
+        head_inputs[FRAME_TOKENS.name] = _FRAME_TOKENS_WIRE
         # the visual encoder sees B*F frames for B clips, so B is bounded by its limit / F
         limits.append(enc.max_batch // num_frames)
     steps.append(_step(head.name, {t.name: head_inputs[t.name] for t in head.inputs},

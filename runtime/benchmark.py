@@ -24,6 +24,7 @@ import numpy as np
 
 from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig
 from cavmae.errors import CavmaeError
+from cavmae.graphs import JOINT_CLASSIFIER
 
 from . import hardware
 
@@ -334,12 +335,12 @@ def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
     """Per-graph timings of one engine at batch ``b`` (audio once per clip, frames batched)."""
     n, f = frames.shape[:2]
     flat = frames.reshape(n * f, *frames.shape[2:])
-    a_tok = pipe.encode_audio(audio)
-    v_tok = pipe.encode_frames(flat).reshape(n, f, -1, a_tok.shape[-1])
+    a_tok = pipe.run_audio_encoder(audio)
+    v_tok = pipe.run_visual_encoder(flat).reshape(n, f, -1, a_tok.shape[-1])
     runs = {
-        "audio graph": (lambda: pipe.encode_audio(audio), gf["audio_encoder"] * b),
-        "visual graph": (lambda: pipe.encode_frames(flat), gf["visual_encoder_per_frame"] * b * f),
-        "joint graph": (lambda: pipe._run_chunked("joint_classifier", {"audio_tokens": a_tok, "visual_tokens": v_tok}),
+        "audio graph": (lambda: pipe.run_audio_encoder(audio), gf["audio_encoder"] * b),
+        "visual graph": (lambda: pipe.run_visual_encoder(flat), gf["visual_encoder_per_frame"] * b * f),
+        "joint graph": (lambda: pipe.run_graph(JOINT_CLASSIFIER, a_tok, v_tok),
                         gf["joint_per_frame"] * b * f),
     }
     for name, (fn, gflop) in runs.items():

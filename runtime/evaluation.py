@@ -36,6 +36,7 @@ import numpy as np
 from cavmae.clip_lists import ClipInputs, ClipList, ClipRecord, encode_targets, load_inputs
 from cavmae.config import PreprocessConfig
 from cavmae.errors import CavmaeError, DatasetError, ModelKindError
+from cavmae.graphs import AUDIO_EMBED, VISUAL_EMBED
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.metrics import classification_metrics, finite_or_none, retrieval_report
 from cavmae.modes import CLI_MODES, needs
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 #: graphs retrieval needs
-_EMBED_GRAPHS = ("audio_embed", "visual_embed")
+_EMBED_GRAPHS = (AUDIO_EMBED.name, VISUAL_EMBED.name)
 
 ProgressWrapper = Callable[[Iterable[Any], int], Iterable[Any]]
 

@@ -16,6 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from cavmae.errors import CavmaeError, ModelKindError
+from cavmae.graphs import (
+    AUDIO_EMBED,
+    AUDIO_ENCODER,
+    AUDIO_TOKENS,
+    DECODER,
+    FRAME_TOKENS,
+    MASKED_ENCODER,
+    PROBS,
+    VISUAL_EMBED,
+    VISUAL_ENCODER,
+    GraphDecl,
+    declaration,
+)
 from cavmae.manifest import Manifest
 from cavmae.masking import MASK_MODES, draw_noise, indices_from_noise, num_kept
 from cavmae.modes import CLI_MODES, graph_for, needs
@@ -103,25 +116,37 @@ class Pipeline:
         self.engine.close()
 
     # -- batched graph calls ----------------------------------------------------------------
-    def _run_chunked(
-        self, graph: str, inputs: dict[str, np.ndarray], chunk: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run ``graph`` over any batch size, in chunks of its max batch (or of ``chunk``)."""
-        session = self.engine.session(graph)
-        n = next(iter(inputs.values())).shape[0]
-        step = min(chunk or session.spec.max_batch, session.spec.max_batch)
+    def run_graph(
+        self, graph: GraphDecl | str, *inputs: np.ndarray, chunk: int | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """Run ``graph`` over any batch size, in chunks of its max batch (or of ``chunk``).
+
+        ``inputs`` and the returned outputs are in the graph's declaration order
+        (:mod:`cavmae.graphs`), as the model's ``forward_<graph>`` takes and returns them.
+        """
+        session = self.engine.session(graph if isinstance(graph, str) else graph.name)
+        spec = session.spec
+        if len(inputs) != len(spec.inputs):
+            raise CavmaeError(
+                f"graph {spec.name!r} takes {len(spec.inputs)} input(s)"
+                f" ({', '.join(t.name for t in spec.inputs)}), not {len(inputs)}"
+            )
+        n = inputs[0].shape[0]
+        step = min(chunk or spec.max_batch, spec.max_batch)
         parts: list[dict[str, np.ndarray]] = []
         for i in range(0, n, step):
-            parts.append(session.run({k: v[i : i + step] for k, v in inputs.items()}))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            parts.append(session.run({t.name: x[i : i + step] for t, x in zip(spec.inputs, inputs, strict=True)}))
+        return tuple(np.concatenate([p[t.name] for p in parts]) for t in spec.outputs)
 
-    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+    def run_audio_encoder(self, audio: np.ndarray) -> np.ndarray:
         """``[N, T, F] -> audio tokens [N, La, D]``."""
-        return self._run_chunked("audio_encoder", {"audio": _f32(audio)})["audio_tokens"]
+        (tokens,) = self.run_graph(AUDIO_ENCODER, _f32(audio))
+        return tokens
 
-    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """``[M, 3, H, W] -> visual tokens [M, Lv, D]``."""
-        return self._run_chunked("visual_encoder", {"image": _f32(frames)})["visual_tokens"]
+    def run_visual_encoder(self, frames: np.ndarray) -> np.ndarray:
+        """``[M, 3, H, W] -> visual tokens [M, Lv, D]`` (every frame is one row)."""
+        (tokens,) = self.run_graph(VISUAL_ENCODER, _f32(frames))
+        return tokens
 
     # -- classification ---------------------------------------------------------------------
     def _classify_graph(self, mode: str) -> str:
@@ -152,7 +177,7 @@ class Pipeline:
         if use_audio:
             if audio is None:
                 raise CavmaeError(f"mode {mode!r} needs audio")
-            feeds["audio_tokens"] = self.encode_audio(audio)
+            feeds[AUDIO_TOKENS.name] = self.run_audio_encoder(audio)
         if use_video:
             if frames is None:
                 raise CavmaeError(f"mode {mode!r} needs frames")
@@ -163,11 +188,13 @@ class Pipeline:
                     f" this export aggregates {self.num_frames} frames per clip"
                 )
             n, f = frames.shape[:2]
-            tokens = self.encode_frames(frames.reshape(n * f, *frames.shape[2:]))
-            feeds["visual_tokens"] = tokens.reshape(n, f, *tokens.shape[1:])
+            tokens = self.run_visual_encoder(frames.reshape(n * f, *frames.shape[2:]))
+            feeds[FRAME_TOKENS.name] = tokens.reshape(n, f, *tokens.shape[1:])
         # One clip per call: a clip is already F sequences of 708 tokens (large matrix products),
         # while 8 clips at once would hold 80 attention maps of 708 x 708 per head (~2 GB).
-        return self._run_chunked(graph, feeds, chunk=1)["probs"]
+        head = declaration(graph)
+        outputs = self.run_graph(head, *(feeds[t.name] for t in head.inputs), chunk=1)
+        return outputs[head.outputs.index(PROBS)]
 
     def classify(self, audio: np.ndarray | None, frames: np.ndarray | None, mode: str = "av") -> np.ndarray:
         """One clip: ``audio [T, F]``, ``frames [F, 3, H, W]`` -> probabilities ``[C]``."""
@@ -191,14 +218,13 @@ class Pipeline:
     # -- embeddings and localization --------------------------------------------------------
     def embed_audio(self, audio: np.ndarray) -> np.ndarray:
         """``[N, T, F] -> L2-normalized audio embeddings [N, D]``."""
-        tokens = self.encode_audio(audio)
-        return self._run_chunked("audio_embed", {"audio_tokens": tokens})["audio_embedding"]
+        (embedding,) = self.run_graph(AUDIO_EMBED, self.run_audio_encoder(audio))
+        return embedding
 
     def embed_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[M, 3, H, W] -> (embeddings [M, D], patch tokens [M, Lv, D])``."""
-        tokens = self.encode_frames(images)
-        out = self._run_chunked("visual_embed", {"visual_tokens": tokens})
-        return out["visual_embedding"], out["visual_patches"]
+        embedding, patches = self.run_graph(VISUAL_EMBED, self.run_visual_encoder(images))
+        return embedding, patches
 
     def embed_frames(self, frames: np.ndarray, frame: int | str = "middle") -> np.ndarray:
         """``frames [N, F, 3, H, W]`` -> visual embeddings ``[N, D]`` of one frame per clip
@@ -271,18 +297,14 @@ class Pipeline:
         idx_a = indices_from_noise(draw_noise(rng, 1, la, cfg.audio_grid, ra, mask_mode), ka)
         idx_v = indices_from_noise(draw_noise(rng, 1, lv), kv)
         audio, image = _f32(audio)[None], _f32(image)[None]
-        joint = self._run_chunked("masked_encoder", {
-            "audio": audio, "image": image,
-            "ids_keep_a": idx_a.ids_keep.astype(np.int64), "ids_keep_v": idx_v.ids_keep.astype(np.int64),
-        })["joint_tokens"]
-        pred = self._run_chunked("decoder", {
-            "joint_tokens": joint,
-            "ids_restore_a": idx_a.ids_restore.astype(np.int64),
-            "ids_restore_v": idx_v.ids_restore.astype(np.int64),
-        })
+        (joint,) = self.run_graph(
+            MASKED_ENCODER, audio, image, idx_a.ids_keep.astype(np.int64), idx_v.ids_keep.astype(np.int64)
+        )
+        pred_a, pred_v = self.run_graph(
+            DECODER, joint, idx_a.ids_restore.astype(np.int64), idx_v.ids_restore.astype(np.int64)
+        )
         p = cfg.patch_size
         target_a, target_v = patchify(audio_to_image(audio), p), patchify(image, p)
-        pred_a, pred_v = pred["pred_a"], pred["pred_v"]
         if cfg.norm_pix_loss:
             # predictions are per-patch standardized; show them in input units using each
             # original patch's statistics (as MAE's visualization does), and score them

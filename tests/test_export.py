@@ -89,8 +89,14 @@ def test_fp16_export_validates(tmp_path, tiny_classifier):
 
 def test_failed_validation_fails_export_and_leaves_nothing(tmp_path, tiny_classifier, monkeypatch):
     import cavmae.export.validate as validate
+    from cavmae.graphs import Tolerance
 
-    monkeypatch.setattr(validate, "FP32_MAX_REL_ERROR", 0.0)  # nothing can pass
+    real = validate.check_output
+
+    def strict(name, got, ref, precision, tolerance=None):
+        return real(name, got, ref, precision, Tolerance(fp32_max_rel_error=0.0))  # nothing passes
+
+    monkeypatch.setattr(validate, "check_output", strict)
     with pytest.raises(ExportError, match="validation failed for audio_encoder"):
         export_model(tiny_classifier, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

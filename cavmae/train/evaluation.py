@@ -62,17 +62,17 @@ def predict_clips(
     for batch in loader(dataset, batches, num_workers, device):
         batch = to_device(batch, device)
         with autocast(device, amp_dtype):
-            a = model.forward_audio_branch(batch["audio"]) if uses_audio else None
+            a = model.forward_audio_encoder(batch["audio"]) if uses_audio else None
             if not uses_video:
                 out = scores_of(a, None)
             elif "frames" in batch:
                 frames = batch["frames"]
                 out = 0
                 for f in range(frames.shape[1]):
-                    out = out + scores_of(a, model.forward_visual_branch(frames[:, f]))
+                    out = out + scores_of(a, model.forward_visual_encoder(frames[:, f]))
                 out = out / frames.shape[1]
             else:
-                out = scores_of(a, model.forward_visual_branch(batch["image"]))
+                out = scores_of(a, model.forward_visual_encoder(batch["image"]))
         scores.append(out.float().cpu().numpy())
         if "target" in batch:
             targets.append(batch["target"].cpu().numpy())
