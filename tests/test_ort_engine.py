@@ -25,7 +25,8 @@ from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import ENGINES, create_engine, resolve_engine
-from cavmae.runtime.engines.ort import OrtEngine, check_inputs
+from cavmae.runtime.engines.base import check_inputs
+from cavmae.runtime.engines.ort import OrtEngine
 from tiny_graphs import proj_graph, proj_spec
 
 MAX_BATCH = 4

@@ -19,18 +19,38 @@ from cavmae.manifest import BATCH, GraphSpec, Manifest
 
 
 class GraphSession(ABC):
-    """One loaded graph. ``run`` takes and returns host numpy arrays."""
+    """One loaded graph. ``run`` takes and returns host numpy arrays.
+
+    ``run`` is final: it checks the inputs against ``spec`` (:func:`check_inputs`) and only
+    then calls the subclass's ``_run``, so no engine can skip the check (Polygraphy's
+    ``BaseRunner.infer`` -> ``infer_impl`` split). A subclass implements ``_run``.
+    """
 
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
 
-    @abstractmethod
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides GraphSession.run, which checks the inputs;"
+                " implement _run instead"
+            )
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the graph on one batch (batch size <= ``spec.max_batch``).
 
         ``inputs`` must hold every input of ``spec`` with its declared dtype and the declared
-        shape with the batch axis set to the batch size. Returns every output of ``spec``.
+        shape with the batch axis set to the batch size; anything else raises ``CavmaeError``
+        before the engine sees it. Returns every output of ``spec``.
         """
+        arrays, batch = check_inputs(self.spec, inputs)
+        return self._run(arrays, batch)
+
+    @abstractmethod
+    def _run(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """Run checked inputs: C-contiguous arrays of the declared dtypes and shapes, all with
+        batch size ``batch``. Returns every output of ``spec`` by name."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the session holds (device memory, ...)."""

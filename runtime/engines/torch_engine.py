@@ -8,7 +8,6 @@ torch is imported only when this engine is created.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from cavmae.manifest import GraphSpec, Manifest
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
-from .base import Engine, GraphSession, check_inputs
+from .base import Engine, GraphSession
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -39,10 +38,9 @@ class TorchSession(GraphSession):
         super().__init__(spec)
         self.stage, self.device, self.autocast = stage, device, autocast
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         torch = _import_torch()
-        arrays, _ = check_inputs(self.spec, inputs)
-        args = [torch.from_numpy(arrays[t.name]).to(self.device) for t in self.spec.inputs]
+        args = [torch.from_numpy(inputs[t.name]).to(self.device) for t in self.spec.inputs]
         with torch.inference_mode():
             if self.autocast is not None:
                 kind = "cuda" if str(self.device).startswith("cuda") else "cpu"  # bf16: oneDNN on CPU

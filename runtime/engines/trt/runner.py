@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from cavmae.errors import CavmaeError
 from cavmae.manifest import GraphSpec
 
-from ..base import GraphSession, check_inputs
+from ..base import GraphSession
 from .cuda import cuda_check, stream_handle
 
 log = logging.getLogger(__name__)
@@ -128,14 +127,13 @@ class TrtSession(GraphSession):
             cuda_check(self._cudart, self._cudart.cudaMalloc(nbytes), "cudaMalloc")
         )
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch: copy inputs in, execute, copy the batch's outputs back."""
+    def _run(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """Run one checked batch: copy inputs in, execute, copy the batch's outputs back."""
         if self._context is None:
             raise CavmaeError(f"graph {self.spec.name!r}: the session is closed")
         cudart = self._cudart
-        arrays, _ = check_inputs(self.spec, inputs)
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name, arr in arrays.items():
+        for name, arr in inputs.items():
             if not self._context.set_input_shape(name, arr.shape):
                 raise CavmaeError(
                     f"graph {self.spec.name!r}: TensorRT rejects input {name!r} shape {arr.shape}"
