@@ -285,16 +285,17 @@ def _open(
 def _in_memory_manifest(net: Any, source: ModelSource, label_file: Path | None, **opts: Any) -> Manifest:
     """A manifest for running a checkpoint directly on the torch engine (no ONNX files)."""
     from cavmae.labels import default_labels, default_task
-    from cavmae.stages import build_stages, make_manifest
+    from cavmae.stages import graph_specs, make_manifest
 
     settings = export_settings(source)
     cfg = net.config
     classifier = hasattr(net, "mlp_head")
     task = settings.get("task") or (default_task(cfg.num_classes) if classifier else None)
     labels = read_label_csv(label_file) if label_file else (default_labels(cfg.num_classes) if classifier else None)
-    stages = build_stages(net, task=task or "multi-label", finetune_mode=settings["finetune_mode"], **opts)
+    # the graphs' contracts only: the torch engine builds the stage modules, once
+    specs = graph_specs(net, finetune_mode=settings["finetune_mode"], **opts)
     return make_manifest(
-        net, {k: s.spec for k, s in stages.items()}, precision="fp32", task=task,
+        net, specs, precision="fp32", task=task,
         finetune_mode=settings["finetune_mode"], labels=labels,
         preprocess=DEFAULT_PREPROCESS,
         source={"checkpoint": str(source.path.resolve())}, versions={}, **opts,
