@@ -15,7 +15,6 @@ head, 32 per decoder head) and keyword overrides.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import fsio
 from .checkpoint_keys import count_blocks, kind_of_keys, unreadable
 from .config import BASE, ModelConfig
 from .errors import CheckpointError
@@ -311,33 +311,23 @@ def save_checkpoint(model: CAVMAEEncoder, path: str | Path) -> Path:
     ``module.``-prefixed state dict with the config in its ``_metadata``. Written atomically.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = model.state_dict()
     meta = json.dumps(checkpoint_meta(model))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with fsio.atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={META_KEY: meta})
-    else:
-        out: OrderedDict[str, torch.Tensor] = OrderedDict(
-            ("module." + k, v.detach().cpu()) for k, v in state.items()
-        )
-        # keep torch's per-module metadata (under the DataParallel prefix) and add ours at the root
-        own = getattr(state, "_metadata", {}) or {}
-        metadata = OrderedDict({"": {"version": 1, META_KEY: meta}})
-        for prefix, value in own.items():
-            metadata["module" + ("." + prefix if prefix else "")] = value
-        out._metadata = metadata  # type: ignore[attr-defined]
-        torch.save(out, tmp)
-    tmp.replace(path)
+            tensors = {k: v.contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp), metadata={META_KEY: meta})
+        else:
+            out: OrderedDict[str, torch.Tensor] = OrderedDict(
+                ("module." + k, v.detach().cpu()) for k, v in state.items()
+            )
+            # torch's per-module metadata (under the DataParallel prefix), ours at the root
+            own = getattr(state, "_metadata", {}) or {}
+            metadata = OrderedDict({"": {"version": 1, META_KEY: meta}})
+            for prefix, value in own.items():
+                metadata["module" + ("." + prefix if prefix else "")] = value
+            out._metadata = metadata  # type: ignore[attr-defined]
+            torch.save(out, tmp)
     return path
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from cavmae import fsio
 from cavmae.config import PreprocessConfig
 from cavmae.errors import DatasetError
 from cavmae.labels import LabelSet
@@ -278,14 +279,7 @@ def _read_video_csv(path: Path, base: Path) -> list[ClipRecord]:
 
 def write_dataset_json(clips: Sequence[ClipRecord], path: str | Path) -> Path:
     """Write clips as a reference dataset JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"data": [c.to_json() for c in clips]}, f, indent=1)
-        f.write("\n")
-    tmp.replace(path)
-    return path
+    return fsio.write_json(path, {"data": [c.to_json() for c in clips]}, indent=1)
 
 
 # -- video files and labels files -------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fsio
 from .config import ModelConfig, PreprocessConfig
 from .errors import CavmaeError
 
@@ -198,11 +199,7 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return fsio.write_json(Path(directory) / MANIFEST_NAME, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:

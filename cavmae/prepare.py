@@ -25,7 +25,6 @@ import concurrent.futures as cf
 import hashlib
 import logging
 import multiprocessing
-import os
 import wave
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cavmae import fsio
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.data import (
     ClipRecord,
@@ -77,24 +77,13 @@ def clip_outputs(out_dir: Path, video_id: str, num_frames: int) -> tuple[Path, l
     return wav, frames
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
-
-
 def _write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
     pcm = np.clip(np.round(waveform * 32768.0), -32768, 32767).astype("<i2")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with wave.open(str(tmp), "wb") as w:
+    with fsio.atomic_open(path) as f, wave.open(f, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes(pcm.tobytes())
-    tmp.replace(path)
 
 
 def extract_clip(
@@ -121,7 +110,7 @@ def extract_clip(
         )
         if not ok:
             raise DatasetError(f"{video}: JPEG encoding failed")
-        _atomic_write(path, buf.tobytes())
+        fsio.write_bytes(path, buf.tobytes())
     _write_wav(wav_path, waveform, config.sample_rate)
     return "extracted"
 
@@ -279,12 +268,10 @@ def prepare_videos(
     if label_csv is not None:
         weights = balanced_sample_weights(report.clips, read_labels(label_csv))
         report.weight_csv = out / f"{Path(json_name).stem}_weight.csv"
-        _atomic_write(report.weight_csv, "".join(f"{w:.6g}\n" for w in weights).encode())
+        fsio.write_text(report.weight_csv, "".join(f"{w:.6g}\n" for w in weights))
     failed_txt = out / "failed.txt"
     if report.failed:
-        _atomic_write(
-            failed_txt, "".join(f"{v}\t{r}\n" for v, r in report.failed).encode("utf-8")
-        )
+        fsio.write_text(failed_txt, "".join(f"{v}\t{r}\n" for v, r in report.failed))
     elif failed_txt.exists():
         failed_txt.unlink()
     return report

@@ -117,6 +117,6 @@ def _int8_options(calibration, int8_min_top5, int8_min_cosine, int8_method):
 
 
 def _sha(path: Path) -> str:
-    from cavmae.checkpoint import file_sha256
+    from cavmae.fsio import sha256_file
 
-    return file_sha256(path)
+    return sha256_file(path)

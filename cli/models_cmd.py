@@ -66,7 +66,7 @@ def download(names: tuple[str, ...], all_models: bool, mirror: str | None, sha25
     for info in infos:
         if sha256 and registry.cached_path(info.name):
             from cavmae.errors import CavmaeError
-            from cavmae.hub.download import sha256_file
+            from cavmae.fsio import sha256_file
 
             if sha256_file(registry.checkpoint_path(info.name)) != sha256.strip().lower():
                 raise CavmaeError(f"the cached {info.name} does not match --sha256; delete"

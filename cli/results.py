@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cavmae import fsio
 from cavmae.errors import CavmaeError
 
 from .common import warn
@@ -207,17 +208,7 @@ class ResultWriter:
 
     def _rewrite_json(self) -> None:
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # a sibling, so the rename stays on one file system; the pid keeps parallel jobs apart
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self._records, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        fsio.write_json(self.path, self._records, indent=1, ensure_ascii=False)
         self._dirty = False
         self._last_rewrite = time.monotonic()
 

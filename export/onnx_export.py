@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +20,8 @@ import onnx
 import torch
 
 import cavmae
-from cavmae.checkpoint import file_sha256, load_checkpoint
+from cavmae import fsio
+from cavmae.checkpoint import load_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
@@ -61,7 +59,7 @@ def _resolve_model(model: CAVMAEEncoder | str | Path) -> tuple[CAVMAEEncoder, di
     if isinstance(model, (CAVMAE, CAVMAEFT)):
         return model.eval(), {"checkpoint": None, "sha256": None}
     path = Path(model)
-    return load_checkpoint(path), {"checkpoint": str(path.resolve()), "sha256": file_sha256(path)}
+    return load_checkpoint(path), {"checkpoint": str(path.resolve()), "sha256": fsio.sha256_file(path)}
 
 
 def _labels(labels: LabelSet | str | Path | Sequence[str] | None, num_classes: int) -> LabelSet | None:
@@ -188,13 +186,11 @@ def export_model(
             raise ExportError(f"unknown graph(s) {unknown}; this model has {sorted(stages)}")
         stages = {k: v for k, v in stages.items() if k in graphs}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     reports: dict[str, ValidationReport] = {}
     specs = {}
     if validation_seed is None:
         validation_seed = int(np.random.SeedSequence().entropy % (2**32))
-    try:
+    with fsio.staged_dir(out_dir) as work:  # a failed export leaves nothing behind
         # log_interval=0: in a log, one line per graph (each takes seconds)
         bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph", log_interval=0)
         for name, stage in bar:
@@ -225,15 +221,6 @@ def export_model(
                                           preprocess=manifest.preprocess, options=int8)
             manifest = manifest.replace(graphs=specs, quantization=gate.to_dict())
         manifest.save(work)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; an export is meant to be shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)
 
 

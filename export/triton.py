@@ -72,7 +72,6 @@ import errno
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +80,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
+from cavmae import fsio
 from cavmae.errors import ExportError
 from cavmae.graphs import (
     AUDIO,
@@ -481,22 +481,6 @@ def _write_plan(plan: _ModelPlan, stage: Path, final: Path, copy: bool) -> None:
     (stage / CONFIG_FILE).write_text(to_pbtxt(plan.config), encoding="utf-8")
 
 
-def _install(staged: Path, final: Path) -> None:
-    """Move a finished model directory into place, replacing an older one."""
-    old: Path | None = None
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        shutil.move(str(staged), str(final))  # a rename on one filesystem, else copy + delete
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-
-
 def _plans(manifest: Manifest, export_dir: Path, max_queue_delay_us: int, instance_kind: str) -> list[_ModelPlan]:
     if max_queue_delay_us < 0:
         raise ExportError(f"max_queue_delay_us must be >= 0, not {max_queue_delay_us}")
@@ -519,11 +503,10 @@ def _staging_dir(repo_dir: Path) -> Path:
 
     Beside, because a server polling the repository would try to load a half-written model.
     """
-    prefix = f".{repo_dir.name}.staging-"
     try:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=repo_dir.resolve().parent))
+        return fsio.make_temp_dir(repo_dir.resolve())
     except OSError:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=repo_dir))
+        return fsio.make_temp_dir(repo_dir / "staging")
 
 
 def write_triton_repository(
@@ -565,7 +548,7 @@ def write_triton_repository(
             _write_plan(plan, staging / plan.name, repo_dir / plan.name, copy)
         # ensemble last: its composing models are in place before it appears
         for plan in plans:
-            _install(staging / plan.name, repo_dir / plan.name)
+            fsio.publish_dir(staging / plan.name, repo_dir / plan.name)  # replaces an older one
             written.append(repo_dir / plan.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,7 +17,6 @@ transposed to ``[F, T]`` and flipped upside down (image row 0 = highest mel bin)
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cavmae import fsio
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError
 
@@ -586,15 +586,7 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     if not ok:
         raise CavmaeError(f"cannot encode the figure as PNG (shape {list(np.shape(image))})")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a plain open (not mkstemp) so the file gets the usual permissions, not 0600
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data.tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        fsio.write_bytes(path, data.tobytes())
     except OSError as e:
         raise CavmaeError(f"cannot write {path}: {e.strerror or e}") from None
     return path

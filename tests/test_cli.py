@@ -124,7 +124,7 @@ def test_export_command_json(ckpts, home, tmp_path):
     assert summary["kind"] == "classifier" and "joint_classifier" in summary["graphs"]
     assert all("rel err" in g["validation"] for g in summary["graphs"].values())
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
-    assert manifest["num_frames"] == 4 and manifest["labels"][0] == "Speech"
+    assert manifest["preprocess"]["num_frames"] == 4 and manifest["labels"][0] == "Speech"
     # the export directory is a model too
     out = run("classify", str(AUDIOSET_CLIP), "-m", str(tmp_path / "e"), "--json", home=home)
     assert out.returncode == 0, out.stderr
@@ -195,13 +195,13 @@ def test_download_rejects_a_wrong_file(ckpts, serve, tmp_path):
 
 
 def test_download_sha256_pinning(mirror, ckpts, tmp_path):
-    from cavmae.checkpoint import file_sha256
+    from cavmae.fsio import sha256_file
 
     home = tmp_path / "h3"
     out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", "0" * 64, home=home)
     assert out.returncode == 2 and "sha-256" in out.stderr.lower()
     assert not (home / "checkpoints" / "as-full-51.2.pth").exists()
-    good = file_sha256(ckpts["ft"])
+    good = sha256_file(ckpts["ft"])
     out = run("download", "as-full-51.2", "--mirror", mirror, "--sha256", good, home=home)
     assert out.returncode == 0, out.stderr
 

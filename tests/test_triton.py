@@ -448,7 +448,7 @@ def test_symlinks_overwrite_and_errors(classifier_export, tmp_path, pb2):
     write_triton_repository(classifier_export, repo, overwrite=True)
     assert not link.is_symlink() and link.is_file()
     assert (repo / "someone_else").is_dir()  # other models stay
-    assert not list(tmp_path.glob(".repo.staging-*")) and not list(repo.glob(".*"))
+    assert not list(tmp_path.glob(".repo.*")) and not list(repo.glob(".*"))
     load_configs(repo, pb2)
     with pytest.raises(ExportError, match="instance kind"):
         write_triton_repository(classifier_export, tmp_path / "r2", instance_kind="KIND_TPU")

@@ -147,14 +147,18 @@ def test_dtype_mapping() -> None:
         trt_mod.numpy_to_trt_name(np.complex64)
 
 
-def test_cavmae_home_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_engines_of_a_read_only_export_go_to_the_cache_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The fallback is the one cache root of cavmae.hub.cache ($CAVMAE_HOME/trt)."""
     monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert trt_mod.cavmae_home() == tmp_path / "home"
-    monkeypatch.delenv("CAVMAE_HOME")
-    assert trt_mod.cavmae_home() == tmp_path / "xdg" / "cavmae"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert trt_mod.cavmae_home() == Path.home() / ".cache" / "cavmae"
+    export = tmp_path / "export"
+    export.mkdir()
+    assert trt_mod.choose_cache_dir(export) == export / trt_mod.CACHE_DIRNAME
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / trt_mod.CACHE_DIRNAME).write_text("a file squatting on the name")
+    assert trt_mod.choose_cache_dir(blocked) == tmp_path / "home" / "trt"
 
 
 def test_cache_dir_falls_back_when_export_is_not_writable(
@@ -185,14 +189,6 @@ def test_onnx_fingerprint_follows_weights(tmp_path: Path) -> None:
     blob[0] ^= 0xFF  # change one weight byte; the .onnx file itself is untouched
     data.write_bytes(bytes(blob))
     assert trt_mod.onnx_fingerprint(ext / "proj.onnx") != f2
-
-
-def test_write_atomic_leaves_no_temporaries(tmp_path: Path) -> None:
-    target = tmp_path / "a.engine"
-    trt_mod.write_atomic(target, b"one")
-    trt_mod.write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.engine"]
 
 
 # ---- load or rebuild -----------------------------------------------------------------------

@@ -14,24 +14,24 @@ provider, the ONNX Runtime version and a hardware fingerprint. A cached file old
 source, or one that fails to load, is replaced. A read-only export directory just means no
 cache.
 
-``onnxruntime`` is imported lazily so this module imports anywhere.
+``onnxruntime`` is imported lazily so this module (and ``check_inputs``) imports anywhere.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cavmae import fsio
 from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest
 
 from .. import hardware
-from .base import Engine, GraphSession
+from .base import Engine, GraphSession, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +79,6 @@ def _import_ort() -> Any:
     return ort
 
 
-def writable_dir(path: Path) -> bool:
-    """True when ``path`` is (or can be made) a directory we can create files in.
-
-    Tries for real instead of trusting ``os.access``: root ignores permission bits but not
-    read-only mounts, and a file squatting on the name must count as "not writable".
-    """
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError as e:
-        log.debug("cache dir %s not writable: %s", path, e)
-        return False
-
-
 class OrtSession(GraphSession):
     """One graph in an ``onnxruntime.InferenceSession``."""
 
@@ -130,11 +113,12 @@ class OrtSession(GraphSession):
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
 
-    def _run(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        """Run one checked batch. Inputs/outputs follow ``spec`` (shapes with ``batch`` = B)."""
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Inputs/outputs follow ``spec`` (shapes with ``batch`` = B)."""
+        feeds, _ = check_inputs(self.spec, inputs)
         # Plain ``run`` copies outputs once into fresh numpy arrays; IO binding saves nothing
         # measurable on CPU for these large compute-bound graphs.
-        values = self._session.run(self._outputs, inputs)
+        values = self._session.run(self._outputs, feeds)
         return dict(zip(self._outputs, values, strict=True))
 
     def close(self) -> None:
@@ -264,12 +248,12 @@ class OrtEngine(Engine):
             except OSError as e:
                 log.debug("cannot remove %s: %s", cached, e)
 
-        if not writable_dir(cached.parent):
+        if not fsio.writable_dir(cached.parent):
             return OrtSession(spec, self._new_session(source, self._options(full)), "source")
 
         # Save to a private temporary name, then rename: concurrent processes never see a
         # half-written model.
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = fsio.temp_sibling(cached)
         options = self._options(full)
         options.optimized_model_filepath = str(tmp)
         # ORT warns that an ENABLE_ALL model is hardware specific; the cache name already
@@ -285,7 +269,7 @@ class OrtEngine(Engine):
             log.debug("graph %s: saving the optimized model failed (%s); not caching", spec.name, e)
             return OrtSession(spec, self._new_session(source, self._options(full)), "source")
         try:
-            os.replace(tmp, cached)
+            fsio.publish_file(tmp, cached)
             log.debug("graph %s: cached optimized model at %s", spec.name, cached)
         except OSError as e:
             log.debug("graph %s: cannot move optimized model into place: %s", spec.name, e)

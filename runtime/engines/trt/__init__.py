@@ -22,14 +22,12 @@ from .build import build_serialized_engine, default_opt_batch, network_flags, pr
 from .cache import (
     CACHE_DIRNAME,
     ProfileShapes,
-    cavmae_home,
     choose_cache_dir,
     engine_cache_key,
     engine_cache_path,
     load_or_build,
     onnx_fingerprint,
     timing_cache_path,
-    write_atomic,
 )
 from .cuda import (
     INSTALL_HINT,
@@ -59,7 +57,6 @@ __all__ = [
     "TrtEngine",
     "TrtSession",
     "build_serialized_engine",
-    "cavmae_home",
     "choose_cache_dir",
     "cuda_check",
     "default_opt_batch",
@@ -76,5 +73,4 @@ __all__ = [
     "timing_cache_path",
     "trt_major",
     "trt_name_to_numpy",
-    "write_atomic",
 ]

@@ -18,10 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cavmae import fsio
 from cavmae.errors import CavmaeError
 from cavmae.manifest import BATCH, GraphSpec, Manifest
 
-from .cache import ProfileShapes, write_atomic
+from .cache import ProfileShapes
 from .cuda import trt_major
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def build_serialized_engine(
         )
     if timing_cache is not None and cache_obj is not None:
         try:
-            write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+            fsio.write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
         except OSError as e:
             log.debug("cannot save the timing cache %s: %s", timing_cache, e)
     del parser  # only now: the build read the weights it owns

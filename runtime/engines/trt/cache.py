@@ -11,16 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from cavmae import fsio
 from cavmae.errors import CavmaeError
 from cavmae.hub.cache import cavmae_home
-
-from ..ort import writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +69,10 @@ def choose_cache_dir(export_dir: Path) -> Path | None:
     directory.
     """
     for candidate in (Path(export_dir) / CACHE_DIRNAME, cavmae_home() / "trt"):
-        if writable_dir(candidate):
+        if fsio.writable_dir(candidate):
             return candidate
     log.warning("no writable directory for TensorRT engines; they will be rebuilt every time")
     return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a private temporary file and ``os.replace``.
-
-    Readers (another process loading the same engine) never see a half-written file.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path, h: Any) -> None:
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
 
 
 def _external_data_files(path: Path) -> list[str]:
@@ -120,12 +98,12 @@ def _external_data_files(path: Path) -> list[str]:
 def onnx_fingerprint(path: Path) -> str:
     """sha256 over an ONNX file and the external-data files it references, if any."""
     h = hashlib.sha256()
-    _sha256_file(path, h)
+    fsio.hash_file_into(h, path)
     for loc in _external_data_files(path):
         data = path.parent / loc
         if data.is_file():
             h.update(loc.encode())
-            _sha256_file(data, h)
+            fsio.hash_file_into(h, data)
     return h.hexdigest()
 
 
@@ -170,7 +148,7 @@ def load_or_build(
     data = build()
     if path is not None:
         try:
-            write_atomic(path, data)
+            fsio.write_bytes(path, data)  # a reader never sees half an engine
         except OSError as e:
             log.warning("%s: cannot cache the TensorRT engine at %s: %s", what, path, e)
     try:
