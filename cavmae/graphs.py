@@ -4,11 +4,18 @@ A deployed model is a few fixed-shape graphs, one per stage. Each :class:`GraphD
 what its graph takes and returns (tensor names, symbolic shapes, dtypes), how its batch axis
 counts (clips or frames), how validation compares each output with PyTorch, and how to draw
 valid random inputs, in the manner of optimum's ONNX export configs. One name runs through
-every layer::
+every layer (graph ``X``: model method ``forward_X``, file ``X.onnx``)::
 
-    graph (this module)   model stage (cavmae.model)        runtime call (cavmae.runtime)
-    AUDIO_ENCODER         CAVMAEEncoder.forward_audio_encoder  Pipeline.run_audio_encoder
-    ...                   forward_<graph name>              Pipeline.run_graph(<GRAPH>, ...)
+    declaration        model stage (cavmae.model)              runtime call (Pipeline)
+    AUDIO_ENCODER      CAVMAEEncoder.forward_audio_encoder     run_audio_encoder
+    VISUAL_ENCODER     CAVMAEEncoder.forward_visual_encoder    run_visual_encoder
+    AUDIO_EMBED        CAVMAEEncoder.forward_audio_embed       run_graph(AUDIO_EMBED, ...)
+    VISUAL_EMBED       CAVMAEEncoder.forward_visual_embed      run_graph(VISUAL_EMBED, ...)
+    JOINT_CLASSIFIER   CAVMAEFT.forward_joint_classifier       run_graph(JOINT_CLASSIFIER, ...)
+    AUDIO_CLASSIFIER   CAVMAEFT.forward_audio_classifier       run_graph(AUDIO_CLASSIFIER, ...)
+    VISUAL_CLASSIFIER  CAVMAEFT.forward_visual_classifier      run_graph(VISUAL_CLASSIFIER, ...)
+    MASKED_ENCODER     CAVMAE.forward_masked_encoder           run_graph(MASKED_ENCODER, ...)
+    DECODER            CAVMAE.forward_decoder                  run_graph(DECODER, ...)
 
 The exporter traces ``forward_<name>`` (:attr:`GraphDecl.method`) into ``<name>.onnx``, the
 manifest records :meth:`GraphDecl.spec`, validation reads :attr:`TensorDecl.tolerance`, the
@@ -23,6 +30,7 @@ patch sizes). Torch-free (the runtime imports it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -61,21 +69,21 @@ class Tolerance:
 
     fp32: ``max|onnx - torch| / max|torch|`` at most ``fp32_max_rel_error``. fp16 features
     (tokens, embeddings, logits): cosine similarity per sample at least ``fp16_min_cosine``.
-    fp16 scores a user reads (``top_k`` set): the largest absolute difference at most
+    fp16 scores a user reads (``top_k > 0``): the largest absolute difference at most
     ``fp16_max_abs`` and the top-``top_k`` ranking unchanged up to ``near_tie`` (classes whose
     reference scores are closer than that may trade places: fp16 rounding decides their order).
     """
 
     fp32_max_rel_error: float = 1e-4
     fp16_min_cosine: float = 0.999
-    fp16_max_abs: float | None = None
-    top_k: int | None = None
+    fp16_max_abs: float = math.inf
+    top_k: int = 0
     near_tie: float = 1e-3
 
     @property
     def ranked(self) -> bool:
         """True for score outputs judged by their values and ranking under fp16."""
-        return self.top_k is not None
+        return self.top_k > 0
 
 
 #: tokens, embeddings, logits

@@ -120,11 +120,10 @@ def check_output(
                         max_abs_error=diff)
     if precision == "fp32":
         check.passed = check.max_rel_error <= tol.fp32_max_rel_error
-    elif tol.top_k is not None:
+    elif tol.ranked:
         check.topk_max_dev = topk_deviation(got, ref, tol.top_k)
         check.topk_agree = check.topk_max_dev <= tol.near_tie
-        within = tol.fp16_max_abs is None or diff <= tol.fp16_max_abs
-        check.passed = within and check.topk_agree
+        check.passed = diff <= tol.fp16_max_abs and check.topk_agree
     else:
         check.passed = check.min_cosine >= tol.fp16_min_cosine
     return check
