@@ -14,13 +14,12 @@ provider, the ONNX Runtime version and a hardware fingerprint. A cached file old
 source, or one that fails to load, is replaced. A read-only export directory just means no
 cache.
 
-``onnxruntime`` is imported lazily so this module (and ``check_inputs``) imports anywhere.
+``onnxruntime`` is imported lazily so this module imports anywhere.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest
 
 from .. import hardware
-from .base import Engine, GraphSession, check_inputs
+from .base import Engine, GraphSession
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,11 @@ class OrtSession(GraphSession):
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch. Inputs/outputs follow ``spec`` (shapes with ``batch`` = B)."""
-        feeds, _ = check_inputs(self.spec, inputs)
+    def _run(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """Run one checked batch. Inputs/outputs follow ``spec`` (shapes with ``batch`` = B)."""
         # Plain ``run`` copies outputs once into fresh numpy arrays; IO binding saves nothing
         # measurable on CPU for these large compute-bound graphs.
-        values = self._session.run(self._outputs, feeds)
+        values = self._session.run(self._outputs, inputs)
         return dict(zip(self._outputs, values, strict=True))
 
     def close(self) -> None:
