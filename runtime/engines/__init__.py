@@ -23,6 +23,7 @@ from cavmae.manifest import Manifest
 
 from .. import hardware
 from .base import Engine, GraphSession
+from .devices import normalize_device
 
 __all__ = ["ENGINES", "Engine", "GraphSession", "check_engine", "create_engine", "resolve_engine"]
 
@@ -36,20 +37,6 @@ _CLASSES = {
     "torch": ("cavmae.runtime.engines.torch_engine", "TorchEngine"),
 }
 
-_DEVICES = ("auto", "cpu", "cuda")
-
-
-def _check_device(device: str | None) -> str:
-    """Normalize a device string: None -> "auto"; accepts "cpu", "cuda", "cuda:N", "auto"."""
-    if device is None:
-        return "auto"
-    d = device.strip().lower()
-    kind, _, index = d.partition(":")
-    if kind not in _DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise CavmaeError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return d
-
-
 def resolve_engine(name: str = "auto", device: str | None = "auto") -> tuple[str, str]:
     """Turn a requested (engine, device) pair into a concrete one.
 
@@ -62,7 +49,7 @@ def resolve_engine(name: str = "auto", device: str | None = "auto") -> tuple[str
     key = name.strip().lower()
     if key != "auto" and key not in ENGINES:
         raise CavmaeError(f"unknown engine {name!r}; choose one of: auto, {', '.join(ENGINES)}")
-    dev = _check_device(device)
+    dev = normalize_device(device)
 
     if key == "auto":
         if dev == "cpu":

@@ -31,6 +31,7 @@ from cavmae.manifest import GraphSpec, Manifest
 
 from .. import hardware
 from .base import Engine, GraphSession
+from .devices import parse_device
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ _ORT_TYPES = {
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` -> ("cpu", 0); ``"cuda"`` / ``"cuda:1"`` -> ("cuda", index)."""
-    kind, _, index = device.partition(":")
-    kind = kind.strip().lower()
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-        raise CavmaeError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    if kind == "cpu" and index:
-        raise CavmaeError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    return kind, int(index or 0)
 
 
 def _import_ort() -> Any:

@@ -19,6 +19,7 @@ from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
 from .base import Engine, GraphSession
+from .devices import parse_device
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -66,6 +67,7 @@ class TorchEngine(Engine):
         model: Any = None,
         precision: str = "fp32",
     ) -> None:
+        parse_device(device)  # an unknown device is one line here, not an error inside torch
         super().__init__(export_dir or ".", manifest, device)
         torch = _import_torch()
         from cavmae.checkpoint import load_checkpoint

@@ -15,7 +15,7 @@ from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest
 
 from ..base import Engine, GraphSession
-from ..ort import parse_device
+from ..devices import parse_device
 from .build import build_serialized_engine, default_opt_batch, profile_shapes
 from .cache import (
     choose_cache_dir,
