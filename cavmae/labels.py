@@ -17,6 +17,9 @@ from .errors import CavmaeError
 AUDIOSET_NUM_CLASSES = 527
 VGGSOUND_NUM_CLASSES = 309
 
+#: the columns of a reference label CSV (the reference loader reads them with csv.DictReader)
+LABEL_CSV_COLUMNS: tuple[str, ...] = ("index", "mid", "display_name")
+
 #: label sets shipped in ``cavmae/assets``: registry label-set name -> file name
 PACKAGED_LABEL_FILES: dict[str, str] = {"audioset": "audioset_class_labels_indices.csv"}
 
@@ -32,21 +35,37 @@ class LabelSet:
         return len(self.names)
 
 
-def read_label_csv(path: str | Path) -> LabelSet:
-    """Read a reference label CSV; rows must run ``index`` 0..C-1 in order."""
+def read_label_csv(path: str | Path, num_classes: int | None = None) -> LabelSet:
+    """Read a reference label CSV (the one reader of the format, for every caller).
+
+    Rows must run ``index`` 0..C-1 in order, since predictions are looked up by that index;
+    with ``num_classes``, C must be that. Raises ``CavmaeError`` naming what is wrong (an HTML
+    page a host returned instead of the file fails on its header).
+    """
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            rows = list(reader)
     except OSError as e:
-        raise CavmaeError(f"cannot read label file {path}: {e.strerror}") from None
-    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+        raise CavmaeError(f"cannot read label file {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CavmaeError(f"cannot read label file {path}: {e}") from None
+    missing = [c for c in LABEL_CSV_COLUMNS if c not in header]
+    if missing or not rows:
+        what = f"it lacks column(s) {missing} (header {list(header)})" if missing else "no rows"
         raise CavmaeError(
-            f"{path} is not a label CSV: expected the columns index,mid,display_name"
+            f"{path} is not a label CSV: {what}; expected the columns {','.join(LABEL_CSV_COLUMNS)}"
         )
+    for n, row in enumerate(rows, start=2):
+        if any(row.get(c) is None for c in LABEL_CSV_COLUMNS):
+            raise CavmaeError(f"{path}, line {n}: each row needs {','.join(LABEL_CSV_COLUMNS)}")
+    if num_classes is not None and len(rows) != num_classes:
+        raise CavmaeError(f"label CSV {path} has {len(rows)} rows, expected {num_classes}")
     try:
         order = [int(r["index"]) for r in rows]
-    except ValueError:
+    except (TypeError, ValueError):
         raise CavmaeError(f"{path}: the index column must hold integers") from None
     if order != list(range(len(rows))):
         raise CavmaeError(f"{path}: the index column must run 0..{len(rows) - 1} in order")

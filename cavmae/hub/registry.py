@@ -21,7 +21,6 @@ this module imports neither torch nor numpy.
 
 from __future__ import annotations
 
-import csv
 import difflib
 import os
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from cavmae.errors import CavmaeError, CheckpointError, DownloadError, EngineUnavailableError
-from cavmae.labels import packaged_label_file
+from cavmae.labels import packaged_label_file, read_label_csv
 from cavmae.modes import finetune_mode_of, reference_modes
 
 from .cache import cavmae_home
@@ -51,9 +50,6 @@ VISUAL_MODES: tuple[str, ...] = reference_modes("videoonly")
 
 #: file endings taken as a checkpoint path (not a registry name) when no such file exists
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
-
-#: Column names of both label CSVs (the reference loader reads them with csv.DictReader).
-LABEL_CSV_COLUMNS: tuple[str, ...] = ("index", "mid", "display_name")
 
 LABEL_URLS: dict[str, str] = {
     "audioset": "https://www.dropbox.com/s/z3ko8bv9b7738t1/class_labels_indices.csv?dl=1",
@@ -421,25 +417,9 @@ def _default_checkpoint_verifier(info: ModelInfo) -> Verifier:
 
 
 def verify_label_csv(path: Path, num_classes: int) -> None:
-    """Raise ``CavmaeError`` unless ``path`` is a label CSV with ``num_classes`` rows.
-
-    Checks the header (``index,mid,display_name``), the row count and that ``index`` runs
-    0..num_classes-1 in order, since predictions are looked up by that index.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = tuple(reader.fieldnames or ())
-            missing = [c for c in LABEL_CSV_COLUMNS if c not in header]
-            if missing:
-                raise CavmaeError(f"label CSV {path} lacks column(s) {missing}; header is {header}")
-            indices = [row["index"] for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise CavmaeError(f"cannot read label CSV {path}: {e}") from e
-    if len(indices) != num_classes:
-        raise CavmaeError(f"label CSV {path} has {len(indices)} rows, expected {num_classes}")
-    if indices != [str(i) for i in range(num_classes)]:
-        raise CavmaeError(f"label CSV {path}: column 'index' is not 0..{num_classes - 1} in order")
+    """Raise ``CavmaeError`` unless ``path`` is a label CSV with ``num_classes`` rows
+    (read by :func:`cavmae.labels.read_label_csv`, the one reader of the format)."""
+    read_label_csv(path, num_classes)
 
 
 # --- fetching --------------------------------------------------------------------------------
