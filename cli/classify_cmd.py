@@ -105,7 +105,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
                 already_done += not todo
                 for start in todo:
                     pred = _classify_one(pipe, path, file_mode, start, span)
-                    record, rows = _record(path, file_mode, start, span, pred, names, top_k, all_scores)
+                    record, rows = _record(pred, names, top_k, all_scores)
                     writer.write(record, rows)
                     _print(record, rows, as_json, stdout_csv, show_time=window is not None or start > 0)
             except MediaError as e:
@@ -124,18 +124,11 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
 
 
 def _classify_one(pipe, path: Path, mode: str, start: float, span: float | None):
-    from cavmae.media import load_clip
-    from cavmae.modes import needs
-    from cavmae.runtime.pipeline import Prediction
-
-    need_audio, need_video = needs(mode)
+    """``pipe.classify_file``, a missing stream's error saying what to do in this command's flags."""
     try:
-        clip = load_clip(path, num_frames=pipe.num_frames, offset=start, config=pipe.manifest.preprocess,
-                         need_audio=need_audio, need_video=need_video, duration=span)
+        return pipe.classify_file(path, mode, offset=start, duration=span)
     except MissingStreamError as e:
         raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
-    probs = pipe.classify(clip.audio, clip.frames, mode)
-    return Prediction(probs=probs, labels=pipe.labels, path=str(path), offset=start), clip
 
 
 def _label_names(pipe) -> tuple[str, ...]:
@@ -193,14 +186,9 @@ def _missing_hint(pipe, stream: str) -> str:
             " with -m (see `cavmae models`)")
 
 
-def _record(path: Path, mode: str, start: float, span: float | None, result, names, top_k: int,
-            all_scores: bool):
-    pred, clip = result
+def _record(pred, names, top_k: int, all_scores: bool):
+    path, mode, start, end = pred.path, pred.mode, pred.offset, pred.end
     idx = pred.probs.argsort()[::-1][:top_k]
-    if span is not None:
-        end = min(start + span, clip.duration)
-    else:
-        end = min(start + 10.0, clip.duration)
     top = [{"rank": r + 1, "index": int(i), "label": names[i], "score": round(float(pred.probs[i]), 6)}
            for r, i in enumerate(idx)]
     record: dict[str, Any] = {"path": str(path), "mode": mode, "start": start, "end": round(end, 3), "top": top}

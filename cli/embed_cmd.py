@@ -339,17 +339,16 @@ def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | i
     """The query embedding(s) ``{"audio": [D], "visual": [D]}`` of a query file."""
     import numpy as np
 
-    from cavmae.media import load_clip, probe
+    from cavmae.media import probe
 
-    cfg = pipe.manifest.preprocess
     if kind == "image":
         from cavmae.visual import load_image, preprocess_frame
 
-        image = preprocess_frame(load_image(path), cfg)
+        image = preprocess_frame(load_image(path), pipe.manifest.preprocess)
         return {"visual": pipe.embed_images(image[None])[0][0]}
     if kind == "audio":
         try:
-            clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+            clip = pipe.load_clip(path, need_video=False)
         except MissingStreamError as e:  # the decoder's hint knows no flags of this command
             raise e.with_hint("query with its frames instead: --video FILE (or --image for a still)") from None
         return {"audio": pipe.embed_audio(clip.audio[None])[0]}
@@ -360,7 +359,7 @@ def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | i
         want = "audio or video" if modality == "both" else ("audio" if modality == "audio" else "video")
         other = "visual" if info.has_video else "audio"
         raise CavmaeError(f"{path} has no {want} stream to query with; use --modality {other} (or both)")
-    clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=need_audio, need_video=need_video)
+    clip = pipe.load_clip(path, need_audio=need_audio, need_video=need_video)
     out: dict[str, np.ndarray] = {}
     if clip.audio is not None:
         out["audio"] = pipe.embed_audio(clip.audio[None])[0]

@@ -59,17 +59,14 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
       cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
     """
     from cavmae.export import export_model
-    from cavmae.hub import registry
-    from cavmae.runtime.loader import _load_source_model, resolve_model
+    from cavmae.runtime.loader import model_labels, resolve_model
 
     source = resolve_model(model, mirror=mirror, progress=not as_json)
     if source.kind == "export":
         raise click.UsageError(f"{model} is already an export; give a checkpoint or a registry name")
-    labels = labels_csv
-    if labels is None and source.info is not None and source.info.label_url:
-        labels = registry.ensure_labels(source.info.name, mirror=mirror, progress=not as_json)
+    labels = model_labels(source, labels_csv, progress=not as_json)
     result = export_model(
-        _load_source_model(source), output, precision,
+        source.load_model(), output, precision,
         num_frames=frames, max_batch=max_batch,
         task=None if task == "auto" else task,
         finetune_mode=source.finetune_mode if finetune_mode == AUTO else finetune_mode,

@@ -234,11 +234,9 @@ def _wrong_kind(model: str) -> str:
 
 def _load(pipe: Any, video: Path, frame: int | None, offset: float) -> tuple[Any, int]:
     """Decode the clip at ``offset`` and pick the frame (default: the middle one)."""
-    from cavmae.media import load_clip
-
     count = pipe.num_frames
     index = min(pipe.manifest.preprocess.middle_frame, count - 1) if frame is None else frame
     if not 0 <= index < count:
         raise CavmaeError(f"--frame must be in 0..{count - 1} (this model uses {count} frames per clip)")
-    clip = load_clip(video, num_frames=count, offset=offset, config=pipe.manifest.preprocess)
+    clip = pipe.load_clip(video, offset=offset)
     return clip, index

@@ -290,7 +290,7 @@ def _engine_runs(cfg: BenchConfig) -> list[tuple[str, str, str]]:
 def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:
     import torch
 
-    from .loader import _load_source_model, resolve_model
+    from .loader import resolve_model
 
     source = resolve_model(model_ref)
     if source.kind != "checkpoint":
@@ -300,7 +300,7 @@ def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log, device: str) -> dic
             log("baseline skipped: the export's checkpoint is not available")
             return {}
         source = resolve_model(ckpt)
-    model = _load_source_model(source)
+    model = source.load_model()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = model.to(device).eval()

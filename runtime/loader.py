@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,20 @@ class ModelSource:
     def finetune_mode(self) -> str:
         """What the checkpoint was fine-tuned for: from its registry entry, else ``multimodal``."""
         return finetune_mode_of(self.info.modes if self.info else ())
+
+    def load_model(self) -> Any:
+        """The PyTorch model of a checkpoint source (imports torch).
+
+        Registry models load by name, so the registry's facts (``norm_pix_loss``) apply.
+        """
+        if self.kind != "checkpoint":
+            raise CavmaeError(
+                f"{self.path} is an export; its PyTorch model needs the checkpoint it was made"
+                " from (give the checkpoint or the model name instead)"
+            )
+        from cavmae.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.info.name if self.info else self.path)
 
 
 def resolve_model(
@@ -136,12 +151,17 @@ def export_settings(source: ModelSource, **settings: Any) -> dict[str, Any]:
 
 
 def cached_export(
-    source: ModelSource, *, progress: bool = True, fetch_labels: bool = True, **settings: Any
+    source: ModelSource,
+    *,
+    progress: bool = True,
+    labels: Callable[[], LabelSet | None] | None = None,
+    **settings: Any,
 ) -> Path:
     """The export directory of a checkpoint in the cache, exporting it the first time.
 
-    The export carries the registry model's label names; ``fetch_labels=False`` (the caller
-    brings its own labels) takes them only when they are here without a download.
+    ``labels`` gives the class names the export carries; it is called only when the export is
+    made (default: the registry model's, see :func:`model_labels`). The cache is shared by
+    every later load, so a user's own label CSV never goes into it.
     """
     sha = checkpoint_sha256(source.path)
     settings = export_settings(source, **settings)
@@ -164,9 +184,9 @@ def cached_export(
         started = time.monotonic()
         progress_note(f"export: first use of {source.path.name}: exporting it into the cache once"
                       " (30-50 s for a full-size model)", enabled=progress)
-        labels = _registry_labels(source, fetch=fetch_labels, progress=progress)
+        label_set = labels() if labels is not None else model_labels(source, progress=progress)
         export_model(
-            _load_source_model(source), out, labels=labels, progress=progress, overwrite=True,
+            source.load_model(), out, labels=label_set, progress=progress, overwrite=True,
             source={"checkpoint": str(source.path.resolve()), "sha256": sha,
                     "name": source.info.name if source.info else None},
             **settings,
@@ -175,30 +195,24 @@ def cached_export(
     return out
 
 
-def _load_source_model(source: ModelSource) -> Any:
-    from cavmae.checkpoint import load_checkpoint
-
-    # By name for registry models, so the registry's facts (norm_pix_loss) apply.
-    return load_checkpoint(source.info.name if source.info else source.path)
-
-
-def _registry_labels(source: ModelSource, *, fetch: bool, progress: bool = False) -> Path | None:
-    """The label CSV of a registry model: shipped or cached, else downloaded when ``fetch``."""
+def model_labels(
+    source: ModelSource, labels: str | Path | None = None, *, progress: bool = False
+) -> LabelSet | None:
+    """The class names for ``source``: the label CSV ``labels`` (checked against the model's
+    class count before any export; nothing is downloaded then), else the registry model's label
+    set (shipped, cached, or downloaded from the source's mirror), else ``None`` (an export's
+    own names, or the bundled ones of its class count, apply)."""
+    if labels is not None:
+        label_set = read_label_csv(labels)
+        if source.num_classes is not None and len(label_set) != source.num_classes:
+            raise CavmaeError(
+                f"{labels} has {len(label_set)} labels but the model has {source.num_classes} classes"
+            )
+        return label_set
     if source.info is None or source.info.label_set is None:
         return None
-    if not fetch:
-        return registry.local_labels(source.info.name)
-    return registry.ensure_labels(source.info.name, mirror=source.mirror, progress=progress)
-
-
-def _user_labels(labels: str | Path, source: ModelSource) -> LabelSet:
-    """The user's label CSV, checked against the model's class count before any export."""
-    label_set = read_label_csv(labels)
-    if source.num_classes is not None and len(label_set) != source.num_classes:
-        raise CavmaeError(
-            f"{labels} has {len(label_set)} labels but the model has {source.num_classes} classes"
-        )
-    return label_set
+    file = registry.ensure_labels(source.info.name, mirror=source.mirror, progress=progress)
+    return read_label_csv(file) if file is not None else None
 
 
 def load(
@@ -230,25 +244,30 @@ def load(
     name, dev = check_engine(engine, device)  # before any download or export
     source = resolve_model(model, mirror=mirror, progress=progress, task=task)
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it
-    user_labels = _user_labels(labels, source) if labels is not None else None
+    user = model_labels(source, labels) if labels is not None else None  # checked before export
+    registry_labels = _once(lambda: model_labels(source, progress=progress))  # asked at most once
     export_opts = dict(num_frames=num_frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
-    pipe = _open(source, name, dev, precision=precision, fetch_labels=user_labels is None,
+    # a user's labels never go into a (shared, cached) export: the export gets none then
+    pipe = _open(source, name, dev, precision=precision, labels=(lambda: None) if user is not None else registry_labels,
                  progress=progress, export_opts=export_opts, engine_options=engine_options)
-    return _with_labels(pipe, source, user_labels, progress)
-
-
-def _with_labels(
-    pipe: Pipeline, source: ModelSource, user: LabelSet | None, progress: bool
-) -> Pipeline:
-    """Give the pipeline the user's label names, or the registry's where its export has none
-    (an export made while the user brought labels and the registry's were not here)."""
-    names = user.names if user is not None else None
+    names = user
     if names is None and pipe.manifest.labels is None and pipe.manifest.model_kind == "classifier":
-        file = _registry_labels(source, fetch=True, progress=progress)
-        names = read_label_csv(file).names if file is not None else None
-    if names is not None:
-        pipe.manifest = replace(pipe.manifest, labels=tuple(names))
+        names = registry_labels()
+    if names is not None:  # the user's, or the registry's where the export has none
+        pipe.manifest = replace(pipe.manifest, labels=names.names)
     return pipe
+
+
+def _once(lookup: Callable[[], LabelSet | None]) -> Callable[[], LabelSet | None]:
+    """``lookup``, called the first time it is needed and remembered."""
+    done: list[LabelSet | None] = []
+
+    def get() -> LabelSet | None:
+        if not done:
+            done.append(lookup())
+        return done[0]
+
+    return get
 
 
 def _open(
@@ -257,7 +276,7 @@ def _open(
     dev: str,
     *,
     precision: str,
-    fetch_labels: bool,
+    labels: Callable[[], LabelSet | None],
     progress: bool,
     export_opts: dict[str, Any],
     engine_options: dict[str, Any],
@@ -269,20 +288,19 @@ def _open(
         if source.kind == "export":
             manifest = Manifest.load(source.path)
             return Pipeline(TorchEngine(source.path, manifest, dev, precision=precision, **engine_options))
-        net = _load_source_model(source)
-        label_file = _registry_labels(source, fetch=fetch_labels, progress=progress)
-        manifest = _in_memory_manifest(net, source, label_file, **export_opts)
+        net = source.load_model()
+        manifest = _in_memory_manifest(net, source, labels(), **export_opts)
         return Pipeline(TorchEngine(None, manifest, dev, model=net, precision=precision, **engine_options))
     if source.kind == "checkpoint":
-        path = cached_export(source, progress=progress, fetch_labels=fetch_labels,
-                             precision=precision, **export_opts)
+        path = cached_export(source, progress=progress, labels=labels, precision=precision,
+                             **export_opts)
     else:
         path = source.path
     mark_used(path)
     return Pipeline(create_engine(name, path, Manifest.load(path), dev, **engine_options))
 
 
-def _in_memory_manifest(net: Any, source: ModelSource, label_file: Path | None, **opts: Any) -> Manifest:
+def _in_memory_manifest(net: Any, source: ModelSource, label_set: LabelSet | None, **opts: Any) -> Manifest:
     """A manifest for running a checkpoint directly on the torch engine (no ONNX files)."""
     from cavmae.labels import default_labels, default_task
     from cavmae.stages import graph_specs, make_manifest
@@ -291,7 +309,7 @@ def _in_memory_manifest(net: Any, source: ModelSource, label_file: Path | None, 
     cfg = net.config
     classifier = hasattr(net, "mlp_head")
     task = settings.get("task") or (default_task(cfg.num_classes) if classifier else None)
-    labels = read_label_csv(label_file) if label_file else (default_labels(cfg.num_classes) if classifier else None)
+    labels = label_set if label_set is not None else (default_labels(cfg.num_classes) if classifier else None)
     # the graphs' contracts only: the torch engine builds the stage modules, once
     specs = graph_specs(net, finetune_mode=settings["finetune_mode"], **opts)
     return make_manifest(

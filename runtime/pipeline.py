@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from cavmae.vectors import l2_normalize
 
 from .engines.base import Engine
 
+if TYPE_CHECKING:
+    from cavmae.media import Clip  # decoding needs PyAV: imported where a clip is loaded
+
 #: classification modes on the command line -> graph that serves them (from :mod:`cavmae.modes`)
 CLASSIFY_GRAPHS = {mode: graph_for(mode) for mode in CLI_MODES}
 
@@ -57,6 +61,8 @@ class Prediction:
     labels: tuple[str, ...] | None
     path: str | None = None
     offset: float = 0.0
+    end: float | None = None  # where the window ends: offset + window, or the file's end
+    mode: str | None = None  # the classification mode (``av``, ``audio``, ``visual``)
 
     def top(self, k: int = 5) -> list[tuple[int, str, float]]:
         """``k`` best classes as (index, name, probability), best first."""
@@ -114,6 +120,25 @@ class Pipeline:
 
     def close(self) -> None:
         self.engine.close()
+
+    # -- media ------------------------------------------------------------------------------
+    def load_clip(
+        self,
+        path: str | Path,
+        *,
+        offset: float = 0.0,
+        duration: float | None = None,
+        need_audio: bool = True,
+        need_video: bool = True,
+    ) -> Clip:
+        """Decode and preprocess the window at ``offset`` of a media file as this model takes
+        it: its preprocessing, input sizes and frames per clip (see :func:`cavmae.media.load_clip`;
+        ``duration`` takes a shorter window)."""
+        from cavmae.media import load_clip
+
+        # the manifest's preprocessing holds the export's input sizes and frames per clip
+        return load_clip(path, offset=offset, config=self.manifest.preprocess,
+                         need_audio=need_audio, need_video=need_video, duration=duration)
 
     # -- batched graph calls ----------------------------------------------------------------
     def run_graph(
@@ -202,18 +227,23 @@ class Pipeline:
             None if audio is None else audio[None], None if frames is None else frames[None], mode
         )[0]
 
-    def classify_file(self, path: str | Path, mode: str = "av", offset: float = 0.0) -> Prediction:
-        """Decode, preprocess and classify the 10 s window at ``offset`` of a video file."""
-        from cavmae.media import load_clip
+    def classify_file(
+        self, path: str | Path, mode: str = "av", offset: float = 0.0, duration: float | None = None
+    ) -> Prediction:
+        """Decode, preprocess and classify the window at ``offset`` of a media file.
 
+        The window is the model's span (10 s), or ``duration`` seconds for sliding windows;
+        ``mode`` decides which streams are decoded (``audio`` reads no frames, so a ``.wav``
+        works). Raises ``MissingStreamError`` when the file lacks a stream the mode needs.
+        """
         self._classify_graph(mode)
         need_audio, need_video = needs(mode)
-        clip = load_clip(
-            path, num_frames=self.num_frames, offset=offset, config=self.manifest.preprocess,
-            need_audio=need_audio, need_video=need_video,
-        )
+        clip = self.load_clip(path, offset=offset, duration=duration, need_audio=need_audio,
+                              need_video=need_video)
         probs = self.classify(clip.audio, clip.frames, mode)
-        return Prediction(probs=probs, labels=self.labels, path=str(path), offset=offset)
+        window = self.manifest.preprocess.clip_seconds if duration is None else duration
+        return Prediction(probs=probs, labels=self.labels, path=str(path), offset=offset,
+                          end=min(offset + window, clip.duration), mode=mode)
 
     # -- embeddings and localization --------------------------------------------------------
     def embed_audio(self, audio: np.ndarray) -> np.ndarray:

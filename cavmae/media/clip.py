@@ -45,7 +45,7 @@ class Clip:
 
 def load_clip(
     path: str | Path,
-    num_frames: int = DEFAULT_PREPROCESS.num_frames,
+    num_frames: int | None = None,
     offset: float = 0.0,
     config: PreprocessConfig = DEFAULT_PREPROCESS,
     need_audio: bool = True,
@@ -53,6 +53,9 @@ def load_clip(
     duration: float | None = None,
 ) -> Clip:
     """Decode and preprocess the window ``[offset, offset + config.clip_seconds)`` of a file.
+
+    ``num_frames`` defaults to ``config.num_frames`` (an export's manifest holds its own);
+    :meth:`cavmae.runtime.Pipeline.load_clip` calls this with a model's settings.
 
     ``duration`` (at most the model's span) takes a shorter window for both modalities, e.g.
     for sliding-window predictions; the spectrogram is then padded like a short clip's.
@@ -69,6 +72,8 @@ def load_clip(
     """
     if not (need_audio or need_video):
         raise ValueError("load_clip needs need_audio or need_video")
+    if num_frames is None:
+        num_frames = config.num_frames
     path = str(path)
     window = config.clip_seconds  # frames are sampled from the clip's first 10 s
     audio_window = config.audio_seconds  # the audio the 1024 fbank rows cover (10.255 s)

@@ -43,15 +43,12 @@ class _Decoded:
 
 
 def _decode(path: Path, pipeline: Pipeline) -> _Decoded:
-    from cavmae.media import load_clip, probe
+    from cavmae.media import probe
 
     info = probe(path)
     if not (info.has_audio or info.has_video):
         raise MediaError(f"{path}: no audio or video stream")
-    clip = load_clip(
-        path, num_frames=pipeline.num_frames, config=pipeline.manifest.preprocess,
-        need_audio=info.has_audio, need_video=info.has_video,
-    )
+    clip = pipeline.load_clip(path, need_audio=info.has_audio, need_video=info.has_video)
     return _Decoded(path, clip.audio, clip.frames, float(clip.duration))
 
 
