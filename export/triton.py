@@ -423,7 +423,7 @@ def _ensemble_plans(
                        {t.name: t.name for t in head.outputs}))
 
     label_file = LABELS_FILE if labels is not None else None
-    outputs = [_IO(t.name, t.dtype, _batched_dims(t, head.name), label_file if t.name == "probs" else None)
+    outputs = [_IO(t.name, t.dtype, _batched_dims(t, head.name), label_file if t.name == PROBS.name else None)
                for t in head.outputs]
     max_batch = min(limits)
     if max_batch < 1:
