@@ -23,7 +23,7 @@ def test_gpu_script_dry_run_writes_every_step(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     r = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
-                       text=True, env=env, timeout=900, cwd=tmp_path)
+                       text=True, env=env, timeout=2400, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     merged = json.loads(out.with_suffix(".json").read_text())
     assert merged["dry_run"] is True
