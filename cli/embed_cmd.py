@@ -252,6 +252,9 @@ def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL",
               help="Base URL replacing the checkpoint hosts (env CAVMAE_MIRROR).")
+@click.option("--ann/--exact", "approximate", default=False,
+              help="Search the approximate index built by `cavmae index build-ann` (fast on large"
+                   " indexes), or every row exactly (the default; use it to compare).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def search(
     index: str,
@@ -265,6 +268,7 @@ def search(
     engine: str,
     device: str,
     mirror: str | None,
+    approximate: bool,
     as_json: bool,
 ) -> None:
     """Find the clips of INDEX nearest to a sound, an image or a video (cosine similarity).
@@ -279,6 +283,7 @@ def search(
       cavmae search my-index --audio dog-bark.wav
       cavmae search my-index --image beach.jpg --k 5
       cavmae search my-index --video clip.mp4 --target visual --json
+      cavmae search my-index --audio dog-bark.wav --ann    # after cavmae index build-ann my-index
     """
     from cavmae.runtime import index as ix
 
@@ -294,6 +299,11 @@ def search(
     query_path = Path(query_file)
     if not query_path.is_file():
         raise CavmaeError(f"no such file: {query_file}")
+    searcher: Any = idx
+    if approximate:  # refused before the model loads when missing or outdated
+        from cavmae.runtime.index.ann import ApproximateIndex
+
+        searcher = ApproximateIndex.open(idx)
 
     pipe = open_pipeline(model or idx.model.get("ref"), engine, device, mirror)
     try:
@@ -305,11 +315,12 @@ def search(
 
     results = []
     for q, t in _search_runs(queries, kind, target):
-        hits = idx.search(queries[q], t, k)
+        hits = searcher.search(queries[q], t, k)
         results.append({"query": q, "target": t, "hits": [h.to_dict() for h in hits]})
 
     if as_json:
-        echo_json({"index": index, "query": {"kind": kind, "path": str(query_path)}, "k": k, "results": results})
+        echo_json({"index": index, "query": {"kind": kind, "path": str(query_path)}, "k": k,
+                   "search": "approximate" if approximate else "exact", "results": results})
         return
     for res in results:
         click.echo(f"{res['query']} -> {res['target']} ({len(res['hits'])} hits):")

@@ -35,12 +35,14 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def rows(rng: np.random.Generator, n: int, start: int = 0, root: str = "/data"):
-    """``n`` fake clips: (path, audio or None, visual or None); every 5th lacks audio, every 7th video."""
+    """``n`` fake clips: (path, audio or None, visual or None); every 5th lacks audio, every 7th
+    video (unless it lacks audio)."""
     a, v = unit(rng, n), unit(rng, n)
     out = []
     for j in range(n):
         k = start + j
-        out.append((f"{root}/clip{k:03d}.mp4", None if k % 5 == 4 else a[j], None if k % 7 == 6 else v[j]))
+        no_video = k % 7 == 6 and k % 5 != 4  # never neither
+        out.append((f"{root}/clip{k:03d}.mp4", None if k % 5 == 4 else a[j], None if no_video else v[j]))
     return out
 
 
@@ -72,8 +74,14 @@ def test_write_compact_reopen(tmp_path):
     data = rows(rng, 10)
     write(tmp_path / "idx", data)
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["count"] == meta["base_count"] == 10 and meta["chunks"] == [] and meta["finished"]
-    assert not list((tmp_path / "idx").glob("chunk-*"))  # compacted
+    assert meta["count"] == 10 and meta["finished"] and meta["version"] == 2
+    assert [c["count"] for c in meta["chunks"]] == [3, 3, 3, 1]  # closing copies nothing
+    check_contents(EmbeddingIndex.open(tmp_path / "idx"), data)
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
+        w.compact()  # on request: one part
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert [c["count"] for c in meta["chunks"]] == [10]
+    assert len(list((tmp_path / "idx").glob("chunk-*"))) == 6  # the part's six files
     index = EmbeddingIndex.open(tmp_path / "idx")
     assert isinstance(index.embeddings("audio"), np.memmap)
     assert [it["row"] for it in index.items()] == list(range(10))
@@ -142,30 +150,17 @@ def test_killed_writer_keeps_committed_chunks(tmp_path):
     assert sorted(it["path"] for it in index.items())[:3] == ["/data/c0.mp4", "/data/c1.mp4", "/data/c2.mp4"]
 
 
-def test_readers_use_only_base_count_rows(tmp_path):
-    """A compaction killed after replacing audio.npy but before index.json: the longer base
-    file's first base_count rows are the old ones, and the chunks still hold the rest."""
-    rng = np.random.default_rng(5)
-    data = rows(rng, 4)
-    write(tmp_path / "idx", data)
-    longer = np.concatenate([np.load(tmp_path / "idx" / "audio.npy"), unit(rng, 3)])
-    np.save(tmp_path / "idx" / "audio.npy", longer)
-    index = EmbeddingIndex.open(tmp_path / "idx")
-    assert index.embeddings("audio").shape == (4, D)
-    check_contents(index, data)
-
-
 def test_search_matches_brute_force_and_skips_missing_rows(tmp_path):
     rng = np.random.default_rng(6)
     data = rows(rng, 23)
     write(tmp_path / "idx", data, commit_every=5)
     # leave some rows in chunks (no compaction) to search across parts
     with IndexWriter(tmp_path / "idx", model=MODEL, dim=D, commit_every=2) as w:
-        for p, a, v in rows(rng, 5, start=23):
+        for p, a, v in rows(rng, 4, start=23):
             w.add(p, a, v)
         w.commit()
         index = EmbeddingIndex.open(tmp_path / "idx")
-        assert len(index._parts) == 4
+        assert len(index._parts) == 7  # 5, 5, 5, 5, 3, 2, 2: one tier short of a merge
         q = unit(rng, 1)[0]
         for target in ("audio", "visual"):
             emb, has = index.embeddings(target), index.has(target)

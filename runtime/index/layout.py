@@ -6,8 +6,10 @@ the writer and the merge agree on it by construction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,18 @@ import numpy as np
 from cavmae.errors import CavmaeError
 
 FORMAT = "cavmae-embedding-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write; version 1 (no offsets/keys files) still opens
+READ_VERSIONS = (1, 2)
 META_NAME = "index.json"
 LOCK_NAME = ".lock"
 MODALITIES = ("audio", "visual")
 ARRAYS = (*MODALITIES, "mask")  # the three .npy files of each part
+SIDECARS = ("offsets", "keys")  # per part since version 2: line offsets, sorted path hashes
 ITEM_KEYS = ("row", "path", "duration", "has_audio", "has_video")  # written for every row
 _SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
-CHUNK_RE = re.compile(r"^chunk-\d{5,}-(audio|visual|mask)\.npy$|^chunk-\d{5,}-items\.jsonl$")
+CHUNK_RE = re.compile(
+    r"^chunk-\d{5,}-(audio|visual|mask|offsets|keys)\.npy$|^chunk-\d{5,}-items\.jsonl$"
+)
 
 
 class EmbeddingIndexError(CavmaeError):
@@ -85,8 +91,8 @@ def new_meta(
 ) -> dict[str, Any]:
     """``index.json`` of an empty index; ``want`` holds ``dim``, ``frame`` and ``num_frames``."""
     return {
-        "format": FORMAT, "version": FORMAT_VERSION, "model": dict(model), **want,
-        "count": 0, "base_count": 0, "chunks": [], "next_chunk": 1,
+        "format": FORMAT, "version": FORMAT_VERSION, "uid": new_uid(), "model": dict(model),
+        **want, "count": 0, "base_count": 0, "chunks": [], "next_chunk": 1,
         "shard": list(shard) if shard else None, "finished": False,
     }
 
@@ -102,17 +108,42 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise EmbeddingIndexError(f"cannot read {file}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EmbeddingIndexError(f"{file} is not a cavmae embedding index")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READ_VERSIONS:
         raise EmbeddingIndexError(
             f"{path} has index format version {meta.get('version')!r}; this cavmae reads"
-            f" version {FORMAT_VERSION}: build the index again"
+            f" versions {', '.join(map(str, READ_VERSIONS))}: build the index again"
         )
     return meta
+
+
+def new_uid() -> str:
+    """A random identity for an index directory (an approximate index records whose it is)."""
+    return secrets.token_hex(8)
 
 
 def item_line(item: dict[str, Any]) -> bytes:
     """One line of ``items.jsonl``."""
     return (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a path key: what ``keys.npy`` sorts (collisions are checked by path)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def line_offsets(lines: list[bytes]) -> np.ndarray:
+    """``int64 [n + 1]``: where each of ``lines`` starts in their concatenation, then the end."""
+    out = np.zeros(len(lines) + 1, dtype=np.int64)
+    np.cumsum([len(line) for line in lines], out=out[1:])
+    return out
+
+
+def sorted_keys(hashes: np.ndarray) -> np.ndarray:
+    """``uint64 [2, n]``: the path hashes of a part's rows sorted (row 0) and their local rows
+    (row 1), so a path is found with a binary search of row 0 without reading the items."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    return np.stack([hashes[order], order.astype(np.uint64)])
 
 
 @dataclass(frozen=True)
@@ -124,7 +155,8 @@ class Part:
     count: int
 
     def file(self, directory: Path, what: str) -> Path:
-        """The ``what`` file (``"audio"``, ``"visual"``, ``"mask"`` or ``"items"``) of the part."""
+        """The ``what`` file (``"audio"``, ``"visual"``, ``"mask"``, ``"items"``, ``"offsets"``
+        or ``"keys"``) of the part."""
         ext = "jsonl" if what == "items" else "npy"
         return directory / f"{self.prefix}{what}.{ext}"
 

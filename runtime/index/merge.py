@@ -2,7 +2,7 @@
 
 Each process of a sharded job writes ``INDEX/shard-i-of-n/`` (marked ``finished`` when its
 run completes). :func:`merge_shards` checks that all ``n`` shards are present, finished and
-made with the same model, appends their rows to INDEX (skipping paths already there), compacts,
+made with the same model, appends their rows to INDEX (skipping paths already there),
 and removes the shard directories. A merge interrupted before the removal can simply be run
 again (the paths de-duplicate).
 """

@@ -1,4 +1,4 @@
-"""Reading an index: memory-mapped parts, items by row, cosine search."""
+"""Reading an index: memory-mapped parts, items by row (O(k) reads), cosine search."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from cavmae.vectors import L2_EPS, l2_normalize
 
+from .items import PartItems
 from .layout import (
     ARRAYS,
     META_NAME,
@@ -23,7 +24,7 @@ from .layout import (
     is_index,
     load_npy,
     parts,
-    read_item_lines,
+    path_key,
     read_meta,
 )
 
@@ -59,31 +60,37 @@ def _check_openable(path: Path) -> None:
 class EmbeddingIndex:
     """A read-only view of an index directory (a snapshot of its ``index.json``).
 
-    Arrays are memory-mapped when opened, so a writer compacting meanwhile does not disturb
-    the view (an unlinked file stays readable while mapped).
+    Arrays are memory-mapped and item files opened when the view is made, so a writer merging
+    parts meanwhile does not disturb it (an unlinked file stays readable while mapped or open).
     """
 
     def __init__(
-        self, path: Path, meta: dict[str, Any], arrays: dict[str, list[np.ndarray]]
+        self, path: Path, meta: dict[str, Any], arrays: dict[str, list[np.ndarray]],
+        items: list[PartItems],
     ) -> None:
         self.path = path
         self.meta = meta
         self._arrays = arrays  # "audio"/"visual"/"mask" -> one array per part
         self._parts = parts(meta)
+        self._items = items  # one per part
+        self._starts = np.array([p.start for p in self._parts], dtype=np.int64)
 
     @classmethod
     def open(cls, path: str | Path) -> EmbeddingIndex:
-        """Open an index for reading (a few retries if a writer compacts at that moment)."""
+        """Open an index for reading (a few retries if a writer merges parts at that moment)."""
         path = Path(path)
         _check_openable(path)
         for attempt in range(5):
             meta = read_meta(path)
             try:
                 arrays: dict[str, list[np.ndarray]] = {k: [] for k in ARRAYS}
+                items = []
+                sidecars = int(meta["version"]) >= 2  # version 1 parts are scanned on use
                 for part in parts(meta):
                     for what in arrays:
                         arrays[what].append(load_npy(part.file(path, what), part.count))
-                return cls(path, meta, arrays)
+                    items.append(PartItems(path, part, sidecars=sidecars))
+                return cls(path, meta, arrays, items)
             except FileNotFoundError:
                 if attempt == 4:
                     raise EmbeddingIndexError(
@@ -119,7 +126,7 @@ class EmbeddingIndex:
     def embeddings(self, modality: str) -> np.ndarray:
         """``[N, D]`` float32 embeddings of ``"audio"`` or ``"visual"`` (zeros where missing).
 
-        A memory-mapped view when the index is compacted, else a concatenated copy.
+        A memory-mapped view when the index has one part, else a concatenated copy.
         """
         arrays = self._arrays[check_modality(modality)]
         if len(arrays) == 1:
@@ -135,56 +142,88 @@ class EmbeddingIndex:
         return np.concatenate(cols) if cols else np.zeros(0, dtype=bool)
 
     def items(self, rows: Iterable[int] | None = None) -> list[dict[str, Any]]:
-        """Items of ``rows`` (all rows when None), in the order asked."""
-        wanted = None if rows is None else [int(r) for r in rows]
-        for attempt in range(3):
-            try:
-                found = self._read_items(None if wanted is None else set(wanted))
-                break
-            except FileNotFoundError:  # compacted since opened: rows keep their numbers
-                if attempt == 2:
-                    raise EmbeddingIndexError(
-                        f"{self.path} changed while reading; try again"
-                    ) from None
-                self.meta = read_meta(self.path)
-                self._parts = parts(self.meta)
-        if wanted is None:
-            return [found[r] for r in range(len(self))]
-        missing = [r for r in wanted if r not in found]
+        """Items of ``rows`` (all rows when None), in the order asked; ``k`` rows cost ``k``
+        reads, whatever the size of the index."""
+        if rows is None:
+            out = []
+            for part, store in zip(self._parts, self._items, strict=True):
+                for j, line in enumerate(store.all_lines()):
+                    item = json.loads(line)
+                    item["row"] = part.start + j
+                    out.append(item)
+            return out
+        wanted = [int(r) for r in rows]
+        missing = [r for r in wanted if not 0 <= r < len(self)]
         if missing:
             raise EmbeddingIndexError(
                 f"{self.path}: no rows {missing[:5]} (the index has {len(self)})"
             )
+        which = np.searchsorted(self._starts, wanted, side="right") - 1
+        found: dict[int, dict[str, Any]] = {}
+        for p in np.unique(which):
+            store = self._items[int(p)]
+            local = [r - store.part.start for r, w in zip(wanted, which, strict=True) if w == p]
+            for item in store.items(local):
+                found[item["row"]] = item
         return [found[r] for r in wanted]
 
-    def _read_items(self, wanted: set[int] | None) -> dict[int, dict[str, Any]]:
-        found: dict[int, dict[str, Any]] = {}
-        for part in self._parts:
-            end = part.start + part.count
-            if wanted is not None and not any(part.start <= r < end for r in wanted):
-                continue
-            for row, line in read_item_lines(self.path, part):
-                if wanted is None or row in wanted:
-                    item = json.loads(line)
-                    item["row"] = row
-                    found[row] = item
-        return found
+    def row_of(self, path: str | Path) -> int | None:
+        """The row of media file ``path``, or None when it is not in the index (a binary
+        search per part; nothing is scanned)."""
+        key = path_key(path)
+        for store in self._items:
+            row = store.find(key)
+            if row is not None:
+                return row
+        return None
+
+    def __contains__(self, path: str | Path) -> bool:
+        return self.row_of(path) is not None
 
     def paths(self) -> set[str]:
-        """Paths of all rows (for incremental runs)."""
+        """Paths of all rows (reads every item; ``path in index`` checks one without that)."""
         return {it["path"] for it in self.items()}
 
     # -- search -----------------------------------------------------------------------------
-    def scores(self, query: np.ndarray, target: str) -> np.ndarray:
-        """Cosine similarity ``[N]`` of ``query [D]`` with every ``target`` row; -inf where a
-        row has no ``target`` embedding."""
+    def unit_query(self, query: np.ndarray) -> np.ndarray:
+        """``query`` as a float32 unit vector of the index's dimension, or a one-line error."""
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise EmbeddingIndexError(f"query has dimension {q.shape[0]}, the index {self.dim}")
         norm = float(np.linalg.norm(q))
         if not np.isfinite(norm) or norm < L2_EPS:  # below the floor it cannot be made unit
             raise EmbeddingIndexError("query embedding is zero or not finite")
-        q = l2_normalize(q)
+        return l2_normalize(q)
+
+    def vectors(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        """``[len(rows), D]`` embeddings of ``modality`` at ``rows`` (reads those rows only)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arrays = self._arrays[check_modality(modality)]
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        for p in np.unique(which):
+            sel = np.flatnonzero(which == p)
+            out[sel] = arrays[int(p)][rows[sel] - self._parts[int(p)].start]
+        return out
+
+    def ranked(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
+        """Hits for the best ``k`` of ``rows`` by ``scores`` (finite ones only), ties in row
+        order, each with its item."""
+        rows, scores = np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        keep = np.isfinite(scores)
+        rows, scores = rows[keep], scores[keep]
+        order = np.lexsort((rows, -scores))[:k]
+        top = rows[order]
+        items = self.items(top.tolist())
+        return [
+            Hit(rank=r + 1, score=float(scores[j]), row=int(row), item=item)
+            for r, (j, row, item) in enumerate(zip(order, top, items, strict=True))
+        ]
+
+    def scores(self, query: np.ndarray, target: str) -> np.ndarray:
+        """Cosine similarity ``[N]`` of ``query [D]`` with every ``target`` row; -inf where a
+        row has no ``target`` embedding."""
+        q = self.unit_query(query)
         col = MODALITIES.index(check_modality(target))
         out = np.empty(len(self), dtype=np.float32)
         rows = zip(self._parts, self._arrays[target], self._arrays["mask"], strict=True)
@@ -208,10 +247,4 @@ class EmbeddingIndex:
         if k == 0:
             return []
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.isfinite(scores[top])]
-        top = top[np.lexsort((top, -scores[top]))]
-        items = self.items(top.tolist())
-        return [
-            Hit(rank=r + 1, score=float(scores[row]), row=int(row), item=item)
-            for r, (row, item) in enumerate(zip(top, items, strict=True))
-        ]
+        return self.ranked(top, scores[top], k)

@@ -1,10 +1,16 @@
-"""Writing an index: buffered rows committed as chunks, compaction into the base files.
+"""Writing an index: buffered rows committed as chunks, small chunks merged by size tiers.
 
 One writer per directory (``.lock``). A chunk's files are written under ``.tmp`` names, fsynced
 and renamed before ``index.json`` (itself replaced atomically) lists the chunk, so a process
 killed at any point leaves ``index.json`` naming only complete files; what it does not name is
-deleted when the next writer opens the directory. Compaction appends rows behind the old base
-rows and readers use only the first ``base_count`` of them, so it is safe to kill as well.
+deleted when the next writer opens the directory.
+
+Opening a writer reads ``index.json`` only, and appending writes only new files: whether a path
+is already in the index is a binary search of each part's ``keys.npy``, and the parts already
+there are never rewritten just because rows were added. To keep the number of parts small,
+parts of about the same size are merged (:data:`MERGE_FANOUT` of them into one, written as a new
+chunk before ``index.json`` names it instead of them), so each row is copied once per size tier,
+``log_F(N / commit_every)`` times over its life, instead of the whole index once per run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,28 +28,46 @@ import numpy as np
 from cavmae import fsio
 
 from .identity import check_compatible
+from .items import PartItems
 from .layout import (
     ARRAYS,
     CHUNK_RE,
+    FORMAT_VERSION,
     META_NAME,
+    SIDECARS,
     EmbeddingIndexError,
     Part,
     is_index,
     item_line,
+    key_hash,
+    line_offsets,
     load_npy,
     new_meta,
+    new_uid,
     parse_frame,
     parts,
     path_key,
-    read_item_lines,
     read_meta,
+    sorted_keys,
 )
-from .reader import EmbeddingIndex
 from .storage import locked
 
 log = logging.getLogger(__name__)
 
-_Row = tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]  # item, audio [D], visual [D]
+
+@dataclass
+class _Block:
+    """Buffered rows: their items, ``audio``/``visual`` ``[n, D]`` (zeros where absent) and
+    ``mask [n, 2]``."""
+
+    items: list[dict[str, Any]]
+    audio: np.ndarray
+    visual: np.ndarray
+    mask: np.ndarray
+
+#: this many parts of one size tier (``floor(log_F(count))``) at the end are merged into one
+MERGE_FANOUT = 8
+_ALL_FILES = (*ARRAYS, "items", *SIDECARS)  # every file of a part
 
 
 class IndexWriter:
@@ -82,13 +108,17 @@ class IndexWriter:
             else:
                 self.meta = new_meta(model, want, shard)
             self._clean_orphans()
+            if int(self.meta["version"]) < FORMAT_VERSION:
+                self._migrate()
             self.meta["finished"] = False
             self._save_meta()
-            self._paths = {it["path"] for it in EmbeddingIndex.open(self.path).items()}
+            self._stores: dict[str, PartItems] = {}  # part prefix -> its lookups
+            self._refresh_stores()
         except BaseException:
             self._stack.close()
             raise
-        self._buffer: list[_Row] = []
+        self._buffer: list[_Block] = []
+        self._buffered: set[str] = set()  # path keys of the buffered rows
         self._closed = False
 
     # -- state ------------------------------------------------------------------------------
@@ -99,10 +129,40 @@ class IndexWriter:
     @property
     def count(self) -> int:
         """Rows committed plus rows buffered."""
-        return int(self.meta["count"]) + len(self._buffer)
+        return int(self.meta["count"]) + len(self._buffered)
 
     def __contains__(self, path: str | Path) -> bool:
-        return path_key(path) in self._paths
+        return self._has_key(path_key(path))
+
+    def _has_key(self, key: str) -> bool:
+        """Whether ``key`` is buffered or in a committed part (a binary search per part)."""
+        return key in self._buffered or any(
+            s.find(key) is not None for s in self._stores.values()
+        )
+
+    def _refresh_stores(self) -> None:
+        """Lookups for the parts index.json lists now (kept for parts that did not change)."""
+        current = {p.prefix: p for p in parts(self.meta)}
+        self._stores = {
+            prefix: self._stores[prefix]
+            if prefix in self._stores and self._stores[prefix].part == part
+            else PartItems(self.path, part, sidecars=True)
+            for prefix, part in current.items()
+        }
+
+    def _migrate(self) -> None:
+        """Give a version-1 index the offsets and keys files of version 2 (one scan of its
+        items, once; the embeddings are not touched)."""
+        for part in parts(self.meta):
+            store = PartItems(self.path, part, sidecars=False)
+            with fsio.atomic_open(part.file(self.path, "offsets")) as f:
+                np.save(f, store.offsets)
+            with fsio.atomic_open(part.file(self.path, "keys")) as f:
+                np.save(f, np.ascontiguousarray(store.keys))
+        self.meta["version"] = FORMAT_VERSION
+        self.meta.setdefault("uid", new_uid())
+        log.info("%s: added row offsets and path keys (index format %d)", self.path,
+                 FORMAT_VERSION)
 
     def _save_meta(self) -> None:
         self.meta["updated"] = round(time.time(), 3)
@@ -111,11 +171,16 @@ class IndexWriter:
     def _clean_orphans(self) -> None:
         """Delete chunk and tmp files that index.json does not name (left by a killed run)."""
         listed = {c["name"] for c in self.meta.get("chunks", [])}
+        # base files of an index whose base rows were merged into a chunk (killed before
+        # their removal)
+        base = set() if self.meta.get("base_count") else {
+            Part("", 0, 0).file(self.path, what).name for what in _ALL_FILES
+        }
         for child in self.path.iterdir():
             name = child.name
             if not child.is_file():
                 continue
-            orphan = name.endswith(".tmp") or (
+            orphan = name.endswith(".tmp") or name in base or (
                 CHUNK_RE.match(name) is not None and name.rsplit("-", 1)[0] not in listed
             )
             if orphan:
@@ -136,91 +201,189 @@ class IndexWriter:
 
         Returns the row number. A path already in the index is an error (callers skip them).
         """
+        a = None if audio is None else np.asarray(audio, dtype=np.float32).reshape(1, -1)
+        v = None if visual is None else np.asarray(visual, dtype=np.float32).reshape(1, -1)
+        return self.add_many([path], a, v, durations=[duration], extra=[extra])
+
+    def add_many(
+        self,
+        paths: Sequence[str | Path],
+        audio: np.ndarray | None,
+        visual: np.ndarray | None,
+        *,
+        has_audio: np.ndarray | None = None,
+        has_video: np.ndarray | None = None,
+        durations: Sequence[float | None] | None = None,
+        extra: Sequence[dict[str, Any]] | None = None,
+    ) -> int:
+        """Append ``n`` clips at once: ``audio``/``visual`` ``[n, D]`` (None: no row has it),
+        ``has_audio``/``has_video`` ``[n]`` bool (default: all rows of a given array). Checks
+        are vectorized, so bulk appends (merging shards, benchmarks) cost little per row.
+
+        Returns the first row number. Nothing is added when any row is refused.
+        """
         if self._closed:
             raise EmbeddingIndexError("this writer is closed")
-        key = path_key(path)
-        if key in self._paths:
-            raise EmbeddingIndexError(f"{key} is already in the index")
-        if audio is None and visual is None:
-            raise EmbeddingIndexError(f"{key}: no embedding to add")
-        a, v = self._checked(key, "audio", audio), self._checked(key, "visual", visual)
-        row = self.count
-        item = {"row": row, "path": key, "duration": duration,
-                "has_audio": audio is not None, "has_video": visual is not None, **extra}
-        self._buffer.append((item, a, v))
-        self._paths.add(key)
-        if len(self._buffer) >= self.commit_every:
+        n = len(paths)
+        keys = [path_key(p) for p in paths]
+        for key in keys:
+            if self._has_key(key):
+                raise EmbeddingIndexError(f"{key} is already in the index")
+        if len(set(keys)) != n:
+            raise EmbeddingIndexError("the same path twice in one append")
+        arrays, masks = [], []
+        for name, arr, has in (("audio", audio, has_audio), ("visual", visual, has_video)):
+            arr, has = self._checked_block(keys, name, arr, has)
+            arrays.append(arr)
+            masks.append(has)
+        mask = np.stack(masks, axis=1)
+        empty = np.flatnonzero(~mask.any(axis=1))
+        if len(empty):
+            raise EmbeddingIndexError(f"{keys[int(empty[0])]}: no embedding to add")
+        first = self.count
+        durations = durations if durations is not None else [None] * n
+        extra = extra if extra is not None else [{}] * n
+        items = [{"row": first + j, "path": keys[j], "duration": durations[j],
+                  "has_audio": bool(mask[j, 0]), "has_video": bool(mask[j, 1]), **extra[j]}
+                 for j in range(n)]
+        self._buffer.append(_Block(items, arrays[0], arrays[1], mask))
+        self._buffered.update(keys)
+        if len(self._buffered) >= self.commit_every:
             self.commit()
-        return row
+        return first
 
-    def _checked(self, key: str, name: str, vec: np.ndarray | None) -> np.ndarray | None:
-        """``vec`` as float32 ``[D]``, or an error naming the clip when it does not fit."""
-        if vec is None:
-            return None
-        v = np.asarray(vec, dtype=np.float32).reshape(-1)
-        if v.shape[0] != self.dim:
+    def _checked_block(
+        self, keys: list[str], name: str, arr: np.ndarray | None, has: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``arr`` as float32 ``[n, D]`` with zeros where ``has`` is false, and ``has``; or an
+        error naming the first clip whose embedding does not fit."""
+        n = len(keys)
+        if arr is None:
+            return np.zeros((n, self.dim), dtype=np.float32), np.zeros(n, dtype=bool)
+        out = np.array(arr, dtype=np.float32).reshape(n, -1)
+        has = np.ones(n, dtype=bool) if has is None else np.asarray(has, dtype=bool).reshape(n)
+        if out.shape[1] != self.dim:
             raise EmbeddingIndexError(
-                f"{key}: {name} embedding has dimension {v.shape[0]}, the index {self.dim}"
+                f"{keys[0]}: {name} embedding has dimension {out.shape[1]}, the index {self.dim}"
             )
-        if not np.all(np.isfinite(v)):
-            raise EmbeddingIndexError(f"{key}: {name} embedding is not finite")
-        return v
+        out[~has] = 0.0
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if len(bad):
+            raise EmbeddingIndexError(f"{keys[int(bad[0])]}: {name} embedding is not finite")
+        return out, has
 
     def commit(self) -> None:
-        """Write buffered rows as a new chunk and record it in index.json."""
+        """Write buffered rows as a new chunk, record it in index.json, merge a full tier."""
         if not self._buffer:
             return
-        n = len(self._buffer)
-        name = f"chunk-{int(self.meta['next_chunk']):05d}"
+        items = [item for block in self._buffer for item in block.items]
+        n = len(items)
+        name = self._next_chunk_name()
         part = Part(f"{name}-", int(self.meta["count"]), n)
-        for what, arr in _stack_rows(self._buffer, self.dim).items():
+        for what in ARRAYS:
+            arr = np.concatenate([getattr(block, what) for block in self._buffer])
             with fsio.atomic_open(part.file(self.path, what)) as f:
                 np.save(f, arr)
-        lines = b"".join(item_line(item) for item, _, _ in self._buffer)
-        fsio.write_bytes(part.file(self.path, "items"), lines)
+        lines = [item_line(item) for item in items]
+        fsio.write_bytes(part.file(self.path, "items"), b"".join(lines))
+        hashes = np.array([key_hash(item["path"]) for item in items], np.uint64)
+        self._write_sidecars(part, line_offsets(lines), sorted_keys(hashes))
         self.meta["chunks"] = [*self.meta["chunks"], {"name": name, "count": n}]
-        self.meta["next_chunk"] = int(self.meta["next_chunk"]) + 1
         self.meta["count"] = int(self.meta["count"]) + n
         self._save_meta()
         self._buffer.clear()
+        self._buffered.clear()
+        self._refresh_stores()
+        self._merge_tiers()
+
+    def _next_chunk_name(self) -> str:
+        name = f"chunk-{int(self.meta['next_chunk']):05d}"
+        self.meta["next_chunk"] = int(self.meta["next_chunk"]) + 1
+        return name
+
+    def _write_sidecars(self, part: Part, offsets: np.ndarray, keys: np.ndarray) -> None:
+        for what, arr in (("offsets", offsets), ("keys", keys)):
+            with fsio.atomic_open(part.file(self.path, what)) as f:
+                np.save(f, arr)
+
+    def _merge_tiers(self) -> None:
+        """Merge the tail parts while :data:`MERGE_FANOUT` of them share a size tier or less.
+
+        For the smallest tier ``t`` whose tail (the last parts, all of tier <= ``t``) holds
+        ``MERGE_FANOUT`` parts, that tail becomes one part; a short chunk left by an earlier run
+        is taken along with the next tier's merge. The tails left have fewer parts than the
+        fanout for every tier, so an index has fewer than ``F * (log_F(N) + 1)`` parts.
+        """
+        while True:
+            listed = parts(self.meta)
+            tiers = [_tier(p.count) for p in listed]
+            for t in sorted(set(tiers)):
+                j = len(listed)
+                while j > 0 and tiers[j - 1] <= t:
+                    j -= 1
+                if len(listed) - j >= MERGE_FANOUT:
+                    self._merge_parts(listed, j)
+                    break
+            else:
+                return
 
     def compact(self) -> None:
-        """Fold the chunks into the base files (see the module docstring for why it is safe)."""
+        """Merge every part into one (fewest files; copies the whole index once)."""
         self.commit()
-        chunks = list(self.meta["chunks"])
-        if not chunks:
-            return
-        listed, total = parts(self.meta), int(self.meta["count"])
+        listed = parts(self.meta)
+        if len(listed) > 1:
+            self._merge_parts(listed, 0)
+
+    def _merge_parts(self, listed: list[Part], j: int) -> None:
+        """Replace parts ``listed[j:]`` by one new chunk holding their rows (a new file name,
+        so a kill leaves the old parts listed and the new files orphans)."""
+        merged = listed[j:]
+        total = sum(p.count for p in merged)
+        name = self._next_chunk_name()
+        out = Part(f"{name}-", merged[0].start, total)
         for what in ARRAYS:
-            self._compact_array(what, listed, total)
-
-        def write_items(f: BinaryIO) -> None:
-            for part in listed:
-                for _, line in read_item_lines(self.path, part):
-                    f.write(line if line.endswith(b"\n") else line + b"\n")
-
-        with fsio.atomic_open(self.path / "items.jsonl") as f:
-            write_items(f)
-        self.meta["base_count"] = total
-        self.meta["chunks"] = []
+            self._merge_array(what, merged, out)
+        offsets = [np.zeros(1, dtype=np.int64)]
+        hashes, shift = [], 0
+        with fsio.atomic_open(out.file(self.path, "items")) as f:
+            for p in merged:
+                store = self._stores[p.prefix]
+                size = int(store.offsets[-1])
+                with open(store.file, "rb") as src:
+                    _copy_bytes(src, f, size)
+                offsets.append(np.asarray(store.offsets[1:]) + shift)
+                keys = np.asarray(store.keys)
+                h = np.empty(p.count, dtype=np.uint64)
+                h[keys[1].astype(np.int64)] = keys[0]  # back to row order
+                hashes.append(h)
+                shift += size
+        self._write_sidecars(out, np.concatenate(offsets), sorted_keys(np.concatenate(hashes)))
+        old = [p for p in merged]
+        if any(p.prefix == "" for p in old):
+            self.meta["base_count"] = 0
+        names = {p.prefix[:-1] for p in old if p.prefix}
+        self.meta["chunks"] = [c for c in self.meta["chunks"] if c["name"] not in names]
+        self.meta["chunks"].append({"name": name, "count": total})
         self._save_meta()
-        for chunk in chunks:
-            for what in (*ARRAYS, "items"):
-                Part(f"{chunk['name']}-", 0, 0).file(self.path, what).unlink(missing_ok=True)
+        for p in old:
+            for what in _ALL_FILES:
+                p.file(self.path, what).unlink(missing_ok=True)
+        self._refresh_stores()
 
-    def _compact_array(self, what: str, listed: list[Part], total: int) -> None:
-        """Rewrite ``what.npy`` as the rows of all ``listed`` parts, then rename it in place."""
-        shape = (total, self.dim) if what != "mask" else (total, 2)
+    def _merge_array(self, what: str, merged: list[Part], out: Part) -> None:
+        """Write ``what`` of part ``out`` as the rows of ``merged``, in order."""
+        shape = (out.count, self.dim) if what != "mask" else (out.count, 2)
         dtype = np.float32 if what != "mask" else np.bool_
-        with fsio.atomic_path(self.path / f"{what}.npy") as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            for part in listed:
-                end = part.start + part.count
-                out[part.start : end] = load_npy(part.file(self.path, what), part.count)
-            out.flush()
-            del out  # unmap before the fsync and rename
+        with fsio.atomic_path(out.file(self.path, what)) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            at = 0
+            for p in merged:
+                arr[at : at + p.count] = load_npy(p.file(self.path, what), p.count)
+                at += p.count
+            arr.flush()
+            del arr  # unmap before the fsync and rename
 
-    def close(self, *, finished: bool = True, compact: bool = True) -> None:
+    def close(self, *, finished: bool = True, compact: bool = False) -> None:
         """Commit, optionally compact, record whether the run finished, release the lock."""
         if self._closed:
             return
@@ -240,19 +403,26 @@ class IndexWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        else:  # keep what was embedded; compaction can wait for the next run
-            self.close(finished=False, compact=False)
+        else:  # keep what was embedded; the next run resumes
+            self.close(finished=False)
 
 
-def _stack_rows(rows: list[_Row], dim: int) -> dict[str, np.ndarray]:
-    """``audio``/``visual`` ``[n, D]`` (zeros where absent) and ``mask`` ``[n, 2]`` of ``rows``."""
-    n = len(rows)
-    audio = np.zeros((n, dim), dtype=np.float32)
-    visual = np.zeros((n, dim), dtype=np.float32)
-    mask = np.zeros((n, 2), dtype=bool)
-    for j, (_, a, v) in enumerate(rows):
-        if a is not None:
-            audio[j], mask[j, 0] = a, True
-        if v is not None:
-            visual[j], mask[j, 1] = v, True
-    return {"audio": audio, "visual": visual, "mask": mask}
+def _tier(count: int) -> int:
+    """``floor(log_F(count))`` for :data:`MERGE_FANOUT` ``F``: parts of one tier differ in
+    size by less than a factor ``F``."""
+    tier = 0
+    while count >= MERGE_FANOUT:
+        count //= MERGE_FANOUT
+        tier += 1
+    return tier
+
+
+def _copy_bytes(src: BinaryIO, dst: BinaryIO, size: int, block: int = 1 << 20) -> None:
+    """Copy the first ``size`` bytes of ``src`` (a base file may hold more) to ``dst``."""
+    left = size
+    while left:
+        data = src.read(min(block, left))
+        if not data:
+            raise EmbeddingIndexError(f"{getattr(src, 'name', src)} is shorter than its offsets")
+        dst.write(data)
+        left -= len(data)
