@@ -44,13 +44,12 @@ from cavmae.data import (
     write_dataset_json,
 )
 from cavmae.errors import CavmaeError, DatasetError
+from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.visual import resize_center_crop
 
 __all__ = ["PrepareReport", "clip_outputs", "extract_clip", "prepare_videos"]
 
 log = logging.getLogger(__name__)
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".mpg", ".mpeg")
 
 
 @dataclass
@@ -152,7 +151,7 @@ def _collect(videos: Sequence[str | Path], list_file: str | Path | None) -> list
     for v in videos:
         p = Path(v)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if is_media_file(q.name, VIDEO_SUFFIXES))
             if not found:
                 raise DatasetError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {p}")
             clips.extend(ClipRecord(video_id=q.stem, video=str(q)) for q in found)

@@ -16,13 +16,9 @@ from typing import Any, TypeVar
 import click
 
 from cavmae.errors import CavmaeError
+from cavmae.filetypes import MEDIA_SUFFIXES, is_media_file
 
 T = TypeVar("T")
-
-#: file endings taken as media when a folder is given
-MEDIA_EXTENSIONS = frozenset(
-    {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".mpg", ".mpeg", ".wav", ".mp3", ".flac", ".m4a", ".ogg"}
-)
 
 ENGINE_CHOICES = ["auto", "ort", "trt", "torch"]
 
@@ -67,7 +63,7 @@ def open_pipeline(model: str | None, engine: str, device: str, mirror: str | Non
     return load(model or default_model(), engine=engine, device=device, mirror=mirror, progress=True, **kw)
 
 
-def expand_inputs(inputs: Iterable[str], extensions: frozenset[str] = MEDIA_EXTENSIONS) -> list[Path]:
+def expand_inputs(inputs: Iterable[str], extensions: tuple[str, ...] = MEDIA_SUFFIXES) -> list[Path]:
     """Files as given, folders searched recursively for media files, globs expanded.
 
     A name that matches nothing is an error (a typo should not silently shrink a batch job);
@@ -77,7 +73,7 @@ def expand_inputs(inputs: Iterable[str], extensions: frozenset[str] = MEDIA_EXTE
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_media_file(p.name, extensions))
             if not found:
                 raise CavmaeError(f"no media files in folder {path}")
             out.extend(found)

@@ -36,8 +36,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from cavmae import fsio
 from cavmae.config import PreprocessConfig
 from cavmae.errors import ExportError
+from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.manifest import GraphSpec
 
 from .validate import ort_session
@@ -55,8 +57,6 @@ DEFAULT_MIN_COSINE = 0.99
 TOP_K = 5
 #: the graph that classifies, in order of preference (the first one an export has)
 CLASSIFIERS = ("joint_classifier", "audio_classifier", "visual_classifier")
-#: media file endings taken from a calibration directory
-MEDIA_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".mpg", ".mpeg")
 
 
 class Int8GateError(ExportError):
@@ -126,14 +126,14 @@ def gate_clips(calibration: str | Path | Sequence[str | Path] | None, limit: int
     clips: list[Path] = []
     for item in items:
         if item.is_dir():
-            clips += sorted(p for p in item.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)
+            clips += sorted(p for p in item.rglob("*") if is_media_file(p.name, VIDEO_SUFFIXES))
         elif item.is_file():
             clips.append(item)
         else:
             raise ExportError(f"calibration clips: {item} does not exist")
     if not clips:
         raise ExportError(
-            f"calibration clips: no video files ({', '.join(MEDIA_SUFFIXES)}) in"
+            f"calibration clips: no video files ({', '.join(VIDEO_SUFFIXES)}) in"
             f" {', '.join(map(str, items))}"
         )
     return clips[:limit]
@@ -403,7 +403,7 @@ def quantize_export(
             " export fp32 instead, or lower the threshold"
         )
     for name, dst in int8_paths.items():
-        dst.replace(fp32_paths[name])
+        fsio.publish_file(dst, fp32_paths[name])
     out = {name: (replace(spec, precision="int8") if name in int8_paths else spec)
            for name, spec in specs.items()}
     log.info("int8 gate passed: %s", report.summary())

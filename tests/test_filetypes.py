@@ -1,0 +1,26 @@
+"""Media file endings: one list (cavmae.filetypes) for the CLI's folder search and prepare's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cavmae.cli.common import expand_inputs
+from cavmae.filetypes import AUDIO_SUFFIXES, MEDIA_SUFFIXES, VIDEO_SUFFIXES, is_media_file
+from cavmae.prepare import _collect
+
+
+def test_one_list_video_within_media() -> None:
+    assert set(VIDEO_SUFFIXES) | set(AUDIO_SUFFIXES) == set(MEDIA_SUFFIXES)
+    assert all(s.startswith(".") and s == s.lower() for s in MEDIA_SUFFIXES)
+    assert is_media_file("CLIP.MP4") and is_media_file("a.b.webm") and not is_media_file("notes.txt")
+
+
+def test_folder_searches_take_their_endings_from_the_one_list(tmp_path: Path) -> None:
+    names = [f"v{k}{s}" for k, s in enumerate(MEDIA_SUFFIXES)] + ["UPPER.MKV", "notes.txt", "cover.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    found = {p.name for p in expand_inputs([str(tmp_path)])}
+    assert found == {n for n in names if is_media_file(n)}  # every media ending, any case
+    videos = {Path(c.video or "").name for c in _collect([tmp_path], None)}
+    assert videos == {n for n in names if is_media_file(n, VIDEO_SUFFIXES)}  # video only
+    assert "v0.mp4" in videos and not any(n.endswith(AUDIO_SUFFIXES) for n in videos)
