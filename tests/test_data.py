@@ -273,7 +273,7 @@ def test_step_sampler_shards(world, accum):
         keys = [k for p in per_rank for mb in p[step * accum : (step + 1) * accum] for k in mb]
         # every rank's micro-batches are disjoint; together they are the step's 8 positions
         assert sorted(k.position for k in keys) == list(range(step * 8, step * 8 + 8))
-        assert all(k.index == order[k.position] for k in keys)
+        assert all(k.clip == order[k.position] for k in keys)
     # resuming skips whole steps
     resumed = list(StepBatchSampler(order, 8, seed=4, epoch=1, world_size=world, accum_steps=accum, start_step=3))
     assert resumed == per_rank[0][3 * accum :]
@@ -287,3 +287,16 @@ def test_eval_batches():
         flat = [i for s in shards for b in s for i in b]
         assert flat == list(range(10))
         assert all(len(b) <= 3 for s in shards for b in s)
+
+
+def test_training_runs_keep_the_reference_frame_fallback(ds):
+    """Training follows the reference loader (a missing frame falls back to a lower one) unless
+    the config says otherwise; evaluation datasets stay strict (test_missing_files)."""
+    from cavmae.train import PretrainConfig
+    from cavmae.train.data import load_data
+
+    cfg = PretrainConfig(train_data=str(ds.splits["train"]), val_data=str(ds.splits["val"]), output_dir="unused")
+    run = load_data(cfg, None, DEFAULT_PREPROCESS, audio=True, video=True)
+    assert run.train.frame_fallback and run.val is not None and run.val.frame_fallback
+    strict = load_data(cfg.replace(frame_fallback=False), None, DEFAULT_PREPROCESS, audio=True, video=True)
+    assert not strict.train.frame_fallback

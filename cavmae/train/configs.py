@@ -25,7 +25,11 @@ class TrainConfigError(CavmaeError):
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help text (used by the CLI)."""
     if isinstance(default, dict | list):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+
+        def fresh() -> Any:  # each config gets its own copy of a mutable default
+            return type(default)(default)
+
+        return field(default_factory=fresh, metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -49,6 +53,9 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation set, same formats as train_data")
     label_csv: str | None = _f(None, "label CSV (index,mid,display_name)")
     weight_csv: str | None = _f(None, "per-clip sampling weights (one per line): class-balanced sampling")
+    # The reference's training loader reads the nearest lower frame when a frame file is missing
+    # (short clips have fewer than 10); evaluation never does (a missing frame fails the clip).
+    frame_fallback: bool = _f(True, "use the nearest lower frame when a reference-layout frame is missing")
     model: str = _f("base", f"model size preset ({', '.join(PRESETS)}) when not starting from a checkpoint")
     model_config: dict = _f({}, "ModelConfig fields overriding the preset or the checkpoint")
     init_checkpoint: str | None = _f(None, "initialize from this checkpoint")

@@ -35,13 +35,13 @@ def load_data(
     weights = read_weights(cfg.weight_csv, len(train_clips)) if cfg.weight_csv else None
     train = AVDataset(
         train_clips, labels, augment=cfg.augment_config(), frame="random",
-        audio=audio, video=video, preprocess=preprocess,
+        audio=audio, video=video, preprocess=preprocess, frame_fallback=cfg.frame_fallback,
     )
     val = None
     if cfg.val_data:
         val = AVDataset(
             read_clips(cfg.val_data), labels, frame="middle", audio=audio, video=video,
-            preprocess=preprocess,
+            preprocess=preprocess, frame_fallback=cfg.frame_fallback,
         )
     return RunData(train, val, weights, labels)
 
