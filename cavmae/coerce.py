@@ -72,7 +72,7 @@ def coerce_fields(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str
     from pydantic import ValidationError
 
     hints = _hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in data.items():

@@ -168,7 +168,9 @@ class PreprocessConfig:
         repeated the model's sizes and are ignored.
         """
         known = {f.name for f in dataclasses.fields(cls)} - {"model"}
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        kwargs: dict[str, Any] = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known
+        }
         return cls(**kwargs, model=model or BASE)
 
 

@@ -177,9 +177,9 @@ def read_wav(path: str | Path, sample_rate: int = DEFAULT_PREPROCESS.sample_rate
 
 
 class ItemKey(NamedTuple):
-    """A training item: the clip ``index`` and the seed of its augmentation."""
+    """A training item: the clip's index and the seed of its augmentation."""
 
-    index: int
+    clip: int  # not ``index``: a field of that name would hide ``tuple.index``
     seed: int
     epoch: int
     position: int
@@ -300,7 +300,7 @@ class AVDataset:
 
     def __getitem__(self, key: int | ItemKey) -> dict[str, Any]:
         if isinstance(key, ItemKey):
-            index, rng, train = key.index, key.rng(), True
+            index, rng, train = key.clip, key.rng(), True
         else:
             index = int(key)
             rng, train = np.random.default_rng([index]), False

@@ -130,7 +130,8 @@ def init_weights(module: nn.Module) -> None:
             w = m.proj.weight.data
             # treat the conv as a linear map on flattened patches, as MAE does
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(m.proj.bias)
+            if m.proj.bias is not None:
+                nn.init.zeros_(m.proj.bias)
 
 
 def normal_init(param: torch.Tensor, std: float = 0.02) -> None:

@@ -138,7 +138,7 @@ def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., An
         for fld in reversed(dataclasses.fields(cls)):
             typ, _ = _base_type(hints[fld.name])
             flag = "--" + fld.name.replace("_", "-")
-            default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
+            default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
             # not click's required=True: a --config file may give the field instead
             shown = "required" if fld.name in required else f"default: {default}"
             help_text = f"{fld.metadata.get('help', '')} [{shown}]"

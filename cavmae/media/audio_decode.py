@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
+import numpy.typing as npt
 
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import MediaError
@@ -41,8 +43,8 @@ def _align_to_output_grid(
     data = frame.to_ndarray()
     # Planar: [channels, samples]; packed: [1, samples * channels], interleaved.
     width = 1 if frame.format.is_planar else frame.layout.nb_channels
-    data = np.ascontiguousarray(data[:, drop * width :])
-    trimmed = av.AudioFrame.from_ndarray(data, format=frame.format.name, layout=frame.layout)
+    kept: npt.NDArray[Any] = np.ascontiguousarray(data[:, drop * width :])  # the frame's dtype
+    trimmed = av.AudioFrame.from_ndarray(kept, format=frame.format.name, layout=frame.layout)
     trimmed.sample_rate = rate
     trimmed.time_base = frame.time_base
     trimmed.pts = frame.pts + round(Fraction(drop, rate) / frame.time_base)
@@ -85,9 +87,10 @@ def decode_audio_packets(
                 if frame.time_base is None:  # frames drained by decode(None) lack it
                     frame.time_base = stream.time_base
                 if resampler is None:
-                    frame = _align_to_output_grid(frame, anchor, origin, sample_rate)
-                    if frame is None:
+                    aligned = _align_to_output_grid(frame, anchor, origin, sample_rate)
+                    if aligned is None:
                         continue
+                    frame = aligned
                     if frame.pts is not None and frame.time_base is not None:
                         first_time = float(frame.pts * frame.time_base) - origin
                     resampler = av.AudioResampler(
@@ -150,6 +153,7 @@ def decode_audio(
     )
     with container:
         stream = streams["audio"]
+        assert isinstance(stream, av.audio.stream.AudioStream)  # read_window picked by kind
         return decode_audio_packets(
             stream, packets[stream.index], time_origin(container), offset, duration, sample_rate, path
         )

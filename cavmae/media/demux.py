@@ -127,6 +127,20 @@ def _first_time(packets: list[av.Packet], origin: float) -> float | None:
     return min(times) if times else None
 
 
+def _pick_streams(
+    container: av.container.InputContainer, audio: bool, video: bool
+) -> dict[str, av.stream.Stream]:
+    """The first audio and/or video stream, by kind, the video one set to decode in threads."""
+    streams: dict[str, av.stream.Stream] = {}
+    if audio:
+        streams["audio"] = container.streams.audio[0]
+    if video:
+        first = container.streams.video[0]
+        first.thread_type = "AUTO"  # frame + slice threads; decoding dominates the cost
+        streams["video"] = first
+    return streams
+
+
 def read_window(
     path: str,
     want_audio: bool,
@@ -149,13 +163,7 @@ def read_window(
         if want_video and not info.has_video:
             raise MissingStreamError.of(path, "video", "a file with a video track is needed")
         check_offset(path, start, info)
-        streams: dict[str, av.stream.Stream] = {}
-        if want_audio:
-            streams["audio"] = container.streams.audio[0]
-        if want_video:
-            video = container.streams.video[0]
-            video.thread_type = "AUTO"  # frame + slice threads; decoding dominates the cost
-            streams["video"] = video
+        streams = _pick_streams(container, want_audio, want_video)
         end = math.inf if duration is None else start + duration
         packets = _demux_window(container, list(streams.values()), start, end, path)
         origin = time_origin(container)
@@ -171,9 +179,7 @@ def read_window(
             logger.debug("%s: seek landed after %.3f s; re-reading from the start", path, start)
             container.close()
             container = open_media(path)
-            streams = {kind: getattr(container.streams, kind)[0] for kind in streams}
-            if "video" in streams:
-                streams["video"].thread_type = "AUTO"
+            streams = _pick_streams(container, "audio" in streams, "video" in streams)
             packets = _demux_window(container, list(streams.values()), 0.0, end, path)
         return info, container, streams, packets
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -96,7 +97,7 @@ class _Picker:
     def _index(self, frame: av.VideoFrame, t: float) -> int | None:
         """The frame's display index in the window, or None when it is outside."""
         if self.window.index_of is not None:
-            return self.window.index_of.get(frame.pts)
+            return None if frame.pts is None else self.window.index_of.get(frame.pts)
         if not self.start - EPS <= t < self.end - EPS:
             return None
         self.counted += 1
@@ -188,12 +189,12 @@ def decode_video_packets(
     picker = _Picker(window, sample_frame_positions(window.total, num_frames), start, end)
     codec = stream.codec_context
     wanted_pts = _decode_only(window, codec.name, picker.pending)
-    skip_mode = ""
+    skip_mode: str = ""
     clock = _Clock(stream, origin, start)
     with media_errors(path, "decoding video"):
         for packet in [*packets, None]:
             if wanted_pts is not None and packet is not None:
-                mode = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+                mode: Literal["DEFAULT", "NONREF"] = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
                 if mode != skip_mode:
                     codec.skip_frame = skip_mode = mode
             for frame in codec.decode(packet):
@@ -228,6 +229,7 @@ def decode_frames(
     )
     with container:
         stream = streams["video"]
+        assert isinstance(stream, av.video.stream.VideoStream)  # read_window picked by kind
         return decode_video_packets(
             stream,
             packets[stream.index],

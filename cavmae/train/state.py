@@ -81,7 +81,8 @@ class MetricsLog:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # the legacy tuple (name, keys, pos, gauss, cached)
+    assert isinstance(np_state, tuple)
     state = {
         "python": random.getstate(),
         "numpy": {

@@ -116,6 +116,6 @@ def merge_shards(
                 added, duplicates = added + a, duplicates + d
         count = writer.count
     if remove:
-        for _, _, d in shards:
-            shutil.rmtree(d, ignore_errors=True)
+        for _, _, folder in shards:
+            shutil.rmtree(folder, ignore_errors=True)
     return MergeResult(shards=shards[0][1], added=added, duplicates=duplicates, count=count)

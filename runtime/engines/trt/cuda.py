@@ -58,7 +58,8 @@ def cuda_check(cudart: Any, result: Any, what: str) -> Any:
         err, values = result[0], result[1:]
     else:
         err, values = result, ()
-    code = int(getattr(err, "value", err))
+    raw: Any = getattr(err, "value", err)  # an enum member or already an int
+    code = int(raw)
     if code != 0:
         try:
             name = cudart.cudaGetErrorName(err)[1]
