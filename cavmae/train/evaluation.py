@@ -6,6 +6,8 @@ numbers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -58,6 +60,12 @@ def predict_clips(
     def scores_of(a: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         return _activate(model.head(model.pooled_features(a, v, mode)), activation)
 
+    def frame_average(a: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
+        total: Any = 0  # the sum of the frames' scores, in frame order
+        for f in range(frames.shape[1]):
+            total = total + scores_of(a, model.forward_visual_encoder(frames[:, f]))
+        return total / frames.shape[1]
+
     scores, targets = [], []
     for batch in loader(dataset, batches, num_workers, device):
         batch = to_device(batch, device)
@@ -66,11 +74,7 @@ def predict_clips(
             if not uses_video:
                 out = scores_of(a, None)
             elif "frames" in batch:
-                frames = batch["frames"]
-                out = 0
-                for f in range(frames.shape[1]):
-                    out = out + scores_of(a, model.forward_visual_encoder(frames[:, f]))
-                out = out / frames.shape[1]
+                out = frame_average(a, batch["frames"])
             else:
                 out = scores_of(a, model.forward_visual_encoder(batch["image"]))
         scores.append(out.float().cpu().numpy())
@@ -132,6 +136,7 @@ def evaluate_pretrain(
         with autocast(device, amp):
             terms = step(batch["audio"], batch["image"], na.to(device), nv.to(device))
             ea, ev = model.embed(batch["audio"], batch["image"])
+        assert ea is not None and ev is not None  # both inputs given
         for k, v in zip(PRETRAIN_TERMS, terms, strict=True):
             sums[k] += float(v) * b
         count += b

@@ -107,7 +107,9 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Iterator[An
     from cavmae.progress import progress_bar
 
     # a bar on a terminal, a line every few seconds in a log (never a bar in a log file)
-    bar = progress_bar(total=total, initial=initial, desc=desc, unit="step", enabled=enabled, leave=False)
+    bar = progress_bar(
+        total=total, initial=initial, desc=desc, unit="step", enabled=enabled, leave=False
+    )
     try:
         yield bar
     finally:
@@ -148,7 +150,8 @@ class _Loop:
     def train_one_epoch(self) -> bool:
         """Train the rest of the current epoch; True when ``max_steps`` stopped it."""
         cfg, rs, d = self.cfg, self.rs, self.d
-        order = epoch_order(len(self.job.data.train), cfg.seed, rs.epoch, weights=self.job.data.weights)
+        data = self.job.data
+        order = epoch_order(len(data.train), cfg.seed, rs.epoch, weights=data.weights)
         sampler = StepBatchSampler(
             order, cfg.batch_size, seed=cfg.seed, epoch=rs.epoch, world_size=d.world_size,
             rank=d.rank, accum_steps=cfg.accum_steps, start_step=rs.step_in_epoch,
@@ -161,7 +164,7 @@ class _Loop:
         if rs.step_in_epoch == 0:
             rs.meters = {}
         self.job.model.train()
-        it = iter(loader(self.job.data.train, sampler, cfg.num_workers, self.device))
+        it = iter(loader(data.train, sampler, cfg.num_workers, self.device))
         desc = f"{cfg.kind} epoch {rs.epoch}/{cfg.epochs}"
         with _progress(sampler.steps, rs.step_in_epoch, desc, cfg.progress and d.main) as bar:
             while rs.step_in_epoch < sampler.steps:
@@ -175,12 +178,11 @@ class _Loop:
                 rs.global_step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
+                where = {"epoch": rs.epoch, "step": rs.global_step}
                 if self.on_step is not None:
-                    self.on_step({"epoch": rs.epoch, "step": rs.global_step, "indices": indices, **values})
+                    self.on_step({**where, "indices": indices, **values})
                 if cfg.log_every and rs.global_step % cfg.log_every == 0:
-                    self.mlog.write(
-                        {"event": "step", "epoch": rs.epoch, "step": rs.global_step, "lr": lr, **values}
-                    )
+                    self.mlog.write({"event": "step", **where, "lr": lr, **values})
                 if cfg.save_every_steps and rs.global_step % cfg.save_every_steps == 0:
                     self.save()
         return False
@@ -188,7 +190,7 @@ class _Loop:
     def optimizer_step(self, it: Iterator[dict[str, Any]]) -> tuple[dict[str, float], list[int]]:
         """One optimizer step over ``accum_steps`` micro-batches: the loss terms averaged over
         micro-batches and processes, and the clip indices this process used."""
-        cfg, d, job = self.cfg, self.d, self.job
+        cfg, d, job, rs = self.cfg, self.d, self.job, self.rs
         totals = torch.zeros(len(job.terms), dtype=torch.float64)
         indices: list[int] = []
         for a in range(cfg.accum_steps):
@@ -198,7 +200,8 @@ class _Loop:
             sync = a == cfg.accum_steps - 1 or not d.active  # DDP averages on the last one only
             with nullcontext() if sync else self.module.no_sync():  # type: ignore[operator]
                 with autocast(self.device, self.amp):
-                    terms = job.forward(self.module, batch, [cfg.seed, self.rs.epoch, self.rs.step_in_epoch, micro])
+                    words = [cfg.seed, rs.epoch, rs.step_in_epoch, micro]
+                    terms = job.forward(self.module, batch, words)
                 self.opt.scaler.scale(terms[0] / cfg.accum_steps).backward()
             totals += torch.stack([t.detach().double().cpu() for t in terms])
         self.opt.step()
@@ -209,7 +212,7 @@ class _Loop:
         values = dict(zip(job.terms, totals.tolist(), strict=True))
         if not math.isfinite(values["loss"]):
             raise TrainingDivergedError(
-                f"the loss is {values['loss']} at epoch {self.rs.epoch}, step {self.rs.global_step}; "
+                f"the loss is {values['loss']} at epoch {rs.epoch}, step {rs.global_step}; "
                 "lower the learning rate (lr) or use fp32"
             )
         return values, indices
@@ -222,7 +225,8 @@ class _Loop:
             "event": "epoch", "epoch": rs.epoch, "step": rs.global_step, "lr": self.opt.lr,
             **{f"train_{k}": v / n for k, v in rs.meters.items()},
         }
-        if job.evaluate is not None and (rs.epoch % max(cfg.eval_every, 1) == 0 or rs.epoch == cfg.epochs):
+        due = rs.epoch % max(cfg.eval_every, 1) == 0 or rs.epoch == cfg.epochs
+        if job.evaluate is not None and due:
             metrics = job.evaluate()
             rec.update({f"val_{k}": v for k, v in metrics.items()})
             improved, value = job.better(metrics, rs.best["value"])
