@@ -13,6 +13,7 @@ import click
 from cavmae.errors import CavmaeError, MediaError, MissingStreamError
 from cavmae.modes import AUTO, CLI_MODES
 
+from . import ray_run
 from .common import (
     EXIT_INPUT_FAILED,
     echo,
@@ -25,6 +26,7 @@ from .common import (
     select_shard,
     warn,
 )
+from .ray_run import ParquetResults, RaySettings, ray_options
 from .results import ResultWriter
 
 #: columns of the CSV output (stdout and -o)
@@ -53,8 +55,9 @@ HEADER = ["path", "mode", "start", "end", "rank", "index", "label", "score"]
               help="Write results here as they come, in the format of its ending (.csv, .jsonl, or .json"
                    " rewritten whole); a re-run skips the clips and modes already in it.")
 @click.option("--shard", default=None, help="Process shard i/n of the inputs (or 'auto' under torchrun).")
+@ray_options
 def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window, hop, offset, labels_csv,
-             as_json, as_csv, all_scores, output, shard) -> None:
+             as_json, as_csv, all_scores, output, shard, ray_address, ray_actors, ray_gpus_per_actor) -> None:
     """Classify videos (files, folders or globs): top-k labels with scores.
 
     Audio files and videos without sound are classified with the one stream they have when the
@@ -78,8 +81,11 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
         raise click.UsageError("--hop needs --window")
     files = select_shard(expand_inputs(inputs), parse_shard(shard), key=lambda p: str(p.resolve()))
     # checked before the model loads: a wrong -o fails in a second, and writes nothing
-    writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
-                          command="cavmae classify", shared=parse_shard(shard)[1] > 1)
+    if ray_address is not None and output is not None and output.suffix.lower() == ".parquet":
+        writer: Any = ParquetResults(output, all_scores)
+    else:
+        writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
+                              command="cavmae classify", shared=parse_shard(shard)[1] > 1)
     # --labels replaces the model's names inside load(), so no label file is downloaded then
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
                          task="classify")
@@ -88,6 +94,17 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     stdout_csv = csv.writer(sys.stdout) if as_csv else None
     if stdout_csv:
         stdout_csv.writerow(HEADER)
+    if ray_address is not None:  # the same results, computed on Ray Data (cli/ray_run.py)
+        def emit(pred) -> None:
+            record, rows = _record(pred, names, top_k, all_scores)
+            writer.write(record, rows)
+            _print(record, rows, as_json, stdout_csv, show_time=window is not None or pred.offset > 0)
+
+        settings = RaySettings(ray_address, ray_actors, ray_gpus_per_actor)
+        ray_run.finish(ray_run.classify(settings, files=files, pipe=pipe, spec=settings.spec(
+            model, engine, device, num_frames=frames), mode=mode, window=window, hop=hop,
+            offset=offset, writer=writer, emit=emit), len(files))
+        return
     failed: list[tuple[Path, str]] = []
     already_done = 0  # inputs whose every result an earlier run wrote to -o
     try:

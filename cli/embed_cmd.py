@@ -30,6 +30,7 @@ from .common import (
     select_shard,
     warn,
 )
+from .ray_run import RayEmbed, RaySettings, ray_options
 
 
 def _model_ref(model: str) -> str:
@@ -71,6 +72,7 @@ def _torchrun_device(device: str, shard: str | None) -> str:
 @click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
               help="Write finished rows to disk every this many clips.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@ray_options
 def embed(
     inputs: tuple[str, ...],
     index: str | None,
@@ -85,6 +87,9 @@ def embed(
     workers: int,
     commit_every: int,
     as_json: bool,
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    ray_gpus_per_actor: float = 0.0,
 ) -> None:
     """Embed videos (files, folders, globs) into an audio-visual embedding index.
 
@@ -126,6 +131,9 @@ def embed(
     pipe = open_pipeline(model, engine, _torchrun_device(device, shard), mirror)
     try:
         run = _EmbedRun(root, (i, n), main_meta, batch, workers, commit_every)
+        if ray_address is not None:  # decode and embed on Ray Data (cli/ray_run.py)
+            run.ray = RayEmbed(RaySettings(ray_address, ray_actors, ray_gpus_per_actor), model,
+                               engine, device)
         summary = run.embed(pipe, paths, model, frame_choice)
     finally:
         pipe.close()
@@ -168,6 +176,7 @@ class _EmbedRun:
     batch: int
     workers: int
     commit_every: int
+    ray: RayEmbed | None = None
 
     def embed(self, pipe: Any, paths: list[Path], model: str | None,
               frame: str | int) -> dict[str, Any]:
@@ -206,7 +215,8 @@ class _EmbedRun:
 
         failed: list[dict[str, str]] = []
         added = 0
-        results = ix.embed_files(pipe, todo, writer, batch=self.batch, workers=self.workers)
+        results = (ix.embed_files(pipe, todo, writer, batch=self.batch, workers=self.workers)
+                   if self.ray is None else self.ray.results(pipe, todo, writer))
         for r in progress(results, total=len(todo), desc="embed", unit="clip"):
             if r.error is not None:
                 warn(f"skipped {r.error}" if str(r.path) in r.error else f"skipped {r.path}: {r.error}")

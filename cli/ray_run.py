@@ -1,0 +1,203 @@
+"""``--ray`` for ``cavmae classify`` and ``cavmae embed``: the same results, computed on Ray Data.
+
+The commands keep their options and output; this module builds the Ray pipeline of
+:mod:`cavmae.runtime.ray_data`, consumes its rows in the driver and writes them through the
+commands' own writers (``-o`` result files, the index writer), plus ``.parquet`` results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from cavmae.errors import CavmaeError
+
+from .common import EXIT_INPUT_FAILED, default_model, progress, warn
+
+#: ``--ray`` given without an address
+LOCAL = "local"
+
+
+def ray_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--ray [ADDRESS]``, ``--ray-actors N``, ``--ray-gpus-per-actor F``."""
+    f = click.option("--ray-gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="GPUs per model actor with --ray (0: the actors run on CPU).")(f)
+    f = click.option("--ray-actors", type=click.IntRange(1), default=None,
+                     help="Model actors with --ray [default: one per GPU, else one per 2 CPUs].")(f)
+    f = click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL, default=None,
+                     metavar="[ADDRESS]",
+                     help="Run on Ray Data: alone a local Ray, 'auto' the running cluster,"
+                          " ray://HOST:10001 a remote one (give it after the inputs).")(f)
+    return f
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where the job runs and how the model actors are sized."""
+
+    address: str
+    actors: int | None = None
+    gpus_per_actor: float = 0.0
+
+    def init(self) -> None:
+        from cavmae.runtime import ray_data
+
+        ray_data.init_ray(None if self.address == LOCAL else self.address)
+
+    def spec(self, model: str | None, engine: str, device: str, **kw: Any) -> Any:
+        """What each actor loads: the model by an absolute path or its registry name."""
+        from cavmae.runtime.ray_data import ModelSpec
+
+        ref = model or default_model()
+        if Path(ref).exists():
+            ref = str(Path(ref).resolve())
+        if device == "auto":
+            device = "cuda" if self.gpus_per_actor > 0 else "cpu"
+        return ModelSpec(ref, engine=engine, device=device, **kw)
+
+
+# -- classify -----------------------------------------------------------------------------------
+class ParquetResults:
+    """``-o results.parquet``: one row per clip or window (path, mode, offset, duration, end,
+    the top-k indexes, labels and scores as lists, and ``scores`` with ``--all-scores``).
+
+    Parquet cannot be appended to: the file is written whole when the job ends (rows of an
+    earlier run carried over, so a re-run skips them and adds the rest).
+    """
+
+    def __init__(self, path: Path, all_scores: bool) -> None:
+        self.path, self.all_scores = path, all_scores
+        self.rows: list[dict[str, Any]] = []
+        self.done: set[Hashable] = set()
+        if path.is_dir():
+            raise CavmaeError(f"-o {path} is a folder; give a file name ending in .parquet")
+        if path.exists() and path.stat().st_size:
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception:
+                raise CavmaeError(f"{path} is not a Parquet file; choose another -o") from None
+            if "offset" not in table.column_names or "mode" not in table.column_names:
+                raise CavmaeError(f"{path} is not a `cavmae classify` result; choose another -o")
+            self.rows = table.to_pylist()
+            self.done = {self.key(r) for r in self.rows}
+
+    @staticmethod
+    def key(record: dict[str, Any]) -> Hashable:
+        from .results import result_key
+
+        return result_key({**record, "start": record.get("start", record.get("offset"))})
+
+    def is_done(self, record: dict[str, Any]) -> bool:
+        return self.key(record) in self.done
+
+    def write(self, record: dict[str, Any], csv_rows: Sequence[Sequence[Any]] = ()) -> None:
+        top = record["top"]
+        row = {"path": record["path"], "mode": record["mode"], "offset": float(record["start"]),
+               "duration": round(record["end"] - record["start"], 3), "end": record["end"],
+               "top_index": [t["index"] for t in top], "top_label": [t["label"] for t in top],
+               "top_score": [t["score"] for t in top]}
+        if self.all_scores:
+            row["scores"] = record["scores"]
+        self.rows.append(row)
+        self.done.add(self.key(record))
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from cavmae import fsio
+
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows)
+        with fsio.atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)
+
+
+def classify(settings: RaySettings, *, files: Sequence[str], pipe: Any, spec: Any, mode: str,
+             window: float | None, hop: float | None, offset: float, writer: Any,
+             emit: Callable[[Any], None]) -> list[tuple[str, str]]:
+    """Classify ``files`` on Ray; ``emit(prediction)`` writes and prints each result in the
+    driver. Returns the failed (path, reason) pairs."""
+    from cavmae.runtime import ray_data
+    from cavmae.runtime.pipeline import Prediction
+
+    settings.init()
+    done = writer.done if getattr(writer, "path", None) is not None else set()
+    ds = ray_data.read_media([str(f) for f in files])
+    ds = ray_data.plan_clips(ds, modes=pipe.classify_modes, mode=mode, window=window, hop=hop,
+                             offset=offset, done=done)
+    ds = ray_data.decode_clips(ds, pipe.manifest.preprocess)
+    ds = ray_data.classify_clips(ds, spec, actors=settings.actors,
+                                 gpus_per_actor=settings.gpus_per_actor)
+    failed: list[tuple[str, str]] = []
+    try:
+        for row in progress(ds.iter_rows(), total=None, desc="classify", unit="clip"):
+            if row["error"]:
+                failed.append((row["path"], row["error"]))
+                warn(f"skipped {row['error']}" if row["path"] in row["error"]
+                     else f"skipped {row['path']}: {row['error']}")
+                continue
+            emit(Prediction(probs=row["probs"], labels=pipe.labels, path=row["path"],
+                            offset=float(row["offset"]), end=float(row["end"]), mode=row["mode"]))
+    finally:
+        writer.close()
+    # one failure per file (a file's windows fail together at its probe)
+    seen: dict[str, str] = {}
+    for path, why in failed:
+        seen.setdefault(path, why)
+    return list(seen.items())
+
+
+def finish(failed: Sequence[tuple[str, str]], total: int) -> None:
+    """Report the failed inputs at the end, as without ``--ray``: exit 2 when any failed."""
+    if not failed:
+        return
+    if total == 1:
+        raise CavmaeError(failed[0][1])
+    click.echo(f"{len(failed)} of {total} inputs failed; the others were classified", err=True)
+    click.get_current_context().exit(EXIT_INPUT_FAILED)
+
+
+# -- embed --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RayEmbed:
+    """``cavmae embed --ray``: the model the actors load; :meth:`results` replaces the local
+    decode-and-embed loop, the index writer stays in the driver (the same index format)."""
+
+    settings: RaySettings
+    model: str | None
+    engine: str
+    device: str
+
+    def results(self, pipe: Any, todo: Sequence[Path], writer: Any) -> Iterator[Any]:
+        """Embed ``todo`` on Ray and append to ``writer``; one ``FileResult`` per path."""
+        from cavmae.runtime import ray_data
+        from cavmae.runtime.index import FileResult
+
+        self.settings.init()
+        spec = self.settings.spec(self.model, self.engine, self.device, num_frames=pipe.num_frames,
+                                  frame=writer.meta["frame"])
+        ds = ray_data.read_media([str(p) for p in todo])
+        ds = ray_data.plan_clips(ds, modes=(), mode="embed")
+        ds = ray_data.decode_clips(ds, pipe.manifest.preprocess)
+        ds = ray_data.embed_clips(ds, spec, actors=self.settings.actors,
+                                  gpus_per_actor=self.settings.gpus_per_actor)
+        for row in ds.iter_rows():
+            path = Path(row["path"])
+            if row["error"]:
+                yield FileResult(path, error=row["error"])
+                continue
+            a, v, duration = row["audio_embedding"], row["visual_embedding"], row["clip_duration"]
+            a = None if np.isnan(a).any() else a  # NaN: the file has no such stream
+            v = None if np.isnan(v).any() else v
+            r = writer.add(path, a, v, duration=None if math.isnan(duration) else float(duration))
+            yield FileResult(path, row=r, has_audio=a is not None, has_video=v is not None)
