@@ -110,7 +110,7 @@ def test_refuses_to_overwrite_and_bad_arguments(tmp_path, tiny_classifier):
         export_model(tiny_classifier, tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(ExportError, match="precision"):
-        export_model(tiny_classifier, tmp_path / "p", precision="int8")
+        export_model(tiny_classifier, tmp_path / "p", precision="int4")
     with pytest.raises(ExportError, match="unknown graph"):
         export_model(tiny_classifier, tmp_path / "g", graphs=["nope"])
     with pytest.raises(ExportError, match="label set has 3 classes"):
