@@ -12,6 +12,12 @@ from typing import Any
 import click
 
 from cavmae.errors import CavmaeError, MediaError
+from cavmae.runtime.classify_records import (
+    classification_record,
+    classification_rows,
+    window_end,
+    window_offsets,
+)
 
 from .common import (
     EXIT_INPUT_FAILED,
@@ -24,19 +30,6 @@ from .common import (
     select_shard,
     warn,
 )
-
-
-def window_offsets(duration: float, window: float, hop: float) -> list[float]:
-    """Start times of sliding windows over ``duration`` seconds; the last one ends at the end."""
-    if duration <= window:
-        return [0.0]
-    offsets = []
-    t = 0.0
-    while t + window < duration - 1e-6:
-        offsets.append(round(t, 6))
-        t += hop
-    offsets.append(round(duration - window, 6))
-    return sorted(set(offsets))
 
 
 class ResultWriter:
@@ -200,20 +193,9 @@ def _choose_mode(pipe, mode: str) -> str:
 
 def _record(path: Path, start: float, span: float | None, result, names, top_k: int, all_scores: bool):
     pred, clip = result
-    idx = pred.probs.argsort()[::-1][:top_k]
-    if span is not None:
-        end = min(start + span, clip.duration)
-    else:
-        end = min(start + 10.0, clip.duration)
-    top = [{"rank": r + 1, "index": int(i), "label": names[i], "score": round(float(pred.probs[i]), 6)}
-           for r, i in enumerate(idx)]
-    record: dict[str, Any] = {"path": str(path), "start": start, "end": round(end, 3), "top": top}
-    if all_scores:
-        record["scores"] = [round(float(p), 6) for p in pred.probs]
-    rows = [[str(path), start, round(end, 3), t["rank"], t["index"], t["label"], t["score"]] for t in top]
-    if all_scores:
-        rows = [[str(path), start, round(end, 3), "", i, names[i], round(float(p), 6)] for i, p in enumerate(pred.probs)]
-    return record, rows
+    end = window_end(start, span, clip.duration)
+    record = classification_record(str(path), start, end, pred.probs, names, top_k, all_scores)
+    return record, classification_rows(record, names)
 
 
 def _print(record, rows, as_json: bool, stdout_csv, show_time: bool) -> None:
