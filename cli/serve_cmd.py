@@ -105,6 +105,10 @@ def serve(model, engine, device, mirror, index, host, port, frames, max_batch, m
                    " (Ctrl+C stops)", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
                                                access_log=log_level == "debug"))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn has shut down gracefully and re-raises the Ctrl+C it caught: a normal stop
+            click.echo("cavmae serve: stopped", err=True)
     finally:
         sock.close()
