@@ -42,7 +42,6 @@ async function loadModel() {
 function showLabels(record) {
   const list = $("labels");
   list.replaceChildren();
-  const best = Math.max(...record.top.map((t) => t.score), 1e-9);
   for (const t of record.top) {
     const li = document.createElement("li");
     li.className = "label";
@@ -56,7 +55,7 @@ function showLabels(record) {
     score.textContent = t.score.toFixed(3);
     const bar = document.createElement("div");
     bar.className = "bar";
-    bar.style.width = `${Math.max(2, (100 * t.score) / best)}%`;
+    bar.style.width = `${Math.max(1, 100 * t.score)}%`;  // a probability: the full width is 1
     li.append(name, score, bar);
     list.append(li);
   }
