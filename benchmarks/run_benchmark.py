@@ -5,7 +5,7 @@ The baseline (eager fp32 PyTorch, the reference's whole forward once per frame) 
 are measured in this one process, so the printed ratios compare like with like.
 
     python benchmarks/run_benchmark.py --engine ort --engine torch --batch 1,8 \
-        --clip ../shared/media/00W1lcxW-WU_40.000.mp4
+        --clip examples/media/00W1lcxW-WU_40.000.mp4
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbank and audio input preparation (SPEC section 1, audio).
+"""Kaldi-compatible log-mel filterbank and audio input preparation (docs/model.md §1, audio).
 
 numpy only: training, the runtime and the tests share this one implementation.
 
@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import MediaError
 
-__all__ = ["fbank", "frame_count", "mel_filterbank", "pad_or_cut", "prepare_audio"]
+__all__ = ["audio_frames", "fbank", "frame_count", "mel_filterbank", "pad_or_cut", "prepare_audio"]
 
 #: Log floor: float32 machine epsilon, as torchaudio and Kaldi use.
 LOG_FLOOR: float = float(np.finfo(np.float32).eps)
@@ -211,6 +211,14 @@ def fbank(
     num_mel_bins = config.num_mel_bins if num_mel_bins is None else num_mel_bins
     waveform = _check_waveform(waveform, sample_rate, config)
     return _log_mel(waveform, sample_rate, num_mel_bins, config).astype(np.float32)
+
+
+def audio_frames(num_samples: int, config: PreprocessConfig = DEFAULT_PREPROCESS) -> int:
+    """How many of :func:`prepare_audio`'s ``config.target_length`` rows a waveform of
+    ``num_samples`` samples fills; the rows after them are zero padding."""
+    sr = config.sample_rate
+    n = frame_count(num_samples, _ms_to_samples(sr, config.frame_length_ms), _ms_to_samples(sr, config.frame_shift_ms))
+    return min(n, config.target_length)
 
 
 def pad_or_cut(features: np.ndarray, target_length: int) -> np.ndarray:

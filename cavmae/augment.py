@@ -1,4 +1,4 @@
-"""Training-time augmentation, as the reference recipe applies it (SPEC section 9).
+"""Training-time augmentation, as the reference recipe applies it (docs/model.md §9).
 
 numpy only, and every random draw comes from an explicit :class:`numpy.random.Generator`, so an
 augmented sample is a pure function of its inputs and the generator's seed. The training loop

@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
+import pickle
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint_keys import count_blocks, kind_of_keys, unreadable
 from .config import BASE, ModelConfig
 from .errors import CheckpointError
+from .hub import registry
 from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
 
 log = logging.getLogger(__name__)
@@ -67,21 +70,41 @@ def model_class(kind: str) -> type[CAVMAEEncoder]:
 # -- reading -------------------------------------------------------------------------------
 
 
+def _torch_load(path: Path, map_location: str | torch.device, mmap: bool) -> Any:
+    """``torch.load`` with ``weights_only``; any failure becomes one line of ours.
+
+    Torch's own messages run over several lines, get cut mid-sentence in a one-line error, and
+    advise ``weights_only=False``, which would let the file run code: never relay them.
+    ``mmap`` maps a zip-format file instead of reading it (only its keys and shapes are needed
+    to tell what it is); the legacy format cannot be mapped and is read.
+    """
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+    except Exception as e:  # zip, pickle and unpickler errors all mean "not usable"
+        if is_zip and isinstance(e, pickle.UnpicklingError):
+            # An intact archive whose pickle names classes beyond tensors and containers.
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors (a pickled model or trainer "
+                "state?); cavmae reads state dicts of tensors only, since unpickling anything "
+                "else could run code: save model.state_dict() instead"
+            ) from None
+        raise unreadable(path) from None
+
+
 def read_state_dict(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Load a checkpoint file's tensors (``module.`` stripped) and its embedded metadata, if any."""
+    """Load a checkpoint file's tensors (``module.`` stripped) and its embedded metadata, if any.
+
+    ``mmap=True`` maps the file rather than reading it: enough to look at keys and shapes fast.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle, zip and unpickler errors all mean "not a usable checkpoint"
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ) from None
+    obj = _torch_load(path, map_location, mmap)
     meta = None
     if isinstance(obj, Mapping) and META_KEY in obj and "state_dict" in obj:
         meta, obj = obj[META_KEY], obj["state_dict"]
@@ -108,28 +131,15 @@ def _read_safetensors(
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
             header = f.metadata() or {}
             tensors = {k.removeprefix("module."): f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    except Exception:
+        raise unreadable(path, "a safetensors checkpoint") from None
     meta = json.loads(header[META_KEY]) if META_KEY in header else None
     return tensors, meta
 
 
 def infer_kind(state: Mapping[str, torch.Tensor]) -> str:
     """``"pretrain"`` when the state holds a decoder, ``"classifier"`` when it holds a head."""
-    if "decoder_embed.weight" in state:
-        return "pretrain"
-    if "mlp_head.1.weight" in state:
-        return "classifier"
-    raise CheckpointError(
-        "the checkpoint has neither a decoder (decoder_embed.*) nor a classification head"
-        " (mlp_head.*); it is not a CAV-MAE pre-training or fine-tuned checkpoint"
-    )
-
-
-def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    ids = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    return max(ids) + 1 if ids else 0
+    return kind_of_keys(state)
 
 
 def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelConfig:
@@ -137,8 +147,8 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
     try:
         w = state["patch_embed_a.proj.weight"]  # [D, 1, p, p]
         d, patch = int(w.shape[0]), int(w.shape[-1])
-        depth = _count_blocks(state, "blocks_a")
-        if _count_blocks(state, "blocks_v") != depth:
+        depth = count_blocks(state, "blocks_a")
+        if count_blocks(state, "blocks_v") != depth:
             raise CheckpointError("blocks_a and blocks_v differ in depth; not a CAV-MAE checkpoint")
         mel = int(overrides.get("num_mel_bins", BASE.num_mel_bins))
         la = int(state["pos_embed_a"].shape[1])
@@ -148,7 +158,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
             "embed_dim": d,
             "patch_size": patch,
             "depth_modality": depth,
-            "depth_joint": _count_blocks(state, "blocks_u"),
+            "depth_joint": count_blocks(state, "blocks_u"),
             "num_heads": max(1, d // _ENCODER_HEAD_DIM),
             "mlp_ratio": state["blocks_a.0.mlp.fc1.weight"].shape[0] / d,
             "num_mel_bins": mel,
@@ -162,7 +172,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ModelCo
     if "decoder_embed.weight" in state:
         dd = int(state["decoder_embed.weight"].shape[0])
         values["decoder_embed_dim"] = dd
-        values["decoder_depth"] = _count_blocks(state, "decoder_blocks")
+        values["decoder_depth"] = count_blocks(state, "decoder_blocks")
         values["decoder_num_heads"] = max(1, dd // _DECODER_HEAD_DIM)
     values.update(overrides)
     try:
@@ -210,18 +220,26 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     *,
     kind: str | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> CAVMAE | CAVMAEFT:
-    """Load a checkpoint into a new model, in eval mode.
+    """Load a checkpoint file or a registry name into a new model, in eval mode.
+
+    ``path`` is a checkpoint file, or a registry name such as ``"as-full-51.2"`` (see
+    ``cavmae models``): its cached file, downloaded (from ``mirror`` if given) when missing,
+    with the registry's facts about it (``norm_pix_loss`` of pre-trained models).
 
     ``kind`` None takes the checkpoint's own kind. ``kind="classifier"`` on a pre-training
     checkpoint builds a classifier from its encoder with a freshly initialized head (how
     fine-tuning starts; give ``num_classes``). ``overrides`` set config fields a state dict cannot
     reveal (``num_heads``, ``norm_pix_loss``, ...). Partial loads are refused.
     """
+    path, info = registry.checkpoint_file(path, mirror=mirror, progress=progress)
     state, meta = read_state_dict(path, map_location)
     file_kind = (meta or {}).get("kind") or infer_kind(state)
-    base: dict[str, Any] = dict((meta or {}).get("config", {}))
+    known = info.config_overrides if info is not None else {}
+    base: dict[str, Any] = {**(meta or {}).get("config", {}), **known}
     config = infer_config(state, **{**base, **overrides})
     kind = kind or file_kind
     if kind not in KINDS:
@@ -245,8 +263,12 @@ def load_checkpoint(
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Read a checkpoint's kind and config and check its keys and shapes, without building it."""
-    state, meta = read_state_dict(path)
+    """Read a checkpoint's kind and config and check its keys and shapes, without building it.
+
+    Fast on a large file: the file is memory-mapped and only keys and shapes are looked at, so
+    a caller can refuse a wrong checkpoint before hashing or exporting it.
+    """
+    state, meta = read_state_dict(path, mmap=True)
     kind = (meta or {}).get("kind") or infer_kind(state)
     config = infer_config(state, **dict((meta or {}).get("config", {})))
     check_state(state, expected_shapes(kind, config), str(path))

@@ -1,7 +1,7 @@
 """Model and preprocessing configuration.
 
 One place decides each fact: the sizes of the model and the constants of the input pipeline
-(SPEC sections 1-5) live here and nowhere else. This module is numpy/torch free so that the
+(docs/model.md §1-5) live here and nowhere else. This module is numpy/torch free so that the
 runtime can read it where torch is absent.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Constants of the reference input pipeline (SPEC section 1)."""
+    """Constants of the reference input pipeline (docs/model.md §1)."""
 
     sample_rate: int = 16000
     num_mel_bins: int = 128
@@ -56,7 +56,7 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of a CAV-MAE model (SPEC sections 2-5).
+    """Sizes of a CAV-MAE model (docs/model.md §2-5).
 
     ``num_classes`` is only used by the classifier (``CAVMAEFT``); the decoder fields only by the
     pre-training model (``CAVMAE``).

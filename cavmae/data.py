@@ -1,17 +1,12 @@
-"""Datasets for training and evaluation: the reference layout and plain video files.
+"""Training datasets: clip records as model inputs, labels, sample weights and sampling.
 
-Two sources of clips, one dataset class:
-
-- the **reference layout** (SPEC section 8): a JSON ``{"data": [{"video_id", "wav",
-  "video_path", "labels"}]}``; audio from the 16 kHz ``wav``, frames from
-  ``{video_path}/frame_{i}/{video_id}.jpg`` (``i = 0..9``); ``labels`` are comma-separated
-  ``mid`` s looked up in a label CSV ``index,mid,display_name``; an optional weight CSV holds
-  one sampling weight per clip (``cavmae prepare`` writes this layout);
-- **video files** listed in a CSV (header with a ``video`` or ``path`` column and an optional
-  ``labels`` column) or a JSON (a list, or ``{"data": [...]}``, of objects with ``video`` and
-  ``labels``), decoded on the fly with the shared preprocessing (:mod:`cavmae.media`).
-
-Relative paths in a dataset file are resolved against the folder of that file.
+The clips come from :func:`cavmae.clip_lists.read_clips` (the one reader of dataset files: the
+reference dataset JSON and video lists; its docstring has the formats and the path, label and
+missing-frame rules; ``ClipRecord``, ``read_clips`` and ``write_dataset_json`` are re-exported
+here). Reference-layout clips are read from their 16 kHz ``wav`` and
+``{video_path}/frame_{i}/{video_id}.jpg`` frames, video files are decoded on the fly with the
+shared preprocessing (:mod:`cavmae.media`). Labels are ``mid`` s looked up in a label CSV
+``index,mid,display_name``; an optional weight CSV holds one sampling weight per clip.
 
 :class:`AVDataset` is a map-style dataset (any ``torch.utils.data.DataLoader`` takes it). It
 returns dicts of numpy arrays; :func:`collate` stacks them into torch tensors. A training item
@@ -26,14 +21,10 @@ This module needs numpy only (torch is imported inside :func:`collate`).
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
-import logging
 import math
 import wave
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,6 +41,7 @@ from cavmae.augment import (
     spec_augment,
     time_roll,
 )
+from cavmae.clip_lists import ClipRecord, frame_file, read_clips, write_dataset_json
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import CavmaeError, DatasetError, MediaError
 from cavmae.labels import LabelSet, read_label_csv
@@ -73,9 +65,6 @@ __all__ = [
     "read_weights",
     "write_dataset_json",
 ]
-
-log = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------------------------
 # Labels
@@ -153,140 +142,9 @@ def balanced_sample_weights(clips: Sequence[ClipRecord], labels: LabelSet) -> np
     """
     if not clips:
         return np.zeros(0)
-    targets = np.stack([encode_labels(labels, c.labels, c.video_id) for c in clips])
+    targets = np.stack([encode_labels(labels, c.label_tokens(), c.video_id) for c in clips])
     class_weight = 1000.0 / (targets.sum(axis=0) + 0.01)
     return (targets * class_weight).sum(axis=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Clip lists
-
-
-@dataclass(frozen=True)
-class ClipRecord:
-    """One clip of a dataset.
-
-    Reference layout: ``wav`` and ``frame_dir`` (the JSON's ``video_path``) are set. Video
-    files: ``video`` is set. ``labels`` are mids (empty when unlabeled).
-    """
-
-    video_id: str
-    labels: tuple[str, ...] = ()
-    wav: str | None = None
-    frame_dir: str | None = None
-    video: str | None = None
-
-    def frame_path(self, i: int) -> str:
-        """``{video_path}/frame_{i}/{video_id}.jpg`` (reference layout only)."""
-        if self.frame_dir is None:
-            raise DatasetError(f"clip {self.video_id} has no frame folder")
-        return f"{self.frame_dir}/frame_{i}/{self.video_id}.jpg"
-
-    def to_json(self) -> dict[str, str]:
-        """The clip as a reference dataset-JSON entry."""
-        return {
-            "video_id": self.video_id,
-            "wav": self.wav or "",
-            "video_path": self.frame_dir or "",
-            "labels": ",".join(self.labels),
-        }
-
-
-def _split_labels(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, list | tuple):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(s.strip() for s in str(value).split(",") if s.strip())
-
-
-def _resolve(base: Path, value: str) -> str:
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else base / p)
-
-
-_VIDEO_KEYS = ("video", "path", "video_file", "file")
-
-
-def _video_record(entry: dict[str, Any], base: Path, where: str) -> ClipRecord:
-    key = next((k for k in _VIDEO_KEYS if entry.get(k)), None)
-    if key is None:
-        raise DatasetError(f"{where}: no video path (expected one of the keys {', '.join(_VIDEO_KEYS)})")
-    video = _resolve(base, str(entry[key]))
-    vid = str(entry.get("video_id") or Path(video).stem)
-    return ClipRecord(video_id=vid, labels=_split_labels(entry.get("labels")), video=video)
-
-
-def read_clips(path: str | Path) -> list[ClipRecord]:
-    """Read a dataset file: a reference dataset JSON, or a CSV/JSON list of video files."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    base = path.resolve().parent
-    if path.suffix.lower() == ".csv":
-        return _read_video_csv(path, base)
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON ({e}); expected a dataset JSON or a video list") from None
-    entries = obj.get("data") if isinstance(obj, dict) else obj
-    if not isinstance(entries, list):
-        raise DatasetError(f"{path}: expected {{\"data\": [...]}} or a JSON list of clips")
-    clips: list[ClipRecord] = []
-    for n, entry in enumerate(entries):
-        where = f"{path}, entry {n}"
-        if isinstance(entry, str):
-            entry = {"video": entry}
-        if not isinstance(entry, dict):
-            raise DatasetError(f"{where}: expected an object")
-        if "wav" in entry:
-            missing = [k for k in ("video_id", "video_path") if not entry.get(k)]
-            if missing or not entry.get("wav"):
-                raise DatasetError(f"{where}: a reference entry needs video_id, wav, video_path (missing {missing or ['wav']})")
-            clips.append(
-                ClipRecord(
-                    video_id=str(entry["video_id"]),
-                    labels=_split_labels(entry.get("labels")),
-                    wav=_resolve(base, str(entry["wav"])),
-                    frame_dir=_resolve(base, str(entry["video_path"])),
-                )
-            )
-        else:
-            clips.append(_video_record(entry, base, where))
-    if not clips:
-        raise DatasetError(f"{path}: the dataset is empty")
-    return clips
-
-
-def _read_video_csv(path: Path, base: Path) -> list[ClipRecord]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = [s.strip() for s in (reader.fieldnames or [])]
-        if not any(k in fields for k in _VIDEO_KEYS):
-            raise DatasetError(
-                f"{path}: a video-list CSV needs a header with a 'video' (or 'path') column and "
-                f"optionally 'labels', got {fields}"
-            )
-        clips = [
-            _video_record({k.strip(): v for k, v in row.items() if k}, base, f"{path}, line {n}")
-            for n, row in enumerate(reader, start=2)
-        ]
-    if not clips:
-        raise DatasetError(f"{path}: the dataset is empty")
-    return clips
-
-
-def write_dataset_json(clips: Sequence[ClipRecord], path: str | Path) -> Path:
-    """Write clips as a reference dataset JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"data": [c.to_json() for c in clips]}, f, indent=1)
-        f.write("\n")
-    tmp.replace(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +226,9 @@ class AVDataset:
             or ``"all"``.
         audio / video: which modalities to load.
         preprocess: preprocessing constants (target length, image size, normalization).
+        frame_fallback: use the nearest lower frame when a reference-layout frame is missing, as
+            the reference's training loader does (with a warning). Off by default: a missing
+            frame is then a ``DatasetError`` naming the file.
     """
 
     def __init__(
@@ -380,6 +241,7 @@ class AVDataset:
         audio: bool = True,
         video: bool = True,
         preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+        frame_fallback: bool = False,
     ) -> None:
         if not (audio or video):
             raise ValueError("AVDataset needs audio or video")
@@ -394,11 +256,13 @@ class AVDataset:
         self.audio = audio
         self.video = video
         self.preprocess = preprocess
+        self.frame_fallback = frame_fallback
         if labels is not None:
             for c in self.clips:  # fail early on unknown or missing labels
-                if not c.labels:
+                tokens = c.label_tokens()
+                if not tokens:
                     raise DatasetError(f"clip {c.video_id} has no labels; a labeled dataset is needed here")
-                encode_labels(labels, c.labels, c.video_id)
+                encode_labels(labels, tokens, c.video_id)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -420,27 +284,12 @@ class AVDataset:
         clip = self.clips[index]
         n = self.preprocess.num_frames
         if clip.frame_dir is not None:
-            return [load_image(self._existing_frame(clip, i)) for i in which]
+            return [load_image(frame_file(clip, i, fallback=self.frame_fallback)) for i in which]
         from cavmae.media import decode_frames
 
         assert clip.video is not None
         rgb, _ = decode_frames(clip.video, n, 0.0, self.preprocess.clip_seconds)
         return [rgb[i] for i in which]
-
-    @staticmethod
-    def _existing_frame(clip: ClipRecord, i: int) -> str:
-        """Frame ``i``'s path; like the reference, a missing frame falls back to the nearest
-        lower one that exists (with a warning). None existing is a ``DatasetError``."""
-        for j in range(i, -1, -1):
-            path = clip.frame_path(j)
-            if Path(path).is_file():
-                if j != i:
-                    log.warning("clip %s: frame %d missing, using frame %d", clip.video_id, i, j)
-                return path
-        raise DatasetError(
-            f"clip {clip.video_id}: no frame at or below frame_{i} in {clip.frame_dir}; "
-            "re-run `cavmae prepare` for this clip"
-        )
 
     # -- items -----------------------------------------------------------------------------
     def _frame_indices(self, rng: np.random.Generator) -> list[int]:
@@ -503,10 +352,11 @@ class AVDataset:
 
         if self.labels is not None:
             clip = self.clips[index]
-            target = encode_labels(self.labels, clip.labels, clip.video_id)
+            target = encode_labels(self.labels, clip.label_tokens(), clip.video_id)
             if partner is not None:
                 other = self.clips[partner]
-                target = mix(target, encode_labels(self.labels, other.labels, other.video_id), lam)
+                other_target = encode_labels(self.labels, other.label_tokens(), other.video_id)
+                target = mix(target, other_target, lam)
             out["target"] = smooth_labels(target, aug.label_smooth) if train else target
         return out
 

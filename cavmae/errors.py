@@ -16,7 +16,31 @@ class MediaError(CavmaeError):
 
 
 class MissingStreamError(MediaError):
-    """The file has no audio stream or no video stream, and the task needs it."""
+    """The file has no audio stream or no video stream, and the task needs it.
+
+    ``path`` and ``stream`` (``"audio"`` or ``"video"``) say which; the hint after the ``;`` is the
+    caller's: the decoder knows no command-line flags, so a command that knows its own flags
+    replaces the hint with :meth:`with_hint`.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, stream: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.stream = path, stream
+
+    @classmethod
+    def of(cls, path: str, stream: str, hint: str = "") -> MissingStreamError:
+        """``PATH: has no STREAM stream[; hint]``."""
+        return cls(f"{path}: has no {stream} stream" + (f"; {hint}" if hint else ""), path=path,
+                   stream=stream)
+
+    def __reduce__(self):  # keep path and stream across processes (prepare's workers)
+        return (type(self), (str(self),), {"path": self.path, "stream": self.stream})
+
+    def with_hint(self, hint: str) -> MissingStreamError:
+        """The same error with another hint (unchanged when it carries no path and stream)."""
+        if self.path is None or self.stream is None:
+            return self
+        return MissingStreamError.of(self.path, self.stream, hint)
 
 
 class CheckpointError(CavmaeError):

@@ -1,7 +1,8 @@
 """Class label sets: the reference label CSV format (``index,mid,display_name``).
 
 Plain stdlib, usable by the runtime without torch or numpy. The AudioSet label set ships with
-the package; others (VGGSound) come from the registry's label CSVs or a user's file.
+the package (never downloaded); others (VGGSound) come from the registry's label CSVs
+(``cavmae.hub.registry``) or a user's file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from .errors import CavmaeError
 
 AUDIOSET_NUM_CLASSES = 527
 VGGSOUND_NUM_CLASSES = 309
+
+#: label sets shipped in ``cavmae/assets``: registry label-set name -> file name
+PACKAGED_LABEL_FILES: dict[str, str] = {"audioset": "audioset_class_labels_indices.csv"}
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,20 @@ def read_label_csv(path: str | Path) -> LabelSet:
     return LabelSet(names=tuple(r["display_name"] for r in rows), ids=tuple(r["mid"] for r in rows))
 
 
+def packaged_label_file(label_set: str) -> Path | None:
+    """The label CSV of ``label_set`` shipped with the package, or None when none ships."""
+    name = PACKAGED_LABEL_FILES.get(label_set)
+    if name is None:
+        return None
+    # The package is installed as files (wheel or editable), so the resource is a real path.
+    return Path(str(resources.files("cavmae") / "assets" / name))
+
+
 def audioset_labels() -> LabelSet:
     """The 527 AudioSet classes, bundled with the package."""
-    ref = resources.files("cavmae") / "assets" / "audioset_class_labels_indices.csv"
-    with resources.as_file(ref) as path:
-        return read_label_csv(path)
+    path = packaged_label_file("audioset")
+    assert path is not None
+    return read_label_csv(path)
 
 
 def default_labels(num_classes: int) -> LabelSet | None:

@@ -1,4 +1,4 @@
-"""Token masking for masked-autoencoder pre-training and reconstruction (SPEC section 5).
+"""Token masking for masked-autoencoder pre-training and reconstruction (docs/model.md §5).
 
 Works on numpy *and* torch arrays with the same code, so the PyTorch model, the exported graphs'
 index inputs (computed by the runtime, which may lack torch) and the tests share one definition.

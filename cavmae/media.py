@@ -2,7 +2,7 @@
 
 One pass over the file: the packets of the wanted window are demuxed once (after a seek when an
 offset is given), then the audio packets are decoded and resampled and the video packets are
-decoded in order, converting to RGB only the frames that are kept (SPEC section 1).
+decoded in order, converting to RGB only the frames that are kept (docs/model.md §1).
 
 Times are seconds relative to the container's start time, so audio and video stay aligned and
 a file whose timestamps start at e.g. 1.4 s still has its first frame at 0.
@@ -39,6 +39,7 @@ __all__ = [
     "load_clip",
     "probe",
     "sample_frame_positions",
+    "window_offsets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,10 +203,6 @@ def _check_offset(path: str, offset: float, info: MediaInfo) -> None:
         )
 
 
-def _missing_stream(path: str, what: str, hint: str) -> MissingStreamError:
-    return MissingStreamError(f"{path}: has no {what} stream; {hint}")
-
-
 # --------------------------------------------------------------------------------------------
 # Demuxing one window
 
@@ -306,7 +303,6 @@ def _read_window(
     want_video: bool,
     start: float,
     duration: float | None,
-    need_hint: bool = True,
 ) -> tuple[
     MediaInfo, av.container.InputContainer, dict[str, av.stream.Stream], dict[int, list[av.Packet]]
 ]:
@@ -317,20 +313,11 @@ def _read_window(
     container = _open(path)
     try:
         info = _info(container, path)
+        # Neutral hints: commands replace them with their own flags (MissingStreamError.with_hint).
         if want_audio and not info.has_audio:
-            hint = (
-                "use --mode video (visual only)"
-                if info.has_video and need_hint
-                else "a file with a sound track is needed"
-            )
-            raise _missing_stream(path, "audio", hint)
+            raise MissingStreamError.of(path, "audio", "a file with a sound track is needed")
         if want_video and not info.has_video:
-            hint = (
-                "use --mode audio (audio only)"
-                if info.has_audio and need_hint
-                else "a file with a video track is needed"
-            )
-            raise _missing_stream(path, "video", hint)
+            raise MissingStreamError.of(path, "video", "a file with a video track is needed")
         _check_offset(path, start, info)
         streams: dict[str, av.stream.Stream] = {}
         if want_audio:
@@ -491,7 +478,7 @@ def decode_audio(
     """
     path = str(path)
     info, container, streams, packets = _read_window(
-        path, True, False, offset, duration, need_hint=False
+        path, True, False, offset, duration
     )
     with container:
         stream = streams["audio"]
@@ -670,7 +657,7 @@ def decode_frames(
     """
     path = str(path)
     info, container, streams, packets = _read_window(
-        path, False, True, offset, duration, need_hint=False
+        path, False, True, offset, duration
     )
     with container:
         stream = streams["video"]
@@ -751,3 +738,28 @@ def load_clip(
         duration=info.duration,
         offset=float(offset),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows
+
+
+def window_offsets(duration: float, window: float, hop: float) -> list[float]:
+    """Start times (seconds) of the sliding windows that tile ``duration`` seconds of media.
+
+    Windows start at 0, ``hop``, ``2 * hop``, ... as long as they fit (``start + window <=
+    duration``). The tail left after the last of them gets one more window, aligned to end at
+    ``duration``, only when that tail is longer than ``hop / 2``: a shorter one would add a
+    window nearly equal to the last (30.02 s, 10 s windows every 5 s: 0, 5, 10, 15, 20 -- not
+    also 20.02). Media no longer than one window gets the single window 0.
+    """
+    if not (window > 0 and hop > 0):
+        raise ValueError(f"window and hop must be > 0, got {window} and {hop}")
+    if duration <= window + _EPS:
+        return [0.0]
+    last = math.floor((duration - window) / hop + _EPS)  # the last k with k*hop + window <= duration
+    offsets = [round(float(k * hop), 6) for k in range(last + 1)]
+    tail = duration - (offsets[-1] + window)
+    if tail > hop / 2 + _EPS:
+        offsets.append(round(float(duration - window), 6))
+    return offsets

@@ -1,6 +1,9 @@
 """Evaluation metrics: average precision (mAP), ROC AUC, accuracy and retrieval recall.
 
-Numpy only, so that the runtime and the evaluation scripts share one implementation.
+Numpy only, so that training, the runtime's dataset evaluation and the tests share one
+implementation. :func:`classification_metrics` and :func:`retrieval_report` are the summaries
+``cavmae evaluate`` reports; retrieval ranks are computed in blocks so memory stays bounded for
+any dataset size.
 
 Conventions:
 - AP, AUC and accuracy are fractions in [0, 1] (the reference ``stats.py`` convention; the
@@ -12,9 +15,13 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from cavmae.vectors import l2_normalize
 
 __all__ = [
     "MAPResult",
@@ -23,7 +30,12 @@ __all__ = [
     "mean_average_precision",
     "mean_auc",
     "accuracy",
+    "classification_metrics",
+    "finite_or_none",
     "retrieval_metrics",
+    "retrieval_ranks",
+    "retrieval_report",
+    "summarize_ranks",
 ]
 
 
@@ -227,9 +239,110 @@ def retrieval_metrics(similarity: np.ndarray) -> dict[str, float]:
     if np.isnan(sim).any():
         raise ValueError("similarity contains NaN")
     correct = np.diagonal(sim)[:, None]  # [N, 1]
-    ranks = (sim > correct).sum(axis=1) + 1  # [N]
+    return summarize_ranks((sim > correct).sum(axis=1) + 1)
+
+
+def summarize_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """1-based ranks ``[N]`` -> R@1/5/10 (percent), median and mean rank, ``num_queries``."""
+    ranks = np.asarray(ranks)
     out = {f"R@{k}": float((ranks <= k).mean() * 100.0) for k in (1, 5, 10)}
     out["median_rank"] = float(np.median(ranks))
     out["mean_rank"] = float(ranks.mean())
-    out["num_queries"] = float(sim.shape[0])
+    out["num_queries"] = float(ranks.shape[0])
+    return out
+
+
+def retrieval_ranks(queries: np.ndarray, items: np.ndarray, block: int = 4096) -> np.ndarray:
+    """1-based rank of item ``i`` for query ``i`` by similarity ``queries @ items.T``.
+
+    Args:
+        queries, items: ``[N, D]`` (L2-normalize them first for cosine similarity).
+        block: rows and columns per block: peak memory is ``block x block`` float64, whatever N.
+
+    The rank rule is :func:`retrieval_metrics`': 1 + the number of items scoring strictly
+    higher than the correct one. Returns ``[N]`` int64.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    v = np.asarray(items, dtype=np.float64)
+    if q.ndim != 2 or q.shape != v.shape:
+        raise ValueError(f"queries {q.shape} and items {v.shape} must both be [N, D]")
+    if block < 1:
+        raise ValueError("block must be >= 1")
+    n = q.shape[0]
+    ranks = np.ones(n, dtype=np.int64)
+    for r0 in range(0, n, block):
+        r1 = min(r0 + block, n)
+        rows = q[r0:r1]
+        diag_block = rows @ v[r0:r1].T
+        # the correct scores come from the same product as the block they sit in
+        correct = np.diagonal(diag_block).copy()[:, None]
+        for c0 in range(0, n, block):
+            c1 = min(c0 + block, n)
+            sim = diag_block if c0 == r0 else rows @ v[c0:c1].T
+            higher = sim > correct
+            if c0 == r0:
+                np.fill_diagonal(higher, False)
+            ranks[r0:r1] += higher.sum(axis=1)
+    return ranks
+
+
+def retrieval_report(
+    audio_embeddings: np.ndarray, visual_embeddings: np.ndarray, block: int = 4096
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Cosine-similarity retrieval both ways.
+
+    Args:
+        audio_embeddings, visual_embeddings: ``[N, D]``; clip ``i``'s audio matches clip ``i``'s
+            visual embedding. They are L2-normalized here (in float64).
+        block: up to this N the full ``[N, N]`` similarity goes through
+            :func:`retrieval_metrics`; above it ranks are computed block-wise.
+
+    Returns ``(metrics, ranks)``: ``{"audio_to_visual": ..., "visual_to_audio": ...}`` each with
+    :func:`retrieval_metrics`' keys, and the per-query ranks ``[N]`` of each direction.
+    """
+    a = l2_normalize(np.asarray(audio_embeddings, dtype=np.float64))
+    v = l2_normalize(np.asarray(visual_embeddings, dtype=np.float64))
+    ranks = {
+        "audio_to_visual": retrieval_ranks(a, v, block),
+        "visual_to_audio": retrieval_ranks(v, a, block),
+    }
+    if a.shape[0] <= block:
+        sim = a @ v.T  # rows: audio queries, columns: visual items
+        metrics = {
+            "audio_to_visual": retrieval_metrics(sim),
+            "visual_to_audio": retrieval_metrics(sim.T),
+        }
+    else:
+        metrics = {k: summarize_ranks(r) for k, r in ranks.items()}
+    return metrics, ranks
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` as a float, or ``None`` for NaN / infinity / None (JSON has no NaN)."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray, task: str) -> dict[str, Any]:
+    """Metrics of ``scores [N, C]`` against multi-hot ``targets [N, C]``.
+
+    Multi-label: ``mAP`` and ``mAUC`` (means over the classes with a positive, resp. with a
+    positive and a negative) and ``num_classes_with_positives``. Single-label: ``accuracy``
+    (top-1, first class on a tie) and ``top5_accuracy``. All fractions in [0, 1]; NaN becomes
+    ``None``. Also ``num_clips`` and ``num_classes``.
+    """
+    n, c = scores.shape
+    out: dict[str, Any] = {"num_clips": int(n), "num_classes": int(c)}
+    if task == "single-label":
+        truth = targets.argmax(axis=1)
+        out["accuracy"] = finite_or_none(accuracy(scores, truth))
+        k = min(5, c)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out["top5_accuracy"] = finite_or_none(
+            float((top == truth[:, None]).any(axis=1).mean()) if n else math.nan
+        )
+    else:
+        ap = mean_average_precision(scores, targets)
+        out["mAP"] = finite_or_none(ap.map)
+        out["mAUC"] = finite_or_none(mean_auc(scores, targets).auc)
+        out["num_classes_with_positives"] = ap.num_valid
     return out

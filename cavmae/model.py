@@ -19,10 +19,11 @@ from torch import nn
 from .config import BASE, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d, trunc_normal_init
 from .masking import MASK_MODES, MaskIndices, force_structure, indices_from_noise, num_kept
-from .patches import audio_to_image, patchify
+from .modes import REFERENCE_MODES, lookup
+from .patches import audio_to_image, masked_mse, patchify, standardize_patches
 
-#: classifier modes (SPEC section 4)
-MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
+#: classifier modes (the reference's names; the table in :mod:`cavmae.modes`)
+MODES = REFERENCE_MODES
 
 #: temperature of the contrastive loss
 CONTRAST_TEMPERATURE = 0.05
@@ -34,7 +35,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class CAVMAEEncoder(nn.Module):
-    """The encoder both released model kinds share (SPEC sections 2-3)."""
+    """The encoder both released model kinds share (docs/model.md §2-3)."""
 
     def __init__(self, config: ModelConfig = BASE) -> None:
         super().__init__()
@@ -162,25 +163,20 @@ class CAVMAEFT(CAVMAEEncoder):
     ) -> torch.Tensor:
         """Branch outputs (``a [B, La, D]``, ``v [B, Lv, D]``) -> the head's input ``[B, D]``.
 
-        This is everything after the modality branches: the exporter's joint stage.
+        This is everything after the modality branches: the exporter's joint stage. The mode's
+        row in :mod:`cavmae.modes` says which inputs it reads and whether it uses the joint
+        stream (see docs/model.md section 4).
         """
-        if mode == "multimodal":
+        row = lookup(mode)
+        if row.audio and row.video:
             return self.forward_joint(_need(a, mode, "audio"), _need(v, mode, "image")).mean(1)
-        if mode == "audioonly":
-            return self.forward_audio_stream(_need(a, mode, "audio")).mean(1)
-        if mode == "videoonly":
-            return self.forward_visual_stream(_need(v, mode, "image")).mean(1)
-        # "missing*only": an audio-visual model is given one modality; the name says which one
-        # is given ("missingaudioonly" = audio only), following the reference
-        if mode == "missingaudioonly":
-            a = _need(a, mode, "audio")
-            joint = self.forward_joint_single(a).mean(1)
-            return (joint + self.forward_audio_stream(a).mean(1)) / 2
-        if mode == "missingvideoonly":
-            v = _need(v, mode, "image")
-            joint = self.forward_joint_single(v).mean(1)
-            return (joint + self.forward_visual_stream(v).mean(1)) / 2
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        x = _need(a, mode, "audio") if row.audio else _need(v, mode, "image")
+        own = (self.forward_audio_stream if row.audio else self.forward_visual_stream)(x).mean(1)
+        if not row.joint:  # audioonly / videoonly: the modality's own stream
+            return own
+        # missing*only: a model fine-tuned on both modalities gets one; as in the reference, the
+        # average of that modality through the joint block and through its own stream
+        return (self.forward_joint_single(x).mean(1) + own) / 2
 
     def forward(
         self,
@@ -192,12 +188,9 @@ class CAVMAEFT(CAVMAEEncoder):
 
         Single-modality modes accept ``None`` for the unused input.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        uses_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-        uses_image = mode in ("multimodal", "videoonly", "missingvideoonly")
-        a = self.forward_audio_branch(_need(audio, mode, "audio")) if uses_audio else None
-        v = self.forward_visual_branch(_need(image, mode, "image")) if uses_image else None
+        row = lookup(mode)
+        a = self.forward_audio_branch(_need(audio, mode, "audio")) if row.audio else None
+        v = self.forward_visual_branch(_need(image, mode, "image")) if row.video else None
         return self.head(self.pooled_features(a, v, mode))
 
 
@@ -209,7 +202,7 @@ def _need(x: torch.Tensor | None, mode: str, what: str) -> torch.Tensor:
 
 @dataclass
 class PretrainOutput:
-    """What one pre-training forward returns (SPEC section 5)."""
+    """What one pre-training forward returns (docs/model.md §5)."""
 
     loss: torch.Tensor
     loss_mae: torch.Tensor
@@ -337,16 +330,8 @@ class CAVMAE(CAVMAEEncoder):
         ta = patchify(audio_to_image(audio), p)
         tv = patchify(image, p)
         if self.config.norm_pix_loss:
-            # unbiased variance, as the reference (MAE) computes it
-            ta = (ta - ta.mean(-1, keepdim=True)) / (ta.var(-1, keepdim=True) + 1e-6) ** 0.5
-            tv = (tv - tv.mean(-1, keepdim=True)) / (tv.var(-1, keepdim=True) + 1e-6) ** 0.5
+            ta, tv = standardize_patches(ta), standardize_patches(tv)
         return ta, tv
-
-    @staticmethod
-    def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over removed patches (``mask == 1``) only."""
-        per_patch = ((pred - target) ** 2).mean(-1)
-        return (per_patch * mask).sum() / mask.sum()
 
     @staticmethod
     def contrastive_loss(
@@ -396,8 +381,8 @@ class CAVMAE(CAVMAEEncoder):
             joint, mask_a.ids_restore, mask_v.ids_restore, keep_a=a.shape[1]
         )
         target_a, target_v = self.patch_targets(audio, image)
-        loss_mae_a = self.masked_mse(pred_a, target_a, mask_a.mask)
-        loss_mae_v = self.masked_mse(pred_v, target_v, mask_v.mask)
+        loss_mae_a = masked_mse(pred_a, target_a, mask_a.mask)
+        loss_mae_v = masked_mse(pred_v, target_v, mask_v.mask)
         loss_mae = loss_mae_a + loss_mae_v
         # the contrastive pair uses the modality streams of the *masked* tokens, as in the paper
         ca = self.forward_audio_stream(a).mean(1)

@@ -1,4 +1,4 @@
-"""``cavmae prepare``: videos -> the reference dataset layout (SPEC section 8).
+"""``cavmae prepare``: videos -> the reference dataset layout (docs/model.md §8).
 
 For every video this writes
 
@@ -195,7 +195,7 @@ def prepare_videos(
         json_name: name of the dataset JSON inside ``output_dir``.
         relative_paths: write paths relative to ``output_dir`` (the dataset loader resolves them
             against the JSON's folder; the reference loader needs absolute paths, the default).
-        progress: show a progress bar.
+        progress: show progress: a bar on a terminal, a line per step in a log.
         label_csv: with labeled clips, also write class-balanced sampling weights
             (``{json stem}_weight.csv``, the reference naming) for these classes.
         on_clip: called with ``(video, status)`` after each clip (status ``extracted``,
@@ -207,15 +207,16 @@ def prepare_videos(
     tasks = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
     results: list[tuple[str, str | None]] = [("failed", "not run")] * len(tasks)
 
-    from tqdm import tqdm
+    from cavmae.progress import bar_paused, progress_bar
 
-    bar = tqdm(total=len(tasks), desc="prepare", unit="clip", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc="prepare", unit="clip", enabled=progress)
 
     def done(i: int, result: tuple[str, str | None]) -> None:
         results[i] = result
         bar.update(1)
         if result[0] == "failed":
-            log.warning("skipping %s: %s", tasks[i][0], result[1])
+            with bar_paused():  # the warning gets its own line, not the end of the bar's
+                log.warning("skipping %s: %s", tasks[i][0], result[1])
         if on_clip is not None:
             on_clip(tasks[i][0], result[0])
 

@@ -25,9 +25,7 @@ from .labels import LabelSet
 from .manifest import BATCH, GraphSpec, Manifest, TensorSpec
 from .masking import indices_from_noise, num_kept
 from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
-
-#: fine-tuning modes a classifier checkpoint may have been trained for
-FINETUNE_MODES = ("multimodal", "audioonly", "videoonly")
+from .modes import FINETUNE_MODES, lookup, reference_modes
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -226,20 +224,21 @@ def build_stages(
         if finetune_mode not in FINETUNE_MODES:
             raise ValueError(f"finetune_mode must be one of {FINETUNE_MODES}, not {finetune_mode!r}")
         c = cfg.num_classes
-        if finetune_mode == "multimodal":
-            add("joint_classifier", JointClassifier(model, task, num_frames), [audio_tokens, frame_tokens],
-                [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
-                "joint stream + head per frame; probabilities averaged over frames")
-        if finetune_mode in ("multimodal", "audioonly"):
-            mode = "missingaudioonly" if finetune_mode == "multimodal" else "audioonly"
-            add("audio_classifier", AudioClassifier(model, task, mode), [audio_tokens],
-                [_t("logits", BATCH, c), _t("probs", BATCH, c)], max_batch,
-                f"audio-only prediction (reference mode {mode})")
-        if finetune_mode in ("multimodal", "videoonly"):
-            mode = "missingvideoonly" if finetune_mode == "multimodal" else "videoonly"
-            add("visual_classifier", VisualClassifier(model, task, mode, num_frames), [frame_tokens],
-                [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
-                f"visual-only prediction per frame, averaged (reference mode {mode})")
+        # one graph per mode the model serves: the table says which graph computes which mode
+        for mode in reference_modes(finetune_mode):
+            graph = lookup(mode).graph
+            if graph == "joint_classifier":
+                add(graph, JointClassifier(model, task, num_frames), [audio_tokens, frame_tokens],
+                    [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
+                    "joint stream + head per frame; probabilities averaged over frames")
+            elif graph == "audio_classifier":
+                add(graph, AudioClassifier(model, task, mode), [audio_tokens],
+                    [_t("logits", BATCH, c), _t("probs", BATCH, c)], max_batch,
+                    f"audio-only prediction (reference mode {mode})")
+            elif graph == "visual_classifier":
+                add(graph, VisualClassifier(model, task, mode, num_frames), [frame_tokens],
+                    [_t("logits", BATCH, num_frames, c), _t("probs", BATCH, c)], max_batch,
+                    f"visual-only prediction per frame, averaged (reference mode {mode})")
     elif isinstance(model, CAVMAE):
         ka, kv = num_kept(la, mask_ratio_a), num_kept(lv, mask_ratio_v)
         p = cfg.patch_size
@@ -280,13 +279,7 @@ def run_stage(stage: Stage, inputs: dict[str, np.ndarray], device: str = "cpu") 
 
 def modes_for(kind: str, finetune_mode: str) -> tuple[str, ...]:
     """Reference classifier modes that a deployment of this model serves."""
-    if kind != "classifier":
-        return ()
-    return {
-        "multimodal": ("multimodal", "missingaudioonly", "missingvideoonly"),
-        "audioonly": ("audioonly",),
-        "videoonly": ("videoonly",),
-    }[finetune_mode]
+    return reference_modes(finetune_mode) if kind == "classifier" else ()
 
 
 def make_manifest(

@@ -1,4 +1,4 @@
-"""Pre-training and fine-tuning loops (the reference recipes of SPEC section 9).
+"""Pre-training and fine-tuning loops (the reference recipes of docs/model.md section 9).
 
 ``pretrain(PretrainConfig(...))`` and ``finetune(FinetuneConfig(...))`` run a whole training job
 into ``config.output_dir`` (the *run directory*):
@@ -16,7 +16,9 @@ into ``config.output_dir`` (the *run directory*):
   position, best metric, history, RNG states), written atomically after every epoch and every
   ``save_every_steps`` optimizer steps. Starting a run whose directory holds a ``state.pt``
   continues it (``resume=True``); a killed run resumed this way ends with the same weights as an
-  uninterrupted one;
+  uninterrupted one. A run stopped by ``max_steps`` continues with a larger ``max_steps`` (or
+  none); a finished run given a larger ``epochs`` trains on to it and ends with the weights of
+  a run started with that ``epochs`` (the lr schedule does not depend on the epoch count);
 - ``result.json``: a summary at the end.
 
 Reproducibility: every random choice is a pure function of ``seed`` and a position. The epoch's
@@ -54,7 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,6 +66,7 @@ from torch import nn
 
 from cavmae.augment import AugmentConfig
 from cavmae.checkpoint import checkpoint_meta, load_checkpoint, read_state_dict, save_checkpoint
+from cavmae.coerce import FieldTypeError, coerce_fields
 from cavmae.config import DEFAULT_PREPROCESS, PRESETS, ModelConfig, PreprocessConfig
 from cavmae.data import (
     AVDataset,
@@ -80,7 +83,8 @@ from cavmae.data import (
 from cavmae.errors import CavmaeError
 from cavmae.masking import MASK_MODES, draw_noise
 from cavmae.metrics import accuracy, mean_average_precision, retrieval_metrics
-from cavmae.model import CAVMAE, CAVMAEFT, MODES
+from cavmae.model import CAVMAE, CAVMAEFT
+from cavmae.modes import FINETUNE_MODES, finetune_needs, lookup
 
 __all__ = [
     "FinetuneConfig",
@@ -123,6 +127,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, dict | list):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def _typed_model_config(values: dict[str, Any]) -> dict[str, Any]:
+    """``model_config`` overrides checked against :class:`ModelConfig`'s fields and types."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FieldTypeError(
+            [f"unknown model_config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"]
+        )
+    return coerce_fields(ModelConfig, values, prefix="model_config.")
 
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
@@ -181,10 +196,27 @@ class TrainConfig:
     eval_every: int = _f(1, "validate every N epochs (and after the last one)")
 
     kind = "train"
+    #: fields without which no run can start (``--help`` marks them, ``validate`` checks them)
+    required_fields: ClassVar[tuple[str, ...]] = ("train_data", "output_dir")
 
     def __post_init__(self) -> None:
-        if isinstance(self.betas, list):
-            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        # Every way of making a config (files, CLI, Python, ``replace``) gets typed values.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        problems: list[str] = []
+        typed: dict[str, Any] = {}
+        try:
+            typed = coerce_fields(type(self), values)
+        except FieldTypeError as e:
+            problems += e.problems
+        if isinstance(self.model_config, dict):
+            try:
+                typed["model_config"] = _typed_model_config(self.model_config)
+            except FieldTypeError as e:
+                problems += e.problems
+        if problems:
+            raise TrainConfigError(f"invalid {self.kind} config: " + "; ".join(problems))
+        for name, value in typed.items():
+            object.__setattr__(self, name, value)
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -195,10 +227,7 @@ class TrainConfig:
             raise TrainConfigError(
                 f"unknown {cls.kind} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise TrainConfigError(f"invalid {cls.kind} config: {e}") from None
+        return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Any:
@@ -231,11 +260,7 @@ class TrainConfig:
 
     # -- checks -------------------------------------------------------------------------------
     def validate(self) -> None:
-        problems = []
-        if not self.train_data:
-            problems.append("train_data is required")
-        if not self.output_dir:
-            problems.append("output_dir is required")
+        problems = [f"{name} is required" for name in self.required_fields if not getattr(self, name)]
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.accum_steps < 1:
@@ -314,7 +339,7 @@ class FinetuneConfig(TrainConfig):
     freqm: int = _f(48, "SpecAugment: max frequency band width")
     timem: int = _f(192, "SpecAugment: max time band width")
     label_smooth: float = _f(0.1, "label smoothing")
-    mode: str = _f("multimodal", f"fine-tuning mode: {', '.join(MODES[:3])}")
+    mode: str = _f("multimodal", f"fine-tuning mode: {', '.join(FINETUNE_MODES)}")
     loss: str = _f("BCE", "BCE (multi-label) or CE (single-label)")
     metric: str = _f("auto", "main validation metric: mAP, acc, or auto (mAP for BCE, acc for CE)")
     head_lr: float = _f(50.0, "the new head's lr = head_lr x lr")
@@ -325,6 +350,7 @@ class FinetuneConfig(TrainConfig):
     frame_aggregation: bool = _f(True, "final evaluation averages the predictions of all frames")
 
     kind = "finetune"
+    required_fields = (*TrainConfig.required_fields, "label_csv")
 
     @property
     def main_metric(self) -> str:
@@ -334,14 +360,12 @@ class FinetuneConfig(TrainConfig):
 
     def _validate_extra(self) -> list[str]:
         problems = []
-        if self.mode not in ("multimodal", "audioonly", "videoonly"):
-            problems.append(f"mode must be multimodal, audioonly or videoonly, not {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            problems.append(f"mode must be {', '.join(FINETUNE_MODES)}, not {self.mode!r}")
         if self.loss not in ("BCE", "CE"):
             problems.append(f"loss must be BCE or CE, not {self.loss!r}")
         if self.metric not in ("auto", "mAP", "acc"):
             problems.append(f"metric must be auto, mAP or acc, not {self.metric!r}")
-        if not self.label_csv:
-            problems.append("label_csv is required for fine-tuning")
         if self.wa and not 1 <= self.wa_start <= (self.wa_end or self.epochs) <= self.epochs:
             problems.append(
                 f"need 1 <= wa_start <= wa_end <= epochs, got {self.wa_start}, {self.wa_end}, {self.epochs}"
@@ -353,8 +377,9 @@ class FinetuneConfig(TrainConfig):
 class TrainResult:
     """What a training run produced.
 
-    ``completed`` is False when the run stopped at ``max_steps`` (resume it by running the same
-    config again). ``epoch``: epochs completed; ``global_step``: optimizer steps done. ``model`` is this process's trained model in eval mode (fine-tuning: the
+    ``completed`` is False when the run stopped at ``max_steps`` (continue it with a larger
+    ``max_steps``, or none; the same ``max_steps`` stops again at once). A completed run given
+    a larger ``epochs`` continues to it. ``epoch``: epochs completed; ``global_step``: optimizer steps done. ``model`` is this process's trained model in eval mode (fine-tuning: the
     model the final evaluation used). ``history`` holds the epoch records of ``metrics.jsonl``;
     ``final_metrics`` the final evaluation (fine-tuning).
     """
@@ -721,8 +746,7 @@ def predict_clips(
     device = torch.device(device)
     model.eval()
     batches = eval_batches(len(dataset), batch_size, d.world_size, d.rank)
-    uses_audio = mode in ("multimodal", "audioonly", "missingaudioonly")
-    uses_video = mode in ("multimodal", "videoonly", "missingvideoonly")
+    uses_audio, uses_video = lookup(mode).audio, lookup(mode).video
 
     def act(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -860,11 +884,24 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig, saved_json: str) -> No
         )
 
 
+def _check_epochs(run_dir: Path, cfg: TrainConfig, tr: dict[str, Any]) -> None:
+    """Refuse an ``epochs`` below what the run in ``run_dir`` has already trained."""
+    started = tr["epoch"] - (0 if tr["step_in_epoch"] else 1)  # epochs with any step done
+    if cfg.epochs < started:
+        what = (f"a finished run of {started} epochs" if tr["finished"]
+                else f"a run that has trained into epoch {started}")
+        raise TrainConfigError(
+            f"{run_dir} holds {what}; epochs {cfg.epochs} cannot undo that: give epochs >= "
+            f"{started} (more continues the run), or use another output_dir"
+        )
+
+
 @contextmanager
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Iterator[Any]:
-    from tqdm import tqdm
+    from cavmae.progress import progress_bar
 
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, leave=False)
+    # a bar on a terminal, a line every few seconds in a log (never a bar in a log file)
+    bar = progress_bar(total=total, initial=initial, desc=desc, unit="step", enabled=enabled, leave=False)
     try:
         yield bar
     finally:
@@ -906,13 +943,19 @@ def _run(
         if tr["kind"] != cfg.kind:
             raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
         _check_resume_config(run_dir, cfg, tr["config"])
+        _check_epochs(run_dir, cfg, tr)
         model.load_state_dict(st["state_dict"])
         optimizer.load_state_dict(tr["optimizer"])
         if tr["scaler"]:
             scaler.load_state_dict(tr["scaler"])
         epoch, step_in_epoch, global_step = tr["epoch"], tr["step_in_epoch"], tr["global_step"]
         meters, best, history = dict(tr["meters"]), dict(tr["best"]), list(tr["history"])
-        finished = bool(tr["finished"])
+        # A finished run asked for more epochs continues: the schedule is a function of (epoch,
+        # step) that does not depend on the epoch count, so epochs N+1.. are exactly those of
+        # a run started with the larger count.
+        finished = bool(tr["finished"]) and epoch > cfg.epochs
+        if tr["finished"] and not finished:
+            log.info("%s: continuing a finished run of %d epochs to %d", run_dir, epoch - 1, cfg.epochs)
         _set_rng_state(tr["rng"])
         mlog.truncate(int(tr["log_offset"]))
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch, global_step)
@@ -1182,7 +1225,7 @@ def finetune(
 
     Each epoch is validated on the middle frame (``val_loss``, ``val_mAP``, ``val_acc``). At the
     end the evaluated model is the weight average (``wa``), else the best epoch, else the last;
-    with ``frame_aggregation`` its predictions are averaged over all frames (SPEC section 4).
+    with ``frame_aggregation`` its predictions are averaged over all frames (docs/model.md section 4).
     """
     cfg = config
     d, device, amp = _prepare_run(cfg)
@@ -1205,8 +1248,7 @@ def finetune(
         base = []
     groups = [g for g in ({"params": base, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr}) if g["params"]]
     model.to(device).train()
-    audio = cfg.mode in ("multimodal", "audioonly")
-    video = cfg.mode in ("multimodal", "videoonly")
+    audio, video = finetune_needs(cfg.mode)
     preprocess = _preprocess_for(model.config)
     data = _load_data(cfg, labels, preprocess, audio, video)
     step_module = _ClassifierStep(model, cfg.mode)

@@ -1,4 +1,4 @@
-"""Frame preprocessing: RGB uint8 image -> normalized ``[3, S, S]`` float32 (SPEC section 1).
+"""Frame preprocessing: RGB uint8 image -> normalized ``[3, S, S]`` float32 (docs/model.md §1).
 
 numpy + OpenCV only (no torch), so training, the runtime and the tests share this one
 implementation. Every constant comes from :class:`~cavmae.config.PreprocessConfig`.

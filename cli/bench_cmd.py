@@ -13,7 +13,9 @@ from .common import ENGINE_CHOICES, echo_json
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINE_CHOICES[1:]), default=("ort",),
               show_default=True, help="Engine(s) to measure; repeat the option for several.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (auto: each engine's own choice; the baseline runs on"
+                   " the GPU when an engine does).")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Clip batch sizes, comma separated.")
 @click.option("--frames", default=10, show_default=True, type=click.IntRange(1))
 @click.option("-m", "--model", default=None, metavar="MODEL",

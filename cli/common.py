@@ -33,7 +33,7 @@ EXIT_INPUT_FAILED = 2
 
 def default_model() -> str:
     """The model used when none is given: ``$CAVMAE_MODEL`` or the AudioSet-2M AV classifier."""
-    from cavmae.runtime.registry import DEFAULT_MODEL
+    from cavmae.hub.registry import DEFAULT_MODEL
 
     return os.environ.get("CAVMAE_MODEL", DEFAULT_MODEL)
 
@@ -127,14 +127,26 @@ def select_shard(items: list[T], shard: tuple[int, int], key: Callable[[T], str]
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "file") -> Iterator[T]:
-    """A progress bar on an interactive stderr (see ``cavmae.progress``)."""
+    """A bar on an interactive stderr, else a line per step in logs (see ``cavmae.progress``).
+
+    Print what comes out meanwhile with :func:`echo` (or :func:`warn`, :func:`echo_json`), which
+    clear the bar first.
+    """
     from cavmae.progress import progress_bar
 
     yield from progress_bar(iterable, total=total, desc=desc, unit=unit, leave=False)
 
 
+def echo(message: str = "", *, err: bool = False, nl: bool = True) -> None:
+    """``click.echo`` that clears a progress bar on screen first and redraws it after."""
+    from cavmae.progress import bar_paused
+
+    with bar_paused():
+        click.echo(message, err=err, nl=nl)
+
+
 def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False, default=_json_default))
+    echo(json.dumps(obj, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:
@@ -151,4 +163,4 @@ def _json_default(o: Any) -> Any:
 
 def warn(message: str) -> None:
     """A one-line warning on stderr (skipped files and the like)."""
-    click.echo(f"warning: {message}", err=True)
+    echo(f"warning: {message}", err=True)

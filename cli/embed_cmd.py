@@ -10,12 +10,13 @@ indexed) or an internal error; 2 a user mistake (bad option, missing index, othe
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cavmae.errors import CavmaeError
+from cavmae.errors import CavmaeError, MissingStreamError
 
 from .common import (
     ENGINE_CHOICES,
@@ -103,20 +104,8 @@ def embed(
       wait; cavmae embed --merge my-index
       torchrun --nproc-per-node 4 --no-python cavmae embed videos/ -o my-index --shard auto
     """
-    from cavmae.runtime import index as ix
-
     if merge:
-        if index is None and len(inputs) == 1:
-            index, inputs = inputs[0], ()
-        if index is None or inputs:
-            raise click.UsageError("--merge takes only the index: cavmae embed --merge INDEX")
-        result = ix.merge_shards(index)
-        if as_json:
-            echo_json({"index": index, "shards": result.shards, "added": result.added,
-                       "duplicates": result.duplicates, "count": result.count})
-        else:
-            click.echo(f"Merged {result.shards} shards into {index}: {result.added} rows added"
-                       f" ({result.duplicates} duplicates skipped), {result.count} rows in all.")
+        _merge(index, inputs, as_json)
         return
     if index is None:
         raise click.UsageError("missing -o INDEX (the index directory to write)")
@@ -125,64 +114,123 @@ def embed(
 
     i, n = parse_shard(shard)
     root = Path(index)
-    if root.exists() and not root.is_dir():
-        raise CavmaeError(f"{root} exists and is not a directory; choose another -o")
-    main_meta = ix.EmbeddingIndex.open(root).meta if ix.is_index(root) else None
+    main_meta = _existing_meta(root)
     if main_meta is not None:  # an existing index decides what is not given
         model = model or main_meta["model"].get("ref")
         frame = frame if frame is not None else str(main_meta["frame"])
+    from cavmae.runtime import index as ix
+
     frame_choice = ix.parse_frame(frame or "middle")
     paths = select_shard(expand_inputs(inputs), (i, n), key=ix.path_key)
 
     pipe = open_pipeline(model, engine, _torchrun_device(device, shard), mirror)
     try:
-        m = pipe.manifest
-        identity = ix.model_identity(m, _model_ref(model) if model else None)
+        run = _EmbedRun(root, (i, n), main_meta, batch, workers, commit_every)
+        summary = run.embed(pipe, paths, model, frame_choice)
+    finally:
+        pipe.close()
+    _report(summary, root, as_json)
+
+
+def _merge(index: str | None, inputs: tuple[str, ...], as_json: bool) -> None:
+    """``--merge``: combine the finished shard directories of INDEX and print what was added."""
+    from cavmae.runtime import index as ix
+
+    if index is None and len(inputs) == 1:
+        index, inputs = inputs[0], ()
+    if index is None or inputs:
+        raise click.UsageError("--merge takes only the index: cavmae embed --merge INDEX")
+    result = ix.merge_shards(index)
+    if as_json:
+        echo_json({"index": index, "shards": result.shards, "added": result.added,
+                   "duplicates": result.duplicates, "count": result.count})
+    else:
+        click.echo(f"Merged {result.shards} shards into {index}: {result.added} rows added"
+                   f" ({result.duplicates} duplicates skipped), {result.count} rows in all.")
+
+
+def _existing_meta(root: Path) -> dict[str, Any] | None:
+    """The metadata of the index at ``root``, or None where there is none yet."""
+    from cavmae.runtime import index as ix
+
+    if root.exists() and not root.is_dir():
+        raise CavmaeError(f"{root} exists and is not a directory; choose another -o")
+    return ix.EmbeddingIndex.open(root).meta if ix.is_index(root) else None
+
+
+@dataclass
+class _EmbedRun:
+    """Where and how one ``cavmae embed`` run writes: the index, its shard, the existing metadata."""
+
+    root: Path
+    shard: tuple[int, int]
+    main_meta: dict[str, Any] | None
+    batch: int
+    workers: int
+    commit_every: int
+
+    def embed(self, pipe: Any, paths: list[Path], model: str | None,
+              frame: str | int) -> dict[str, Any]:
+        """Embed the files of ``paths`` not yet in the index; the run's summary (see ``_report``)."""
+        from cavmae.runtime import index as ix
+
+        i, n = self.shard
+        identity = ix.model_identity(pipe.manifest, _model_ref(model) if model else None)
         if identity["ref"] is None:
             from .common import default_model
 
             identity["ref"] = default_model()
-        if isinstance(frame_choice, int) and not 0 <= frame_choice < pipe.num_frames:
-            raise CavmaeError(f"--frame {frame_choice}: this model samples frames 0..{pipe.num_frames - 1}")
-        settings = dict(dim=m.model_config.embed_dim, frame=frame_choice, num_frames=pipe.num_frames)
+        if isinstance(frame, int) and not 0 <= frame < pipe.num_frames:
+            raise CavmaeError(f"--frame {frame}: this model samples frames 0..{pipe.num_frames - 1}")
+        settings = dict(dim=pipe.manifest.model_config.embed_dim, frame=frame,
+                        num_frames=pipe.num_frames)
         known: set[str] = set()
-        if main_meta is not None:
-            ix.check_compatible(main_meta, identity, **settings, where=root)
+        if self.main_meta is not None:
+            ix.check_compatible(self.main_meta, identity, **settings, where=self.root)
             if n > 1:
-                known = ix.EmbeddingIndex.open(root).paths()
-        target = ix.shard_dir(root, (i, n)) if n > 1 else root
+                known = ix.EmbeddingIndex.open(self.root).paths()
+        target = ix.shard_dir(self.root, self.shard) if n > 1 else self.root
         todo = [p for p in paths if ix.path_key(p) not in known]
+        with ix.IndexWriter(target, model=identity, **settings, shard=self.shard if n > 1 else None,
+                            commit_every=self.commit_every) as writer:
+            todo = [p for p in todo if p not in writer]
+            failed, added = self._embed_new(pipe, todo, writer)
+            count = writer.count
+        return {"index": str(target), "added": added, "skipped": len(paths) - len(todo),
+                "failed": failed, "count": count, "shard": [i, n] if n > 1 else None,
+                "todo": len(todo)}
+
+    def _embed_new(self, pipe: Any, todo: list[Path], writer: Any) -> tuple[list[dict[str, str]], int]:
+        """Embed ``todo`` into ``writer`` with progress; (failed files, rows added)."""
+        from cavmae.runtime import index as ix
+
         failed: list[dict[str, str]] = []
         added = 0
-        with ix.IndexWriter(target, model=identity, **settings, shard=(i, n) if n > 1 else None,
-                            commit_every=commit_every) as writer:
-            todo = [p for p in todo if p not in writer]
-            skipped = len(paths) - len(todo)
-            results = ix.embed_files(pipe, todo, writer, batch=batch, workers=workers)
-            for r in progress(results, total=len(todo), desc="embed", unit="clip"):
-                if r.error is not None:
-                    warn(f"skipped {r.error}" if str(r.path) in r.error else f"skipped {r.path}: {r.error}")
-                    failed.append({"path": str(r.path), "error": r.error})
-                else:
-                    added += 1
-            count = writer.count
-    finally:
-        pipe.close()
+        results = ix.embed_files(pipe, todo, writer, batch=self.batch, workers=self.workers)
+        for r in progress(results, total=len(todo), desc="embed", unit="clip"):
+            if r.error is not None:
+                warn(f"skipped {r.error}" if str(r.path) in r.error else f"skipped {r.path}: {r.error}")
+                failed.append({"path": str(r.path), "error": r.error})
+            else:
+                added += 1
+        return failed, added
 
-    summary: dict[str, Any] = {
-        "index": str(target), "added": added, "skipped": skipped, "failed": failed, "count": count,
-        "shard": [i, n] if n > 1 else None,
-    }
+
+def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
+    """Print the summary of an embed run; exit 2 when some inputs failed."""
+    todo = summary.pop("todo")
+    failed, shard = summary["failed"], summary["shard"]
     if as_json:
         echo_json(summary)
     else:
-        what = f"shard {i}/{n} " if n > 1 else ""
-        click.echo(f"Indexed {added} new clips into {what}{target} ({skipped} already there,"
-                   f" {len(failed)} failed); {count} rows.")
-        if n > 1:
-            click.echo(f"When all {n} shards are done: cavmae embed --merge {root}")
+        what = f"shard {shard[0]}/{shard[1]} " if shard else ""
+        click.echo(f"Indexed {summary['added']} new clips into {what}{summary['index']}"
+                   f" ({summary['skipped']} already there, {len(failed)} failed);"
+                   f" {summary['count']} rows.")
+        if shard:
+            click.echo(f"When all {shard[1]} shards are done: cavmae embed --merge {root}")
     if failed:
-        click.echo(f"{len(failed)} of {len(todo)} inputs failed (see warnings above).", err=True)
+        click.echo(f"{len(failed)} of {todo} inputs failed (see warnings above).", err=True)
         click.get_current_context().exit(EXIT_INPUT_FAILED)
 
 
@@ -258,16 +306,8 @@ def search(
     finally:
         pipe.close()
 
-    runs: list[tuple[str, str]] = []  # (query modality, target rows)
-    for q in queries:
-        if target is None:
-            targets: tuple[str, ...] = (q,) if kind == "video" else ("visual" if q == "audio" else "audio",)
-        else:
-            targets = ("audio", "visual") if target == "both" else (target,)
-        runs.extend((q, t) for t in targets)
-
     results = []
-    for q, t in runs:
+    for q, t in _search_runs(queries, kind, target):
         hits = idx.search(queries[q], t, k)
         results.append({"query": q, "target": t, "hits": [h.to_dict() for h in hits]})
 
@@ -280,6 +320,22 @@ def search(
             click.echo(f"  (no rows with {res['target']} in the index)")
         for h in res["hits"]:
             click.echo(f"  {h['rank']:>3}  {h['score']:+.4f}  {h['path']}")
+
+
+def _search_runs(queries: dict[str, Any], kind: str, target: str | None) -> list[tuple[str, str]]:
+    """The (query modality, target rows) pairs to search, in order.
+
+    Without ``--target`` a --video query compares each stream with its own modality, an --audio
+    or --image query crosses to the other one.
+    """
+    runs: list[tuple[str, str]] = []
+    for q in queries:
+        if target is None:
+            targets: tuple[str, ...] = (q,) if kind == "video" else ("visual" if q == "audio" else "audio",)
+        else:
+            targets = ("audio", "visual") if target == "both" else (target,)
+        runs.extend((q, t) for t in targets)
+    return runs
 
 
 def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | int) -> dict[str, Any]:
@@ -295,14 +351,18 @@ def _embed_query(pipe: Any, kind: str, path: Path, modality: str, frame: str | i
         image = preprocess_frame(load_image(path), cfg)
         return {"visual": pipe.embed_images(image[None])[0][0]}
     if kind == "audio":
-        clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+        try:
+            clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=True, need_video=False)
+        except MissingStreamError as e:  # the decoder's hint knows no flags of this command
+            raise e.with_hint("query with its frames instead: --video FILE (or --image for a still)") from None
         return {"audio": pipe.embed_audio(clip.audio[None])[0]}
     info = probe(path)
     need_audio = modality in ("audio", "both") and info.has_audio
     need_video = modality in ("visual", "both") and info.has_video
     if not (need_audio or need_video):
         want = "audio or video" if modality == "both" else ("audio" if modality == "audio" else "video")
-        raise CavmaeError(f"{path} has no {want} stream to query with")
+        other = "visual" if info.has_video else "audio"
+        raise CavmaeError(f"{path} has no {want} stream to query with; use --modality {other} (or both)")
     clip = load_clip(path, num_frames=pipe.num_frames, config=cfg, need_audio=need_audio, need_video=need_video)
     out: dict[str, np.ndarray] = {}
     if clip.audio is not None:

@@ -1,6 +1,7 @@
 """``cavmae evaluate``: classification mAP / accuracy and retrieval recall on a dataset.
 
-Thin: parses, reads the dataset with :mod:`cavmae.runtime.evaluation`, runs it, prints.
+Thin: parses, reads the dataset with :mod:`cavmae.clip_lists`, evaluates it with
+:mod:`cavmae.runtime.evaluation`, prints.
 Exit codes: 0 every clip evaluated; 2 a user mistake (bad option, unreadable dataset, wrong label
 set; one line on stderr), and also when some clips failed (skipped and reported, metrics over
 the rest) or none could be evaluated; 1 only for a bug.
@@ -9,9 +10,11 @@ the rest) or none could be evaluated; 1 only for a bug.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from cavmae.modes import CLI_MODES
 
 from .common import (
     EXIT_INPUT_FAILED,
@@ -22,6 +25,9 @@ from .common import (
     progress,
     warn,
 )
+
+if TYPE_CHECKING:
+    from cavmae.clip_lists import ClipList
 
 
 def _is_dataset_json(inputs: tuple[str, ...]) -> bool:
@@ -82,7 +88,7 @@ def _print_summary(result: Any) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["av", "audio", "visual"]),
+    type=click.Choice(CLI_MODES),
     default=None,
     help="Classification input: both modalities, audio only or visual only. [default: av]",
 )
@@ -181,24 +187,9 @@ def evaluate(
 
     Clips that cannot be read are skipped and reported; the exit code is then 2.
     """
-    from cavmae.errors import CavmaeError
     from cavmae.runtime import evaluation as ev
 
-    if _is_dataset_json(dataset):
-        if labels_file is not None:
-            raise CavmaeError(
-                "--labels-file is for video files; a dataset JSON carries its own labels"
-            )
-        data = ev.read_dataset_json(dataset[0])
-    else:
-        if any(d.lower().endswith(".json") for d in dataset) and len(dataset) > 1:
-            raise CavmaeError("give one dataset JSON at a time")
-        if len(dataset) == 1 and dataset[0].lower().endswith(".json"):
-            raise CavmaeError(f"no such dataset file: {dataset[0]}")
-        data = ev.read_video_files(expand_inputs(dataset), labels_file)
-    if limit is not None and limit < len(data):
-        data = ev.EvalDataset(items=data.items[:limit], source=data.source, kind=data.kind)
-
+    data = _read_dataset(dataset, labels_file, limit)
     pipeline = open_pipeline(model, engine, device, mirror)
     try:
         label_set = ev.model_label_set(pipeline, labels_csv) if labels_csv is not None else None
@@ -220,6 +211,33 @@ def evaluate(
     finally:
         pipeline.close()
 
+    _report(result, predictions, as_json)
+
+
+def _read_dataset(dataset: tuple[str, ...], labels_file: str | None, limit: int | None) -> ClipList:
+    """The clips to evaluate: a reference dataset JSON, or media files with a labels file."""
+    from cavmae import clip_lists
+    from cavmae.errors import CavmaeError
+
+    if _is_dataset_json(dataset):
+        if labels_file is not None:
+            raise CavmaeError(
+                "--labels-file is for video files; a dataset JSON carries its own labels"
+            )
+        data = clip_lists.read_dataset_json(dataset[0])
+    else:
+        if any(d.lower().endswith(".json") for d in dataset) and len(dataset) > 1:
+            raise CavmaeError("give one dataset JSON at a time")
+        if len(dataset) == 1 and dataset[0].lower().endswith(".json"):
+            raise CavmaeError(f"no such dataset file: {dataset[0]}")
+        data = clip_lists.read_video_files(expand_inputs(dataset), labels_file)
+    if limit is not None and limit < len(data):
+        data = data.head(limit)
+    return data
+
+
+def _report(result: Any, predictions: str | None, as_json: bool) -> None:
+    """Notes on stderr, the predictions file, the metrics; exit 2 unless every clip was evaluated."""
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if predictions is not None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cavmae.modes import AUTO, FINETUNE_MODES
+
 from .common import echo_json
 
 
@@ -16,7 +18,7 @@ from .common import echo_json
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of clips.")
-@click.option("--finetune-mode", type=click.Choice(["auto", "multimodal", "audioonly", "videoonly"]), default="auto",
+@click.option("--finetune-mode", type=click.Choice([AUTO, *FINETUNE_MODES]), default=AUTO,
               show_default=True, help="What a classifier was fine-tuned for (auto: from the registry, else multimodal).")
 @click.option("--task", type=click.Choice(["auto", "multi-label", "single-label"]), default="auto", show_default=True,
               help="Sigmoid (multi-label) or softmax (single-label) probabilities.")
@@ -45,7 +47,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
       cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
     """
     from cavmae.export import export_model
-    from cavmae.runtime import registry
+    from cavmae.hub import registry
     from cavmae.runtime.loader import _load_source_model, resolve_model
 
     source = resolve_model(model, mirror=mirror, progress=not as_json)
@@ -58,7 +60,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         _load_source_model(source), output, precision,
         num_frames=frames, max_batch=max_batch,
         task=None if task == "auto" else task,
-        finetune_mode=source.finetune_mode if finetune_mode == "auto" else finetune_mode,
+        finetune_mode=source.finetune_mode if finetune_mode == AUTO else finetune_mode,
         labels=labels, mask_ratio_a=mask_ratio,
         mask_ratio_v=mask_ratio if mask_ratio_v is None else mask_ratio_v,
         validate=not no_validate, overwrite=overwrite, progress=not as_json,

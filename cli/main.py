@@ -3,11 +3,14 @@
 Commands live in their own modules and are imported only when invoked (``LazyGroup``), so
 ``cavmae --help`` stays fast and a command that needs torch or TensorRT does not slow the rest.
 Errors are handled once, here: a ``CavmaeError`` is a user mistake (one line, exit 2), anything
-else is a bug (one line and a hint, exit 1); ``--debug`` shows the traceback instead.
+else is a bug (one line and a hint, exit 1); ``--debug`` shows the traceback instead. Usage
+errors (unknown option or command, bad value) are one line too, naming the ``--help`` to read,
+with exit code 2 as click gives them.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import sys
@@ -22,6 +25,7 @@ from cavmae.errors import CavmaeError
 COMMANDS: dict[str, str] = {
     "models": "cavmae.cli.models_cmd:models",
     "download": "cavmae.cli.models_cmd:download",
+    "cache": "cavmae.cli.cache_cmd:cache",
     "export": "cavmae.cli.export_cmd:export",
     "classify": "cavmae.cli.classify_cmd:classify",
     "embed": "cavmae.cli.embed_cmd:embed",
@@ -40,6 +44,7 @@ COMMANDS: dict[str, str] = {
 SUMMARIES: dict[str, str] = {
     "models": "List the released checkpoints and which are cached.",
     "download": "Download released checkpoints into the cache.",
+    "cache": "List the cache (sizes, last use); prune or clear it.",
     "export": "Export a model to per-stage ONNX graphs (and a Triton repository).",
     "classify": "Classify videos: top-k audio-visual labels.",
     "embed": "Build or merge an audio-visual embedding index.",
@@ -55,6 +60,32 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+class OneLineUsageError(click.UsageError):
+    """A click usage error shown as one line: ``Error: ... (see 'cavmae CMD --help')``."""
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "cavmae"
+        click.echo(f"Error: {self.message} (see '{path} --help')", err=True, file=file)
+
+
+def one_line_usage_error(e: click.UsageError) -> click.UsageError:
+    """``e`` reworded as one line; click's help-on-no-arguments passes through unchanged."""
+    if isinstance(e, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return e
+    if isinstance(e, click.NoSuchOption):
+        # click appends its suggestion without a separator ("--fo Did you mean --foo?")
+        text = f"no such option: {e.option_name}"
+        if e.possibilities:
+            text += ". Did you mean " + " or ".join(list(e.possibilities)[:3]) + "?"  # closest first
+    else:
+        text = " ".join(e.format_message().split())
+        if text[:1].isupper() and text[1:2].islower():  # "Invalid value" -> "invalid value"
+            text = text[0].lower() + text[1:]
+        if text.endswith(".") and not text.endswith(".."):
+            text = text[:-1]
+    return OneLineUsageError(text, e.ctx)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(COMMANDS) | set(self.commands))
@@ -68,6 +99,22 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
+            ctx.fail(f"no such command {name!r}" + (f". Did you mean {close[0]!r}?" if close else ""))
+        return super().resolve_command(ctx, args)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:  # the group's own options (`cavmae --fo`)
+            raise one_line_usage_error(e) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
@@ -77,6 +124,8 @@ class LazyGroup(click.Group):
         debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a command's options, arguments, or an unknown command
+            raise one_line_usage_error(e) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except CavmaeError as e:

@@ -16,25 +16,26 @@ def models(as_json: bool) -> None:
     Example:
       cavmae models
     """
-    from cavmae.runtime import registry
+    from cavmae.hub import registry
+    from cavmae.hub.cache import cavmae_home
 
     rows = []
     for info in registry.list_models():
         cached = registry.cached_path(info.name)
         rows.append({
             "name": info.name, "kind": info.kind, "classes": info.num_classes, "task": info.task,
-            "modes": list(info.modes), "reported": info.reported, "cached": str(cached) if cached else None,
+            "finetune_mode": info.finetune_mode, "label_set": info.label_set, "modes": list(info.modes), "reported": info.reported, "cached": str(cached) if cached else None,
             "default": info.name == registry.DEFAULT_MODEL, "description": info.description,
         })
     if as_json:
-        echo_json({"home": str(registry.cavmae_home()), "models": rows})
+        echo_json({"home": str(cavmae_home()), "models": rows})
         return
     click.echo(f"{'name':<22}{'kind':<12}{'classes':>8}  {'reported':<14}{'cached':<8}")
     for r in rows:
         mark = "*" if r["default"] else " "
         click.echo(f"{r['name'] + mark:<22}{r['kind']:<12}{r['classes'] or '-':>8}  {r['reported']:<14}"
                    f"{'yes' if r['cached'] else 'no':<8}")
-    click.echo(f"\n* default model; cache: {registry.cavmae_home()} (set CAVMAE_HOME to move it)")
+    click.echo(f"\n* default model; cache: {cavmae_home()} (set CAVMAE_HOME to move it)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +53,7 @@ def download(names: tuple[str, ...], all_models: bool, mirror: str | None, sha25
       cavmae download as-full-51.2
       cavmae download --all --mirror https://models.example.org/cavmae
     """
-    from cavmae.runtime import registry
+    from cavmae.hub import registry
 
     if all_models:
         names = tuple(i.name for i in registry.list_models())
@@ -64,10 +65,12 @@ def download(names: tuple[str, ...], all_models: bool, mirror: str | None, sha25
     done = []
     for info in infos:
         if sha256 and registry.cached_path(info.name):
-            from cavmae.checkpoint import file_sha256
+            from cavmae.errors import CavmaeError
+            from cavmae.hub.download import sha256_file
 
-            if file_sha256(registry.checkpoint_path(info.name)) != sha256.lower():
-                raise click.ClickException(f"the cached {info.name} does not match --sha256; delete it and download again")
+            if sha256_file(registry.checkpoint_path(info.name)) != sha256.strip().lower():
+                raise CavmaeError(f"the cached {info.name} does not match --sha256; delete"
+                                  f" {registry.checkpoint_path(info.name)} and download again")
         path = registry.ensure_model(info.name, mirror=mirror, progress=not as_json, sha256=sha256)
         labels = registry.ensure_labels(info.name, mirror=mirror, progress=not as_json)
         done.append({"name": info.name, "path": str(path), "labels": str(labels) if labels else None})

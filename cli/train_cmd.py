@@ -44,17 +44,19 @@ _SHORT = {"output_dir": "-o"}
 @click.option("--label-csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Label CSV: also write class-balanced sampling weights ({json name}_weight.csv).")
 @click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG quality.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show progress: a bar on a terminal, a line every few seconds in a log.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def prepare(
     videos: tuple[Path, ...], output_dir: Path, list_file: Path | None, jobs: int, json_name: str,
-    relative_paths: bool, label_csv: Path | None, quality: int, progress: bool,
+    relative_paths: bool, label_csv: Path | None, quality: int, progress: bool, as_json: bool,
 ) -> None:
     """Extract audio (16 kHz, first channel) and 10 frames (224 JPEGs) of videos into the
     reference dataset layout and write the dataset JSON.
 
     VIDEOS are files or folders (searched recursively). Clips already extracted are skipped,
     so an interrupted run continues where it stopped. Files that cannot be used are reported
-    (and listed in OUTPUT/failed.txt) and skipped.
+    (and listed in OUTPUT/failed.txt) and skipped; the exit code is then 2.
 
     \b
     Examples:
@@ -64,22 +66,39 @@ def prepare(
     """
     from cavmae.prepare import prepare_videos
 
+    from .common import EXIT_INPUT_FAILED, echo_json
+
     report = prepare_videos(
         videos, output_dir, list_file=list_file, jobs=jobs, json_name=json_name,
         relative_paths=relative_paths, jpeg_quality=quality, progress=progress, label_csv=label_csv,
     )
-    click.echo(
-        f"{len(report.clips)} clips in {report.dataset_json} "
-        f"({report.extracted} extracted, {report.skipped} already done, {len(report.failed)} failed)"
-    )
-    if report.weight_csv is not None:
-        click.echo(f"sampling weights: {report.weight_csv}")
+    failed_txt = report.output_dir / "failed.txt"
+    if as_json:
+        echo_json({
+            "dataset_json": str(report.dataset_json), "output_dir": str(report.output_dir),
+            "clips": len(report.clips), "extracted": report.extracted, "skipped": report.skipped,
+            "failed": [{"video": v, "reason": r} for v, r in report.failed],
+            "failed_list": str(failed_txt) if report.failed else None,
+            "weight_csv": str(report.weight_csv) if report.weight_csv is not None else None,
+        })
+    else:
+        click.echo(
+            f"{len(report.clips)} clips in {report.dataset_json} "
+            f"({report.extracted} extracted, {report.skipped} already done, {len(report.failed)} failed)"
+        )
+        if report.weight_csv is not None:
+            click.echo(f"sampling weights: {report.weight_csv}")
     for video, reason in report.failed[:10]:
         click.echo(f"  failed: {video}: {reason}", err=True)
     if len(report.failed) > 10:
-        click.echo(f"  ... see {report.output_dir / 'failed.txt'}", err=True)
+        click.echo(f"  ... see {failed_txt}", err=True)
     if not report.clips:
-        raise CavmaeError(f"no video could be prepared; see {report.output_dir / 'failed.txt'}")
+        raise CavmaeError(f"no video could be prepared; see {failed_txt}")
+    if report.failed:
+        total = len(report.clips) + len(report.failed)
+        click.echo(f"{len(report.failed)} of {total} inputs failed (listed in {failed_txt});"
+                   " the others were prepared", err=True)
+        click.get_current_context().exit(EXIT_INPUT_FAILED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,13 +132,15 @@ class _JSONParam(click.ParamType):
 def config_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """One option per field of the config dataclass ``cls`` (default None: not given)."""
     hints = typing.get_type_hints(cls)
+    required = set(getattr(cls, "required_fields", ()))
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for fld in reversed(dataclasses.fields(cls)):
             typ, _ = _base_type(hints[fld.name])
             flag = "--" + fld.name.replace("_", "-")
             default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
-            shown = "required" if default == "" else f"default: {default}"
+            # not click's required=True: a --config file may give the field instead
+            shown = "required" if fld.name in required else f"default: {default}"
             help_text = f"{fld.metadata.get('help', '')} [{shown}]"
             names = [flag] + ([_SHORT[fld.name]] if fld.name in _SHORT else [])
             if typ is bool:
@@ -153,9 +174,18 @@ def _print_epoch(rec: dict[str, Any]) -> None:
     click.echo("  ".join(parts))
 
 
-def _report(result: Any) -> None:
+def _report(result: Any, config: Any, config_file: Path | None, max_steps_option: bool) -> None:
+    """Print the outcome; a run stopped by max_steps says how to continue it (the same
+    max_steps would stop again at once)."""
     if not result.completed:
-        click.echo(f"stopped at step {result.global_step} (max_steps); run the same command again to continue")
+        if max_steps_option or config_file is None:
+            how = "run again with a larger --max-steps, or without --max-steps"
+        else:
+            how = f"raise max_steps in {config_file} (or give a larger --max-steps), or remove it"
+        click.echo(
+            f"stopped at step {result.global_step} (max_steps {config.max_steps}) in {result.run_dir};"
+            f" to continue, {how} to finish all {config.epochs} epochs"
+        )
         return
     click.echo(f"done: {result.epoch} epochs, {result.global_step} steps; run directory {result.run_dir}")
     for label, path in (("final", result.final_checkpoint), ("best", result.best_checkpoint),
@@ -184,7 +214,8 @@ def _train_command(name: str, cls_name: str, doc: str) -> click.Command:
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         config.validate()
-        _report(run(config, on_epoch=_print_epoch))
+        result = run(config, on_epoch=_print_epoch)
+        _report(result, config, config_file, options.get("max_steps") is not None)
 
     return command
 

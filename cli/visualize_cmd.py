@@ -21,7 +21,7 @@ from cavmae.masking import MASK_MODES
 
 from .common import echo_json, model_options, open_pipeline, warn
 
-#: reconstruction: the decoder predicts pixels of the normalized input (SPEC section 6)
+#: reconstruction: the decoder predicts pixels of the normalized input (docs/model.md section 6)
 RECONSTRUCT_MODEL = "cav-mae-base-nonorm"
 #: localization: a pre-trained model's modality streams (the reference's localization.py)
 LOCALIZE_MODEL = "cav-mae-scale++"
@@ -78,6 +78,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
       cavmae reconstruct video.mp4 -o rec.png --mask-ratio 0.9 --mask-mode time --seed 3
       cavmae reconstruct video.mp4 -o rec.png --json
     """
+    from cavmae.audio import audio_frames
     from cavmae.runtime.figures import (
         ReconstructionInfo,
         check_png_path,
@@ -87,9 +88,9 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
 
     output = check_png_path(output)
     _check_media(video, "reconstruct")
-    _check_registry_kind(model)
     ratios = {} if mask_ratio is None else {"mask_ratio_a": mask_ratio, "mask_ratio_v": mask_ratio}
-    pipe = open_pipeline(model, engine, device, mirror, **ratios)
+    # task: a classifier is refused from its registry entry or keys, before download or export
+    pipe = open_pipeline(model, engine, device, mirror, task="reconstruct", **ratios)
     try:
         m = pipe.manifest
         if m.model_kind != "pretrain":
@@ -108,6 +109,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
             source=video.name, model=_model_name(model), mask_ratio_a=ratio_a, mask_ratio_v=ratio_v,
             mask_mode=mask_mode, seed=seed, frame_index=index, frame_time=frame_time, offset=offset,
             frame_shift_s=m.preprocess.frame_shift_ms / 1000.0,
+            audio_frames=audio_frames(len(clip.waveform), m.preprocess),
             image_mean=m.preprocess.image_mean, image_std=m.preprocess.image_std,
         )
         image = reconstruction_figure(rec, info)
@@ -119,7 +121,7 @@ def reconstruct(video: Path, output: Path, model: str, engine: str, device: str,
         "path": str(video), "output": str(output), "model": str(model), "engine": engine_name,
         "mask_ratio_a": ratio_a, "mask_ratio_v": ratio_v, "mask_mode": mask_mode, "seed": seed,
         "offset": offset, "frame": index, "frame_time": round(frame_time, 4),
-        "mse_a": float(rec.mse_a), "mse_v": float(rec.mse_v),
+        "mse_a": float(rec.mse_a), "mse_v": float(rec.mse_v), "audio_frames": info.audio_frames,
         "removed_a": int(rec.mask_a.sum()), "tokens_a": int(rec.mask_a.size),
         "removed_v": int(rec.mask_v.sum()), "tokens_v": int(rec.mask_v.size),
         "width": int(image.shape[1]), "height": int(image.shape[0]),
@@ -223,15 +225,6 @@ def _check_media(video: Path, command: str) -> None:
     for have, what in ((info.has_audio, "audio"), (info.has_video, "video")):
         if not have:
             raise MissingStreamError(f"{video}: no {what} stream; {command} needs both audio and video")
-
-
-def _check_registry_kind(model: str) -> None:
-    """A registry classifier given to reconstruct: say so before downloading it."""
-    from cavmae.runtime.registry import MODELS
-
-    info = MODELS.get(model)
-    if info is not None and not Path(model).exists() and info.kind != "pretrain":
-        raise ModelKindError(_wrong_kind(model))
 
 
 def _wrong_kind(model: str) -> str:

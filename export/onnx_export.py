@@ -7,6 +7,7 @@ PyTorch stage in ONNX Runtime right after export; a failed validation fails the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,13 +29,17 @@ from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
 from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar
-from cavmae.stages import FINETUNE_MODES, Stage, build_stages, make_manifest
+from cavmae.stages import Stage, build_stages, make_manifest
 
 from .fp16 import convert_to_fp16
-from .validate import ValidationReport, validate_graph
+from .validate import DEFAULT_SEED, ValidationReport, validate_graph
 
 log = logging.getLogger(__name__)
+
+#: the validation report written next to the manifest (seed, tolerances met, per output)
+VALIDATION_NAME = "validation.json"
 
 #: ONNX opset: LayerNormalization needs 17; TensorRT 10 and 11 parse up to 20.
 OPSET = 17
@@ -140,6 +145,7 @@ def export_model(
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     graphs: Sequence[str] | None = None,
     validate: bool = True,
+    validation_seed: int | None = DEFAULT_SEED,
     source: dict[str, Any] | None = None,
     progress: bool = False,
     overwrite: bool = False,
@@ -150,6 +156,10 @@ def export_model(
     float32 inputs and outputs). ``graphs`` limits the export to some graph names. The directory
     is written into a temporary sibling and renamed into place, so a failed export never leaves
     a half-written directory behind.
+
+    Validation draws its random inputs from ``validation_seed`` (None: a fresh random seed), so
+    an export validates the same way every time; the seed is in each report and in
+    ``validation.json``.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -177,8 +187,11 @@ def export_model(
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     reports: dict[str, ValidationReport] = {}
     specs = {}
+    if validation_seed is None:
+        validation_seed = int(np.random.SeedSequence().entropy % (2**32))
     try:
-        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph")
+        # log_interval=0: in a log, one line per graph (each takes seconds)
+        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph", log_interval=0)
         for name, stage in bar:
             bar.set_postfix_str(name)
             path = work / stage.spec.file
@@ -189,9 +202,12 @@ def export_model(
             spec = stage.spec if precision == "fp32" else _with_precision(stage, precision)
             specs[name] = spec
             if validate:
-                reports[name] = validate_graph(stage, path, precision, task=task)
+                reports[name] = validate_graph(stage, path, precision, task=task, seed=validation_seed)
                 if not reports[name].passed:
                     raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
+                bar.set_postfix_str(f"{name} validated")
+        if validate:
+            _write_validation(work / VALIDATION_NAME, validation_seed, reports)
         manifest = make_manifest(
             net, specs, precision=precision, num_frames=num_frames, max_batch=max_batch,
             task=task, finetune_mode=finetune_mode, labels=label_set, mask_ratio_a=mask_ratio_a,
@@ -209,6 +225,12 @@ def export_model(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)
+
+
+def _write_validation(path: Path, seed: int, reports: dict[str, ValidationReport]) -> None:
+    """The validation record of an export: its seed and every graph's checks."""
+    data = {"seed": seed, "graphs": {k: r.to_dict() for k, r in reports.items()}}
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _with_precision(stage: Stage, precision: str):

@@ -1,16 +1,23 @@
 """Validation of an exported graph against its PyTorch stage, in ONNX Runtime.
 
-Each check draws fresh random inputs (the seed is reported), runs the stage's module in PyTorch
-and the ONNX file in ONNX Runtime (CPU), and compares every output:
+Each check draws random inputs from a given seed (reported, so a failure can be replayed), runs
+the stage's module in PyTorch and the ONNX file in ONNX Runtime (CPU), and compares every output:
+
 - fp32: max relative error ``max|onnx - torch| / max|torch|`` per output <= 1e-4;
-- fp16: cosine similarity per sample >= 0.999 for every output, and equal top-5 classes for
-  probability outputs.
+- fp16, probability outputs (``probs``): what a user sees, the scores and the ranking:
+  max absolute difference of the probabilities <= 5e-3, and top-5 agreement up to near-ties:
+  the class fp16 ranks i-th has a reference probability within 1e-3 of the true i-th highest
+  one. Two classes closer than that swap places under fp16 rounding without anybody being
+  able to tell which order is right, so demanding the identical order made validation fail
+  on some random draws and pass on others;
+- fp16, every other output (tokens, embeddings, logits): cosine similarity per sample >= 0.999.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,19 +25,35 @@ from cavmae.stages import Stage, run_stage
 
 FP32_MAX_REL_ERROR = 1e-4
 FP16_MIN_COSINE = 0.999
+#: fp16 probability outputs: largest allowed absolute difference of any probability
+FP16_PROBS_MAX_ABS = 5e-3
+#: reference probabilities closer than this are ties: their order is not judged
+NEAR_TIE = 1e-3
 TOP_K = 5
+#: the seed of the random validation inputs when none is given (exports are reproducible)
+DEFAULT_SEED = 0
+#: name of the output that holds class probabilities
+PROBS = "probs"
 
 
 @dataclass
 class OutputCheck:
+    """How one output of the ONNX graph compares with PyTorch."""
+
     name: str
     max_rel_error: float
     min_cosine: float
-    top5_equal: bool | None = None
+    max_abs_error: float
+    #: probability outputs only: largest |p_ref[class fp16 ranks i] - i-th largest p_ref|
+    topk_max_dev: float | None = None
+    topk_agree: bool | None = None
+    passed: bool = True
 
 
 @dataclass
 class ValidationReport:
+    """The checks of one graph; ``seed`` replays the same inputs."""
+
     graph: str
     precision: str
     seed: int
@@ -42,10 +65,15 @@ class ValidationReport:
         parts = []
         for o in self.outputs:
             s = f"{o.name}: rel err {o.max_rel_error:.2e}, cosine {o.min_cosine:.6f}"
-            if o.top5_equal is not None:
-                s += f", top-5 {'equal' if o.top5_equal else 'DIFFERENT'}"
+            if o.topk_agree is not None:
+                s += f", max abs {o.max_abs_error:.2e}, top-{TOP_K} " + (
+                    "agree" if o.topk_agree else f"DIFFERENT (beyond near-ties of {NEAR_TIE:g})"
+                )
             parts.append(s)
         return f"seed {self.seed}, batch {self.batch}: " + "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,13 +84,21 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)))
 
 
-def _top5_equal(got: np.ndarray, want: np.ndarray) -> bool:
-    k = min(TOP_K, want.shape[-1])
-    top = lambda x: np.argsort(-x, axis=-1, kind="stable")[..., :k]  # noqa: E731
-    return bool(np.array_equal(top(got), top(want)))
+def topk_deviation(got: np.ndarray, want: np.ndarray, k: int = TOP_K) -> float:
+    """How far the ranking of ``got`` strays from that of ``want`` (``[B, C]`` scores).
+
+    For every rank i < k: the reference score of the class ``got`` puts at rank i, against the
+    i-th highest reference score. 0 when the rankings agree; a swap of two classes costs the gap
+    between their reference scores, so swaps among near-ties cost little and a wrong class in
+    the top-k costs a lot.
+    """
+    k = min(k, want.shape[-1])
+    ranked = np.argsort(-got, axis=-1, kind="stable")[..., :k]
+    best = -np.sort(-want, axis=-1)[..., :k]
+    return float(np.abs(np.take_along_axis(want, ranked, axis=-1) - best).max())
 
 
-def ort_session(path: Path):
+def ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -70,33 +106,37 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def check_output(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> OutputCheck:
+    """Compare one output with the tolerance of its kind and precision."""
+    got = got.astype(np.float32)
+    diff = float(np.abs(got - ref).max())
+    scale = float(np.abs(ref).max()) or 1.0
+    check = OutputCheck(name=name, max_rel_error=diff / scale, min_cosine=_min_cosine(got, ref),
+                        max_abs_error=diff)
+    if precision == "fp32":
+        check.passed = check.max_rel_error <= FP32_MAX_REL_ERROR
+    elif name == PROBS:
+        check.topk_max_dev = topk_deviation(got, ref)
+        check.topk_agree = check.topk_max_dev <= NEAR_TIE
+        check.passed = diff <= FP16_PROBS_MAX_ABS and check.topk_agree
+    else:
+        check.passed = check.min_cosine >= FP16_MIN_COSINE
+    return check
+
+
 def validate_graph(
-    stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = 2, seed: int | None = None
+    stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = 2,
+    seed: int = DEFAULT_SEED,
 ) -> ValidationReport:
-    """Compare the ONNX file at ``path`` with ``stage`` on fresh random inputs."""
-    seed = int(np.random.SeedSequence().entropy % (2**32)) if seed is None else seed
+    """Compare the ONNX file at ``path`` with ``stage`` on random inputs drawn from ``seed``."""
     inputs = stage.sample(np.random.default_rng(seed), batch)
     want = run_stage(stage, inputs)
     session = ort_session(path)
     got_list = session.run(None, inputs)
     names = [o.name for o in session.get_outputs()]
-    report = ValidationReport(stage.spec.name, precision, seed, batch)
+    report = ValidationReport(stage.spec.name, precision, int(seed), batch)
     for name, got in zip(names, got_list, strict=True):
-        ref = want[name]
-        got = got.astype(np.float32)
-        scale = float(np.abs(ref).max()) or 1.0
-        check = OutputCheck(
-            name=name,
-            max_rel_error=float(np.abs(got - ref).max()) / scale,
-            min_cosine=_min_cosine(got, ref),
-        )
-        if precision == "fp32":
-            ok = check.max_rel_error <= FP32_MAX_REL_ERROR
-        else:
-            ok = check.min_cosine >= FP16_MIN_COSINE
-            if name == "probs":
-                check.top5_equal = _top5_equal(got, ref)
-                ok = ok and check.top5_equal
+        check = check_output(name, got, want[name], precision)
         report.outputs.append(check)
-        report.passed = report.passed and ok
+        report.passed = report.passed and check.passed
     return report

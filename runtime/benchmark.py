@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig
+from cavmae.errors import CavmaeError
 
 from . import hardware
 
@@ -104,7 +105,7 @@ def block_gflop(tokens: int, dim: int, mlp_ratio: float) -> float:
 
 
 def stage_gflop(cfg: ModelConfig, num_frames: int) -> dict[str, float]:
-    """GFLOP of one clip's stages (SPEC section 11: audio 88.6, visual 31.8, joint 11.6)."""
+    """GFLOP of one clip's stages (docs/model.md §11: audio 88.6, visual 31.8, joint 11.6)."""
     d, r, p = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
     la, lv = cfg.num_audio_tokens, cfg.num_visual_tokens
     audio = cfg.depth_modality * block_gflop(la, d, r) + 2 * la * p * p * d / 1e9
@@ -171,7 +172,7 @@ def machine_info() -> dict[str, Any]:
 class BenchConfig:
     model: str | Path | None = None  # None: full-size random weights (latency does not depend on them)
     engines: tuple[str, ...] = ("ort",)
-    device: str = "cpu"
+    device: str = "auto"  # per engine, as check_engine resolves it; the baseline follows
     batches: tuple[int, ...] = (1, 8)
     num_frames: int = 10
     clip: str | Path | None = None  # None: random preprocessed inputs
@@ -211,9 +212,20 @@ def _inputs(cfg: BenchConfig, batch: int, clip_arrays: tuple[np.ndarray, np.ndar
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-able dict with machine, timings and ratios."""
+    """Run the benchmark; returns a JSON-able dict with machine, timings and ratios.
+
+    Every engine and the device are checked first, so a missing TensorRT or GPU is reported
+    before minutes of baseline runs.
+    """
+    from .engines import check_engine
     from .loader import load
 
+    devices = {engine: check_engine(engine, cfg.device)[1] for engine in cfg.engines}
+    if cfg.torch_precision != "fp32" and not devices.get("torch", "cuda").startswith("cuda"):
+        raise CavmaeError(f"--torch-precision {cfg.torch_precision} needs --device cuda (autocast on the GPU)")
+    # The baseline runs where the engines do: on the GPU when any of them does.
+    gpu = next((d for d in devices.values() if d.startswith("cuda")), None)
+    base_device = check_engine("torch", gpu or "cpu")[1] if cfg.baseline else None
     work = Path(cfg.work_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "cavmae-bench")
     work.mkdir(parents=True, exist_ok=True)
     model_ref = cfg.model if cfg.model is not None else _random_checkpoint(work)
@@ -221,6 +233,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "devices": {**devices, **({"baseline": base_device} if base_device else {})},
         "timings": [],
         "ratios": {},
     }
@@ -231,12 +244,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
 
     if cfg.baseline:
         log("baseline: eager fp32 PyTorch, full forward once per frame")
-        base = _baseline(cfg, model_ref, clip_arrays, log)
+        base = _baseline(cfg, model_ref, clip_arrays, log, base_device or "cpu")
         timings.update(base)
     for engine in cfg.engines:
         opts = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
         precision = cfg.torch_precision if engine == "torch" else "fp32"
-        pipe = load(model_ref, engine=engine, device=cfg.device, num_frames=cfg.num_frames,
+        pipe = load(model_ref, engine=engine, device=devices[engine], num_frames=cfg.num_frames,
                     max_batch=max(cfg.batches), precision=precision, **opts)
         gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
         label = f"{engine} ({pipe.describe()})"
@@ -261,7 +274,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     return result
 
 
-def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, int], Timing]:
+def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:
     import torch
 
     from .loader import _load_source_model, resolve_model
@@ -277,9 +290,9 @@ def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, 
     model = _load_source_model(source)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     model = model.to(device).eval()
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    on_gpu = device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else None
     gf = stage_gflop(model.config, cfg.num_frames)
     out = {}
     for b in cfg.batches:
@@ -293,12 +306,12 @@ def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log) -> dict[tuple[str, 
                 return torch.stack(probs).mean(0).cpu()
 
         reset_peak_rss()
-        if device == "cuda":
+        if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         t = Timing("baseline (reference loop)", b, gflop=gf["baseline_per_clip"] * b)
         t.samples = measure(loop, cfg.warmup, cfg.baseline_repeat or cfg.repeat, sync)
         t.peak_rss_mb = peak_rss_mb()
-        if device == "cuda":
+        if on_gpu:
             t.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
         log(f"baseline batch {b}: p50 {t.p50:.3f} s")
         out[("baseline", b)] = t
@@ -382,7 +395,5 @@ def parse_batches(text: str | Sequence[int]) -> tuple[int, ...]:
     except ValueError:
         values = ()
     if not values or min(values) < 1:
-        from cavmae.errors import CavmaeError
-
         raise CavmaeError(f"--batch takes positive integers separated by commas, e.g. 1,8; got {text!r}")
     return values

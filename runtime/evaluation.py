@@ -1,274 +1,62 @@
-"""Dataset evaluation: classification mAP / accuracy and audio-visual retrieval (SPEC section 6).
+"""Dataset evaluation: classification mAP / accuracy and audio-visual retrieval.
 
-Two kinds of dataset are read here (the training datasets of :mod:`cavmae.data` are separate):
-
-1. The reference dataset JSON (SPEC section 8): ``{"data": [{"video_id", "wav", "video_path",
-   "labels"}]}``. Audio comes from the ``wav`` file, frame ``i`` from
-   ``{video_path}/frame_{i}/{video_id}.jpg``, ``labels`` are comma-separated label ids (mids).
-   A relative path is taken as given when it exists, else relative to the JSON file's folder.
-2. Video files (a folder, files or globs) with an optional **labels file**, a CSV whose rows are
-   ``file,labels``::
-
-       # lines starting with '#' are comments; the header row is optional
-       file,labels
-       dog_park.mp4,Dog;Bark
-       cat_01,"/m/01yrx,/m/07qrkrw"
-       clips/street.mkv,Vehicle
-       sofa.mp4,"Male speech, man speaking"
-
-   The first column names a video by file name (``dog_park.mp4``), by id = file name without its
-   ending (``cat_01``), or by a path relative to the labels file's folder (``clips/street.mkv``,
-   any key holding a ``/``). The other columns hold labels: display names or ids of the label
-   set. Several labels go in one field separated by ``;``, or by ``,`` inside a quoted field, or
-   in further columns. A field that is itself a label name (names may contain commas) is one
-   label; otherwise it is split on ``;`` when it has one, else on ``,``.
+The driver only: datasets are read by :mod:`cavmae.clip_lists` (a reference dataset JSON, or
+video files with a labels file; the formats and the path, label and missing-frame rules are
+there) and scored by :mod:`cavmae.metrics`. Here it is decided which parts run, what each clip
+needs loaded, and the clips are decoded ahead on threads (:func:`cavmae.prefetch.prefetch`)
+while the pipeline runs them in mini-batches.
 
 Classification runs :meth:`Pipeline.classify_batch` in mini-batches, which is the reference's
 10-frame aggregation (per-frame probabilities averaged). Multi-label models are scored with
 mAP and mean ROC AUC, single-label ones with top-1 and top-5 accuracy. Retrieval embeds the
 audio-only and visual-only streams (middle frame, or the mean over frames), and ranks by cosine
-similarity in both directions; the ranks are computed in blocks so that memory stays bounded
-for any dataset size.
+similarity in both directions, block-wise so that memory stays bounded for any dataset size.
 
 Units follow :mod:`cavmae.metrics`: mAP, AUC and accuracies are fractions in [0, 1]; retrieval
 recalls are percentages.
 
-A bad item (missing wav or frame, corrupt video, unknown label) is skipped and reported in
-:attr:`EvaluationResult.failures`; evaluation goes on with the others. Mistakes in the dataset
-description itself (unreadable JSON, a malformed labels file, a label set that does not match
-the model) raise :class:`~cavmae.errors.CavmaeError`.
+A bad clip (missing wav or frame, corrupt video, unknown label) is skipped and reported in
+:attr:`EvaluationResult.failures`; evaluation goes on with the others. A missing frame fails its
+clip: evaluation never substitutes another frame. Mistakes in the dataset description itself
+(unreadable JSON, a malformed labels file, a label set that does not match the model) raise
+:class:`~cavmae.errors.CavmaeError`.
 
 This module is numpy-only besides the pipeline; it never imports torch.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from cavmae.clip_lists import ClipInputs, ClipList, ClipRecord, encode_targets, load_inputs
 from cavmae.config import PreprocessConfig
 from cavmae.errors import CavmaeError, DatasetError, ModelKindError
 from cavmae.labels import LabelSet, read_label_csv
-from cavmae.metrics import accuracy, mean_auc, mean_average_precision, retrieval_metrics
+from cavmae.metrics import classification_metrics, finite_or_none, retrieval_report
+from cavmae.modes import CLI_MODES, needs
+from cavmae.prefetch import Fetched, prefetch
 
 from .pipeline import CLASSIFY_GRAPHS, Pipeline
 
 __all__ = [
-    "EvalDataset",
-    "EvalItem",
     "EvaluationResult",
     "ItemFailure",
-    "classification_metrics",
-    "encode_targets",
     "evaluate",
-    "load_item",
     "model_label_set",
-    "read_dataset_json",
-    "read_labels_file",
-    "read_video_files",
-    "retrieval_ranks",
-    "retrieval_report",
-    "split_labels",
-    "summarize_ranks",
 ]
 
-T = TypeVar("T")
-
-#: first-row cells that mark a labels-file header
-_HEADER_KEYS = frozenset({"file", "path", "id", "video_id", "video", "name"})
 #: graphs retrieval needs
 _EMBED_GRAPHS = ("audio_embed", "visual_embed")
 
-
-# -- dataset description ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalItem:
-    """One clip of an evaluation dataset.
-
-    Exactly one source is set: ``wav`` + ``frames_dir`` (reference layout, frame ``i`` at
-    ``frames_dir/frame_{i}/{id}.jpg``) or ``video`` (a media file). ``labels`` holds the raw
-    label fields (split by :func:`split_labels` against the label set); ``None`` when the
-    dataset gives no labels for the item.
-    """
-
-    id: str
-    labels: tuple[str, ...] | None
-    wav: Path | None = None
-    frames_dir: Path | None = None
-    video: Path | None = None
-    problem: str | None = None  # a description error confined to this item (reported, skipped)
-
-    @property
-    def source(self) -> str:
-        """What to name in a report: the video file, or the wav of a reference item."""
-        if self.video is not None:
-            return str(self.video)
-        if self.wav is not None:
-            return str(self.wav)
-        return self.id
-
-    def frame_path(self, index: int) -> Path:
-        """``{video_path}/frame_{index}/{video_id}.jpg`` of a reference-layout item."""
-        if self.frames_dir is None:
-            raise DatasetError(f"item {self.id!r} has no video_path")
-        return self.frames_dir / f"frame_{index}" / f"{self.id}.jpg"
+ProgressWrapper = Callable[[Iterable[Any], int], Iterable[Any]]
 
 
-@dataclass(frozen=True)
-class EvalDataset:
-    """Items in order plus where they came from (``kind``: ``"reference-json"`` or ``"videos"``)."""
-
-    items: tuple[EvalItem, ...]
-    source: str
-    kind: str
-
-    @property
-    def has_labels(self) -> bool:
-        """True when any item carries labels (classification is possible)."""
-        return any(item.labels is not None for item in self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def _resolve(value: str, base: Path, want_dir: bool) -> Path:
-    """A path as given when it exists, else relative to ``base`` (also when neither exists, so
-    that a report names the place the documented rule looked last)."""
-    path = Path(value).expanduser()
-    exists = Path.is_dir if want_dir else Path.is_file
-    if exists(path) or path.is_absolute():
-        return path
-    return base / path
-
-
-def read_dataset_json(path: str | Path) -> EvalDataset:
-    """Read a reference dataset JSON (SPEC section 8) into evaluation items.
-
-    Raises :class:`DatasetError` when the file is unreadable or not ``{"data": [...]}``. An
-    entry lacking ``video_id`` (or not an object) becomes an item with a ``problem``, reported
-    as a failure at evaluation time; missing ``wav`` / ``video_path`` / ``labels`` only matter
-    when the evaluation needs them.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DatasetError(f"cannot read dataset {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise DatasetError(
-            f'{path} is not a reference dataset: expected {{"data": [{{"video_id", "wav",'
-            ' "video_path", "labels"}, ...]}'
-        )
-    base = path.resolve().parent
-    items: list[EvalItem] = []
-    for n, entry in enumerate(data["data"]):
-        if not isinstance(entry, dict) or not entry.get("video_id"):
-            items.append(EvalItem(id=f"#{n}", labels=None, problem=f"entry {n} has no video_id"))
-            continue
-        labels = entry.get("labels")
-        wav, video_path = entry.get("wav"), entry.get("video_path")
-        items.append(
-            EvalItem(
-                id=str(entry["video_id"]),
-                labels=None if labels is None else (str(labels),),
-                wav=_resolve(str(wav), base, want_dir=False) if wav else None,
-                frames_dir=_resolve(str(video_path), base, want_dir=True) if video_path else None,
-            )
-        )
-    if not items:
-        raise DatasetError(f"{path} lists no clips")
-    return EvalDataset(items=tuple(items), source=str(path), kind="reference-json")
-
-
-def read_labels_file(path: str | Path) -> dict[str, tuple[str, ...]]:
-    """Read a labels file (see the module docstring): key -> raw label fields.
-
-    Keys holding a ``/`` (or the platform separator) are resolved against the labels file's
-    folder and stored as absolute paths; other keys are stored as written (a file name or id).
-    Raises :class:`DatasetError` on an unreadable file, a row without labels, or a key given twice.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise DatasetError(f"cannot read labels file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not a UTF-8 text CSV") from None
-    base = path.resolve().parent
-    out: dict[str, tuple[str, ...]] = {}
-    first = True
-    for line, row in enumerate(rows, start=1):
-        cells = [c.strip() for c in row]
-        if not any(cells) or cells[0].startswith("#"):
-            continue
-        if first:
-            first = False
-            if cells[0].lower() in _HEADER_KEYS and len(cells) > 1 and cells[1].lower() == "labels":
-                continue
-        fields = tuple(c for c in cells[1:] if c)
-        if not cells[0] or not fields:
-            raise DatasetError(
-                f"{path}, line {line}: expected 'file_or_id,labels' (e.g. dog.mp4,Dog;Bark)"
-            )
-        key = cells[0]
-        if "/" in key or "\\" in key:
-            key = str((base / Path(key).expanduser()).resolve())
-        if key in out:
-            raise DatasetError(f"{path}, line {line}: {cells[0]!r} is listed twice")
-        out[key] = fields
-    if not out:
-        raise DatasetError(f"{path} has no label rows (expected 'file_or_id,labels')")
-    return out
-
-
-def read_video_files(
-    paths: Sequence[str | Path], labels_file: str | Path | None = None
-) -> EvalDataset:
-    """Items for media files, labelled from ``labels_file`` when given.
-
-    A video is looked up in the labels file by its path (keys with a ``/``), its file name, then
-    its id (the file name without ending). A video missing from the labels file has no labels
-    (reported and skipped when classifying); rows naming no given video are ignored.
-    """
-    if not paths:
-        raise DatasetError("no video files to evaluate")
-    table = read_labels_file(labels_file) if labels_file is not None else None
-    items: list[EvalItem] = []
-    for p in paths:
-        video = Path(p)
-        labels: tuple[str, ...] | None = None
-        if table is not None:
-            labels = (
-                table.get(str(video.resolve())) or table.get(video.name) or table.get(video.stem)
-            )
-        items.append(EvalItem(id=video.stem, labels=labels, video=video))
-    if table is not None and not any(item.labels is not None for item in items):
-        raise DatasetError(
-            f"none of the {len(items)} videos is listed in {labels_file} (name a video by file"
-            " name, by id = file name without ending, or by a path relative to the labels file)"
-        )
-    return EvalDataset(
-        items=tuple(items),
-        source=", ".join(str(p) for p in paths[:3])
-        + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else ""),
-        kind="videos",
-    )
-
-
-# -- labels -> targets ----------------------------------------------------------------------
+# -- labels ------------------------------------------------------------------------------------
 def model_label_set(pipeline: Pipeline, labels_csv: str | Path | None = None) -> LabelSet | None:
     """The label set to map dataset labels through: ``labels_csv`` when given, else the
     model's manifest (names, and ids when the manifest has them). ``None`` when neither has one.
@@ -292,280 +80,32 @@ def model_label_set(pipeline: Pipeline, labels_csv: str | Path | None = None) ->
     return label_set
 
 
-def _label_index(label_set: LabelSet) -> dict[str, int]:
-    """Token -> class index: ids first, then display names, then lower-cased names."""
-    index: dict[str, int] = {}
-    for i, name in enumerate(label_set.names):
-        index.setdefault(name.lower(), i)
-    for i, name in enumerate(label_set.names):
-        index[name] = i
-    for i, mid in enumerate(label_set.ids):
-        index[mid] = i
-    return index
-
-
-def split_labels(fields: Iterable[str], index: dict[str, int]) -> list[str]:
-    """Split raw label fields into label tokens (see the module docstring for the rule).
-
-    ``index`` is the token -> class map of the label set (used to keep a name containing a
-    comma whole).
-    """
-    tokens: list[str] = []
-    for raw in fields:
-        text = raw.strip()
-        if not text:
-            continue
-        if text in index or text.lower() in index:
-            tokens.append(text)
-            continue
-        sep = ";" if ";" in text else ","
-        tokens.extend(t.strip() for t in text.split(sep) if t.strip())
-    return tokens
-
-
-def encode_targets(
-    items: Sequence[EvalItem], label_set: LabelSet, task: str
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Multi-hot targets ``[N, C]`` (uint8) of ``items`` and the items that cannot be scored.
-
-    Returns ``(targets, problems)`` with ``problems`` mapping item position -> reason: unknown
-    label, no labels in the dataset, or (single-label task) not exactly one label.
-    """
-    index = _label_index(label_set)
-    targets = np.zeros((len(items), len(label_set)), dtype=np.uint8)
-    problems: dict[int, str] = {}
-    for n, item in enumerate(items):
-        if item.problem is not None:
-            problems[n] = item.problem
-            continue
-        if item.labels is None:
-            problems[n] = (
-                "no labels for this clip (add a row for it to the labels file)"
-                if item.video is not None
-                else "the dataset entry has no 'labels'"
-            )
-            continue
-        tokens = split_labels(item.labels, index)
-        unknown = [t for t in tokens if t not in index and t.lower() not in index]
-        if unknown:
-            problems[n] = f"unknown label {unknown[0]!r} (not in the label set)"
-            continue
-        classes = sorted({index[t] if t in index else index[t.lower()] for t in tokens})
-        if task == "single-label" and len(classes) != 1:
-            problems[n] = f"a single-label task needs exactly one label, got {len(classes)}"
-            continue
-        targets[n, classes] = 1
-    return targets, problems
-
-
-# -- loading ----------------------------------------------------------------------------------
-@dataclass
-class LoadedItem:
-    """Model inputs of one item: ``audio [T, F]`` and ``frames [K, 3, H, W]`` (either may be None)."""
-
-    audio: np.ndarray | None
-    frames: np.ndarray | None
-
-
-def load_item(
-    item: EvalItem,
-    *,
-    need_audio: bool,
-    frame_indices: Sequence[int] | None,
-    num_frames: int,
-    config: PreprocessConfig,
-) -> LoadedItem:
-    """Read and preprocess one item.
-
-    Reference items: the wav's first channel at ``config.sample_rate`` (the ``audio_seconds``
-    that fill the spectrogram) -> :func:`prepare_audio`; the JPEGs of ``frame_indices`` ->
-    :func:`preprocess_frame`. Video items: :func:`load_clip` with ``num_frames`` frames, of which
-    ``frame_indices`` are kept. ``frame_indices=None`` loads no frames.
-
-    Raises :class:`CavmaeError` (usually a ``MediaError``) when something is missing or corrupt.
-    """
-    if item.problem is not None:
-        raise DatasetError(item.problem)
-    need_frames = frame_indices is not None
-    if item.video is not None:
-        from cavmae.media import load_clip
-
-        clip = load_clip(
-            item.video,
-            num_frames=num_frames,
-            config=config,
-            need_audio=need_audio,
-            need_video=need_frames,
+def _targets(
+    pipeline: Pipeline, clips: Sequence[ClipRecord], label_set: LabelSet | None
+) -> tuple[np.ndarray, dict[int, str], LabelSet]:
+    """Targets ``[N, C]`` of ``clips`` and the clips that cannot be scored, checked before
+    anything is decoded; a label set that cannot work raises."""
+    m = pipeline.manifest
+    if label_set is None:
+        label_set = model_label_set(pipeline)
+    if label_set is None:
+        raise CavmaeError("the model carries no label set; pass the label CSV with --labels")
+    if len(label_set) != m.model_config.num_classes:
+        raise CavmaeError(
+            f"the label set has {len(label_set)} classes but the model has"
+            f" {m.model_config.num_classes}; pass the matching label CSV (--labels)"
         )
-        frames = (
-            clip.frames[list(frame_indices)] if need_frames and clip.frames is not None else None
+    targets, problems = encode_targets(clips, label_set, m.task or "multi-label")
+    unknown = [r for r in problems.values() if r.startswith("unknown label")]
+    if clips and len(unknown) == len(clips):
+        raise DatasetError(
+            f"none of the {len(clips)} clips' labels are in the label set ({unknown[0]});"
+            " pass the label CSV the dataset uses (--labels)"
         )
-        return LoadedItem(audio=clip.audio, frames=frames)
-    audio = frames = None
-    if need_audio:
-        from cavmae.audio import prepare_audio
-        from cavmae.media import decode_audio
-
-        if item.wav is None:
-            raise DatasetError(f"{item.id}: the dataset entry has no 'wav'")
-        if not item.wav.is_file():
-            raise DatasetError(f"{item.wav}: no such file")
-        waveform = decode_audio(
-            item.wav, sample_rate=config.sample_rate, duration=config.audio_seconds
-        )
-        audio = prepare_audio(waveform, config)
-    if need_frames:
-        from cavmae.visual import load_image, preprocess_frame
-
-        if item.frames_dir is None:
-            raise DatasetError(f"{item.id}: the dataset entry has no 'video_path'")
-        frames = np.stack(
-            [preprocess_frame(load_image(item.frame_path(i)), config) for i in frame_indices]
-        )
-    return LoadedItem(audio=audio, frames=frames)
+    return targets, problems, label_set
 
 
-def _attempt(fn: Callable[[], T]) -> T | BaseException:
-    """Call ``fn``; return its exception instead of raising it (bad items are reported)."""
-    try:
-        return fn()
-    except Exception as e:  # a bad item must not stop the batch; it is reported with its reason
-        return e
-
-
-def _loaded_stream(
-    jobs: Sequence[T], load: Callable[[T], Any], workers: int, window: int
-) -> Iterator[tuple[T, Any]]:
-    """``(job, load(job) or its exception)`` in order, loading up to ``window`` ahead on
-    ``workers`` threads (decoding releases the GIL)."""
-    if workers <= 1:
-        for job in jobs:
-            yield job, _attempt(lambda j=job: load(j))
-        return
-    it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cavmae-eval") as pool:
-        pending = deque(
-            (job, pool.submit(_attempt, lambda j=job: load(j)))
-            for job in islice(it, max(window, 1))
-        )
-        while pending:
-            job, future = pending.popleft()
-            for nxt in islice(it, 1):
-                pending.append((nxt, pool.submit(_attempt, lambda j=nxt: load(j))))
-            yield job, future.result()
-
-
-# -- metrics ------------------------------------------------------------------------------------
-def _finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def classification_metrics(scores: np.ndarray, targets: np.ndarray, task: str) -> dict[str, Any]:
-    """Metrics of ``scores [N, C]`` against multi-hot ``targets [N, C]``.
-
-    Multi-label: ``mAP`` and ``mAUC`` (means over the classes with a positive, resp. with a
-    positive and a negative) and ``num_classes_with_positives``. Single-label: ``accuracy``
-    (top-1, first class on a tie) and ``top5_accuracy``. All fractions in [0, 1]; NaN becomes
-    ``None``.
-    """
-    n, c = scores.shape
-    out: dict[str, Any] = {"num_clips": int(n), "num_classes": int(c)}
-    if task == "single-label":
-        truth = targets.argmax(axis=1)
-        out["accuracy"] = _finite(accuracy(scores, truth))
-        k = min(5, c)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out["top5_accuracy"] = _finite(
-            float((top == truth[:, None]).any(axis=1).mean()) if n else math.nan
-        )
-    else:
-        ap = mean_average_precision(scores, targets)
-        out["mAP"] = _finite(ap.map)
-        out["mAUC"] = _finite(mean_auc(scores, targets).auc)
-        out["num_classes_with_positives"] = ap.num_valid
-    return out
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def retrieval_ranks(queries: np.ndarray, items: np.ndarray, block: int = 4096) -> np.ndarray:
-    """1-based rank of item ``i`` for query ``i`` by similarity ``queries @ items.T``.
-
-    Args:
-        queries, items: ``[N, D]`` (L2-normalize them first for cosine similarity).
-        block: rows and columns per block: peak memory is ``block x block`` float64, whatever N.
-
-    The rank rule is :func:`cavmae.metrics.retrieval_metrics`'s: 1 + the number of items scoring
-    strictly higher than the correct one. Returns ``[N]`` int64.
-    """
-    q = np.asarray(queries, dtype=np.float64)
-    v = np.asarray(items, dtype=np.float64)
-    if q.ndim != 2 or q.shape != v.shape:
-        raise ValueError(f"queries {q.shape} and items {v.shape} must both be [N, D]")
-    if block < 1:
-        raise ValueError("block must be >= 1")
-    n = q.shape[0]
-    ranks = np.ones(n, dtype=np.int64)
-    for r0 in range(0, n, block):
-        r1 = min(r0 + block, n)
-        rows = q[r0:r1]
-        diag_block = rows @ v[r0:r1].T
-        # the correct scores come from the same product as the block they sit in
-        correct = np.diagonal(diag_block).copy()[:, None]
-        for c0 in range(0, n, block):
-            c1 = min(c0 + block, n)
-            sim = diag_block if c0 == r0 else rows @ v[c0:c1].T
-            higher = sim > correct
-            if c0 == r0:
-                np.fill_diagonal(higher, False)
-            ranks[r0:r1] += higher.sum(axis=1)
-    return ranks
-
-
-def summarize_ranks(ranks: np.ndarray) -> dict[str, float]:
-    """R@1/5/10 (percent), median and mean rank, as :func:`retrieval_metrics` reports them."""
-    ranks = np.asarray(ranks)
-    out = {f"R@{k}": float((ranks <= k).mean() * 100.0) for k in (1, 5, 10)}
-    out["median_rank"] = float(np.median(ranks))
-    out["mean_rank"] = float(ranks.mean())
-    out["num_queries"] = float(ranks.shape[0])
-    return out
-
-
-def retrieval_report(
-    audio_embeddings: np.ndarray, visual_embeddings: np.ndarray, block: int = 4096
-) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """Cosine-similarity retrieval both ways (SPEC section 6).
-
-    Args:
-        audio_embeddings, visual_embeddings: ``[N, D]``; clip ``i``'s audio matches clip ``i``'s
-            visual embedding. They are L2-normalized here.
-        block: up to this N the full ``[N, N]`` similarity goes through
-            :func:`retrieval_metrics`; above it ranks are computed block-wise.
-
-    Returns ``(metrics, ranks)``: ``{"audio_to_visual": ..., "visual_to_audio": ...}`` each with
-    :func:`retrieval_metrics`' keys, and the per-query ranks ``[N]`` of each direction.
-    """
-    a, v = _l2(audio_embeddings), _l2(visual_embeddings)
-    ranks = {
-        "audio_to_visual": retrieval_ranks(a, v, block),
-        "visual_to_audio": retrieval_ranks(v, a, block),
-    }
-    if a.shape[0] <= block:
-        sim = a @ v.T  # rows: audio queries, columns: visual items
-        metrics = {
-            "audio_to_visual": retrieval_metrics(sim),
-            "visual_to_audio": retrieval_metrics(sim.T),
-        }
-    else:
-        metrics = {k: summarize_ranks(r) for k, r in ranks.items()}
-    return metrics, ranks
-
-
-# -- the evaluation loop -------------------------------------------------------------------------
+# -- results -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ItemFailure:
     """An item that could not be evaluated, and why."""
@@ -626,7 +166,9 @@ class EvaluationResult:
         retrieval = None
         if self.retrieval is not None:
             retrieval = {
-                direction: {k: (int(x) if k == "num_queries" else _finite(x)) for k, x in m.items()}
+                direction: {
+                    k: (int(x) if k == "num_queries" else finite_or_none(x)) for k, x in m.items()
+                }
                 for direction, m in self.retrieval.items()
             }
         return {
@@ -675,12 +217,19 @@ class EvaluationResult:
         return path
 
 
-ProgressWrapper = Callable[[Iterable[Any], int], Iterable[Any]]
+# -- what runs -------------------------------------------------------------------------------------
+def _check_arguments(batch_size: int, block: int, retrieval_frame: str) -> None:
+    if batch_size < 1:
+        raise CavmaeError("--batch-size must be at least 1")
+    if block < 1:
+        raise CavmaeError("--block must be at least 1")
+    if retrieval_frame not in ("middle", "mean"):
+        raise CavmaeError(f"retrieval frame must be 'middle' or 'mean', not {retrieval_frame!r}")
 
 
 def _decide(
     pipeline: Pipeline,
-    dataset: EvalDataset,
+    dataset: ClipList,
     classification: bool | None,
     retrieval: bool | None,
     mode: str | None,
@@ -709,7 +258,7 @@ def _decide(
     if do_cls:
         modes = pipeline.classify_modes
         if mode is None:
-            mode = "av" if "av" in modes else (modes[0] if modes else "av")
+            mode = modes[0] if modes else CLI_MODES[0]  # the model's default: both when it can
         if mode not in CLASSIFY_GRAPHS:
             raise CavmaeError(f"mode must be one of {', '.join(CLASSIFY_GRAPHS)}, not {mode!r}")
         if mode not in modes:
@@ -731,9 +280,157 @@ def _decide(
     return bool(do_cls), bool(do_ret), mode
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Which parts run, what each clip needs loaded and which frame retrieval embeds."""
+
+    classify: bool
+    retrieve: bool
+    mode: str | None
+    cls_audio: bool
+    cls_frames: bool
+    frame_indices: list[int] | None  # frames to load per clip; None: no frames
+    embed_frame: int | str  # index into the loaded frames, or "mean"
+    num_frames: int
+    config: PreprocessConfig
+
+    @property
+    def need_audio(self) -> bool:
+        return self.cls_audio or self.retrieve
+
+    def load(self, clip: ClipRecord) -> ClipInputs:
+        return load_inputs(
+            clip,
+            need_audio=self.need_audio,
+            frame_indices=self.frame_indices,
+            num_frames=self.num_frames,
+            config=self.config,
+        )
+
+
+def _plan(
+    pipeline: Pipeline, do_cls: bool, do_ret: bool, mode: str | None, retrieval_frame: str
+) -> _Plan:
+    """Retrieval with the middle frame loads that frame only, unless classification needs all."""
+    cfg = pipeline.manifest.preprocess
+    num_frames = pipeline.num_frames
+    middle = min(cfg.middle_frame, num_frames - 1)
+    cls_audio, cls_frames = needs(mode) if do_cls and mode is not None else (False, False)
+    frame_indices: list[int] | None
+    embed_frame: int | str
+    if cls_frames or (do_ret and retrieval_frame == "mean"):
+        frame_indices = list(range(num_frames))
+        embed_frame = "mean" if retrieval_frame == "mean" else middle
+    elif do_ret:
+        frame_indices, embed_frame = [middle], 0
+    else:
+        frame_indices, embed_frame = None, 0
+    return _Plan(
+        classify=do_cls,
+        retrieve=do_ret,
+        mode=mode,
+        cls_audio=cls_audio,
+        cls_frames=cls_frames,
+        frame_indices=frame_indices,
+        embed_frame=embed_frame,
+        num_frames=num_frames,
+        config=cfg,
+    )
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+class _Outputs:
+    """Model outputs gathered batch by batch; ``done`` holds the clip positions, in order."""
+
+    def __init__(self, pipeline: Pipeline, plan: _Plan) -> None:
+        self.pipeline, self.plan = pipeline, plan
+        self.done: list[int] = []
+        self.scores: list[np.ndarray] = []
+        self.emb_a: list[np.ndarray] = []
+        self.emb_v: list[np.ndarray] = []
+
+    def run(self, batch: Sequence[tuple[int, ClipInputs]]) -> None:
+        """Classify and / or embed one mini-batch of loaded clips."""
+        if not batch:
+            return
+        plan, pipe = self.plan, self.pipeline
+        audio = np.stack([x.audio for _, x in batch]) if plan.need_audio else None
+        frames = np.stack([x.frames for _, x in batch]) if plan.frame_indices is not None else None
+        if plan.classify:
+            self.scores.append(
+                pipe.classify_batch(
+                    audio if plan.cls_audio else None,
+                    frames if plan.cls_frames else None,
+                    plan.mode,
+                )
+            )
+        if plan.retrieve:
+            self.emb_a.append(pipe.embed_audio(audio))
+            self.emb_v.append(pipe.embed_frames(frames, plan.embed_frame))
+        self.done.extend(n for n, _ in batch)
+
+
+def _reason(error: Exception) -> str:
+    """One line for a failed clip: a CavmaeError's own message, else the exception type too."""
+    reason = str(error) if isinstance(error, CavmaeError) else f"{type(error).__name__}: {error}"
+    return reason.splitlines()[0] if reason else type(error).__name__
+
+
+def _run(
+    outputs: _Outputs,
+    clips: Sequence[ClipRecord],
+    jobs: Sequence[int],
+    fail: Callable[[int, str], None],
+    *,
+    batch_size: int,
+    workers: int,
+    progress: ProgressWrapper | None,
+) -> None:
+    """Load the clips at positions ``jobs`` ahead on ``workers`` threads (decoding releases the
+    GIL; 1 = inline) and run them in batches of ``batch_size``; a clip that fails to load is
+    reported through ``fail`` and skipped."""
+    stream: Iterable[Fetched[int, ClipInputs]] = prefetch(
+        lambda n: outputs.plan.load(clips[n]),
+        jobs,
+        workers=workers if workers > 1 else 0,
+        ahead=2 * batch_size,
+        thread_name="cavmae-eval",
+    )
+    if progress is not None:
+        stream = progress(stream, len(jobs))
+    batch: list[tuple[int, ClipInputs]] = []
+    for got in stream:
+        if got.error is not None:
+            fail(got.item, _reason(got.error))
+            continue
+        assert got.value is not None
+        batch.append((got.item, got.value))
+        if len(batch) >= batch_size:
+            outputs.run(batch)
+            batch.clear()
+    outputs.run(batch)
+
+
+def _score(
+    result: EvaluationResult, outputs: _Outputs, targets: np.ndarray | None, task: str, block: int
+) -> None:
+    """Fill ``result``'s arrays and metrics from the gathered outputs."""
+    if outputs.plan.classify:
+        assert targets is not None
+        result.scores = np.concatenate(outputs.scores)
+        result.targets = targets[outputs.done]
+        result.classification = classification_metrics(result.scores, result.targets, task)
+    if outputs.plan.retrieve:
+        result.audio_embeddings = np.concatenate(outputs.emb_a)
+        result.visual_embeddings = np.concatenate(outputs.emb_v)
+        result.retrieval, result.ranks = retrieval_report(
+            result.audio_embeddings, result.visual_embeddings, block
+        )
+
+
 def evaluate(
     pipeline: Pipeline,
-    dataset: EvalDataset,
+    dataset: ClipList,
     *,
     label_set: LabelSet | None = None,
     mode: str | None = None,
@@ -757,153 +454,55 @@ def evaluate(
         retrieval_frame: ``middle`` (the reference protocol) or ``mean`` (mean over frames).
         batch_size: clips per model call.
         block: similarity block size for retrieval ranks (bounds memory, not results).
-        workers: threads decoding items ahead of the model (1 = decode inline).
-        progress: wraps the item iterator, e.g. a progress bar: ``progress(iterable, total)``.
-        on_failure: called with each bad item as it is met.
+        workers: threads decoding clips ahead of the model (1 = decode inline).
+        progress: wraps the clip iterator, e.g. a progress bar: ``progress(iterable, total)``.
+        on_failure: called with each bad clip as it is met.
         model_name: how to name the model in the result; default the manifest's source
             (registry name or checkpoint path).
 
     Raises :class:`CavmaeError` for requests that cannot work (a pre-training model asked to
-    classify, unsupported mode, missing label set); bad items never raise.
+    classify, unsupported mode, missing label set); bad clips never raise.
     """
-    if batch_size < 1:
-        raise CavmaeError("--batch-size must be at least 1")
-    if block < 1:
-        raise CavmaeError("--block must be at least 1")
-    if retrieval_frame not in ("middle", "mean"):
-        raise CavmaeError(f"retrieval frame must be 'middle' or 'mean', not {retrieval_frame!r}")
+    _check_arguments(batch_size, block, retrieval_frame)
     m = pipeline.manifest
     notes: list[str] = []
     do_cls, do_ret, mode = _decide(pipeline, dataset, classification, retrieval, mode, notes)
-    items = dataset.items
+    clips = dataset.clips
+    task = m.task or "multi-label"
     result = EvaluationResult(
         dataset=dataset.source,
         dataset_kind=dataset.kind,
         model=model_name or str(m.source.get("name") or m.source.get("checkpoint") or "?"),
         engine=pipeline.describe(),
-        num_items=len(items),
+        num_items=len(clips),
         task=m.task if do_cls else None,
         mode=mode,
         retrieval_frame=retrieval_frame if do_ret else None,
         notes=notes,
     )
-
-    position: dict[int, int] = {}
+    failed: list[tuple[int, ItemFailure]] = []
 
     def fail(n: int, reason: str) -> None:
-        item = items[n]
-        failure = ItemFailure(id=item.id, source=item.source, reason=reason)
-        position[id(failure)] = n
-        result.failures.append(failure)
+        failure = ItemFailure(id=clips[n].video_id, source=clips[n].source, reason=reason)
+        failed.append((n, failure))
         if on_failure is not None:
             on_failure(failure)
 
-    # labels are checked before anything is decoded
-    targets_all: np.ndarray | None = None
+    targets: np.ndarray | None = None
     label_problems: dict[int, str] = {}
     if do_cls:
-        if label_set is None:
-            label_set = model_label_set(pipeline)
-        if label_set is None:
-            raise CavmaeError("the model carries no label set; pass the label CSV with --labels")
-        if len(label_set) != m.model_config.num_classes:
-            raise CavmaeError(
-                f"the label set has {len(label_set)} classes but the model has"
-                f" {m.model_config.num_classes}; pass the matching label CSV (--labels)"
-            )
-        targets_all, label_problems = encode_targets(items, label_set, m.task or "multi-label")
-        unknown = [r for r in label_problems.values() if r.startswith("unknown label")]
-        if items and len(unknown) == len(items):
-            raise DatasetError(
-                f"none of the {len(items)} clips' labels are in the label set ({unknown[0]});"
-                " pass the label CSV the dataset uses (--labels)"
-            )
+        targets, label_problems, label_set = _targets(pipeline, clips, label_set)
         result.label_names = label_set.names
-
-    # what to load
-    cfg = m.preprocess
-    num_frames = pipeline.num_frames
-    middle = min(cfg.middle_frame, num_frames - 1)
-    cls_audio = do_cls and mode in ("av", "audio")
-    cls_frames = do_cls and mode in ("av", "visual")
-    need_audio = cls_audio or do_ret
-    if cls_frames or (do_ret and retrieval_frame == "mean"):
-        frame_indices: list[int] | None = list(range(num_frames))
-        embed_frame: int | str = "mean" if retrieval_frame == "mean" else middle
-    elif do_ret:
-        frame_indices, embed_frame = [middle], 0
-    else:
-        frame_indices, embed_frame = None, 0
-
-    jobs = [n for n in range(len(items)) if n not in label_problems]
     for n, reason in label_problems.items():
         fail(n, reason)
+    outputs = _Outputs(pipeline, _plan(pipeline, do_cls, do_ret, mode, retrieval_frame))
+    jobs = [n for n in range(len(clips)) if n not in label_problems]
+    _run(outputs, clips, jobs, fail, batch_size=batch_size, workers=workers, progress=progress)
 
-    def load(n: int) -> LoadedItem:
-        return load_item(
-            items[n],
-            need_audio=need_audio,
-            frame_indices=frame_indices,
-            num_frames=num_frames,
-            config=cfg,
-        )
-
-    done: list[int] = []
-    scores: list[np.ndarray] = []
-    emb_a: list[np.ndarray] = []
-    emb_v: list[np.ndarray] = []
-    batch: list[tuple[int, LoadedItem]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        audio = np.stack([x.audio for _, x in batch]) if need_audio else None
-        frames = np.stack([x.frames for _, x in batch]) if frame_indices is not None else None
-        if do_cls:
-            scores.append(
-                pipeline.classify_batch(
-                    audio if cls_audio else None, frames if cls_frames else None, mode
-                )
-            )
-        if do_ret:
-            emb_a.append(pipeline.embed_audio(audio))
-            emb_v.append(pipeline.embed_frames(frames, embed_frame))
-        done.extend(n for n, _ in batch)
-        batch.clear()
-
-    stream: Iterable[tuple[int, Any]] = _loaded_stream(jobs, load, workers, window=2 * batch_size)
-    if progress is not None:
-        stream = progress(stream, len(jobs))
-    for n, loaded in stream:
-        if isinstance(loaded, BaseException):
-            reason = (
-                str(loaded)
-                if isinstance(loaded, CavmaeError)
-                else f"{type(loaded).__name__}: {loaded}"
-            )
-            fail(n, reason.splitlines()[0] if reason else type(loaded).__name__)
-            continue
-        batch.append((n, loaded))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-
-    result.failures.sort(key=lambda f: position[id(f)])  # dataset order
-    result.ids = [items[n].id for n in done]
-    if not done:
+    result.failures = [f for _, f in sorted(failed, key=lambda pair: pair[0])]  # dataset order
+    result.ids = [clips[n].video_id for n in outputs.done]
+    if not outputs.done:
         result.notes.append("no clip could be evaluated")
         return result
-    if do_cls:
-        assert targets_all is not None
-        result.scores = np.concatenate(scores)
-        result.targets = targets_all[done]
-        result.classification = classification_metrics(
-            result.scores, result.targets, m.task or "multi-label"
-        )
-    if do_ret:
-        result.audio_embeddings = np.concatenate(emb_a)
-        result.visual_embeddings = np.concatenate(emb_v)
-        result.retrieval, result.ranks = retrieval_report(
-            result.audio_embeddings, result.visual_embeddings, block
-        )
+    _score(result, outputs, targets, task, block)
     return result

@@ -1,8 +1,13 @@
 """Figures of a masked reconstruction and of a sound-source heat map, drawn with numpy + OpenCV.
 
-No plotting library: colour maps come from ``cv2.applyColorMap``, text from ``cv2.putText``,
-panels are pasted onto a white canvas. Every image here is ``uint8 [H, W, 3]`` in **BGR**
-order (what OpenCV writes), so ``save_png`` stores it as is.
+No plotting library: colour maps come from ``cv2.applyColorMap``, panels are pasted onto a
+white canvas. Every image here is ``uint8 [H, W, 3]`` in **BGR** order (what OpenCV writes),
+so ``save_png`` stores it as is.
+
+Text is drawn with Pillow's FreeType renderer in DejaVu Sans, bundled in ``cavmae/assets/fonts``
+(OpenCV's Hershey fonts are ASCII only and would turn ``café.mp4`` into ``caf?.mp4``). DejaVu
+covers Latin, Greek, Cyrillic, Arabic, Hebrew and many symbols; a character it lacks (CJK, for
+one) is drawn with the first installed system font that has it (:data:`FALLBACK_FONTS`).
 
 Orientation of spectrograms: the model's arrays are ``[T, F]`` (time frames, mel bins); a
 picture of one has time on the x axis and the lowest mel bin at the *bottom*, so the array is
@@ -11,14 +16,17 @@ transposed to ``[F, T]`` and flipped upside down (image row 0 = highest mel bin)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError
@@ -33,9 +41,30 @@ INK: Colour = (35, 35, 35)
 MUTED: Colour = (110, 110, 110)
 #: removed (masked) patches are painted in this grey, away from every colour of the maps
 MASK_GREY: Colour = (150, 150, 150)
+#: the line at the end of the clip's audio (the spectrogram's zero padding starts there)
+PAD_MARK: Colour = (255, 255, 255)
 SPEC_COLORMAP = cv2.COLORMAP_VIRIDIS
 HEAT_COLORMAP = cv2.COLORMAP_JET
-FONT = cv2.FONT_HERSHEY_SIMPLEX
+#: what the colour bars show
+SPEC_UNITS = "normalized log-mel"
+HEAT_UNITS = "cosine similarity"
+
+#: system fonts tried, in order, for characters DejaVu Sans lacks (CJK and other scripts)
+FALLBACK_FONTS: tuple[str, ...] = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial Unicode.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "/System/Library/Fonts/Hiragino Sans GB.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+    "C:/Windows/Fonts/YuGothR.ttc",
+    "C:/Windows/Fonts/malgun.ttf",
+    "C:/Windows/Fonts/seguisym.ttf",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,8 +76,10 @@ class ReconstructionInfo:
     """Captions of a reconstruction figure.
 
     ``frame_shift_s`` converts spectrogram rows to seconds for the time axis; ``offset`` is the
-    start of the clip in the file (tick labels are file times). ``image_mean``/``image_std``
-    undo the frame normalization.
+    start of the clip in the file (tick labels are file times). ``audio_frames``: how many
+    spectrogram rows were computed from the clip's audio (``cavmae.audio.audio_frames``); the
+    rows after them are zero padding, and the panels mark where it starts (``None``: no mark).
+    ``image_mean``/``image_std`` undo the frame normalization.
     """
 
     source: str = ""
@@ -61,6 +92,7 @@ class ReconstructionInfo:
     frame_time: float | None = None
     offset: float = 0.0
     frame_shift_s: float = DEFAULT_PREPROCESS.frame_shift_ms / 1000.0
+    audio_frames: int | None = None
     image_mean: tuple[float, float, float] = DEFAULT_PREPROCESS.image_mean
     image_std: tuple[float, float, float] = DEFAULT_PREPROCESS.image_std
 
@@ -193,27 +225,119 @@ def colour_bar(height: int, width: int, colormap: int) -> np.ndarray:
 # Layout helpers
 
 
-def _ascii(text: str) -> str:
-    """Hershey fonts draw ASCII only."""
-    return text.encode("ascii", "replace").decode("ascii")
+# -- text ------------------------------------------------------------------------------------
+# Sizes are given as the OpenCV-style ``scale`` the layout was designed with; a scale of 1
+# is a 30 px font. ``thickness`` 2 selects the bold face.
+
+
+def _px(scale: float) -> int:
+    return max(6, int(round(scale * 30)))
+
+
+@functools.cache
+def _font(size: int, bold: bool) -> ImageFont.FreeTypeFont:
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    with resources.as_file(resources.files("cavmae") / "assets" / "fonts" / name) as path:
+        return ImageFont.truetype(str(path), size)
+
+
+@functools.cache
+def _fallbacks(size: int) -> tuple[ImageFont.FreeTypeFont, ...]:
+    fonts = []
+    for path in FALLBACK_FONTS:
+        if Path(path).is_file():
+            try:
+                fonts.append(ImageFont.truetype(path, size))
+            except OSError:  # unreadable or not a font: skip it
+                continue
+    return tuple(fonts)
+
+
+@functools.cache
+def _has_glyph(font: ImageFont.FreeTypeFont, char: str) -> bool:
+    """Whether ``font`` maps ``char`` to a glyph: FreeType draws a missing one as the font's
+    .notdef glyph, the same picture as a noncharacter's."""
+    if char.isspace():
+        return True
+
+    def picture(c: str) -> tuple[tuple[int, int], bytes]:
+        mask = font.getmask(c)
+        return mask.size, bytes(mask)
+
+    return picture(char) != picture("\uffff")
+
+
+def _runs(text: str, size: int, bold: bool) -> list[tuple[ImageFont.FreeTypeFont, str]]:
+    """``text`` split into runs drawn with one font each: DejaVu where it has the glyph, else
+    the first fallback that has it (else DejaVu's .notdef box)."""
+    main = _font(size, bold)
+    runs: list[tuple[ImageFont.FreeTypeFont, str]] = []
+    for char in text:
+        font = main
+        if not _has_glyph(main, char):
+            font = next((f for f in _fallbacks(size) if _has_glyph(f, char)), main)
+        if runs and runs[-1][0] is font:
+            runs[-1] = (font, runs[-1][1] + char)
+        else:
+            runs.append((font, char))
+    return runs
+
+
+def _text_width(text: str, scale: float, thickness: int = 1) -> int:
+    size = _px(scale)
+    return int(np.ceil(sum(f.getlength(t) for f, t in _runs(text, size, thickness > 1))))
+
+
+def _text_mask(text: str, scale: float, thickness: int = 1) -> tuple[np.ndarray, int]:
+    """The coverage ``uint8 [h, w]`` of ``text`` and the baseline's row in it."""
+    size = _px(scale)
+    runs = _runs(text, size, thickness > 1)
+    ascent = max(f.getmetrics()[0] for f, _ in runs) if runs else size
+    descent = max(f.getmetrics()[1] for f, _ in runs) if runs else 0
+    pad = 2  # room for glyphs that reach left of their origin
+    canvas = Image.new("L", (_text_width(text, scale, thickness) + 2 * pad, ascent + descent), 0)
+    draw = ImageDraw.Draw(canvas)
+    x = float(pad)
+    for font, part in runs:
+        draw.text((x, ascent), part, font=font, fill=255, anchor="ls")
+        x += font.getlength(part)
+    return np.asarray(canvas), ascent
+
+
+def _blend(img: np.ndarray, mask: np.ndarray, x: int, y: int, colour: Colour) -> None:
+    """Paint ``colour`` into ``img`` with coverage ``mask`` placed at column ``x``, row ``y``."""
+    h, w = mask.shape
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, img.shape[1]), min(y + h, img.shape[0])
+    if x1 <= x0 or y1 <= y0:
+        return
+    a = mask[y0 - y : y1 - y, x0 - x : x1 - x, None].astype(np.float32) / 255.0
+    region = img[y0:y1, x0:x1].astype(np.float32)
+    img[y0:y1, x0:x1] = np.round(region * (1 - a) + np.asarray(colour, np.float32) * a).astype(np.uint8)
 
 
 def _text(img: np.ndarray, text: str, x: int, y: int, scale: float = 0.45, colour: Colour = INK,
           thickness: int = 1, align: str = "left") -> None:
     """Draw ``text`` with its baseline at ``y``; ``align`` left/right/center about ``x``."""
-    text = _ascii(text)
-    (w, _), _ = cv2.getTextSize(text, FONT, scale, thickness)
+    w = _text_width(text, scale, thickness)
     if align == "right":
         x -= w
     elif align == "center":
         x -= w // 2
-    cv2.putText(img, text, (int(x), int(y)), FONT, scale, colour, thickness, cv2.LINE_AA)
+    mask, baseline = _text_mask(text, scale, thickness)
+    _blend(img, mask, int(x) - 2, int(y) - baseline, colour)
+
+
+def _vertical_text(img: np.ndarray, text: str, x: int, cy: int, scale: float = 0.4,
+                   colour: Colour = MUTED) -> None:
+    """Draw ``text`` reading bottom to top, its left edge at column ``x``, centred on row ``cy``."""
+    mask, _ = _text_mask(text, scale)
+    mask = np.ascontiguousarray(np.rot90(mask))  # counter-clockwise: reads upwards
+    _blend(img, mask, int(x), int(cy) - mask.shape[0] // 2, colour)
 
 
 def _fit(text: str, width: int, scale: float, thickness: int = 1) -> str:
     """``text`` cut with an ellipsis so that it fits ``width`` pixels."""
-    text = _ascii(text)
-    while text and cv2.getTextSize(text, FONT, scale, thickness)[0][0] > width:
+    while text and _text_width(text, scale, thickness) > width:
         text = text[:-4] + "..." if len(text) > 4 else ""
     return text
 
@@ -254,8 +378,10 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
 
     From top to bottom: a header (source, model, mask ratios and mode, seed); the spectrogram
     original / masked / reconstructed (predicted patches pasted into the removed places) on one
-    colour scale, time on x, low frequencies at the bottom, removed patches grey, with the
-    audio MSE on the removed patches; a time axis; then the frame original / masked /
+    colour scale (the bar beside the first: normalized log-mel), time on x, low frequencies at
+    the bottom, removed patches grey, with the audio MSE on the removed patches; a ``PAD_MARK``
+    line in each at the first padded time frame when ``info.audio_frames`` says the clip's audio
+    ends before the spectrogram does; a time axis; then the frame original / masked /
     reconstructed side by side with the visual MSE.
     """
     info = info or ReconstructionInfo()
@@ -278,8 +404,13 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
     rows.append(head)
 
     # spectrograms
+    pad_from = info.audio_frames if info.audio_frames is not None and info.audio_frames < t_len else None
+    pad_note = ""
+    if pad_from is not None:
+        pad_note = (f"audio ends at {info.offset + pad_from * info.frame_shift_s:.2f} s (white line);"
+                    " zero padding after it")
     titles = [
-        ("Audio - original", ""),
+        ("Audio - original", pad_note),
         ("Audio - masked", f"{n_a} of {rec.mask_a.size} patches removed (grey)"),
         ("Audio - reconstructed", f"MSE on removed patches: {rec.mse_a:.4f}"),
     ]
@@ -295,6 +426,8 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
         row = _strip(spec_h + 2, width)  # a 1-pixel frame around the data, not over it
         _paste(row, img, _LEFT, 1)
         cv2.rectangle(row, (_LEFT - 1, 0), (_LEFT + spec_w, spec_h + 1), INK, 1)
+        if pad_from is not None:  # the first time frame of the padding, over the whole height
+            row[1 : spec_h + 1, _LEFT + pad_from] = PAD_MARK
         _text(row, f"mel {f_len - 1}", _LEFT - 6, 13, 0.4, MUTED, align="right")
         _text(row, "mel 0", _LEFT - 6, spec_h - 2, 0.4, MUTED, align="right")
         _text(row, "freq", _LEFT - 6, spec_h // 2 + 5, 0.4, MUTED, align="right")
@@ -303,6 +436,7 @@ def reconstruction_figure(rec: Reconstruction, info: ReconstructionInfo | None =
             _paste(row, colour_bar(spec_h + 2, 14, SPEC_COLORMAP), bx)
             _text(row, f"{vmax:.2f}", bx + 18, 13, 0.4, MUTED)
             _text(row, f"{vmin:.2f}", bx + 18, spec_h - 2, 0.4, MUTED)
+            _vertical_text(row, SPEC_UNITS, bx + 20, spec_h // 2 + 1, 0.4)
         rows.append(row)
 
     # time axis (ticks every second, labelled with file time)
@@ -351,7 +485,8 @@ def localization_figure(frame: np.ndarray, heat: np.ndarray, info: LocalizationI
 
     Left the frame, right the frame with ``heat [gh, gw]`` (bilinearly upsampled to the frame
     size, coloured from its min to its max) blended over it and its peak circled; a colour bar
-    labelled with the map's raw minimum and maximum; a header with source, model and frame time.
+    labelled "cosine similarity" and with the map's raw minimum and maximum; a header with
+    source, model and frame time.
     Panels are drawn ``zoom`` times the frame size.
     """
     info = info or LocalizationInfo()
@@ -389,6 +524,7 @@ def localization_figure(frame: np.ndarray, heat: np.ndarray, info: LocalizationI
     _text(body, "max", bx + bar_w + 5, 28, 0.38, MUTED)
     _text(body, "min", bx + bar_w + 5, side_h - 20, 0.38, MUTED)
     _text(body, f"{float(heat.min()):.3f}", bx + bar_w + 5, side_h - 4, 0.42, INK)
+    _vertical_text(body, HEAT_UNITS, bx + bar_w + 8, side_h // 2, 0.45)
     foot = _strip(28, width)
     _text(foot, f"colours span the map's own range (min..max cosine); overlay weight {info.alpha:g}",
           _GAP, 19, 0.4, MUTED)

@@ -3,7 +3,7 @@
 A pipeline speaks only the ``Engine`` interface (numpy in, numpy out), so it runs the same on
 ONNX Runtime, TensorRT and PyTorch. The audio graph runs once per clip and all frames of a clip
 go through the visual graph as one batch; the joint graph then reproduces the reference's
-per-frame loop and averages the frames' probabilities (SPEC section 4).
+per-frame loop and averages the frames' probabilities (docs/model.md §4).
 
 Shapes: audio ``[T, F] = [1024, 128]``; frames ``[F, 3, 224, 224]``; ``N`` clips in a batch.
 """
@@ -18,12 +18,22 @@ import numpy as np
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.manifest import Manifest
 from cavmae.masking import MASK_MODES, draw_noise, indices_from_noise, num_kept
-from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
+from cavmae.modes import CLI_MODES, graph_for, needs
+from cavmae.patches import (
+    audio_to_image,
+    image_to_audio,
+    masked_mse,
+    patchify,
+    standardize_patches,
+    unpatchify,
+    unstandardize_patches,
+)
+from cavmae.vectors import l2_normalize
 
 from .engines.base import Engine
 
-#: classification modes on the command line -> graph that serves them
-CLASSIFY_GRAPHS = {"av": "joint_classifier", "audio": "audio_classifier", "visual": "visual_classifier"}
+#: classification modes on the command line -> graph that serves them (from :mod:`cavmae.modes`)
+CLASSIFY_GRAPHS = {mode: graph_for(mode) for mode in CLI_MODES}
 
 
 @dataclass
@@ -44,7 +54,7 @@ class Prediction:
 
 @dataclass
 class Reconstruction:
-    """Masked reconstruction of one clip (SPEC section 6).
+    """Masked reconstruction of one clip (docs/model.md §6).
 
     ``*_masked`` have removed patches zeroed; ``*_pasted`` are the input with the predicted
     patches pasted into the removed places; ``*_pred`` the raw prediction for every patch.
@@ -138,11 +148,12 @@ class Pipeline:
         """
         graph = self._classify_graph(mode)
         feeds: dict[str, np.ndarray] = {}
-        if mode in ("av", "audio"):
+        use_audio, use_video = needs(mode)
+        if use_audio:
             if audio is None:
                 raise CavmaeError(f"mode {mode!r} needs audio")
             feeds["audio_tokens"] = self.encode_audio(audio)
-        if mode in ("av", "visual"):
+        if use_video:
             if frames is None:
                 raise CavmaeError(f"mode {mode!r} needs frames")
             frames = _f32(frames)
@@ -169,9 +180,10 @@ class Pipeline:
         from cavmae.media import load_clip
 
         self._classify_graph(mode)
+        need_audio, need_video = needs(mode)
         clip = load_clip(
             path, num_frames=self.num_frames, offset=offset, config=self.manifest.preprocess,
-            need_audio=mode in ("av", "audio"), need_video=mode in ("av", "visual"),
+            need_audio=need_audio, need_video=need_video,
         )
         probs = self.classify(clip.audio, clip.frames, mode)
         return Prediction(probs=probs, labels=self.labels, path=str(path), offset=offset)
@@ -196,7 +208,7 @@ class Pipeline:
         n, f = frames.shape[:2]
         if frame == "mean":
             emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]))
-            return _l2(emb.reshape(n, f, -1).mean(1))
+            return l2_normalize(emb.reshape(n, f, -1).mean(1))
         index = self._frame_index(frame, f)
         return self.embed_images(frames[:, index])[0]
 
@@ -220,7 +232,7 @@ class Pipeline:
         ea = self.embed_audio(audio[None])[0]
         _, patches = self.embed_images(_f32(image)[None])
         gh, gw = self.manifest.model_config.visual_grid
-        return (_l2(patches[0]) @ ea).reshape(gh, gw)
+        return (l2_normalize(patches[0]) @ ea).reshape(gh, gw)
 
     # -- reconstruction ---------------------------------------------------------------------
     def reconstruct(
@@ -275,12 +287,13 @@ class Pipeline:
             # predictions are per-patch standardized; show them in input units using each
             # original patch's statistics (as MAE's visualization does), and score them
             # against the standardized targets the model was trained on
-            mse_a = _masked_mse(pred_a, _standardize(target_a), idx_a.mask)
-            mse_v = _masked_mse(pred_v, _standardize(target_v), idx_v.mask)
-            pred_a, pred_v = _unstandardize(pred_a, target_a), _unstandardize(pred_v, target_v)
+            mse_a = float(masked_mse(pred_a, standardize_patches(target_a), idx_a.mask))
+            mse_v = float(masked_mse(pred_v, standardize_patches(target_v), idx_v.mask))
+            pred_a = unstandardize_patches(pred_a, target_a)
+            pred_v = unstandardize_patches(pred_v, target_v)
         else:
-            mse_a = _masked_mse(pred_a, target_a, idx_a.mask)
-            mse_v = _masked_mse(pred_v, target_v, idx_v.mask)
+            mse_a = float(masked_mse(pred_a, target_a, idx_a.mask))
+            mse_v = float(masked_mse(pred_v, target_v, idx_v.mask))
 
         def rebuild_audio(patches: np.ndarray) -> np.ndarray:
             return image_to_audio(unpatchify(patches, p, cfg.audio_grid, 1))[0]
@@ -307,23 +320,3 @@ class Pipeline:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _standardize(t: np.ndarray) -> np.ndarray:
-    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
-    return (t - mean) / np.sqrt(var + 1e-6)
-
-
-def _unstandardize(pred: np.ndarray, t: np.ndarray) -> np.ndarray:
-    mean, var = t.mean(-1, keepdims=True), t.var(-1, ddof=1, keepdims=True)
-    return pred * np.sqrt(var + 1e-6) + mean
-
-
-def _masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    per_patch = ((pred - target) ** 2).mean(-1)
-    return float((per_patch * mask).sum() / mask.sum())
-

@@ -1,7 +1,7 @@
 """Helpers that write checkpoints exactly as the released ones are stored, and an independent
 float64 re-implementation of the CAV-MAE forward computed straight from a state dict.
 
-The re-implementation is written from SPEC sections 2-5 with explicit attention arithmetic, so
+The re-implementation is written from docs/model.md §2-5 with explicit attention arithmetic, so
 that parity tests compare the model classes against something other than themselves.
 """
 

@@ -1,4 +1,4 @@
-"""Tests of the Kaldi-compatible log-mel filterbank and the audio input pipeline (SPEC section 1).
+"""Tests of the Kaldi-compatible log-mel filterbank and the audio input pipeline (docs/model.md §1).
 
 Reference: kaldi-native-fbank (``knf``), which implements Kaldi's fbank like torchaudio does. It
 takes the waveform at whatever scale it is given (no 32768 scaling), as torchaudio does.
@@ -119,7 +119,7 @@ def test_matches_kaldi_native_fbank_at_8khz() -> None:
 
 
 def slow_reference(waveform: np.ndarray, frames: list[int]) -> np.ndarray:
-    """SPEC section 1 step 3 written out frame by frame in float64 with a DFT matrix."""
+    """docs/model.md §1 step 3 written out frame by frame in float64 with a DFT matrix."""
     n = np.arange(400)
     window = 0.5 - 0.5 * np.cos(2 * np.pi * n / 399)
     dft = np.exp(-2j * np.pi * np.outer(np.arange(257), np.arange(512)) / 512)

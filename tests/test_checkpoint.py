@@ -8,7 +8,7 @@ from torch import nn
 
 from cavmae import CAVMAE, CAVMAEFT, TINY, load_checkpoint, save_checkpoint
 from cavmae.checkpoint import inspect_checkpoint, verify_checkpoint_file
-from cavmae.errors import CheckpointError
+from cavmae.errors import CavmaeError, CheckpointError
 from cavmae.model import MODES
 from reference_format import save_reference_checkpoint
 
@@ -110,9 +110,11 @@ def test_partial_and_mismatched_loads_are_refused(tmp_path):
 
 
 def test_not_a_checkpoint(tmp_path):
-    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        load_checkpoint(tmp_path / "junk.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(junk)
+    assert str(e.value) == f"not a PyTorch checkpoint, or truncated (24 bytes): {junk}"
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "absent.pth")
     torch.save({"module.foo": torch.zeros(1)}, tmp_path / "foreign.pth")
@@ -120,11 +122,55 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "foreign.pth")
 
 
+@pytest.mark.parametrize("keep", [0, 1, 100, 0.5, -1])
+def test_truncated_checkpoint_is_one_line(tmp_path, keep):
+    """Cut anywhere (a half-finished copy or download): one line with the size and path, never
+    torch's multi-line message or its advice to set weights_only=False."""
+    whole = save_reference_checkpoint(_random_model(CAVMAEFT), tmp_path / "whole.pth").read_bytes()
+    n = int(len(whole) * keep) if isinstance(keep, float) else keep % len(whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole[:n])
+    for read in (load_checkpoint, inspect_checkpoint):
+        with pytest.raises(CheckpointError) as e:
+            read(cut)
+        assert str(e.value) == f"not a PyTorch checkpoint, or truncated ({n} bytes): {cut}"
+
+
+def test_truncated_safetensors_is_one_line(tmp_path):
+    whole = save_checkpoint(_random_model(CAVMAEFT), tmp_path / "m.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(cut)
+    assert str(e.value) == f"not a safetensors checkpoint, or truncated ({len(whole) // 2} bytes): {cut}"
+
+
 def test_pickled_code_is_not_executed(tmp_path):
     """weights_only=True: a checkpoint carrying arbitrary objects is rejected, not unpickled."""
     torch.save({"module.x": torch.zeros(1), "payload": object()}, tmp_path / "evil.pth", )
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="objects other than tensors") as e:
         load_checkpoint(tmp_path / "evil.pth")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_checkpoint_by_registry_name(tmp_path, monkeypatch):
+    """A registry name loads its cached file (no network when it is there), with the registry's
+    facts: cav-mae-base-nonorm predicts pixels (norm_pix_loss False), the others do not."""
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CAVMAE_MIRROR", "http://127.0.0.1:9/unreachable")  # a fetch would fail
+    ckpts = tmp_path / "home" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    save_reference_checkpoint(_random_model(CAVMAEFT), ckpts / "as-full-51.2.pth")
+    save_reference_checkpoint(_random_model(CAVMAE), ckpts / "cav-mae-base-nonorm.pth")
+    save_reference_checkpoint(_random_model(CAVMAE), ckpts / "cav-mae-base.pth")
+    assert isinstance(load_checkpoint("as-full-51.2", num_heads=TINY.num_heads), CAVMAEFT)
+    heads = {"num_heads": TINY.num_heads, "decoder_num_heads": TINY.decoder_num_heads}
+    assert load_checkpoint("cav-mae-base-nonorm", **heads).config.norm_pix_loss is False
+    assert load_checkpoint("cav-mae-base", **heads).config.norm_pix_loss is True
+    with pytest.raises(CheckpointError, match="loaded by its name: 'as-full-51.2'"):
+        load_checkpoint("as-full-51.2.pth")  # not a file here
+    with pytest.raises(CavmaeError, match="did you mean as-full-51.2"):
+        load_checkpoint("as-full-51")
 
 
 def test_verify_checkpoint_file_checks_kind_and_classes(tmp_path):
@@ -150,3 +196,41 @@ def test_full_size_reference_checkpoint_inference(tmp_path):
     cfg = info.config
     assert (cfg.embed_dim, cfg.depth_modality, cfg.depth_joint, cfg.num_heads, cfg.num_classes,
             cfg.audio_length, cfg.image_size) == (768, 11, 1, 12, 527, 1024, 224)
+
+
+def test_peek_reads_kind_classes_and_depth_without_torch(tmp_path):
+    """Every format this project writes or reads gives the same summary as the torch reader;
+    only the legacy (pre-zip) format is left to torch."""
+    from cavmae.checkpoint_keys import peek_checkpoint
+
+    ft, pt = _random_model(CAVMAEFT), _random_model(CAVMAE)
+    files = {
+        "reference": save_reference_checkpoint(ft, tmp_path / "ref.pth"),
+        "own": save_checkpoint(ft, tmp_path / "own.pth"),
+        "safetensors": save_checkpoint(ft, tmp_path / "own.safetensors"),
+        "pretrain": save_checkpoint(pt, tmp_path / "pt.pth"),
+    }
+    torch.save({"cavmae": {"kind": "classifier"}, "state_dict": ft.state_dict()}, tmp_path / "state.pt")
+    files["trainer state"] = tmp_path / "state.pt"
+    for what, path in files.items():
+        summary, info = peek_checkpoint(path), inspect_checkpoint(path)
+        assert summary is not None, what
+        assert summary.kind == info.kind, what
+        assert summary.num_classes == (info.config.num_classes if info.kind == "classifier" else None)
+        assert (summary.depth_modality, summary.depth_joint) == (TINY.depth_modality, TINY.depth_joint)
+        assert summary.num_keys == info.num_keys, what
+    torch.save({"module." + k: v for k, v in ft.state_dict().items()}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)
+    assert peek_checkpoint(tmp_path / "legacy.pth") is None  # torch reads it
+    # the pickle is never executed: a foreign global stops the peek (torch then refuses it)
+    torch.save({"module.x": torch.zeros(1), "payload": object()}, tmp_path / "evil.pth")
+    assert peek_checkpoint(tmp_path / "evil.pth") is None
+    whole = files["reference"].read_bytes()
+    for n in (0, 10, len(whole) // 2, len(whole) - 1):
+        (tmp_path / "cut.pth").write_bytes(whole[:n])
+        with pytest.raises(CheckpointError, match=rf"^not a PyTorch checkpoint, or truncated \({n} bytes\)"):
+            peek_checkpoint(tmp_path / "cut.pth")
+    whole = files["safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 1])
+    with pytest.raises(CheckpointError, match="^not a safetensors checkpoint, or truncated"):
+        peek_checkpoint(tmp_path / "cut.safetensors")

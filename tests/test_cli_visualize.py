@@ -119,3 +119,32 @@ def test_help_has_an_example(env, command):
     assert r.returncode == 0
     assert "Examples:" in r.stdout and f"cavmae {command} video.mp4 -o" in r.stdout
     assert "--json" in r.stdout
+
+
+def test_reconstruct_draws_non_ascii_names_and_marks_the_padding(env):
+    """A file name in any script is drawn as such (not as '?'); the spectrograms carry a white
+    line where the clip's audio ends and the zero padding begins."""
+    figures = {}
+    for name in ("Café_Привет.mp4", "Caf?_??????.mp4"):
+        clip = env["tmp"] / name
+        shutil.copyfile(AUDIOSET_CLIP, clip)
+        out = env["tmp"] / f"named_{len(figures)}.png"
+        r = run(env, "reconstruct", str(clip), "-o", str(out), "-m", env["pretrain"], *ORT, "--json")
+        assert r.returncode == 0, r.stderr
+        figures[name] = (cv2.imread(str(out)), json.loads(r.stdout))
+    (named, rec), (asked, _) = figures["Café_Привет.mp4"], figures["Caf?_??????.mp4"]
+    assert not np.array_equal(named[:40], asked[:40])  # the titles differ
+    np.testing.assert_array_equal(named[40:], asked[40:])  # and nothing else
+    # the 10 s sample clip fills fewer than the 1024 rows (10.255 s): the padded rows are the
+    # ones that hold the normalized zero of every bin
+    from cavmae.config import DEFAULT_PREPROCESS as P
+    from cavmae.media import load_clip
+
+    spec = load_clip(AUDIOSET_CLIP, need_video=False).audio
+    padded = np.all(np.isclose(spec, -P.fbank_mean / P.fbank_std), axis=1)
+    assert 990 < rec["audio_frames"] < 1024
+    assert not padded[: rec["audio_frames"]].any() and padded[rec["audio_frames"] :].all()
+    top = 62 + 24 + 1
+    column = named[top : top + 256, 64 + rec["audio_frames"]]
+    assert np.all(column == 255)
+    assert not np.all(named[top : top + 256, 64 + rec["audio_frames"] - 1] == 255)

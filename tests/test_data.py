@@ -122,11 +122,35 @@ def test_dataset_file_errors(tmp_path):
 def test_video_lists(tmp_path):
     (tmp_path / "v.csv").write_text('video,labels\nclips/a.mp4,"/m/x,/m/y"\n/abs/b.mkv,/m/z\n')
     clips = read_clips(tmp_path / "v.csv")
-    assert clips[0].video == str(tmp_path / "clips" / "a.mp4") and clips[0].labels == ("/m/x", "/m/y")
+    assert clips[0].video == str(tmp_path / "clips" / "a.mp4") and clips[0].label_tokens() == ["/m/x", "/m/y"]
     assert clips[1].video == "/abs/b.mkv" and clips[1].video_id == "b"
     (tmp_path / "v.json").write_text(json.dumps([{"path": "c.mp4", "labels": ["/m/q"]}, "d.mp4"]))
     clips = read_clips(tmp_path / "v.json")
-    assert [c.video_id for c in clips] == ["c", "d"] and clips[0].labels == ("/m/q",) and clips[1].labels == ()
+    assert [c.video_id for c in clips] == ["c", "d"] and clips[0].labels == ("/m/q",) and clips[1].labels is None
+
+
+def test_one_reader_for_training_and_evaluation(ds, tmp_path, monkeypatch):
+    from cavmae.clip_lists import read_dataset_json
+
+    # training and evaluation read a reference JSON into the same records
+    assert read_clips(ds.splits["val"]) == list(read_dataset_json(ds.splits["val"]).clips)
+    # one path rule: as given when it exists (the reference's working-directory paths), else
+    # relative to the dataset file's folder
+    monkeypatch.chdir(ds.root)
+    entry = {"video_id": "x", "wav": "audio/x.wav", "video_path": "frames", "labels": "/m/c0"}
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "x.wav").write_bytes(b"")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": [entry]}))
+    for clip in (read_clips(path)[0], read_dataset_json(path).clips[0]):
+        assert clip.frame_dir == "frames"  # exists in the working directory
+        assert clip.wav == str(tmp_path / "audio" / "x.wav")  # only beside the JSON
+    # a bad entry: evaluation records it and goes on, training refuses the file
+    path.write_text(json.dumps({"data": [entry, {"labels": "/m/c0"}]}))
+    bad = read_dataset_json(path).clips[1]
+    assert bad.video_id == "#1" and "no video_id" in (bad.problem or "")
+    with pytest.raises(DatasetError, match="entry 1: the entry has no video_id"):
+        read_clips(path)
 
 
 # -- items ---------------------------------------------------------------------------------------
@@ -186,8 +210,11 @@ def test_missing_files(ds, tmp_path):
     clips = [type(c)(c.video_id, c.labels, str(root / "audio" / f"{c.video_id}.wav"), str(root / "frames")) for c in clips]
     vid = clips[0].video_id
     (root / "frames" / "frame_5" / f"{vid}.jpg").unlink()
-    dataset = AVDataset(clips)
-    # a missing frame falls back to the nearest lower one (the reference rule)
+    # a missing frame fails the clip, naming the file ...
+    with pytest.raises(DatasetError, match=f"frame 5 is missing .*frame_5/{vid}.jpg"):
+        AVDataset(clips)[0]
+    # ... unless the reference's fallback to the nearest lower frame is asked for
+    dataset = AVDataset(clips, frame_fallback=True)
     np.testing.assert_array_equal(
         dataset[0]["image"], preprocess_frame(load_image(root / "frames" / "frame_4" / f"{vid}.jpg"))
     )

@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cavmae import fsio
 from cavmae.errors import DownloadError, EngineUnavailableError
-from cavmae.runtime import download as dl
-from cavmae.runtime import registry
-from cavmae.runtime.download import download, lock_path, part_path
+from cavmae.hub import registry
+from cavmae.hub.download import download, lock_path, part_path
 
 PAYLOAD = os.urandom(50_000) + b"end"  # odd size, so chunks never line up by accident
 CHUNK = 4096
@@ -257,7 +257,7 @@ def test_waiter_reuses_file_made_by_lock_holder(server, tmp_path: Path) -> None:
     state.files["/f.bin"] = PAYLOAD
     dest = tmp_path / "f.bin"
     result: list[object] = []
-    with dl.exclusive_lock(lock_path(dest), None, "test"):
+    with fsio.exclusive_lock(lock_path(dest)):
         waiter = threading.Thread(target=lambda: result.append(_get(dest, f"{base}/f.bin")))
         waiter.start()
         time.sleep(0.3)
@@ -270,7 +270,7 @@ def test_waiter_reuses_file_made_by_lock_holder(server, tmp_path: Path) -> None:
 
 def test_lock_timeout(tmp_path: Path) -> None:
     dest = tmp_path / "f.bin"
-    with dl.exclusive_lock(lock_path(dest), None, "test"):
+    with fsio.exclusive_lock(lock_path(dest)):
         with pytest.raises(DownloadError, match="another process"):
             download("http://127.0.0.1:9/f.bin", dest, progress=False, lock_timeout=0.2)
 
@@ -294,27 +294,53 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_ensure_model_through_mirror(server, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, state = server
-    state.files["/mirror/as-full-51.2.pth"] = PAYLOAD
-    state.files["/mirror/class_labels_indices.csv"] = _labels_csv(527)
+    state.files["/mirror/vgg_65.5.pth"] = PAYLOAD
+    state.files["/mirror/class_labels_indices_vgg.csv"] = _labels_csv(309)
     monkeypatch.setenv("CAVMAE_MIRROR", f"{base}/mirror/")
 
     def verify(path: Path) -> None:
         if path.read_bytes() != PAYLOAD:
             raise ValueError("wrong bytes")
 
-    path = registry.ensure_model("as-full-51.2", progress=False, verify=verify)
-    assert path == home / "checkpoints" / "as-full-51.2.pth"
+    path = registry.ensure_model("vgg-65.5", progress=False, verify=verify)
+    assert path == home / "checkpoints" / "vgg-65.5.pth"
     assert path.read_bytes() == PAYLOAD
-    labels = registry.ensure_labels("as-full-51.2", progress=False)
-    assert labels == home / "checkpoints" / "audioset_labels.csv"
-    assert labels.read_bytes() == _labels_csv(527)
-    assert registry.cached_path("as-full-51.2") == path
+    assert [p for p, _ in state.requests] == ["/mirror/vgg_65.5.pth"]  # labels only when asked
+    labels = registry.ensure_labels("vgg-65.5", progress=False)
+    assert labels == home / "checkpoints" / "vggsound_labels.csv"
+    assert labels.read_bytes() == _labels_csv(309)
+    assert registry.cached_path("vgg-65.5") == path
     n_requests = len(state.requests)
     assert n_requests == 2
 
-    # Cached: no network at all, and no verifier needed.
-    assert registry.ensure_model("as-full-51.2", progress=False) == path
+    # Cached: no network at all, and no verifier needed; a cached label file is not fetched again.
+    assert registry.ensure_model("vgg-65.5", progress=False) == path
+    assert registry.ensure_labels("vgg-65.5", progress=False) == labels
     assert len(state.requests) == n_requests
+
+
+def test_packaged_labels_are_never_downloaded(server, home: Path) -> None:
+    """AudioSet's label CSV ships in cavmae/assets: asking for it reaches no server."""
+    base, state = server
+    labels = registry.ensure_labels("as-full-51.2", mirror=base, progress=False)
+    assert labels is not None and labels.parent.name == "assets"
+    assert state.requests == []
+    assert not (home / "checkpoints").exists()
+
+
+def test_no_network_message_says_what_works_offline(home: Path) -> None:
+    """Nothing listens on the port: the error names the local-file way and the mirror's files."""
+    import socket
+
+    with socket.socket() as s:  # a free port, closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(DownloadError) as info:
+        registry.ensure_model("vgg-65.5", mirror=dead, progress=False, verify=lambda p: None)
+    message = str(info.value)
+    assert "-m FILE.pth" in message
+    assert "vgg_65.5.pth and class_labels_indices_vgg.csv" in message  # the label CSV too
+    assert "\n" not in message
 
 
 def test_ensure_model_rejected_file_is_not_cached(server, home: Path) -> None:
@@ -360,7 +386,6 @@ def test_default_verifier_uses_core_checkpoint(
 ) -> None:
     base, state = server
     state.files["/as_46.6.pth"] = PAYLOAD
-    state.files["/class_labels_indices.csv"] = _labels_csv(527)
     calls: list[tuple[Path, dict[str, object]]] = []
     fake = types.ModuleType("cavmae.checkpoint")
     fake.verify_checkpoint_file = lambda path, **kw: calls.append((Path(path), kw))  # type: ignore[attr-defined]

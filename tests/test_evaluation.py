@@ -1,5 +1,8 @@
 """Evaluation plumbing: dataset readers, label mapping, the loop, block-wise retrieval ranks.
 
+The readers live in :mod:`cavmae.clip_lists`, the metric summaries in :mod:`cavmae.metrics`,
+the driver in :mod:`cavmae.runtime.evaluation`.
+
 The metrics themselves are checked against hand-computed cases in ``test_metrics.py``; here the
 reported numbers must equal those metrics computed on probabilities and embeddings obtained
 directly from the pipeline, on a tiny dataset written in the reference layout.
@@ -17,11 +20,21 @@ import pytest
 import torch
 
 from cavmae import CAVMAEFT, TINY, save_checkpoint
+from cavmae import clip_lists as cl
 from cavmae.audio import prepare_audio
 from cavmae.errors import CavmaeError, DatasetError, ModelKindError
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.media import decode_audio, load_clip
-from cavmae.metrics import accuracy, mean_auc, mean_average_precision, retrieval_metrics
+from cavmae.metrics import (
+    accuracy,
+    classification_metrics,
+    mean_auc,
+    mean_average_precision,
+    retrieval_metrics,
+    retrieval_ranks,
+    retrieval_report,
+    summarize_ranks,
+)
 from cavmae.runtime import evaluation as ev
 from cavmae.runtime import load
 from cavmae.visual import load_image, preprocess_frame
@@ -164,12 +177,13 @@ def direct(files, pipe):
 
 # -- reading datasets ----------------------------------------------------------------------------
 def test_read_dataset_json_resolves_relative_paths(files):
-    data = ev.read_dataset_json(files["json"])
+    data = cl.read_dataset_json(files["json"])
     assert data.kind == "reference-json" and len(data) == len(CLIP_LABELS)
-    item = data.items[0]
-    assert item.id == "clip_a" and item.labels == ("/m/dog",)
-    assert item.wav == files["json"].parent / "audio" / "clip_a.wav" and item.wav.is_file()
-    assert item.frame_path(3) == files["json"].parent / "frames" / "frame_3" / "clip_a.jpg"
+    item = data.clips[0]
+    assert item.video_id == "clip_a" and item.labels == ("/m/dog",)
+    assert item.wav == str(files["json"].parent / "audio" / "clip_a.wav")
+    assert Path(item.wav).is_file()
+    assert item.frame_path(3) == str(files["json"].parent / "frames" / "frame_3" / "clip_a.jpg")
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"data": {}}', '{"data": []}'])
@@ -177,9 +191,9 @@ def test_malformed_dataset_json_is_a_dataset_error(tmp_path, text):
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(DatasetError):
-        ev.read_dataset_json(path)
+        cl.read_dataset_json(path)
     with pytest.raises(DatasetError, match="cannot read"):
-        ev.read_dataset_json(tmp_path / "missing.json")
+        cl.read_dataset_json(tmp_path / "missing.json")
 
 
 def test_labels_file_format(tmp_path):
@@ -195,39 +209,39 @@ def test_labels_file_format(tmp_path):
         "e.mp4,Dog,Cat\n"
         "\n"
     )
-    table = ev.read_labels_file(path)
+    table = cl.read_labels_file(path)
     assert table["a.mp4"] == ("Dog;Cat",)
     assert table[str((tmp_path / "sub" / "c.mkv").resolve())] == ("Music",)
-    index = ev._label_index(
+    index = cl.label_index(
         LabelSet(names=tuple(n for _, n in LABEL_ROWS), ids=tuple(m for m, _ in LABEL_ROWS))
     )
-    assert ev.split_labels(table["a.mp4"], index) == ["Dog", "Cat"]
-    assert ev.split_labels(table["b"], index) == ["/m/dog", "/m/music"]
-    assert ev.split_labels(table["d.mp4"], index) == ["Male speech, man speaking"]
-    assert ev.split_labels(table["e.mp4"], index) == ["Dog", "Cat"]
+    assert cl.split_labels(table["a.mp4"], index) == ["Dog", "Cat"]
+    assert cl.split_labels(table["b"], index) == ["/m/dog", "/m/music"]
+    assert cl.split_labels(table["d.mp4"], index) == ["Male speech, man speaking"]
+    assert cl.split_labels(table["e.mp4"], index) == ["Dog", "Cat"]
 
     path.write_text("a.mp4,Dog\na.mp4,Cat\n")
     with pytest.raises(DatasetError, match="twice"):
-        ev.read_labels_file(path)
+        cl.read_labels_file(path)
     path.write_text("a.mp4\n")
     with pytest.raises(DatasetError, match="line 1"):
-        ev.read_labels_file(path)
+        cl.read_labels_file(path)
 
 
 def test_encode_targets_reports_bad_labels():
     labels = LabelSet(names=tuple(n for _, n in LABEL_ROWS), ids=tuple(m for m, _ in LABEL_ROWS))
     items = [
-        ev.EvalItem("a", ("/m/dog,/m/cat",)),
-        ev.EvalItem("b", ("music",)),  # display names match case-insensitively
-        ev.EvalItem("c", ("/m/nope",)),
-        ev.EvalItem("d", None),
-        ev.EvalItem("e", ("",)),  # no label: all-negative is legal for multi-label
+        cl.ClipRecord("a", ("/m/dog,/m/cat",)),
+        cl.ClipRecord("b", ("music",)),  # display names match case-insensitively
+        cl.ClipRecord("c", ("/m/nope",)),
+        cl.ClipRecord("d", None),
+        cl.ClipRecord("e", ("",)),  # no label: all-negative is legal for multi-label
     ]
-    targets, problems = ev.encode_targets(items, labels, "multi-label")
+    targets, problems = cl.encode_targets(items, labels, "multi-label")
     np.testing.assert_array_equal(targets[0], [1, 1, 0, 0])
     np.testing.assert_array_equal(targets[1], [0, 0, 0, 1])
     assert set(problems) == {2, 3} and "unknown label '/m/nope'" in problems[2]
-    _, problems = ev.encode_targets(items, labels, "single-label")
+    _, problems = cl.encode_targets(items, labels, "single-label")
     assert set(problems) == {0, 2, 3, 4} and "exactly one" in problems[0]
 
 
@@ -235,10 +249,10 @@ def test_encode_targets_reports_bad_labels():
 def test_classification_metrics_hand_computed():
     scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7]])
     targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]])
-    single = ev.classification_metrics(scores, targets, "single-label")
+    single = classification_metrics(scores, targets, "single-label")
     assert single["accuracy"] == pytest.approx(0.75)  # clip 2 predicts class 1
     assert single["top5_accuracy"] == pytest.approx(1.0)
-    multi = ev.classification_metrics(scores, targets, "multi-label")
+    multi = classification_metrics(scores, targets, "multi-label")
     # class 0: positives ranked 1st and 2nd -> AP 1; class 1: positive 1st -> 1; class 2: 1
     assert multi["mAP"] == pytest.approx(1.0)
     assert multi["num_classes_with_positives"] == 3
@@ -254,12 +268,12 @@ def test_block_ranks_equal_full_matrix(block):
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     sim = a @ v.T
     for q, items, s in ((a, v, sim), (v, a, sim.T)):
-        ranks = ev.retrieval_ranks(q, items, block)
+        ranks = retrieval_ranks(q, items, block)
         want = retrieval_metrics(s)
-        assert ev.summarize_ranks(ranks) == pytest.approx(want)
+        assert summarize_ranks(ranks) == pytest.approx(want)
         # the rank itself: 1 + items strictly above the correct one
         np.testing.assert_array_equal(ranks, (s > np.diag(s)[:, None]).sum(1) + 1)
-    metrics, _ = ev.retrieval_report(a, v, block)
+    metrics, _ = retrieval_report(a, v, block)
     assert metrics["audio_to_visual"] == pytest.approx(retrieval_metrics(sim))
     assert metrics["visual_to_audio"] == pytest.approx(retrieval_metrics(sim.T))
 
@@ -272,13 +286,13 @@ def test_block_ranks_exact_ties():
     # q0 [1,1,1,0,1] correct 1 -> rank 1; q1 same row, correct 1 -> 1; q2 [0,0,1,1,0] correct 1 -> 1
     # q3 [1,1,2,1,1] correct 1 -> rank 2; q4 [2,2,2,0,2] correct 2 -> 1
     for block in (1, 2, 5):
-        np.testing.assert_array_equal(ev.retrieval_ranks(a, v, block), [1, 1, 1, 2, 1])
-    assert ev.summarize_ranks(ev.retrieval_ranks(a, v, 2)) == retrieval_metrics(a @ v.T)
+        np.testing.assert_array_equal(retrieval_ranks(a, v, block), [1, 1, 1, 2, 1])
+    assert summarize_ranks(retrieval_ranks(a, v, 2)) == retrieval_metrics(a @ v.T)
 
 
 # -- the evaluation loop ------------------------------------------------------------------------
 def test_evaluate_reference_json_matches_direct_metrics(files, pipe, direct):
-    data = ev.read_dataset_json(files["json"])
+    data = cl.read_dataset_json(files["json"])
     seen = []
     result = ev.evaluate(
         pipe, data, batch_size=2, workers=2, progress=lambda it, total: (seen.append(total), it)[1]
@@ -335,7 +349,7 @@ def test_bad_items_are_skipped_and_reported(files, pipe, direct, tmp_path):
     data_path.write_text(json.dumps({"data": entries[:2] + bad + entries[2:]}))
     failures = []
     result = ev.evaluate(
-        pipe, ev.read_dataset_json(data_path), batch_size=3, on_failure=failures.append
+        pipe, cl.read_dataset_json(data_path), batch_size=3, on_failure=failures.append
     )
     assert not result.ok
     assert [f.id for f in result.failures] == ["clip_nowav", "clip_x", "clip_a", "#5"]
@@ -352,7 +366,7 @@ def test_all_labels_unknown_is_a_user_mistake(files, pipe, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("index,mid,display_name\n" + "".join(f"{i},/m/x{i},X{i}\n" for i in range(4)))
     with pytest.raises(DatasetError, match="none of the"):
-        ev.evaluate(pipe, ev.read_dataset_json(files["json"]), label_set=read_label_csv(other))
+        ev.evaluate(pipe, cl.read_dataset_json(files["json"]), label_set=read_label_csv(other))
     wrong_size = tmp_path / "three.csv"
     wrong_size.write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
     with pytest.raises(CavmaeError, match="3 classes but the model has 4"):
@@ -360,7 +374,7 @@ def test_all_labels_unknown_is_a_user_mistake(files, pipe, tmp_path):
 
 
 def test_modes_retrieval_only_and_block_path(files, pipe, direct):
-    data = ev.read_dataset_json(files["json"])
+    data = cl.read_dataset_json(files["json"])
     audio_only = ev.evaluate(pipe, data, mode="audio", retrieval=False)
     assert audio_only.retrieval is None and audio_only.mode == "audio"
     audio, _ = reference_inputs(files["json"])
@@ -400,7 +414,7 @@ def test_single_label_and_pretrain_decisions(files, pipe, tmp_path):
     data_path.write_text(json.dumps({"data": entries}))
     single = Pipeline(pipe.engine)
     single.manifest = pipe.manifest.replace(task="single-label")
-    result = ev.evaluate(single, ev.read_dataset_json(data_path), retrieval=False)
+    result = ev.evaluate(single, cl.read_dataset_json(data_path), retrieval=False)
     audio, frames = reference_inputs(data_path)
     probs = pipe.classify_batch(audio, frames)
     truth = multi_hot(list(single_labels.values())).argmax(1)
@@ -409,11 +423,11 @@ def test_single_label_and_pretrain_decisions(files, pipe, tmp_path):
 
     pretrain = Pipeline(pipe.engine)
     pretrain.manifest = pipe.manifest.replace(model_kind="pretrain")
-    out = ev.evaluate(pretrain, ev.read_dataset_json(data_path))
+    out = ev.evaluate(pretrain, cl.read_dataset_json(data_path))
     assert out.classification is None and out.retrieval is not None
     assert any("pre-training" in n for n in out.notes)
     with pytest.raises(ModelKindError):
-        ev.evaluate(pretrain, ev.read_dataset_json(data_path), classification=True)
+        ev.evaluate(pretrain, cl.read_dataset_json(data_path), classification=True)
 
 
 def test_video_folder_with_labels_file(files, pipe, tmp_path):
@@ -430,7 +444,7 @@ def test_video_folder_with_labels_file(files, pipe, tmp_path):
     )
     labels_path = tmp_path / "labels.csv"
     labels_path.write_text((folder / "labels.csv").read_text())  # path keys relative to this file
-    data = ev.read_video_files(sorted(folder.glob("*.mp4")), labels_path)
+    data = cl.read_video_files(sorted(folder.glob("*.mp4")), labels_path)
     result = ev.evaluate(pipe, data, batch_size=2)
     assert [f.id for f in result.failures] == ["broken"]
     assert result.ids == ["v0", "v1", "v2"]
@@ -449,13 +463,13 @@ def test_video_folder_with_labels_file(files, pipe, tmp_path):
     assert result.retrieval["visual_to_audio"] == pytest.approx(retrieval_metrics(sim.T))
 
     # without a labels file: retrieval only, with a note
-    unlabelled = ev.evaluate(pipe, ev.read_video_files(paths))
+    unlabelled = ev.evaluate(pipe, cl.read_video_files(paths))
     assert unlabelled.classification is None and unlabelled.ok
     assert any("no labels" in n for n in unlabelled.notes)
 
 
 def test_save_predictions(files, pipe, tmp_path):
-    result = ev.evaluate(pipe, ev.read_dataset_json(files["json"]), batch_size=4)
+    result = ev.evaluate(pipe, cl.read_dataset_json(files["json"]), batch_size=4)
     path = result.save_predictions(tmp_path / "out" / "pred.npz")
     with np.load(path) as z:
         assert list(z["ids"]) == list(CLIP_LABELS)
@@ -471,4 +485,4 @@ def test_labels_file_naming_no_video_is_a_user_mistake(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("other.mp4,Dog\n")
     with pytest.raises(DatasetError, match="none of the 1 videos"):
-        ev.read_video_files([video], labels)
+        cl.read_video_files([video], labels)

@@ -1,4 +1,5 @@
-"""Figures drawn with numpy + OpenCV: orientation, un-normalization, layout sizes, PNG writing."""
+"""Figures drawn with numpy + OpenCV: orientation, un-normalization, layout sizes, text in any
+script, the padding mark, colour-bar captions, PNG writing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cavmae.errors import CavmaeError
 from cavmae.patches import audio_to_image, image_to_audio, patchify, unpatchify
 from cavmae.runtime.figures import (
     MASK_GREY,
+    PAD_MARK,
     LocalizationInfo,
     ReconstructionInfo,
     frame_to_image,
@@ -170,3 +172,63 @@ def test_save_png_writes_a_readable_file_atomically(tmp_path):
     (tmp_path / "dir.png").mkdir()
     with pytest.raises(CavmaeError, match="folder"):
         save_png(img, tmp_path / "dir.png")
+
+
+def _header(fig: np.ndarray) -> np.ndarray:
+    return fig[:40]
+
+
+def test_non_ascii_file_names_are_drawn_not_replaced_by_question_marks():
+    rec = _hand_made_reconstruction(256, 64, 112)
+    drawn = {name: _header(reconstruction_figure(rec, ReconstructionInfo(source=name)))
+             for name in ("café_Привет_Ωμέγα.mp4", "caf?_??????_?????.mp4", "cafe_Privet_Omega.mp4")}
+    assert not np.array_equal(drawn["café_Привет_Ωμέγα.mp4"], drawn["caf?_??????_?????.mp4"])
+    assert not np.array_equal(drawn["café_Привет_Ωμέγα.mp4"], drawn["cafe_Privet_Omega.mp4"])
+    # each letter is its own glyph: 'é' is not 'e' and not '?', 'П' is not '?'
+    from cavmae.runtime.figures import _text_mask
+
+    glyphs = {c: _text_mask(c, 0.62, 2)[0] for c in "éeП?"}
+    for a, b in (("é", "e"), ("é", "?"), ("П", "?")):
+        assert glyphs[a].shape != glyphs[b].shape or not np.array_equal(glyphs[a], glyphs[b]), (a, b)
+    loc = [localization_figure(np.zeros((3, 224, 224), np.float32), np.eye(2, dtype=np.float32),
+                               LocalizationInfo(source=name)) for name in ("Ёлка.mp4", "????.mp4")]
+    assert not np.array_equal(_header(loc[0]), _header(loc[1]))
+
+
+def test_spectrograms_mark_where_the_padding_starts():
+    rec = _hand_made_reconstruction()
+    top = 62 + 24 + 1  # header, title strip, frame line
+    panel_step = 24 + 256 + 2
+    plain = reconstruction_figure(rec, ReconstructionInfo())
+    marked = reconstruction_figure(rec, ReconstructionInfo(audio_frames=700))
+    assert marked.shape == plain.shape
+    for k in range(3):  # all three spectrogram panels, over their whole height
+        rows = slice(top + k * panel_step, top + k * panel_step + 256)
+        assert np.all(marked[rows, 64 + 700] == PAD_MARK), k
+        assert not np.all(plain[rows, 64 + 700] == PAD_MARK), k
+        # nothing else in the panel changed
+        np.testing.assert_array_equal(np.delete(marked[rows, 64 : 64 + 1024], 700, axis=1),
+                                      np.delete(plain[rows, 64 : 64 + 1024], 700, axis=1))
+    # the note says when the audio ends (file time: offset + rows x 10 ms)
+    assert not np.array_equal(marked[62 : 62 + 24], plain[62 : 62 + 24])
+    full = reconstruction_figure(rec, ReconstructionInfo(audio_frames=1024))  # no padding: no mark
+    np.testing.assert_array_equal(full, plain)
+
+
+def test_colour_bars_say_what_they_show():
+    from cavmae.runtime.figures import HEAT_UNITS, SPEC_UNITS
+
+    assert (SPEC_UNITS, HEAT_UNITS) == ("normalized log-mel", "cosine similarity")
+    rec = _hand_made_reconstruction()
+    fig = reconstruction_figure(rec)
+    top, bar_x = 62 + 24 + 1, 64 + 1024 + 10
+    # beside the bar, between the max and min labels, the caption runs upwards
+    caption = fig[top + 40 : top + 216, bar_x + 18 : bar_x + 40]
+    assert (caption.astype(int).sum(-1) < 600).sum() > 150
+    ink_rows = np.where((caption.astype(int).sum(-1) < 600).any(1))[0]
+    assert ink_rows.max() - ink_rows.min() > 100  # a word written along the bar, not a number
+    heat = np.random.default_rng(0).uniform(-0.2, 0.5, (14, 14)).astype(np.float32)
+    loc = localization_figure(np.zeros((3, 224, 224), np.float32), heat)
+    label = loc[88 + 60 : 88 + 388, 8 + 448 + 8 + 448 + 8 + 16 : ]
+    dark = label.astype(int).sum(-1) < 600
+    assert dark.sum() > 150 and np.ptp(np.where(dark.any(1))[0]) > 100

@@ -243,3 +243,71 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
         EmbeddingIndex.open(root)  # only shards: say how to combine them
     with pytest.raises(EmbeddingIndexError, match="no shard"):
         merge_shards(tmp_path / "empty")
+
+
+class _FakePipeline:
+    """Embeds by summing: audio [B, T, F] -> [B, D], frames [B, F, ...] -> [B, D]."""
+
+    num_frames = 2
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int]] = []
+
+    def embed_audio(self, audio: np.ndarray) -> np.ndarray:
+        self.batches.append(("audio", len(audio)))
+        return np.repeat(audio.reshape(len(audio), -1).sum(1, keepdims=True), D, 1)
+
+    def embed_frames(self, frames: np.ndarray, frame: str | int) -> np.ndarray:
+        assert frame == "middle"
+        self.batches.append(("visual", len(frames)))
+        return np.repeat(frames.reshape(len(frames), -1).sum(1, keepdims=True), D, 1)
+
+
+def test_embed_files_decodes_through_the_shared_prefetch(tmp_path, monkeypatch):
+    """The embed driver: decoding via cavmae.prefetch, results in input order, a file that
+    fails yields its one-line reason and the job goes on, batches of ``batch`` clips."""
+    from cavmae.errors import MediaError
+    from cavmae.prefetch import prefetch
+    from cavmae.runtime.index import embed as embed_mod
+    from cavmae.runtime.index import embed_files
+
+    used: list[dict] = []
+
+    def spy(fn, items, **kw):
+        used.append(kw)
+        return prefetch(fn, items, **kw)
+
+    def fake_decode(path, pipeline):
+        k = int(path.stem[1:])
+        if k == 2:
+            raise MediaError(f"{path}: cannot decode")
+        if k == 4:
+            raise ValueError("odd\nsecond line")
+        audio = None if k == 5 else np.full((3, 2), k + 1, dtype=np.float32)
+        frames = np.full((2, 1), k + 1, dtype=np.float32)
+        return embed_mod._Decoded(path, audio, frames, float(k))
+
+    monkeypatch.setattr(embed_mod, "prefetch", spy)
+    monkeypatch.setattr(embed_mod, "_decode", fake_decode)
+    paths = [tmp_path / f"c{k}.mp4" for k in range(7)]
+    pipe = _FakePipeline()
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D, commit_every=2) as w:
+        results = list(embed_files(pipe, paths, w, batch=2, workers=2))
+    assert used == [{"workers": 2, "thread_name": "cavmae-decode"}]
+    # one result per path; a failure is reported at once, good clips when their batch is done
+    by_path = {r.path: r for r in results}
+    assert len(results) == len(by_path) == len(paths) and set(by_path) == set(paths)
+    assert by_path[paths[2]].error == f"{paths[2]}: cannot decode"
+    assert by_path[paths[2]].row is None
+    assert by_path[paths[4]].error == f"{paths[4]}: ValueError: odd"
+    good = [r for r in results if r.error is None]
+    assert [r.path for r in good] == [paths[k] for k in (0, 1, 3, 5, 6)]  # input order
+    assert [r.row for r in good] == [0, 1, 2, 3, 4]
+    assert not by_path[paths[5]].has_audio and by_path[paths[5]].has_video
+    # batches [c0, c1], [c3, c5 (no audio)], [c6]
+    assert pipe.batches == [("audio", 2), ("visual", 2), ("audio", 1), ("visual", 2),
+                            ("audio", 1), ("visual", 1)]
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert [it["path"] for it in index.items()] == [path_key(r.path) for r in good]
+    np.testing.assert_allclose(index.embeddings("visual")[:, 0], [2, 4, 8, 12, 14])
+    assert [it["duration"] for it in index.items()] == [0.0, 1.0, 3.0, 5.0, 6.0]

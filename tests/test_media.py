@@ -18,6 +18,7 @@ from cavmae.media import (
     load_clip,
     probe,
     sample_frame_positions,
+    window_offsets,
 )
 from conftest import MEDIA as MEDIA_DIR
 from media_factory import (
@@ -363,7 +364,10 @@ def test_missing_audio_stream(media_dir: Path) -> None:
     with pytest.raises(MissingStreamError) as info:
         load_clip(path)
     message = str(info.value)
-    assert "silent_film.mp4" in message and "audio" in message and "--mode video" in message
+    # the decoder names no command-line flag: each command supplies its own hint
+    assert "silent_film.mp4" in message and "has no audio stream" in message and "--" not in message
+    assert (info.value.path, info.value.stream) == (str(path), "audio")
+    assert str(info.value.with_hint("try X")).endswith("has no audio stream; try X")
     with pytest.raises(MissingStreamError):
         decode_audio(path)
     clip = load_clip(path, need_audio=False)
@@ -375,7 +379,8 @@ def test_missing_video_stream(media_dir: Path) -> None:
     with pytest.raises(MissingStreamError) as info:
         load_clip(path)
     message = str(info.value)
-    assert "podcast.mp4" in message and "video" in message and "--mode audio" in message
+    assert "podcast.mp4" in message and "has no video stream" in message and "--" not in message
+    assert (info.value.path, info.value.stream) == (str(path), "video")
     with pytest.raises(MissingStreamError):
         decode_frames(path, 10)
     clip = load_clip(path, need_video=False)
@@ -428,3 +433,34 @@ def test_offset_outside_the_file(three_seconds: Path) -> None:
 def test_needs_at_least_one_modality(three_seconds: Path) -> None:
     with pytest.raises(ValueError):
         load_clip(three_seconds, need_audio=False, need_video=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows
+
+
+@pytest.mark.parametrize(
+    ("duration", "window", "hop", "expected"),
+    [
+        (30.02, 10, 5, [0, 5, 10, 15, 20]),  # a 0.02 s tail adds no window at 20.02
+        (30.0, 10, 5, [0, 5, 10, 15, 20]),
+        (32.4, 10, 5, [0, 5, 10, 15, 20]),  # tail 2.4 s <= hop/2: left out
+        (32.6, 10, 5, [0, 5, 10, 15, 20, 22.6]),  # tail 2.6 s > hop/2: one window ending at the end
+        (10.0, 4, 3, [0, 3, 6]),
+        (10.0, 10, 5, [0]),
+        (3.0, 10, 5, [0]),  # shorter than a window
+        (0.0, 10, 5, [0]),  # an image
+        (30.0, 4, 10, [0, 10, 20, 26]),  # hop > window: gaps, the 6 s tail gets its window
+        (1.0, 0.3, 0.1, [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),  # float steps do not drift
+    ],
+)
+def test_window_offsets(duration: float, window: float, hop: float, expected: list[float]) -> None:
+    got = window_offsets(duration, window, hop)
+    assert got == pytest.approx(expected)
+    assert all(isinstance(t, float) for t in got)
+    assert all(t + window <= max(duration, window) + 1e-6 for t in got)  # every window fits
+
+
+def test_window_offsets_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError):
+        window_offsets(10.0, 5.0, 0.0)

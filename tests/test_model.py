@@ -138,7 +138,7 @@ def test_patchify_roundtrip_and_layout():
 
 
 def test_full_size_key_layout_and_parameter_count():
-    """SPEC: classifier 478 keys; pre-training model 647 keys and 191.0 M parameters."""
+    """docs/model.md §4-5: classifier 478 keys; pre-training model 647 keys and 191.0 M parameters."""
     with torch.device("meta"):
         ft, pt = CAVMAEFT(BASE), CAVMAE(BASE)
     assert len(ft.state_dict()) == 478

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from cavmae.errors import CavmaeError
-from cavmae.runtime import registry
-from cavmae.runtime.registry import (
+from cavmae.hub import registry
+from cavmae.hub.cache import cavmae_home
+from cavmae.hub.registry import (
     DEFAULT_MODEL,
     cached_path,
-    cavmae_home,
     checkpoint_path,
     get_model_info,
     label_path,
@@ -22,8 +22,8 @@ from cavmae.runtime.registry import (
     verify_label_csv,
 )
 
-# SPEC section 7, copied by hand: the registry must match it exactly.
-SPEC_URLS = {
+# docs/model.md section 7, copied by hand: the registry must match it exactly.
+RELEASE_URLS = {
     "cav-mae-scale++": "https://www.dropbox.com/s/l5t5geufdy3qvnv/audio_model.21.pth?dl=1",
     "cav-mae-scale+": "https://www.dropbox.com/s/xu8bfie6hz86oev/audio_model.25.pth?dl=1",
     "cav-mae-base": "https://www.dropbox.com/s/wxrjgr86gdhc5k8/cav-mae-base.pth?dl=1",
@@ -48,11 +48,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CAVMAE_MIRROR", raising=False)
 
 
-def test_registry_matches_spec_table() -> None:
+def test_registry_matches_release_table() -> None:
     models = list_models()
-    assert [m.name for m in models] == list(SPEC_URLS)
+    assert [m.name for m in models] == list(RELEASE_URLS)
     for m in models:
-        assert m.url == SPEC_URLS[m.name]
+        assert m.url == RELEASE_URLS[m.name]
         assert m.sha256 is None
         assert m.description and m.reported
 
@@ -91,6 +91,9 @@ def test_entries(name, kind, classes, task, modes, label_url, reported) -> None:
         reported,
     )
     assert m.label_set == {AS_LABELS: "audioset", VGG_LABELS: "vggsound", None: None}[label_url]
+    # the weight tag carries what it was fine-tuned for, as its modes say
+    assert m.finetune_mode == (None if kind == "pretrain" else modes[0] if len(modes) == 1 else "multimodal")
+    assert m.labels_packaged == (m.label_set == "audioset")
 
 
 def test_norm_pix_loss_only_nonorm_differs() -> None:
@@ -131,7 +134,11 @@ def test_cache_layout_and_cached_path(tmp_path: Path) -> None:
     ckpt = tmp_path / "home" / "checkpoints"
     assert checkpoint_path("vgg-65.5") == ckpt / "vgg-65.5.pth"
     assert label_path("vgg-65.5") == ckpt / "vggsound_labels.csv"
-    assert label_path("as-20.0-visual") == ckpt / "audioset_labels.csv"
+    # AudioSet's label CSV ships with the package: that file, never a download
+    shipped = Path(registry.__file__).parents[1] / "assets" / "audioset_class_labels_indices.csv"
+    assert label_path("as-20.0-visual") == shipped and shipped.is_file()
+    assert registry.local_labels("as-20.0-visual") == shipped
+    assert registry.local_labels("vgg-65.5") is None
     assert label_path("cav-mae-base") is None
     assert cached_path("vgg-65.5") is None
     ckpt.mkdir(parents=True)
@@ -144,7 +151,7 @@ def test_cache_layout_and_cached_path(tmp_path: Path) -> None:
 
 
 def test_resolve_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    url = SPEC_URLS["cav-mae-scale++"]
+    url = RELEASE_URLS["cav-mae-scale++"]
     assert resolve_url(url) == url
     assert (
         resolve_url(url, "https://m.example/ckpt/") == "https://m.example/ckpt/audio_model.21.pth"
@@ -178,7 +185,7 @@ def test_ensure_model_from_local_directory_mirror(tmp_path: Path) -> None:
     )
     assert path.read_bytes() == b"weights"
     assert (
-        registry.ensure_labels("vgg-59.8-audio")
+        registry.ensure_labels("vgg-59.8-audio", mirror=str(mirror))
         == tmp_path / "home" / "checkpoints" / "vggsound_labels.csv"
     )
 
@@ -202,6 +209,8 @@ def test_verify_label_csv(tmp_path: Path) -> None:
 def test_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import cavmae.runtime.registry, cavmae.runtime.download\n"
+        "import cavmae.hub.registry, cavmae.hub.download, cavmae.hub.cache\n"
+        "assert not any(m.startswith(('cavmae.runtime', 'cavmae.export', 'cavmae.cli'))"
+        " for m in sys.modules), 'the core hub imports no outer layer'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,13 @@ from cavmae.train import (
 from synthetic_av import make_synthetic_dataset
 
 _CLI = [sys.executable, "-c", "from cavmae.cli.main import main; main()"]
+CAVMAE_BIN = shutil.which("cavmae", path=str(Path(sys.executable).parent)) or "cavmae"
+
+
+def _cavmae(*args: str) -> subprocess.CompletedProcess:
+    """The real console script, without progress bars."""
+    env = {**os.environ, "CAVMAE_NO_PROGRESS": "1"}
+    return subprocess.run([CAVMAE_BIN, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +364,87 @@ def test_mixed_precision_on_gpu(ds, tmp_path, precision):
     pretrain(cfg)
     again = pretrain(cfg.replace(max_steps=None))
     assert again.global_step == 4
+
+
+# -- CLI: continuing runs, typed config files, required options ----------------------------------
+
+
+def test_cli_max_steps_and_more_epochs_continue_exactly(ds, reference, tmp_path):
+    """A stopped run says which change continues it; a finished run given more epochs trains on
+    to them and ends bitwise as an uninterrupted run of that many epochs."""
+    root, pre_ref, _ = reference
+    config = tmp_path / "pre.yaml"
+    config.write_text(yaml.safe_dump(_pre(ds, tmp_path / "run", epochs=2).to_dict()))
+    r = _cavmae("pretrain", "-c", str(config), "--max-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "stopped at step 3" in r.stdout and "larger --max-steps" in r.stdout
+    assert "run the same command again" not in r.stdout
+    r = _cavmae("pretrain", "-c", str(config), "--max-steps", "5")
+    assert r.returncode == 0 and "stopped at step 5" in r.stdout, r.stderr
+    r = _cavmae("pretrain", "-c", str(config))
+    assert r.returncode == 0 and "done: 2 epochs, 8 steps" in r.stdout, r.stderr
+    r = _cavmae("pretrain", "-c", str(config), "--epochs", "3")
+    assert r.returncode == 0 and "done: 3 epochs, 12 steps" in r.stdout, r.stderr
+    _assert_same_weights(read_state_dict(tmp_path / "run" / "final.pth")[0],
+                         read_state_dict(root / "pre" / "final.pth")[0])
+    assert _epochs(tmp_path / "run") == _epochs(root / "pre")
+    # fewer epochs than the run has trained: one line saying what to give
+    r = _cavmae("pretrain", "-c", str(config), "--epochs", "2")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "epochs >= 3" in lines[0]
+
+
+def test_cli_max_steps_from_a_config_file_names_the_file(ds, tmp_path):
+    config = tmp_path / "pre.yaml"
+    config.write_text(yaml.safe_dump(_pre(ds, tmp_path / "run", epochs=1, max_steps=1).to_dict()))
+    r = _cavmae("pretrain", "-c", str(config))
+    assert r.returncode == 0, r.stderr
+    assert f"raise max_steps in {config}" in r.stdout and "finish all 1 epochs" in r.stdout
+
+
+def test_cli_config_file_values_are_typed(tmp_path):
+    # YAML 1.1 reads 1e-4 and 5e-7 as strings (a float needs a dot)
+    config = tmp_path / "c.yaml"
+    config.write_text("train_data: t.json\noutput_dir: run\nlr: 1e-4\nweight_decay: 5e-7\n"
+                      "epochs: '4'\nbetas: ['0.9', 0.99]\nmodel_config: {num_heads: '2'}\n")
+    assert yaml.safe_load(config.read_text())["lr"] == "1e-4"
+    r = _cavmae("pretrain", "-c", str(config), "--print-config")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["lr"] == 1e-4 and isinstance(shown["lr"], float) and shown["weight_decay"] == 5e-7
+    assert shown["epochs"] == 4 and shown["betas"] == [0.9, 0.99] and shown["model_config"] == {"num_heads": 2}
+    config.write_text("train_data: t.json\noutput_dir: run\nlr: fast\nmodel_config: {num_heads: two}\n")
+    r = _cavmae("pretrain", "-c", str(config))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
+    assert "lr: expected a number, got 'fast'" in lines[0]
+    assert "model_config.num_heads: expected an integer, got 'two'" in lines[0]
+
+
+def test_config_types_in_python():
+    cfg = FinetuneConfig(train_data="t", output_dir="o", label_csv="l", lr="2e-5", wa_end="3")
+    assert cfg.lr == 2e-5 and cfg.wa_end == 3
+    with pytest.raises(TrainConfigError, match="epochs: expected an integer, got 2.5"):
+        cfg.replace(epochs=2.5)
+    with pytest.raises(TrainConfigError, match=r"betas: expected a list of 2 numbers"):
+        PretrainConfig.from_dict({"betas": [0.9]})
+    with pytest.raises(TrainConfigError, match="unknown model_config keys: bogus"):
+        PretrainConfig.from_dict({"model_config": {"bogus": 1}})
+
+
+def test_cli_finetune_help_marks_required_options():
+    r = _cavmae("finetune", "--help")
+    assert r.returncode == 0, r.stderr
+    entries = {}
+    for line in r.stdout.splitlines():
+        if line.strip().startswith("--"):
+            name = line.split()[0]
+            entries[name] = line
+        elif entries:
+            entries[name] += " " + line.strip()
+    assert "[required]" in entries["--label-csv"] and "None" not in entries["--label-csv"]
+    assert "[required]" in entries["--train-data"] and "[required]" not in entries["--val-data"]
+    r = _cavmae("pretrain", "--help")
+    assert "[required]" not in " ".join(line for line in r.stdout.splitlines() if "--label-csv" in line)

@@ -169,6 +169,10 @@ class OrtEngine(Engine):
         self.device_kind = kind
         self.device_index = index
         self.provider = _PROVIDERS[kind]
+        if kind == "cuda" and hasattr(self._ort, "preload_dlls"):
+            # The `gpu` extra brings CUDA and cuDNN as NVIDIA's pip wheels, which are not on the
+            # loader's path: ORT >= 1.21 finds them in site-packages (or in torch) when asked.
+            self._ort.preload_dlls()
         available = self._ort.get_available_providers()
         if self.provider not in available:
             raise EngineUnavailableError(

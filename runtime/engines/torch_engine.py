@@ -15,6 +15,7 @@ import numpy as np
 
 from cavmae.errors import EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest
+from cavmae.modes import finetune_mode_of
 
 from .base import Engine, GraphSession, check_inputs
 
@@ -93,7 +94,7 @@ class TorchEngine(Engine):
             num_frames=m.num_frames,
             max_batch=m.max_batch,
             task=m.task or "multi-label",
-            finetune_mode=m.source.get("finetune_mode") or "multimodal",
+            finetune_mode=finetune_mode_of(m.modes),
             mask_ratio_a=m.mask_ratio_a if m.mask_ratio_a is not None else 0.75,
             mask_ratio_v=m.mask_ratio_v if m.mask_ratio_v is not None else 0.75,
         )

@@ -4,39 +4,34 @@
 
 - bytes stream into ``dest.name + ".part"`` beside ``dest``; only after the body is complete, its
   length matches, the SHA-256 matches (when given) and ``verify`` accepts it, is the ``.part``
-  file renamed to ``dest`` with ``os.replace`` (atomic on one filesystem);
+  file fsynced and renamed to ``dest`` (``cavmae.fsio.publish_file``);
 - a failed network transfer keeps the ``.part`` file, and the next call resumes it with an HTTP
   ``Range: bytes=N-`` request (206 appends; 200 means the server ignored the range, so start
   over; 416 means the part is already complete, or stale, which is checked);
 - a file that fails the hash or ``verify`` is deleted: downloading it again would give the same
   bytes, so keeping it would only hide the problem.
 
-Concurrency: two processes (or threads) downloading the same ``dest`` take an exclusive
-``fcntl.flock`` on ``dest.name + ".lock"`` (``msvcrt.locking`` on Windows) for the whole transfer,
-so they never write the same ``.part`` at once. The kernel drops the lock when its holder dies,
-so a crashed download never leaves a stale lock. A waiter that gets the lock after another
+Concurrency: two processes (or threads) downloading the same ``dest`` take the exclusive lock
+``dest.name + ".lock"`` (``cavmae.fsio.exclusive_lock``) for the whole transfer, so they never
+write the same ``.part`` at once; a crashed download never leaves a stale lock. A waiter that gets the lock after another
 process created ``dest`` returns that file instead of downloading it again.
 
-No torch, no numpy: this module is part of the runtime.
+No torch, no numpy: the torch-free runtime downloads through this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import http.client
 import logging
-import os
 import re
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from cavmae import fsio
 from cavmae.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -89,7 +84,17 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     existed = dest.exists()
-    with exclusive_lock(lock_path(dest), lock_timeout, url):
+    with contextlib.ExitStack() as held:
+        lock = lock_path(dest)
+        try:
+            held.enter_context(fsio.exclusive_lock(lock, timeout=lock_timeout))
+        except fsio.LockBusyError:
+            raise DownloadError(
+                f"another process is still downloading {url} (lock {lock} held); wait for it "
+                "or stop it, then run again"
+            ) from None
+        except OSError as e:
+            raise DownloadError(f"cannot lock {lock} to download {url}: {e}") from e
         if dest.exists() and not existed:
             # Another process finished this download while we waited for the lock.
             log.info("%s was downloaded by another process", dest)
@@ -105,7 +110,7 @@ def download(
             desc=dest.name,
         )
         _check(url, part, sha256=sha256, verify=verify)
-        os.replace(part, dest)
+        fsio.publish_file(part, dest)
     return dest
 
 
@@ -238,21 +243,12 @@ def _unsatisfied_total(value: str | None) -> int | None:
 # --- verification ----------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check(
     url: str, part: Path, *, sha256: str | None, verify: Callable[[Path], None] | None
 ) -> None:
     """Hash and verify the complete ``part``; delete it and raise ``DownloadError`` on failure."""
     if sha256 is not None:
-        actual = sha256_file(part)
+        actual = fsio.sha256_file(part)
         if actual.lower() != sha256.strip().lower():
             part.unlink(missing_ok=True)
             raise DownloadError(
@@ -268,62 +264,3 @@ def _check(
                 f"{url} was downloaded but did not verify ({e}); the file was deleted. The "
                 "server or mirror holds a wrong or damaged file: fix it, then run again"
             ) from e
-
-
-# --- locking ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, timeout: float | None, url: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` body.
-
-    The lock file is removed on release. Because a waiter may have opened the file just
-    before it was removed, a waiter checks after locking that the path still names the file
-    it locked, and starts over otherwise; so two holders never coexist.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            _lock_fd(fd, deadline, path, url)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the file we locked was removed by the previous holder: retry
-    try:
-        yield
-    finally:
-        if sys.platform != "win32":  # Windows cannot remove an open file; leave it there
-            with contextlib.suppress(OSError):
-                path.unlink()
-        os.close(fd)  # closing releases the lock
-
-
-def _lock_fd(fd: int, deadline: float | None, path: Path, url: str) -> None:
-    """Lock ``fd`` exclusively, polling so that a deadline can be honoured."""
-    while True:
-        try:
-            if sys.platform == "win32":  # pragma: no cover - not tested on Windows
-                import msvcrt
-
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
-                raise DownloadError(f"cannot lock {path} to download {url}: {e}") from e
-        if deadline is not None and time.monotonic() > deadline:
-            raise DownloadError(
-                f"another process is still downloading {url} (lock {path} held); wait for it "
-                "or stop it, then run again"
-            )
-        time.sleep(0.1)

@@ -1,20 +1,22 @@
 """Named released checkpoints, the local cache and mirrors.
 
-Every checkpoint of the reference release (SPEC section 7) has a name here carrying its URL, what
-it is (pre-trained with a decoder, or a fine-tuned classifier), how many classes it predicts, the
-classifier modes it supports and the label CSV its indices refer to (the open_clip
-``pretrained.py`` idea: a weight tag carries everything needed to use it).
+Every checkpoint of the reference release (docs/model.md section 7) has a name here carrying its
+URL, what it is (pre-trained with a decoder, or a fine-tuned classifier), how many classes it
+predicts, what it was fine-tuned for and the classifier modes that gives it, and the label set its
+indices refer to (the open_clip ``pretrained.py`` idea: a weight tag carries everything needed to
+use it).
 
-Cache layout (``cavmae_home()``)::
+Cache layout (``cavmae.hub.cache.cavmae_home()``)::
 
     $CAVMAE_HOME/                        default $XDG_CACHE_HOME/cavmae or ~/.cache/cavmae
         checkpoints/
             as-full-51.2.pth             one file per registry name: {name}.pth
-            audioset_labels.csv          label CSVs beside them: {label_set}_labels.csv
-            vggsound_labels.csv
+            vggsound_labels.csv          label CSVs beside them: {label_set}_labels.csv
 
-Downloads are atomic (see ``cavmae.runtime.download``), so a file under its final name is
-complete. Plain stdlib: this module imports neither torch nor numpy.
+Label sets that ship with the package (``cavmae/assets``, see ``cavmae.labels``: AudioSet) are
+read from there and never downloaded; a cached label CSV is never fetched again. Downloads are
+atomic (see ``cavmae.hub.download``), so a file under its final name is complete. Plain stdlib:
+this module imports neither torch nor numpy.
 """
 
 from __future__ import annotations
@@ -25,26 +27,30 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from cavmae.errors import CavmaeError, DownloadError, EngineUnavailableError
+from cavmae.errors import CavmaeError, CheckpointError, DownloadError, EngineUnavailableError
+from cavmae.labels import packaged_label_file
+from cavmae.modes import finetune_mode_of, reference_modes
 
+from .cache import cavmae_home
 from .download import download
 
 Kind = Literal["pretrain", "classifier"]
 Task = Literal["multi-label", "single-label"]
 LabelSet = Literal["audioset", "vggsound"]
 
-#: Environment variables read by this module (never written).
-ENV_HOME = "CAVMAE_HOME"
+#: Environment variable naming a mirror (read, never written).
 ENV_MIRROR = "CAVMAE_MIRROR"
 
-#: Modes of a classifier fine-tuned on both modalities (SPEC section 4): the joint stream, or one
-#: modality alone pushed through the joint block ("missing...").
-AV_MODES: tuple[str, ...] = ("multimodal", "missingaudioonly", "missingvideoonly")
-AUDIO_MODES: tuple[str, ...] = ("audioonly",)
-VISUAL_MODES: tuple[str, ...] = ("videoonly",)
+#: Reference modes of the classifiers by what they were fine-tuned for (table in cavmae.modes).
+AV_MODES: tuple[str, ...] = reference_modes("multimodal")
+AUDIO_MODES: tuple[str, ...] = reference_modes("audioonly")
+VISUAL_MODES: tuple[str, ...] = reference_modes("videoonly")
+
+#: file endings taken as a checkpoint path (not a registry name) when no such file exists
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".safetensors")
 
 #: Column names of both label CSVs (the reference loader reads them with csv.DictReader).
 LABEL_CSV_COLUMNS: tuple[str, ...] = ("index", "mid", "display_name")
@@ -62,8 +68,9 @@ class ModelInfo:
     """One released checkpoint.
 
     ``num_classes``, ``task``, ``label_url`` and ``label_set`` are None for pre-trained models
-    (they have a decoder, no head). ``modes`` lists the classifier modes the checkpoint was
-    fine-tuned for; empty for pre-trained models. ``norm_pix_loss`` says whether the decoder was
+    (they have a decoder, no head). ``modes`` lists the reference classifier modes the
+    checkpoint serves (its fine-tune mode's rows of ``cavmae.modes``); empty for pre-trained
+    models. ``norm_pix_loss`` says whether the decoder was
     trained on per-patch normalized targets: only meaningful for pre-trained models (False for
     classifiers). ``sha256`` is None for all of them: the reference publishes no checksums.
     """
@@ -95,6 +102,22 @@ class ModelInfo:
     def default_mode(self) -> str | None:
         """The mode to classify with when none is asked for (None for pre-trained models)."""
         return self.modes[0] if self.modes else None
+
+    @property
+    def finetune_mode(self) -> str | None:
+        """What the classifier was fine-tuned for (``multimodal``, ``audioonly``, ``videoonly``);
+        None for pre-trained models."""
+        return finetune_mode_of(self.modes) if self.kind == "classifier" else None
+
+    @property
+    def config_overrides(self) -> dict[str, Any]:
+        """Model config fields the registry knows and the checkpoint's keys cannot tell."""
+        return {"norm_pix_loss": self.norm_pix_loss} if self.kind == "pretrain" else {}
+
+    @property
+    def labels_packaged(self) -> bool:
+        """Whether the label set ships with the package (then it is never downloaded)."""
+        return self.label_set is not None and packaged_label_file(self.label_set) is not None
 
 
 def _pretrain(
@@ -235,14 +258,14 @@ _MODELS: tuple[ModelInfo, ...] = (
     ),
 )
 
-#: Name -> info, in the order of the SPEC table.
+#: Name -> info, in the order of the table in docs/model.md section 7.
 MODELS: dict[str, ModelInfo] = {m.name: m for m in _MODELS}
 
 DEFAULT_MODEL = "as-full-51.2"
 
 
 def list_models() -> list[ModelInfo]:
-    """Every registered checkpoint, pre-trained ones first (the SPEC table's order)."""
+    """Every registered checkpoint, pre-trained ones first (docs/model.md's order)."""
     return list(MODELS.values())
 
 
@@ -263,20 +286,8 @@ def get_model_info(name: str) -> ModelInfo:
 # --- cache locations -------------------------------------------------------------------------
 
 
-def cavmae_home() -> Path:
-    """The cache root: ``$CAVMAE_HOME``, else ``$XDG_CACHE_HOME/cavmae``, else ``~/.cache/cavmae``.
-
-    Read on every call (not at import), so tests and users can change the environment.
-    """
-    home = os.environ.get(ENV_HOME)
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "cavmae"
-
-
 def checkpoint_dir() -> Path:
+    """Where downloaded checkpoints and label CSVs live."""
     return cavmae_home() / "checkpoints"
 
 
@@ -286,9 +297,20 @@ def checkpoint_path(name: str) -> Path:
 
 
 def label_path(name: str) -> Path | None:
-    """Where the label CSV of model ``name`` lives in the cache; None for pre-trained models."""
+    """Where the label CSV of model ``name`` lives (whether or not it is there yet): the file
+    shipped with the package when its label set ships, else its place in the cache; None for
+    pre-trained models."""
     info = get_model_info(name)
-    return None if info.label_set is None else checkpoint_dir() / f"{info.label_set}_labels.csv"
+    if info.label_set is None:
+        return None
+    return packaged_label_file(info.label_set) or checkpoint_dir() / f"{info.label_set}_labels.csv"
+
+
+def local_labels(name: str) -> Path | None:
+    """The label CSV of model ``name`` if it is here without any download (shipped with the
+    package, or cached), else None. Never touches the network."""
+    path = label_path(name)
+    return path if path is not None and _nonempty_file(path) else None
 
 
 def cached_path(name: str) -> Path | None:
@@ -332,8 +354,7 @@ def resolve_url(url: str, mirror: str | None = None) -> str:
         {mirror}/audio_model.25.pth            cav-mae-scale+
         {mirror}/cav-mae-base.pth, cav-mae-base-nonorm.pth, as-full-51.2.pth, as-20k-42.0.pth
         {mirror}/vgg_65.5.pth, vgg_66.0.pth, as_46.6.pth, as_37.7.pth, as_20.0.pth, vgg_59.8.pth
-        {mirror}/class_labels_indices.csv      AudioSet labels
-        {mirror}/class_labels_indices_vgg.csv  VGGSound labels
+        {mirror}/class_labels_indices_vgg.csv  VGGSound labels (AudioSet's ship with cavmae)
 
     so ``https://host/dir/`` + ``as-full-51.2.pth`` -> ``https://host/dir/as-full-51.2.pth``.
     Without a mirror the URL is returned unchanged.
@@ -351,18 +372,26 @@ def _active_mirror(mirror: str | None) -> str | None:
     return mirror if mirror is not None else (os.environ.get(ENV_MIRROR) or None)
 
 
-def _network_hint(url: str, mirror: str | None) -> str:
-    """What to tell the user when fetching ``url`` failed."""
-    name = url_file_name(url)
+def mirror_files(info: ModelInfo) -> tuple[str, ...]:
+    """The files a mirror must serve for ``info``: the checkpoint, and its label CSV unless the
+    label set ships with the package."""
+    labels = () if info.labels_packaged or info.label_file_name is None else (info.label_file_name,)
+    return (info.file_name, *labels)
+
+
+def _network_hint(info: ModelInfo, mirror: str | None) -> str:
+    """What to tell the user when fetching a file of ``info`` failed."""
+    files = mirror_files(info)
+    names = " and ".join(files)
+    serve = f"{names} under {'those exact names' if len(files) > 1 else 'that exact name'}"
+    local = "a checkpoint file you already have needs no download: cavmae classify -m FILE.pth ..."
     mirror = _active_mirror(mirror)
     if mirror:
-        return (
-            f"check that the mirror {mirror} (from --mirror / {ENV_MIRROR}) serves {name} "
-            "under that exact name"
-        )
+        return f"check that the mirror {mirror} (from --mirror / {ENV_MIRROR}) serves {serve}; {local}"
     return (
-        f"if the host cannot be reached from here, put {name} on a reachable server or "
-        f"directory and pass --mirror URL or set {ENV_MIRROR}"
+        f"if the host cannot be reached from here, serve {serve} from a reachable server or "
+        f"directory and pass --mirror URL or set {ENV_MIRROR} (a mirror serves the label CSV "
+        f"too); {local}"
     )
 
 
@@ -417,17 +446,20 @@ def verify_label_csv(path: Path, num_classes: int) -> None:
 
 
 def ensure_labels(name: str, mirror: str | None = None, progress: bool = True) -> Path | None:
-    """The cached label CSV of model ``name``, downloaded when missing; None for pre-trained.
+    """The label CSV of model ``name``; None for pre-trained models.
 
-    Raises ``DownloadError`` when the download fails or the CSV does not have the model's
-    number of classes.
+    A label set that ships with the package is returned from there and a cached one from the
+    cache, both without any network access; only a missing one is downloaded. Raises
+    ``DownloadError`` when the download fails or the CSV does not have the model's number of
+    classes.
     """
     info = get_model_info(name)
+    here = local_labels(name)
+    if here is not None:
+        return here
     path = label_path(name)
     if path is None or info.label_url is None or info.num_classes is None:
         return None
-    if _nonempty_file(path):
-        return path
     num_classes = info.num_classes
 
     def verify(part: Path) -> None:
@@ -439,7 +471,7 @@ def ensure_labels(name: str, mirror: str | None = None, progress: bool = True) -
         path,
         verify=verify,
         progress=progress,
-        hint=_network_hint(info.label_url, mirror),
+        hint=_network_hint(info, mirror),
     )
 
 
@@ -460,7 +492,10 @@ def ensure_model(
     verify: Verifier | None = None,
     sha256: str | None = None,
 ) -> Path:
-    """The cached checkpoint of ``name``, downloaded (with its label CSV) when missing.
+    """The cached checkpoint of ``name``, downloaded when missing.
+
+    Only the checkpoint: its label CSV is fetched by ``ensure_labels`` when something needs the
+    class names (``cavmae download`` does both).
 
     ``sha256`` pins the file's hash (the registry has none: the reference publishes none); a
     download that does not match is deleted and fails.
@@ -486,9 +521,32 @@ def ensure_model(
             sha256=_pinned(sha256 or info.sha256),
             verify=check,
             progress=progress,
-            hint=_network_hint(info.url, mirror),
+            hint=_network_hint(info, mirror),
         )
-    ensure_labels(name, mirror=mirror, progress=progress)
     if not _nonempty_file(path):  # pragma: no cover - download() guarantees it
         raise DownloadError(f"checkpoint {name} is missing at {path} after download")
     return path
+
+
+def checkpoint_file(
+    model: str | Path, *, mirror: str | None = None, progress: bool = True
+) -> tuple[Path, ModelInfo | None]:
+    """The file behind ``model``: an existing checkpoint file as given, or the cached file of a
+    registry name (downloaded first when missing) with its registry entry.
+
+    Raises ``CheckpointError`` for a missing file and ``CavmaeError`` (naming close matches)
+    for an unknown name.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path, None
+    name = str(model)
+    if name in MODELS:
+        return ensure_model(name, mirror=mirror, progress=progress), MODELS[name]
+    if path.suffix in CHECKPOINT_SUFFIXES or "/" in name or path.is_dir():
+        hint = ""
+        if path.suffix in CHECKPOINT_SUFFIXES and path.stem in MODELS:
+            hint = f" (a released checkpoint is loaded by its name: {path.stem!r})"
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    get_model_info(name)  # raises, naming close matches
+    raise AssertionError("unreachable")

@@ -1,0 +1,184 @@
+"""What a checkpoint file is, from its keys and shapes alone, without PyTorch.
+
+Telling a pre-training checkpoint from a classifier (and its class count and depth) needs only
+the state dict's keys and shapes, which a ``torch.save`` zip archive keeps in its small
+``data.pkl``, and a ``.safetensors`` file in its JSON header. Reading just those takes
+milliseconds and needs no torch import (itself seconds on a busy machine), so a command can
+refuse a wrong model before it downloads, hashes or exports anything.
+
+The pickle is read by an unpickler that knows only the few names a state dict uses (an
+``OrderedDict`` of tensors) and builds shape placeholders instead of tensors: nothing in the
+file is executed. Anything else (the legacy pre-zip format, other objects) gives None, and
+the caller falls back to ``cavmae.checkpoint`` (which loads with torch).
+
+Plain stdlib.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+#: the key that tells each kind (the decoder of a pre-training model, the classifier's head)
+DECODER_KEY = "decoder_embed.weight"
+HEAD_KEY = "mlp_head.1.weight"
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """Kind, class count and depth of a checkpoint, read from its keys and shapes."""
+
+    kind: str  # "pretrain" or "classifier"
+    num_classes: int | None  # of a classifier
+    depth_modality: int  # blocks per modality-specific encoder
+    depth_joint: int  # joint blocks
+    num_keys: int
+
+
+def unreadable(path: Path, what: str = "a PyTorch checkpoint") -> CheckpointError:
+    """The one-line error for a file that is not a checkpoint or was cut short."""
+    try:
+        size = f"{path.stat().st_size} bytes"
+    except OSError:
+        size = "size unknown"
+    return CheckpointError(f"not {what}, or truncated ({size}): {path}")
+
+
+def kind_of_keys(keys: Iterable[str]) -> str:
+    """``"pretrain"`` when the keys hold a decoder, ``"classifier"`` when they hold a head."""
+    names = set(keys)
+    if DECODER_KEY in names:
+        return "pretrain"
+    if HEAD_KEY in names:
+        return "classifier"
+    raise CheckpointError(
+        "the checkpoint has neither a decoder (decoder_embed.*) nor a classification head"
+        " (mlp_head.*); it is not a CAV-MAE pre-training or fine-tuned checkpoint"
+    )
+
+
+def count_blocks(keys: Iterable[str], prefix: str) -> int:
+    """How many ``{prefix}.{i}.`` blocks the keys hold."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    ids = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(ids) + 1 if ids else 0
+
+
+def summarize(shapes: dict[str, tuple[int, ...]]) -> CheckpointSummary:
+    """The summary of a state dict given as key -> shape (``module.`` prefixes stripped)."""
+    kind = kind_of_keys(shapes)
+    head = shapes.get(HEAD_KEY)
+    return CheckpointSummary(
+        kind=kind,
+        num_classes=int(head[0]) if kind == "classifier" and head else None,
+        depth_modality=count_blocks(shapes, "blocks_a"),
+        depth_joint=count_blocks(shapes, "blocks_u"),
+        num_keys=len(shapes),
+    )
+
+
+def peek_checkpoint(path: str | Path) -> CheckpointSummary | None:
+    """Kind, classes and depth of the checkpoint at ``path`` without torch; None when only
+    torch can tell (legacy format, or objects beyond a plain state dict).
+
+    Raises ``CheckpointError`` (one line) for a missing file, a file that is no checkpoint or
+    one cut short, and a state dict that is not CAV-MAE's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    shapes = _safetensors_shapes(path) if path.suffix == ".safetensors" else _torch_shapes(path)
+    return None if shapes is None else summarize(shapes)
+
+
+# -- torch.save zip archives -----------------------------------------------------------------
+
+
+class _Shape(tuple):
+    """Stands in for a tensor: its shape."""
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: tuple[int, ...], *args: Any) -> _Shape:
+    return _Shape(size)
+
+
+class _Unknown(Exception):
+    """The pickle names something a plain state dict does not hold."""
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): lambda data, *args: data,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._ALLOWED.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and name.endswith("Storage"):  # a storage type: shapes need none
+            return name
+        raise _Unknown(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # the tensor data, which a shape does not need
+
+
+def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path):
+        if head[:1] == b"\x80":  # a pickle: the legacy format, which only torch reads
+            return None
+        raise unreadable(path)  # a truncated archive loses its directory at the end
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if len(pkl) != 1:
+                raise unreadable(path)
+            obj = _KeysUnpickler(z.open(pkl[0])).load()
+    except _Unknown:
+        return None
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, OSError):
+        raise unreadable(path) from None
+    if isinstance(obj, dict) and "state_dict" in obj and "cavmae" in obj:
+        obj = obj["state_dict"]  # the trainer's state file
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} does not hold a state dict")
+    if not all(isinstance(v, _Shape) for v in obj.values()):
+        return None  # non-tensor entries: cavmae.checkpoint says which
+    return {str(k).removeprefix("module."): tuple(v) for k, v in obj.items()}
+
+
+# -- safetensors -----------------------------------------------------------------------------
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes from the header: 8 bytes little-endian length, then that much JSON."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000 or path.stat().st_size < 8 + length:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + length + end:
+            raise ValueError("tensor data cut short")
+        return {
+            k.removeprefix("module."): tuple(int(n) for n in v["shape"])
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise unreadable(path, "a safetensors checkpoint") from None

@@ -1,0 +1,160 @@
+"""The on-disk layout of an index: file names, ``index.json`` metadata, parts, shard dirs.
+
+Everything that knows how an index directory is named and numbered lives here, so the reader,
+the writer and the merge agree on it by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cavmae.errors import CavmaeError
+
+FORMAT = "cavmae-embedding-index"
+FORMAT_VERSION = 1
+META_NAME = "index.json"
+LOCK_NAME = ".lock"
+MODALITIES = ("audio", "visual")
+ARRAYS = (*MODALITIES, "mask")  # the three .npy files of each part
+ITEM_KEYS = ("row", "path", "duration", "has_audio", "has_video")  # written for every row
+_SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+CHUNK_RE = re.compile(r"^chunk-\d{5,}-(audio|visual|mask)\.npy$|^chunk-\d{5,}-items\.jsonl$")
+
+
+class EmbeddingIndexError(CavmaeError):
+    """An index is missing, malformed, in use, or made with another model."""
+
+
+def path_key(path: str | Path) -> str:
+    """The canonical form of a media path stored in an index (absolute, symlinks resolved)."""
+    return str(Path(path).resolve())
+
+
+def shard_dir(index: str | Path, shard: tuple[int, int]) -> Path:
+    """``INDEX/shard-i-of-n`` for shard ``(i, n)``."""
+    i, n = shard
+    return Path(index) / f"shard-{i}-of-{n}"
+
+
+def parse_frame(frame: str | int) -> str | int:
+    """``"middle"``, ``"mean"`` or a frame index (``"3"`` -> 3)."""
+    if isinstance(frame, int):
+        return frame
+    text = str(frame).strip().lower()
+    if text in ("middle", "mean"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise EmbeddingIndexError(f"frame must be 'middle', 'mean' or a frame index, not {frame!r}")
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` itself when it is ``"audio"`` or ``"visual"``."""
+    if modality not in MODALITIES:
+        raise EmbeddingIndexError(f"modality must be 'audio' or 'visual', not {modality!r}")
+    return modality
+
+
+def is_index(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding an index's ``index.json``."""
+    return (Path(path) / META_NAME).is_file()
+
+
+def find_shards(path: str | Path) -> list[tuple[int, int, Path]]:
+    """Shard sub-directories of an index as ``(i, n, dir)``, sorted by ``(n, i)``."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        m = _SHARD_RE.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), int(m.group(2)), child))
+    return sorted(out, key=lambda t: (t[1], t[0]))
+
+
+def new_meta(
+    model: dict[str, Any], want: dict[str, Any], shard: tuple[int, int] | None
+) -> dict[str, Any]:
+    """``index.json`` of an empty index; ``want`` holds ``dim``, ``frame`` and ``num_frames``."""
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION, "model": dict(model), **want,
+        "count": 0, "base_count": 0, "chunks": [], "next_chunk": 1,
+        "shard": list(shard) if shard else None, "finished": False,
+    }
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``index.json`` of index directory ``path``, checked for format and version."""
+    file = path / META_NAME
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmbeddingIndexError(f"{path} is not an embedding index (no {META_NAME})") from None
+    except (OSError, ValueError) as e:
+        raise EmbeddingIndexError(f"cannot read {file}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EmbeddingIndexError(f"{file} is not a cavmae embedding index")
+    if meta.get("version") != FORMAT_VERSION:
+        raise EmbeddingIndexError(
+            f"{path} has index format version {meta.get('version')!r}; this cavmae reads"
+            f" version {FORMAT_VERSION}: build the index again"
+        )
+    return meta
+
+
+def item_line(item: dict[str, Any]) -> bytes:
+    """One line of ``items.jsonl``."""
+    return (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``[start, start + count)`` of the index, stored under file prefix ``prefix``."""
+
+    prefix: str  # "" for the base files, "chunk-00003-" for a chunk
+    start: int
+    count: int
+
+    def file(self, directory: Path, what: str) -> Path:
+        """The ``what`` file (``"audio"``, ``"visual"``, ``"mask"`` or ``"items"``) of the part."""
+        ext = "jsonl" if what == "items" else "npy"
+        return directory / f"{self.prefix}{what}.{ext}"
+
+
+def parts(meta: dict[str, Any]) -> list[Part]:
+    """The parts an ``index.json`` lists, in row order: the base rows, then each chunk."""
+    out = []
+    start = int(meta.get("base_count", 0))
+    if start:
+        out.append(Part("", 0, start))
+    for chunk in meta.get("chunks", []):
+        out.append(Part(f"{chunk['name']}-", start, int(chunk["count"])))
+        start += int(chunk["count"])
+    return out
+
+
+def load_npy(path: Path, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of a memory-mapped ``.npy`` file (base files may hold more)."""
+    arr = np.load(path, mmap_mode="r")
+    if arr.shape[0] < rows:
+        raise EmbeddingIndexError(
+            f"{path} holds {arr.shape[0]} rows, the index expects {rows}; it is damaged"
+        )
+    return arr[:rows]
+
+
+def read_item_lines(directory: Path, part: Part) -> Iterator[tuple[int, bytes]]:
+    """``(row, raw line)`` for the part's rows (a base file may hold more lines than rows)."""
+    with open(part.file(directory, "items"), "rb") as f:
+        for k, line in enumerate(f):
+            if k >= part.count:
+                break
+            yield part.start + k, line

@@ -1,0 +1,121 @@
+"""Merging the shards of a sharded ``cavmae embed`` job into their parent index.
+
+Each process of a sharded job writes ``INDEX/shard-i-of-n/`` (marked ``finished`` when its
+run completes). :func:`merge_shards` checks that all ``n`` shards are present, finished and
+made with the same model, appends their rows to INDEX (skipping paths already there), compacts,
+and removes the shard directories. A merge interrupted before the removal can simply be run
+again (the paths de-duplicate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .identity import check_compatible
+from .layout import ITEM_KEYS, EmbeddingIndexError, find_shards, is_index
+from .reader import EmbeddingIndex
+from .storage import locked
+from .writer import IndexWriter
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Shards merged, rows added, rows skipped as already present, rows in the index now."""
+
+    shards: int
+    added: int
+    duplicates: int
+    count: int
+
+
+def _complete_set(root: Path) -> list[tuple[int, int, Path]]:
+    """The shards under ``root``, checked to be all ``n`` shards of one job."""
+    shards = find_shards(root)
+    if not shards:
+        raise EmbeddingIndexError(f"no shard directories (shard-i-of-n) in {root}")
+    counts = sorted({n for _, n, _ in shards})
+    if len(counts) > 1:
+        raise EmbeddingIndexError(
+            f"{root} holds shards of different jobs (n = {', '.join(map(str, counts))});"
+            " remove the stale ones"
+        )
+    n = counts[0]
+    missing = sorted(set(range(n)) - {i for i, _, _ in shards})
+    if missing:
+        raise EmbeddingIndexError(
+            f"{root}: shard(s) {', '.join(map(str, missing))} of {n} are missing; run them first"
+        )
+    return shards
+
+
+def _open_finished(
+    shards: list[tuple[int, int, Path]], stack: contextlib.ExitStack
+) -> list[EmbeddingIndex]:
+    """Lock and open each shard; all must be finished and made with the same model."""
+    opened: list[EmbeddingIndex] = []
+    for i, n, d in shards:
+        stack.enter_context(locked(d))  # fails if that shard is still being written
+        if not is_index(d):
+            raise EmbeddingIndexError(f"{d} is not a complete shard; run shard {i}/{n} again")
+        idx = EmbeddingIndex.open(d)
+        if not idx.meta.get("finished"):
+            raise EmbeddingIndexError(
+                f"shard {i}/{n} did not finish; run it again (it resumes) before merging"
+            )
+        opened.append(idx)
+    first = opened[0].meta
+    for idx in opened[1:]:
+        check_compatible(idx.meta, first["model"], dim=first["dim"], frame=first["frame"],
+                         num_frames=first["num_frames"], where=idx.path)
+    return opened
+
+
+def _append(writer: IndexWriter, idx: EmbeddingIndex) -> tuple[int, int]:
+    """Add the rows of ``idx`` whose path ``writer`` lacks; ``(added, duplicates)``."""
+    added = duplicates = 0
+    audio, visual = idx.embeddings("audio"), idx.embeddings("visual")
+    has_a, has_v = idx.has("audio"), idx.has("visual")
+    for item in idx.items():
+        row = item["row"]
+        if item["path"] in writer:
+            duplicates += 1
+            continue
+        extra = {k: v for k, v in item.items() if k not in ITEM_KEYS}
+        writer.add(item["path"], np.array(audio[row]) if has_a[row] else None,
+                   np.array(visual[row]) if has_v[row] else None,
+                   duration=item.get("duration"), **extra)
+        added += 1
+    return added, duplicates
+
+
+def merge_shards(
+    path: str | Path, *, remove: bool = True, commit_every: int = 1024
+) -> MergeResult:
+    """Combine ``INDEX/shard-*-of-n`` into ``INDEX`` (see the module docstring).
+
+    Raises:
+        EmbeddingIndexError: no shards, shards of different ``n``, a shard missing, unfinished
+            or still being written, or made with a different model than the others or INDEX.
+    """
+    root = Path(path)
+    shards = _complete_set(root)
+    with contextlib.ExitStack() as stack:
+        opened = _open_finished(shards, stack)
+        first = opened[0].meta
+        added = duplicates = 0
+        writer = IndexWriter(root, model=first["model"], dim=first["dim"], frame=first["frame"],
+                             num_frames=first["num_frames"], commit_every=commit_every)
+        with writer:
+            for idx in opened:
+                a, d = _append(writer, idx)
+                added, duplicates = added + a, duplicates + d
+        count = writer.count
+    if remove:
+        for _, _, d in shards:
+            shutil.rmtree(d, ignore_errors=True)
+    return MergeResult(shards=shards[0][1], added=added, duplicates=duplicates, count=count)

@@ -1,0 +1,171 @@
+"""The real console script: -o result files, progress in logs and terminals, prepare's exit code and --json."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import pty
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cavmae import CAVMAEFT, TINY, save_checkpoint
+from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
+from media_factory import make_media
+
+CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavmae"))
+
+
+def _env(home: Path, progress: bool = False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAVMAE_")}
+    env["CAVMAE_HOME"] = str(home)
+    if progress:
+        env["CAVMAE_PROGRESS_INTERVAL"] = "0"  # a line per step, so two clips give two lines
+    else:
+        env["CAVMAE_NO_PROGRESS"] = "1"
+    return env
+
+
+def run(*args: str, home: Path, cwd: Path, progress: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([CAVMAE_EXE, *args], capture_output=True, text=True, env=_env(home, progress),
+                          cwd=cwd, timeout=600)
+
+
+def run_in_terminal(*args: str, home: Path, cwd: Path) -> tuple[int, str]:
+    """Run with stdout and stderr on one pseudo-terminal, as a user at a shell sees it."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([CAVMAE_EXE, *args], stdin=slave, stdout=slave, stderr=slave,
+                            env={**_env(home, progress=True), "TERM": "xterm"}, cwd=cwd, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + 600
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with two clips, a tiny AudioSet classifier and a cache already holding its export."""
+    tmp = tmp_path_factory.mktemp("out")
+    torch.manual_seed(0)
+    save_checkpoint(CAVMAEFT(TINY.replace(num_classes=527)), tmp / "model.pth")
+    shutil.copy(AUDIOSET_CLIP, tmp / "a.mp4")
+    shutil.copy(VGGSOUND_CLIP, tmp / "b.mp4")
+    home = tmp / "home"
+    first = run("classify", "a.mp4", "-m", "model.pth", home=home, cwd=tmp)
+    assert first.returncode == 0, first.stderr
+    return tmp, home
+
+
+def _classify(work, *args: str) -> subprocess.CompletedProcess:
+    tmp, home = work
+    return run("classify", *args, "-m", "model.pth", home=home, cwd=tmp)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_output_format_follows_the_ending_and_never_mixes(work):
+    tmp, _ = work
+    out = _classify(work, "a.mp4", "-o", "r.csv")  # no --csv: the ending decides
+    assert out.returncode == 0, out.stderr
+    assert [r["path"] for r in _csv_rows(tmp / "r.csv")] == ["a.mp4"] * 5
+    out = _classify(work, "a.mp4", "b.mp4", "-o", "r.csv", "--csv")
+    assert out.returncode == 0, out.stderr
+    rows = _csv_rows(tmp / "r.csv")  # still one valid CSV under one header
+    assert [r["path"] for r in rows] == ["a.mp4"] * 5 + ["b.mp4"] * 5
+    assert {r["mode"] for r in rows} == {"av"}
+    before = (tmp / "r.csv").read_bytes()
+    for args in (["--json", "-o", "r.csv"], ["--csv", "-o", "r.jsonl"], ["-o", "r.txt"]):
+        out = _classify(work, "a.mp4", *args)
+        assert out.returncode == 2 and out.stderr.startswith("Error: "), out.stderr
+        assert out.stderr.count("\n") == 1 and out.stdout == ""
+    assert (tmp / "r.csv").read_bytes() == before
+    assert not (tmp / "r.jsonl").exists() and not (tmp / "r.txt").exists()
+
+
+def test_resume_is_keyed_on_resolved_path_and_mode(work):
+    tmp, _ = work
+    out = _classify(work, "a.mp4", "-o", "k.jsonl")
+    assert out.returncode == 0, out.stderr
+    out = _classify(work, str(tmp / "a.mp4"), "./b.mp4", "-o", "k.jsonl")
+    assert out.returncode == 0, out.stderr
+    assert "1 of 2 inputs already in k.jsonl" in out.stderr
+    assert str(tmp / "a.mp4") not in out.stdout and "b.mp4" in out.stdout
+    out = _classify(work, "a.mp4", "--mode", "audio", "-o", "k.jsonl")  # another mode: not done yet
+    assert out.returncode == 0 and "already" not in out.stderr and "a.mp4" in out.stdout
+    recs = [json.loads(line) for line in (tmp / "k.jsonl").read_text().splitlines()]
+    assert [(Path(r["path"]).name, r["mode"]) for r in recs] == [("a.mp4", "av"), ("b.mp4", "av"),
+                                                                 ("a.mp4", "audio")]
+
+
+def test_json_output_is_one_valid_document(work):
+    tmp, _ = work
+    out = _classify(work, "a.mp4", "-o", "r.json")
+    assert out.returncode == 0, out.stderr
+    assert [r["path"] for r in json.loads((tmp / "r.json").read_text())] == ["a.mp4"]
+    out = _classify(work, "a.mp4", "b.mp4", "-o", "r.json", "--json")
+    assert out.returncode == 0 and "1 of 2 inputs already in r.json" in out.stderr
+    assert [r["path"] for r in json.loads((tmp / "r.json").read_text())] == ["a.mp4", "b.mp4"]
+
+
+def test_a_log_gets_a_line_per_step_not_a_bar(work, tmp_path):
+    tmp, _ = work
+    fresh_home = tmp_path / "home"  # first use: the export runs, and says so step by step
+    out = run("classify", "a.mp4", "b.mp4", "-m", "model.pth", home=fresh_home, cwd=tmp, progress=True)
+    assert out.returncode == 0, out.stderr
+    err = out.stderr
+    assert "\r" not in err and "%|" not in err
+    assert "export: first use of model.pth" in err
+    assert "export: 1/7 graphs, audio_encoder validated" in err and "export: done in" in err
+    assert "classify: 1/2 clips" in err and "classify: 2/2 clips" in err
+
+
+def test_bar_and_results_do_not_share_a_line_in_a_terminal(work):
+    tmp, home = work
+    rc, screen = run_in_terminal("classify", "a.mp4", "b.mp4", "-m", "model.pth", home=home, cwd=tmp)
+    assert rc == 0, screen
+    assert "classify:" in screen and "%|" in screen  # a bar was drawn
+    for name in ("a.mp4", "b.mp4"):
+        at = screen.index(name)
+        assert screen[at - 1] in "\r\n", repr(screen[max(0, at - 80):at + 20])
+
+
+def test_prepare_exits_2_on_a_failed_input_and_has_json(tmp_path):
+    good = make_media(tmp_path / "good.mp4", duration=1.5, fps=8, size=(64, 48))
+    silent = make_media(tmp_path / "silent.mp4", duration=1.0, fps=8, size=(64, 48), with_audio=False)
+    out = run("prepare", str(good), str(silent), "-o", "prepared", "--json", home=tmp_path / "home",
+              cwd=tmp_path, progress=True)
+    assert out.returncode == 2, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["clips"], summary["extracted"], len(summary["failed"])) == (1, 1, 1)
+    assert summary["failed"][0]["video"] == str(silent)
+    assert "1 of 2 inputs failed" in out.stderr
+    assert "prepare: 2/2 clips" in out.stderr and "\r" not in out.stderr  # a log line, not a bar
+    again = run("prepare", str(good), "-o", "prepared", home=tmp_path / "home", cwd=tmp_path)
+    assert again.returncode == 0 and "1 already done" in again.stdout
