@@ -93,6 +93,19 @@ def test_classify_windows_modes_and_parameter_errors(server):
     assert r.status_code == 400 and "'file'" in r.json()["error"]
 
 
+def test_classify_auto_mode_per_file_as_the_cli(server, tmp_path):
+    """``mode=auto`` decides per file, from its streams, as ``cavmae classify --mode auto``."""
+    c = server["client"]
+    silent = make_media(tmp_path / "silent.mp4", duration=2.0, with_audio=False)
+    tone = make_media(tmp_path / "tone.wav", duration=2.0, with_video=False, audio_codec="pcm_s16le")
+    for media, mode in [(AUDIOSET_CLIP, "av"), (silent, "visual"), (tone, "audio")]:
+        r = c.post("/v1/classify", files=upload(media))
+        assert r.status_code == 200 and r.json()["mode"] == mode, (media.name, r.text)
+    r = c.post("/v1/classify", files=upload(silent), data={"mode": "av"})
+    assert r.status_code == 422
+    assert r.json()["error"] == "silent.mp4: has no audio stream; classify it with mode=visual (or mode=auto)"
+
+
 def test_embed_matches_the_index_rows(server, model):
     from cavmae.runtime.index import EmbeddingIndex
 
@@ -154,8 +167,9 @@ def test_bad_media_gets_one_clear_4xx_and_leaves_no_temporary_file(server, tmp_p
         "silent.mp4": make_media(tmp_path / "silent.mp4", duration=2.0, with_audio=False),
     }
     for name, path in bad.items():
-        # a video without sound can still be embedded and searched (by its frames)
-        endpoints = ("/v1/classify", "/v1/localize") if name == "silent.mp4" else ("/v1/classify", "/v1/embed", "/v1/search")
+        # a video without sound can still be classified (mode auto), embedded and searched by its
+        # frames; the heat map needs the sound (mode=av on it: test_classify_auto_mode_per_file_as_the_cli)
+        endpoints = ("/v1/localize",) if name == "silent.mp4" else ("/v1/classify", "/v1/embed", "/v1/search")
         for endpoint in endpoints:
             r = c.post(endpoint, files=upload(path, name))
             assert r.status_code == 422, (name, endpoint, r.text)

@@ -53,26 +53,23 @@ def test_queued_jobs_share_batches_up_to_max_batch():
     b.stop()
 
 
-def test_max_batch_one_runs_jobs_alone_and_keys_do_not_mix():
+def alternating_calls(max_batch: int, jobs: int) -> list[tuple[str, list[int]]]:
+    """The model calls for ``jobs`` jobs, alternately classify and embed, queued while the
+    model is busy."""
     model = FakeModel()
-    b = started(model, max_batch=1)
+    b = started(model, max_batch=max_batch)
     hold_first(model, b)
-    futures = [b.submit(("embed" if i % 2 else "classify"), i) for i in range(4)]
+    futures = [b.submit(("embed" if i % 2 else "classify"), i) for i in range(jobs)]
     model.gate.set()
     for f in futures:
         f.result(10)
-    assert [len(p) for k, p in model.calls if k != "warm"] == [1, 1, 1, 1]
     b.stop()
-    model2 = FakeModel()
-    b = started(model2, max_batch=8)
-    hold_first(model2, b)
-    futures = [b.submit(("embed" if i % 2 else "classify"), i) for i in range(6)]
-    model2.gate.set()
-    for f in futures:
-        f.result(10)
-    batches = {k: p for k, p in model2.calls if k != "warm"}
-    assert batches == {"classify": [0, 2, 4], "embed": [1, 3, 5]}
-    b.stop()
+    return [(k, p) for k, p in model.calls if k != "warm"]
+
+
+def test_max_batch_one_runs_jobs_alone_and_keys_do_not_mix():
+    assert [len(p) for _, p in alternating_calls(1, 4)] == [1, 1, 1, 1]
+    assert dict(alternating_calls(8, 6)) == {"classify": [0, 2, 4], "embed": [1, 3, 5]}
 
 
 def test_a_lone_job_runs_after_max_wait_and_sizes_count_clips():

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from cavmae import __version__
 from cavmae.errors import CavmaeError, MediaError
+from cavmae.modes import AUTO, CLI_MODES
 
 from .batcher import BatcherStopped, DynamicBatcher, QueueFull
 from .config import ServeConfig
@@ -44,7 +45,7 @@ from .service import ClassifyRequest, MediaTooLong, Service
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ClassifyMode = Literal["auto", "av", "audio", "visual"]
+ClassifyMode = Literal[(AUTO, *CLI_MODES)]  # type: ignore[valid-type]  # from the mode table
 Modality = Literal["audio", "visual", "both"]
 
 
@@ -297,14 +298,15 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
         file: Annotated[UploadFile | None, File(description="The media file.")] = None,
         path: Annotated[str | None, Form(description="A file inside --allow-dir instead of an upload.")] = None,
         top_k: Annotated[int, Form(ge=1, description="Labels per clip or window.")] = 5,
-        mode: Annotated[ClassifyMode, Form(description="Modalities; auto = audio-visual when the model has it.")] = "auto",
+        mode: Annotated[ClassifyMode, Form(description="Modalities; auto: per file, audio-visual where the model"
+                                           " and the file allow, else the stream the file has.")] = "auto",
         frames: Annotated[int | None, Form(ge=1, description="Frames aggregated per clip (must be the model's).")] = None,
         window: Annotated[float | None, Form(gt=0, le=10, description="Sliding windows of this many seconds.")] = None,
         hop: Annotated[float | None, Form(gt=0, description="Window hop in seconds [default window/2].")] = None,
         offset: Annotated[float, Form(ge=0, description="Start of the clip (without window).")] = 0.0,
         all_scores: Annotated[bool, Form(description="Include every class's score.")] = False,
     ) -> Any:
-        """One record `{path, start, end, top[, scores]}`; with `window`, `{path, windows: [records]}`."""
+        """One record `{path, mode, start, end, top[, scores]}`; with `window`, `{path, windows: [records]}`."""
         with _client_errors():
             if hop is not None and window is None:
                 raise CavmaeError("hop needs window")
@@ -316,7 +318,7 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
                 async def work() -> list[dict[str, Any]]:
                     decoded = await rt.in_pool(slot_of(request.scope), lambda: service.decode_classify(
                         media.path, req, config.max_duration, config.max_windows))
-                    probs = await _queued(rt.model(("classify", req.mode), decoded, decoded.size))
+                    probs = await _queued(rt.model(("classify", decoded.mode), decoded, decoded.size))
                     return service.classify_records(media.name, req, decoded, probs)
 
                 records = await rt.within_deadline(request, work())

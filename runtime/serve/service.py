@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from cavmae.errors import CavmaeError, MediaError, ModelKindError
+from cavmae.errors import CavmaeError, MediaError, MissingStreamError, ModelKindError
+from cavmae.modes import AUTO, needs
 
-from ..classify_records import classification_record, window_end, window_offsets
+from ..classify_records import classification_record, clip_end, clip_starts, file_mode, label_names
 
-#: classify modes of the HTTP API -> which streams they need
-MODE_STREAMS = {"av": (True, True), "audio": (True, False), "visual": (False, True)}
 QUERY_MODALITIES = ("audio", "visual", "both")
 SEARCH_TARGETS = ("audio", "visual", "both")
 
@@ -40,7 +39,8 @@ class MediaTooLong(CavmaeError):
 
 @dataclass(frozen=True)
 class ClassifyRequest:
-    """A validated classify request: which windows of the file, with which mode."""
+    """A validated classify request: which windows of the file, with which mode (``auto``:
+    decided per file, from its streams)."""
 
     mode: str
     top_k: int = 5
@@ -54,6 +54,7 @@ class ClassifyRequest:
 class ClassifyInput:
     """Decoded windows of one file, ready for one ``("classify", mode)`` job."""
 
+    mode: str  # the mode this file is classified in (``auto`` resolved)
     starts: list[float]
     span: float | None
     duration: float
@@ -92,8 +93,7 @@ class Service:
         m = pipeline.manifest
         self.preprocess = m.preprocess
         self.num_frames: int = pipeline.num_frames
-        n = m.model_config.num_classes
-        self.names: tuple[str, ...] = pipeline.labels or tuple(f"class {i}" for i in range(n))
+        self.names: tuple[str, ...] = label_names(pipeline)
 
     @classmethod
     def open(cls, model: str, *, engine: str = "auto", device: str = "auto", index: str | None = None,
@@ -159,17 +159,16 @@ class Service:
         return info
 
     def choose_mode(self, mode: str) -> str:
-        """``auto`` -> the model's first mode (audio-visual when it has it); check the others."""
+        """``mode`` checked against the model: one it supports, or ``auto`` (decided per file)."""
         if not self.is_classifier:
             raise ModelKindError(
                 "this server runs a pre-training model without a classification head; start it with"
                 " a fine-tuned model such as as-full-51.2 to classify"
             )
         supported = self.pipe.classify_modes
-        if mode == "auto":
-            return supported[0]
-        if mode not in supported:
-            raise ModelKindError(f"this model cannot classify with mode {mode!r}; it supports: {', '.join(supported)}")
+        if mode != AUTO and mode not in supported:
+            raise ModelKindError(f"this model cannot classify with mode {mode!r}; it supports:"
+                                 f" {', '.join(supported)} (or {AUTO})")
         return mode
 
     def check_frames(self, frames: int | None) -> None:
@@ -202,27 +201,41 @@ class Service:
 
     def decode_classify(self, path: Path, req: ClassifyRequest, max_duration: float,
                         max_windows: int) -> ClassifyInput:
-        """Decode the window at ``req.offset``, or every sliding window, of ``path``."""
+        """Decode the window at ``req.offset``, or every sliding window, of ``path``, in the
+        request's mode (for ``auto``, the one the file's streams allow, as on the command line)."""
         from cavmae.media import load_clip
 
         info = self.probe(path, max_duration)
-        need_audio, need_video = MODE_STREAMS[req.mode]
-        starts, span = [req.offset], None
-        if req.window is not None:
-            span = req.window
-            starts = window_offsets(info.duration, req.window, req.hop or req.window / 2)
+        try:
+            mode, _ = file_mode(path, req.mode, self.pipe.classify_modes)
+            need_audio, need_video = needs(mode)
+            starts = clip_starts(req.offset, req.window, req.hop, info.duration)
             if len(starts) > max_windows:
                 raise CavmaeError(
                     f"{len(starts)} windows of {req.window:g} s every {req.hop or req.window / 2:g} s;"
-                    f" this server computes at most {max_windows} per request (use a larger hop)"
+                    f" this server computes at most {max_windows} per request (use a larger hop, or"
+                    " start the server with a larger --max-windows)"
                 )
-        clips = [load_clip(path, num_frames=self.num_frames, offset=s, config=self.preprocess,
-                           need_audio=need_audio, need_video=need_video, duration=span) for s in starts]
+            clips = [load_clip(path, num_frames=self.num_frames, offset=s, config=self.preprocess,
+                               need_audio=need_audio, need_video=need_video, duration=req.window)
+                     for s in starts]
+        except MissingStreamError as e:
+            raise e.with_hint(self._missing_hint(e.stream or "")) from None
         return ClassifyInput(
-            starts=starts, span=span, duration=clips[0].duration,
+            mode=mode, starts=starts, span=req.window, duration=clips[0].duration,
             audio=np.stack([c.audio for c in clips]) if need_audio else None,
             frames=np.stack([c.frames for c in clips]) if need_video else None,
         )
+
+    def _missing_hint(self, stream: str) -> str:
+        """What to do about a file without ``stream``, in this API's parameters."""
+        from cavmae.modes import modes_without
+
+        others = modes_without(self.pipe.classify_modes, stream)
+        if others:
+            return f"classify it with mode={others[0]} (or mode={AUTO})"
+        track = "a sound track" if stream == "audio" else "a video track"
+        return f"this server's model classifies with {'/'.join(self.pipe.classify_modes)} only: send a file with {track}"
 
     def decode_embed(self, path: Path, modality: str, max_duration: float) -> EmbedInput:
         """The streams of ``path`` that ``modality`` asks for and the file has."""
@@ -294,7 +307,7 @@ class Service:
         frames = np.zeros((1, self.num_frames, 3, cfg.image_size, cfg.image_size), dtype=np.float32)
         if self.is_classifier:
             for mode in self.pipe.classify_modes:
-                a_need, v_need = MODE_STREAMS[mode]
+                a_need, v_need = needs(mode)
                 self.pipe.classify_batch(audio if a_need else None, frames if v_need else None, mode)
         if self.can_localize:
             self.pipe.embed(audio[0], frames[0])
@@ -305,7 +318,8 @@ class Service:
         """The ``cavmae classify --json`` record of each window."""
         return [
             classification_record(
-                name, start, window_end(start, decoded.span, decoded.duration, self.preprocess.clip_seconds),
+                name, decoded.mode, start,
+                clip_end(start, decoded.span, decoded.duration, self.preprocess.clip_seconds),
                 p, self.names, req.top_k, req.all_scores,
             )
             for start, p in zip(decoded.starts, probs, strict=True)
