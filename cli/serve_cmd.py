@@ -10,10 +10,13 @@ from pathlib import Path
 import click
 
 from cavmae.errors import CavmaeError
+from cavmae.runtime.serve.config import MB, ServeConfig
 
 from .common import default_model, model_options
 
 log = logging.getLogger(__name__)
+#: the defaults of the flags are the configuration's (the config needs no FastAPI)
+_D = ServeConfig()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -69,19 +72,21 @@ def _is_loopback(host: str) -> bool:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 listens on all.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
 @click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+@click.option("--max-batch", default=_D.max_batch, show_default=True, type=click.IntRange(1),
               help="Clips per model call (1: no dynamic batching).")
-@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0),
+@click.option("--max-wait-ms", default=_D.max_wait * 1000, show_default=True, type=click.FloatRange(0),
               help="How long a request waits for others to join its batch.")
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
+@click.option("--max-queue", default=_D.max_queue, show_default=True, type=click.IntRange(1),
               help="Requests in progress at once; more get 503 with Retry-After.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1), help="Decoding threads.")
-@click.option("--max-upload-mb", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--workers", default=_D.workers, show_default=True, type=click.IntRange(1), help="Decoding threads.")
+@click.option("--max-upload-mb", default=_D.max_upload / MB, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Largest request body.")
-@click.option("--max-duration", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--max-duration", default=_D.max_duration, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Longest media one request may send, in seconds.")
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--timeout", default=_D.timeout, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds for one request, upload included (504 past it).")
+@click.option("--max-windows", default=_D.max_windows, show_default=True, type=click.IntRange(1),
+              help="Sliding windows one classify request may ask for (window/hop).")
 @click.option("--api-key", envvar="CAVMAE_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' (env CAVMAE_API_KEY); health checks and the page are open.")
 @click.option("--allow-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -89,7 +94,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log level.")
 def serve(model, engine, device, mirror, index, host, port, frames, max_batch, max_wait_ms, max_queue, workers,
-          max_upload_mb, max_duration, timeout, api_key, allow_dir, log_level) -> None:
+          max_upload_mb, max_duration, timeout, max_windows, api_key, allow_dir, log_level) -> None:
     """Serve a model over HTTP: classify, embed, search and localize uploaded videos.
 
     Endpoints are under /v1 (OpenAPI page at /docs), with /healthz, /readyz and /metrics;
@@ -104,7 +109,7 @@ def serve(model, engine, device, mirror, index, host, port, frames, max_batch, m
     try:
         import uvicorn
 
-        from cavmae.runtime.serve import ServeConfig, create_app
+        from cavmae.runtime.serve import create_app
         from cavmae.runtime.serve.service import Service
     except ImportError as e:
         raise CavmaeError(f"cavmae serve needs the serve extra ({e.name} is missing):"
@@ -113,7 +118,7 @@ def serve(model, engine, device, mirror, index, host, port, frames, max_batch, m
     _steady_heap()  # before the engine and the worker threads start
     config = ServeConfig(
         max_batch=max_batch, max_wait=max_wait_ms / 1000.0, max_queue=max_queue, workers=workers,
-        max_upload=int(max_upload_mb * 2**20), max_duration=max_duration, timeout=timeout,
+        max_upload=int(max_upload_mb * MB), max_duration=max_duration, timeout=timeout, max_windows=max_windows,
         api_key=api_key or None, allow_dir=allow_dir,
     )
     if not _is_loopback(host) and config.api_key is None:

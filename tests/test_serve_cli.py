@@ -56,14 +56,18 @@ def start_serve(*args: str, env: dict[str, str] | None = None, tmp: Path) -> tup
 
 def test_serve_command_end_to_end(model, tmp_path):
     proc, url = start_serve("-m", str(model["export"]), "--index", str(model["index"]), "--max-batch", "4",
-                            env={"CAVMAE_API_KEY": "k3y"}, tmp=tmp_path)
+                            "--max-windows", "2", env={"CAVMAE_API_KEY": "k3y"}, tmp=tmp_path)
     try:
         key = {"Authorization": "Bearer k3y"}
         assert httpx.get(url + "/v1/model", timeout=30).status_code == 401
         info = httpx.get(url + "/v1/model", headers=key, timeout=30).json()
         assert info["batching"]["max_batch"] == 4 and info["index"]["count"] == 2
         r = httpx.post(url + "/v1/classify", files=upload(AUDIOSET_CLIP), headers=key, timeout=120)
-        assert r.status_code == 200 and r.json()["top"][0]["label"]
+        assert r.status_code == 200 and r.json()["top"][0]["label"] and r.json()["mode"] == "av"
+        assert info["limits"]["max_windows"] == 2
+        r = httpx.post(url + "/v1/classify", files=upload(AUDIOSET_CLIP), data={"window": 4, "hop": 3},
+                       headers=key, timeout=120)
+        assert r.status_code == 400 and "at most 2" in r.json()["error"] and "--max-windows" in r.json()["error"]
         private = [p for p in tmp_path.iterdir() if p.name.startswith("cavmae-serve-")]
         assert len(private) == 1 and list(private[0].iterdir()) == []
     finally:
