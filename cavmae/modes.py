@@ -38,6 +38,7 @@ __all__ = [
     "finetune_needs",
     "graph_for",
     "lookup",
+    "modes_without",
     "needs",
     "reference_mode",
     "reference_modes",
@@ -172,3 +173,10 @@ def best_mode(supported: Iterable[str], has_audio: bool, has_video: bool) -> str
         if cli in have and (has_audio or not audio) and (has_video or not video):
             return cli
     return None
+
+
+def modes_without(supported: Iterable[str], stream: str) -> list[str]:
+    """The ``supported`` command-line modes that do not read ``stream`` (``"audio"`` or
+    ``"video"``): what a file without that stream can still be classified with."""
+    uses = 0 if stream == "audio" else 1
+    return [m for m in supported if not needs(m)[uses]]

@@ -12,6 +12,14 @@ import click
 
 from cavmae.errors import CavmaeError, MediaError, MissingStreamError
 from cavmae.modes import AUTO, CLI_MODES
+from cavmae.runtime.classify_records import (
+    HEADER,
+    classification_record,
+    classification_rows,
+    clip_starts,
+    file_mode,
+    label_names,
+)
 
 from . import ray_run
 from .common import (
@@ -28,9 +36,6 @@ from .common import (
 )
 from .ray_run import ParquetResults, RaySettings, ray_options
 from .results import ResultWriter
-
-#: columns of the CSV output (stdout and -o)
-HEADER = ["path", "mode", "start", "end", "rank", "index", "label", "score"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +94,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     # --labels replaces the model's names inside load(), so no label file is downloaded then
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
                          task="classify")
-    names = _label_names(pipe)
+    names = label_names(pipe)
     mode = _choose_mode(pipe, mode)
     stdout_csv = csv.writer(sys.stdout) if as_csv else None
     if stdout_csv:
@@ -111,13 +116,13 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
         for path in progress(files, total=len(files), desc="classify", unit="clip"):
             try:
                 file_mode = _file_mode(pipe, path, mode)
-                offsets = [offset]
-                span = None
+                duration = None
                 if window is not None:
-                    from cavmae.media import probe, window_offsets
+                    from cavmae.media import probe
 
-                    span = window
-                    offsets = window_offsets(probe(path).duration, window, hop or window / 2)
+                    duration = probe(path).duration
+                offsets = clip_starts(offset, window, hop, duration)
+                span = window
                 todo = [s for s in offsets if not writer.is_done({"path": path, "mode": file_mode, "start": s})]
                 already_done += not todo
                 for start in todo:
@@ -148,11 +153,6 @@ def _classify_one(pipe, path: Path, mode: str, start: float, span: float | None)
         raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
 
 
-def _label_names(pipe) -> tuple[str, ...]:
-    """The model's class names (those of ``--labels`` when given), else ``class i``."""
-    num_classes = pipe.manifest.model_config.num_classes
-    return pipe.labels or tuple(f"class {i}" for i in range(num_classes))
-
 
 def _choose_mode(pipe, mode: str) -> str:
     """``--mode`` checked against the model: a mode it supports, or ``auto`` (decided per file)."""
@@ -169,32 +169,22 @@ def _choose_mode(pipe, mode: str) -> str:
 
 
 def _file_mode(pipe, path: Path, mode: str) -> str:
-    """The mode one file is classified in: ``mode``, or for ``auto`` the best one the model
-    supports with the streams the file has (a note on stderr when a stream is left out)."""
-    if mode != AUTO:
-        return mode
-    from cavmae.media import probe
-    from cavmae.modes import best_mode, needs
-
-    info = probe(path)
-    supported = pipe.classify_modes
-    chosen = best_mode(supported, info.has_audio, info.has_video)
-    if chosen is None:
-        # every mode of the model needs the stream this file lacks
-        missing = "audio" if needs(supported[0])[0] and not info.has_audio else "video"
-        raise MissingStreamError.of(str(path), missing, _missing_hint(pipe, missing))
-    if chosen != supported[0]:
-        lacks = "video" if info.has_audio else "audio"
-        echo(f"note: {path}: no {lacks} stream; classified with {chosen} only (--mode {chosen})", err=True)
+    """The mode one file is classified in (:func:`~cavmae.runtime.classify_records.file_mode`);
+    a note on stderr when ``auto`` leaves a stream out, the hint in this command's flags."""
+    try:
+        chosen, note = file_mode(path, mode, pipe.classify_modes)
+    except MissingStreamError as e:
+        raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
+    if note:
+        echo(f"note: {note} (--mode {chosen})", err=True)
     return chosen
 
 
 def _missing_hint(pipe, stream: str) -> str:
     """What to do about a file without ``stream`` (``audio``/``video``), in this command's flags."""
-    from cavmae.modes import needs
+    from cavmae.modes import modes_without
 
-    uses = 0 if stream == "audio" else 1
-    others = [m for m in pipe.classify_modes if not needs(m)[uses]]
+    others = modes_without(pipe.classify_modes, stream)
     if others:
         return f"classify it with --mode {others[0]} (or --mode {AUTO})"
     track = "a sound track" if stream == "audio" else "a video track"
@@ -203,19 +193,11 @@ def _missing_hint(pipe, stream: str) -> str:
             " with -m (see `cavmae models`)")
 
 
-def _record(pred, names, top_k: int, all_scores: bool):
-    path, mode, start, end = pred.path, pred.mode, pred.offset, pred.end
-    idx = pred.probs.argsort()[::-1][:top_k]
-    top = [{"rank": r + 1, "index": int(i), "label": names[i], "score": round(float(pred.probs[i]), 6)}
-           for r, i in enumerate(idx)]
-    record: dict[str, Any] = {"path": str(path), "mode": mode, "start": start, "end": round(end, 3), "top": top}
-    if all_scores:
-        record["scores"] = [round(float(p), 6) for p in pred.probs]
-    first = [str(path), mode, start, round(end, 3)]
-    rows = [[*first, t["rank"], t["index"], t["label"], t["score"]] for t in top]
-    if all_scores:
-        rows = [[*first, "", i, names[i], round(float(p), 6)] for i, p in enumerate(pred.probs)]
-    return record, rows
+def _record(pred, names, top_k: int, all_scores: bool) -> tuple[dict[str, Any], list[list[Any]]]:
+    """The result record of one prediction and its CSV rows (the builder ``cavmae serve`` uses too)."""
+    record = classification_record(str(pred.path), pred.mode, pred.offset, pred.end, pred.probs, names,
+                                   top_k, all_scores)
+    return record, classification_rows(record, names)
 
 
 def _print(record, rows, as_json: bool, stdout_csv, show_time: bool) -> None:

@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "cavmae.cli.train_cmd:prepare",
     "pretrain": "cavmae.cli.train_cmd:pretrain",
     "finetune": "cavmae.cli.train_cmd:finetune",
+    "serve": "cavmae.cli.serve_cmd:serve",
 }
 
 #: one-line summaries for `cavmae --help` without importing every command
@@ -57,6 +58,7 @@ SUMMARIES: dict[str, str] = {
     "prepare": "Extract audio and frames of videos into the reference dataset layout.",
     "pretrain": "CAV-MAE pre-training (masked reconstruction + contrast).",
     "finetune": "Fine-tune a classifier.",
+    "serve": "HTTP service with dynamic batching and a web page to try a video.",
 }
 
 

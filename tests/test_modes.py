@@ -128,3 +128,9 @@ def test_no_hand_made_mode_tables_outside_the_table() -> None:
     sources = [p for d in ("cavmae", "runtime", "export", "cli") for p in (REPO / d).rglob("*.py")]
     found = [hit for p in sources if p != REPO / "cavmae" / "modes.py" for hit in _mode_tables(p)]
     assert not found, f"mode tables written by hand (read cavmae.modes instead): {found}"
+
+
+def test_modes_without_a_stream() -> None:
+    assert m.modes_without(("av", "audio", "visual"), "audio") == ["visual"]
+    assert m.modes_without(("av", "audio", "visual"), "video") == ["audio"]
+    assert m.modes_without(("av",), "video") == []

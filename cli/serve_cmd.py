@@ -1,0 +1,144 @@
+"""``cavmae serve``: the HTTP service (FastAPI + uvicorn, the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from pathlib import Path
+
+import click
+
+from cavmae.errors import CavmaeError
+from cavmae.runtime.serve.config import MB, ServeConfig
+
+from .common import default_model, model_options
+
+log = logging.getLogger(__name__)
+#: the defaults of the flags are the configuration's (the config needs no FastAPI)
+_D = ServeConfig()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a taken port fails at once with one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CavmaeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def _steady_heap() -> None:
+    """Make glibc return request-sized buffers to the system once they are freed.
+
+    Each request allocates a few MB of frames and spectrograms on several threads. glibc's
+    default raises its mmap threshold after such buffers are freed and serves the next ones from
+    per-thread arenas, which then stay large: a long-running server's memory creeps up by tens
+    of percent without leaking. A fixed 1 MB threshold and two arenas keep it flat (measured by
+    benchmarks/serve_load.py). No-op outside glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is not None:
+        m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
+        mallopt(m_mmap_threshold, 1 << 20)
+        mallopt(m_arena_max, 2)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_options()
+@click.option("--index", default=None, metavar="INDEX", help="Embedding index for /v1/search (cavmae embed -o).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 listens on all.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--max-batch", default=_D.max_batch, show_default=True, type=click.IntRange(1),
+              help="Clips per model call (1: no dynamic batching).")
+@click.option("--max-wait-ms", default=_D.max_wait * 1000, show_default=True, type=click.FloatRange(0),
+              help="How long a request waits for others to join its batch.")
+@click.option("--max-queue", default=_D.max_queue, show_default=True, type=click.IntRange(1),
+              help="Requests in progress at once; more get 503 with Retry-After.")
+@click.option("--workers", default=_D.workers, show_default=True, type=click.IntRange(1), help="Decoding threads.")
+@click.option("--max-upload-mb", default=_D.max_upload / MB, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Largest request body.")
+@click.option("--max-duration", default=_D.max_duration, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Longest media one request may send, in seconds.")
+@click.option("--timeout", default=_D.timeout, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds for one request, upload included (504 past it).")
+@click.option("--max-windows", default=_D.max_windows, show_default=True, type=click.IntRange(1),
+              help="Sliding windows one classify request may ask for (window/hop).")
+@click.option("--api-key", envvar="CAVMAE_API_KEY", default=None, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' (env CAVMAE_API_KEY); health checks and the page are open.")
+@click.option("--allow-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Let requests name files inside this folder (field 'path') instead of uploading them.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Server log level.")
+def serve(model, engine, device, mirror, index, host, port, frames, max_batch, max_wait_ms, max_queue, workers,
+          max_upload_mb, max_duration, timeout, max_windows, api_key, allow_dir, log_level) -> None:
+    """Serve a model over HTTP: classify, embed, search and localize uploaded videos.
+
+    Endpoints are under /v1 (OpenAPI page at /docs), with /healthz, /readyz and /metrics;
+    GET / is a page to try a video in the browser. Concurrent requests are batched.
+
+    \b
+    Examples:
+      cavmae serve -m as-full-51.2
+      cavmae serve -m exports/as-full --index my-index --port 8080
+      curl -F file=@video.mp4 -F top_k=3 http://127.0.0.1:8000/v1/classify
+    """
+    try:
+        import uvicorn
+
+        from cavmae.runtime.serve import create_app
+        from cavmae.runtime.serve.service import Service
+    except ImportError as e:
+        raise CavmaeError(f"cavmae serve needs the serve extra ({e.name} is missing):"
+                          ' pip install -e ".[serve]"') from None
+
+    _steady_heap()  # before the engine and the worker threads start
+    config = ServeConfig(
+        max_batch=max_batch, max_wait=max_wait_ms / 1000.0, max_queue=max_queue, workers=workers,
+        max_upload=int(max_upload_mb * MB), max_duration=max_duration, timeout=timeout, max_windows=max_windows,
+        api_key=api_key or None, allow_dir=allow_dir,
+    )
+    if not _is_loopback(host) and config.api_key is None:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it may use it",
+                   err=True)
+    sock = _listen(host, port)
+    try:
+        service = Service.open(model or default_model(), engine=engine, device=device, index=index,
+                               mirror=mirror, num_frames=frames, progress=True)
+        app = create_app(service, config)
+        bound_port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"cavmae serve: {service.pipe.describe()}; listening on http://{shown}:{bound_port}"
+                   " (Ctrl+C stops)", err=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+                                               access_log=log_level == "debug"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn has shut down gracefully and re-raises the Ctrl+C it caught: a normal stop
+            click.echo("cavmae serve: stopped", err=True)
+    finally:
+        sock.close()

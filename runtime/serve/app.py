@@ -1,0 +1,484 @@
+"""The FastAPI application of ``cavmae serve``: endpoints, error mapping, lifecycle.
+
+A model request goes: :class:`~.gate.Gate` (key, admission, upload limit) -> the upload is
+written to a private temporary file -> decoding on the worker pool -> the dynamic batcher's
+model thread -> the JSON answer. The temporary file is removed when the request ends, however
+it ends. Errors are JSON ``{"error": message, "status": code}``: 4xx for what the client can
+fix (bad media, bad parameters, too large, no key), 503 when busy, 504 past the timeout; a
+traceback never reaches the client (it goes to the server's log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from cavmae import __version__
+from cavmae.errors import CavmaeError, MediaError
+from cavmae.modes import AUTO, CLI_MODES
+
+from .batcher import BatcherStopped, DynamicBatcher, QueueFull
+from .config import ServeConfig
+from .gate import Admission, Gate, Slot, deadline_of, slot_of
+from .metrics import CONTENT_TYPE, Metrics
+from .service import ClassifyRequest, MediaTooLong, Service
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ClassifyMode = Literal[(AUTO, *CLI_MODES)]  # type: ignore[valid-type]  # from the mode table
+Modality = Literal["audio", "visual", "both"]
+
+
+class ApiError(HTTPException):
+    """An answer for the client: status, one-line message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+
+
+@dataclass
+class Media:
+    """The file a request is about: where it is here, and the name to report it under."""
+
+    path: Path
+    name: str
+
+
+class Runtime:
+    """What lives as long as the server: the service, decoding pool, batcher, temporary folder."""
+
+    def __init__(self, service: Service, config: ServeConfig) -> None:
+        self.service, self.config = service, config
+        self.metrics = Metrics(config.max_batch)
+        self.admission = Admission(config.max_queue)
+        self.batcher = DynamicBatcher(self._run, max_batch=config.max_batch,
+                                      max_wait=config.max_wait, max_queue=config.max_queue,
+                                      on_batch=self._on_batch)
+        self.pool: ThreadPoolExecutor | None = None
+        self.tmp: Path | None = None
+        self.ready = False
+        self.warmup_error: str | None = None
+        self.metrics.gauge("cavmae_requests_in_progress", "Model requests admitted and not finished.",
+                           lambda: self.admission.in_use)
+        self.metrics.gauge("cavmae_queue_depth", "Decoded requests waiting for the model.",
+                           lambda: self.batcher.depth)
+        self.metrics.gauge("cavmae_ready", "1 once the model is loaded and warmed up.", lambda: float(self.ready))
+
+    def _run(self, key: Hashable, payloads: Any) -> Any:
+        if key == ("warmup",):
+            self.service.warmup()
+            return [None for _ in payloads]
+        return self.service.run_batch(key, payloads)
+
+    def _on_batch(self, key: Hashable, size: int, seconds: float) -> None:
+        if key != ("warmup",):
+            self.metrics.batch_size.observe(size)
+            self.metrics.model_seconds.observe(seconds, task=str(key[0]))  # type: ignore[index]
+
+    def start(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="cavmae-serve-", dir=self.config.tmp_dir))
+        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="cavmae-decode")
+        self.batcher.start()
+        warm = self.batcher.submit(("warmup",), None)
+        warm.add_done_callback(self._warmed)
+
+    def _warmed(self, future: Any) -> None:
+        error = future.exception()
+        if error is None:
+            self.ready = True
+            log.info("model warmed up; ready")
+        else:
+            self.warmup_error = f"{type(error).__name__}: {error}"
+            log.error("warm-up failed: %s", self.warmup_error)
+
+    def stop(self) -> None:
+        self.ready = False
+        self.batcher.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.service.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def retry_after(self) -> int:
+        """Seconds a turned-away client should wait: about the time to clear the queue."""
+        per_batch = self.metrics.model_seconds.mean(task="classify") or 1.0
+        batches = math.ceil(max(self.admission.in_use, 1) / self.config.max_batch)
+        return int(min(60, max(1, math.ceil(per_batch * batches + self.config.max_wait))))
+
+    # -- running one request --------------------------------------------------------------
+    async def in_pool(self, slot: Slot | None, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the decoding pool; the request's slot stays taken until it finishes,
+        even when the request gave up (timeout), so the admission bound counts that work."""
+        assert self.pool is not None, "the server is not started"
+        if slot is not None:
+            slot.hold()
+        future = self.pool.submit(fn)
+        if slot is not None:
+            future.add_done_callback(lambda _: slot.release())
+        return await asyncio.wrap_future(future)
+
+    async def model(self, key: Hashable, payload: Any, size: int = 1) -> Any:
+        return await asyncio.wrap_future(self.batcher.submit(key, payload, size))
+
+    async def within_deadline(self, request: Request, work: Any) -> Any:
+        """Await ``work`` until the request's deadline; past it, 504."""
+        deadline = deadline_of(request.scope) or (time.monotonic() + self.config.timeout)
+        try:
+            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise ApiError(504, f"the request took longer than the server's timeout of {self.config.timeout:g} s"
+                           " (--timeout)") from None
+
+    # -- media of a request ---------------------------------------------------------------
+    def allowed_path(self, text: str) -> Path:
+        """A file the request names by path: only inside ``--allow-dir``, symlinks resolved."""
+        root = self.config.allow_dir
+        if root is None:
+            raise ApiError(403, "this server reads no files from its disk; upload the file instead"
+                           " (or start the server with --allow-dir DIR)")
+        root = Path(root).resolve()
+        candidate = Path(text)
+        real = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not real.is_relative_to(root):
+            raise ApiError(403, f"{text!r} is outside the folder this server may read")
+        if not real.is_file():
+            raise ApiError(404, f"no such file in the allowed folder: {text!r}")
+        return real
+
+    @contextlib.asynccontextmanager
+    async def media(self, file: UploadFile | None, path: str | None) -> AsyncIterator[Media]:
+        """The request's media as a local file; an upload is written to a temporary file that
+        is removed on the way out (success, error, timeout or a client that went away)."""
+        if (file is None) == (path is None or path == ""):
+            raise ApiError(400, "send one media file: a multipart field 'file' (or, where the server"
+                           " allows it, a field 'path')")
+        if file is None:
+            assert path is not None
+            yield Media(self.allowed_path(path), path)
+            return
+        assert self.tmp is not None, "the server is not started"
+        name = _safe_name(file.filename)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="upload-", suffix=Path(name).suffix[:16])
+        tmp = Path(tmp_name)
+        try:
+            with open(fd, "wb") as out:
+                await run_in_threadpool(shutil.copyfileobj, file.file, out, 1 << 20)
+            yield Media(tmp, name)
+        except CavmaeError as e:
+            # messages name the file: name it as the client did, not by the temporary path
+            raise type(e)(str(e).replace(str(tmp), name)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _safe_name(filename: str | None) -> str:
+    """The client's file name without folders or control characters (it appears in answers)."""
+    name = Path((filename or "").replace("\\", "/")).name
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name)[:200]
+    return name or "upload"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+@contextlib.contextmanager
+def _client_errors() -> Any:
+    """Library errors -> HTTP answers with one clear message."""
+    try:
+        yield
+    except MediaTooLong as e:
+        raise ApiError(413, str(e)) from None
+    except MediaError as e:
+        raise ApiError(422, str(e)) from None
+    except CavmaeError as e:
+        raise ApiError(400, str(e)) from None
+    except BatcherStopped:
+        raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+
+
+def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
+    """The application serving ``service`` under ``config``'s limits."""
+    config = config or ServeConfig()
+    rt = Runtime(service, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        rt.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(rt.stop)
+
+    app = FastAPI(
+        title="cavmae serve", version=__version__, lifespan=lifespan,
+        description="CAV-MAE audio-visual classification, embeddings, search and sound-source maps."
+                    " Send media as a multipart field `file`; with `--api-key`, send"
+                    " `Authorization: Bearer KEY`.",
+    )
+    app.state.runtime = rt
+    known: set[str] = set()
+    app.add_middleware(Gate, metrics=rt.metrics, admission=rt.admission, known_paths=lambda: frozenset(known),
+                       api_key=config.api_key, max_upload=config.max_upload, timeout=config.timeout,
+                       retry_after=rt.retry_after)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _first_problem(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    # -- endpoints without the model -------------------------------------------------------
+    @app.get("/healthz", summary="Liveness: the process answers.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the model is loaded and warmed up.")
+    async def readyz() -> Response:
+        if rt.ready and rt.batcher.running:
+            return JSONResponse({"status": "ready"})
+        why = f"warm-up failed: {rt.warmup_error}" if rt.warmup_error else "the model is warming up"
+        return _error(503, why, {"Retry-After": "2"})
+
+    @app.get("/metrics", summary="Prometheus metrics (text format).")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/model", summary="What is loaded: kind, classes, precision, engine, modes, index.")
+    async def model() -> dict[str, Any]:
+        return {
+            **service.model_info(),
+            "limits": {"max_upload_bytes": config.max_upload, "max_duration_s": config.max_duration,
+                       "timeout_s": config.timeout, "max_windows": config.max_windows,
+                       "reads_server_paths": config.allow_dir is not None},
+            "batching": {"max_batch": config.max_batch, "max_wait_s": config.max_wait,
+                         "max_queue": config.max_queue, "workers": config.workers},
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_static("index.html"), headers=_PAGE_HEADERS)
+
+    @app.get("/app.js", include_in_schema=False)
+    async def page_script() -> Response:
+        return Response(_static("app.js"), media_type="text/javascript", headers=_PAGE_HEADERS)
+
+    # -- model endpoints ---------------------------------------------------------------------
+    @app.post("/v1/classify", summary="Top labels of a media file (the records of `cavmae classify --json`).")
+    async def classify(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="The media file.")] = None,
+        path: Annotated[str | None, Form(description="A file inside --allow-dir instead of an upload.")] = None,
+        top_k: Annotated[int, Form(ge=1, description="Labels per clip or window.")] = 5,
+        mode: Annotated[ClassifyMode, Form(description="Modalities; auto: per file, audio-visual where the model"
+                                           " and the file allow, else the stream the file has.")] = "auto",
+        frames: Annotated[int | None, Form(ge=1, description="Frames aggregated per clip (must be the model's).")] = None,
+        window: Annotated[float | None, Form(gt=0, le=10, description="Sliding windows of this many seconds.")] = None,
+        hop: Annotated[float | None, Form(gt=0, description="Window hop in seconds [default window/2].")] = None,
+        offset: Annotated[float, Form(ge=0, description="Start of the clip (without window).")] = 0.0,
+        all_scores: Annotated[bool, Form(description="Include every class's score.")] = False,
+    ) -> Any:
+        """One record `{path, mode, start, end, top[, scores]}`; with `window`, `{path, windows: [records]}`."""
+        with _client_errors():
+            if hop is not None and window is None:
+                raise CavmaeError("hop needs window")
+            service.check_frames(frames)
+            req = ClassifyRequest(mode=service.choose_mode(mode), top_k=top_k, offset=offset, window=window,
+                                  hop=hop, all_scores=all_scores)
+            async with rt.media(file, path) as media:
+
+                async def work() -> list[dict[str, Any]]:
+                    decoded = await rt.in_pool(slot_of(request.scope), lambda: service.decode_classify(
+                        media.path, req, config.max_duration, config.max_windows))
+                    probs = await _queued(rt.model(("classify", decoded.mode), decoded, decoded.size))
+                    return service.classify_records(media.name, req, decoded, probs)
+
+                records = await rt.within_deadline(request, work())
+        if window is None:
+            return records[0]
+        return {"path": records[0]["path"], "windows": records}
+
+    @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.")
+    async def embed(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="The media file.")] = None,
+        path: Annotated[str | None, Form(description="A file inside --allow-dir instead of an upload.")] = None,
+        modality: Annotated[Modality, Form(description="Which streams to embed (those the file has).")] = "both",
+        frame: Annotated[str | None, Form(description="Visual embedding: middle, mean or a frame index"
+                                 " [default: the index's choice, else middle].")] = None,
+    ) -> dict[str, Any]:
+        """`{path, dim, frame, audio: [D] | null, visual: [D] | null}`, L2-normalized."""
+        with _client_errors():
+            choice = service.parse_frame(frame)
+            async with rt.media(file, path) as media:
+                audio, visual = await rt.within_deadline(request, _embed(rt, request, media, modality, choice))
+        return {"path": media.name, "dim": service.pipe.manifest.model_config.embed_dim, "frame": choice,
+                "audio": None if audio is None else audio.tolist(),
+                "visual": None if visual is None else visual.tolist()}
+
+    @app.post(
+        "/v1/search",
+        summary="Nearest clips of the loaded index to an upload or an embedding.",
+        openapi_extra={"requestBody": {"content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary"}, "path": {"type": "string"},
+                "k": {"type": "integer", "default": 10}, "target": {"enum": ["audio", "visual", "both"]},
+                "modality": {"enum": ["audio", "visual", "both"], "default": "both"}}}},
+            "application/json": {"schema": {"type": "object", "required": ["embedding", "modality"],
+                                            "properties": {
+                "embedding": {"type": "array", "items": {"type": "number"}},
+                "modality": {"enum": ["audio", "visual"]}, "k": {"type": "integer", "default": 10},
+                "target": {"enum": ["audio", "visual", "both"]}}}},
+        }}},
+    )
+    async def search(request: Request) -> dict[str, Any]:
+        """An upload searches with each of its streams (each against its own modality unless
+        `target` says otherwise); an embedding of `modality` searches the other modality by
+        default. Hits are those of `cavmae search --json`."""
+        if service.index is None:
+            raise ApiError(400, "this server has no index loaded; start it with --index INDEX to search")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        with _client_errors():
+            if kind == "application/json":
+                q = _parse(SearchByEmbedding, await _json(request))
+                emb = service.check_embedding(q.embedding)
+                results = await rt.in_pool(slot_of(request.scope),
+                                           lambda: service.search({q.modality: emb}, "embedding", q.target, q.k))
+                return {"index": service.index_path, "query": {"kind": "embedding", "modality": q.modality},
+                        "k": q.k, "results": results}
+            if kind != "multipart/form-data":
+                raise ApiError(415, "send multipart/form-data with a media 'file', or JSON with an 'embedding'")
+            async with request.form(max_files=1, max_fields=16) as form:
+                upload = form.get("file")
+                fields = {k: v for k, v in form.items() if isinstance(v, str)}
+                q = _parse(SearchByMedia, fields)
+                if upload is not None and isinstance(upload, str):
+                    raise ApiError(400, "the field 'file' must be a file upload")
+                async with rt.media(upload, q.path) as media:
+                    frame = service.default_frame
+
+                    async def work() -> list[dict[str, Any]]:
+                        audio, visual = await _embed(rt, request, media, q.modality, frame)
+                        queries = {k: v for k, v in (("audio", audio), ("visual", visual)) if v is not None}
+                        return await rt.in_pool(slot_of(request.scope),
+                                                lambda: service.search(queries, "video", q.target, q.k))
+
+                    results = await rt.within_deadline(request, work())
+            return {"index": service.index_path, "query": {"kind": "video", "path": media.name,
+                                                           "modality": q.modality},
+                    "k": q.k, "results": results}
+
+    @app.post("/v1/localize", summary="Sound-source heat map over one frame (default the middle one).")
+    async def localize(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="The media file (audio and video).")] = None,
+        path: Annotated[str | None, Form(description="A file inside --allow-dir instead of an upload.")] = None,
+        frame: Annotated[int | None, Form(ge=0, description="Frame index [default: the middle frame].")] = None,
+    ) -> dict[str, Any]:
+        """`{path, frame, frame_time, grid, min, max, peak, map, image}`; `image` is the map
+        blended over the frame, a PNG data URL."""
+        if not service.can_localize:
+            raise ApiError(400, "this model has no embedding graphs, so it cannot draw heat maps")
+        with _client_errors():
+            async with rt.media(file, path) as media:
+
+                async def work() -> dict[str, Any]:
+                    inp = await rt.in_pool(slot_of(request.scope),
+                                           lambda: service.decode_localize(media.path, frame, config.max_duration))
+                    heat = await _queued(rt.model(("localize",), (inp.audio, inp.image)))
+                    return await rt.in_pool(None, lambda: service.localize_response(media.name, inp, heat))
+
+                return await rt.within_deadline(request, work())
+
+    known.update(r.path for r in app.routes if hasattr(r, "path"))
+    return app
+
+
+async def _embed(rt: Runtime, request: Request, media: Media, modality: str, frame: str | int) -> Any:
+    service, config = rt.service, rt.config
+    inp = await rt.in_pool(slot_of(request.scope), lambda: service.decode_embed(media.path, modality, config.max_duration))
+    return await _queued(rt.model(("embed", frame), inp))
+
+
+async def _queued(work: Any) -> Any:
+    """Await a batcher job; a full batch queue is a 503 like a full server."""
+    try:
+        return await work
+    except QueueFull:
+        raise ApiError(503, "the model queue is full; retry later", {"Retry-After": "1"}) from None
+
+
+class SearchByEmbedding(BaseModel):
+    embedding: list[float]
+    modality: Literal["audio", "visual"]
+    k: int = Field(10, ge=1, le=1000)
+    target: Modality | None = None
+
+
+class SearchByMedia(BaseModel):
+    path: str | None = None
+    k: int = Field(10, ge=1, le=1000)
+    target: Modality | None = None
+    modality: Modality = "both"
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
+def _parse(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, _first_problem(e.errors())) from None
+
+
+def _first_problem(errors: Any) -> str:
+    """One clear message from pydantic's list: the first problem and where it is."""
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+    return f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline';"
+                               " script-src 'self'; connect-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _static(name: str) -> str:
+    return resources.files("cavmae.runtime.serve").joinpath("static", name).read_text(encoding="utf-8")
