@@ -60,6 +60,15 @@ def build_tree(root: Path, dirs: dict[str, str]) -> dict[str, str]:
     return prefixes
 
 
+def repo_paths(text: str, tmp: str, prefixes: dict[str, str]) -> str:
+    """mypy's output with the tree's paths (absolute or relative to it) as repository paths."""
+    text = text.replace(tmp.rstrip("/") + "/", "")
+    # longest prefix first, so cavmae/export/ maps to export/ and not through cavmae/
+    ordered = sorted(prefixes, key=len, reverse=True)
+    pattern = re.compile(r"^(" + "|".join(re.escape(p) for p in ordered) + ")", re.M)
+    return pattern.sub(lambda m: prefixes[m.group(1)], text)
+
+
 def main(argv: list[str]) -> int:
     dirs = package_dirs()
     top = sorted({pkg.split(".")[0] for pkg in dirs})
@@ -70,12 +79,8 @@ def main(argv: list[str]) -> int:
         command += [arg for name in top for arg in ("-p", name)] + argv
         env = dict(os.environ, MYPYPATH="")
         result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
-    # longest prefix first, so cavmae/export/ maps to export/ and not through cavmae/
-    ordered = sorted(prefixes.items(), key=lambda kv: len(kv[0]), reverse=True)
-    pattern = re.compile(r"^(" + "|".join(re.escape(p) for p, _ in ordered) + ")", re.M)
-    mapping = dict(ordered)
-    for stream, text in ((sys.stdout, result.stdout), (sys.stderr, result.stderr)):
-        stream.write(pattern.sub(lambda m: mapping[m.group(1)], text.replace(tmp + "/", "")))
+    sys.stdout.write(repo_paths(result.stdout, tmp, prefixes))
+    sys.stderr.write(repo_paths(result.stderr, tmp, prefixes))
     return result.returncode
 
 

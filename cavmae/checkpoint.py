@@ -61,7 +61,7 @@ def model_kind(model: CAVMAEEncoder) -> str:
     raise TypeError(f"not a CAV-MAE model: {type(model).__name__}")
 
 
-def model_class(kind: str) -> type[CAVMAEEncoder]:
+def model_class(kind: str) -> type[CAVMAE] | type[CAVMAEFT]:
     if kind not in KINDS:
         raise CheckpointError(f"model kind must be one of {', '.join(KINDS)}, not {kind!r}")
     return CAVMAE if kind == "pretrain" else CAVMAEFT

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -69,7 +69,7 @@ def prefetch(
     workers: int,
     ahead: int | None = None,
     thread_name: str = "cavmae-prefetch",
-) -> Iterator[Fetched[T, R]]:
+) -> Generator[Fetched[T, R], None, None]:  # a generator: close() stops the threads
     """``Fetched(item, fn(item) or its exception)`` for each item, in input order.
 
     ``workers`` threads call ``fn``; with ``workers <= 0`` it is called inline in the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .common import echo_json
@@ -19,7 +21,7 @@ def models(as_json: bool) -> None:
     from cavmae.hub import registry
     from cavmae.hub.cache import cavmae_home
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in registry.list_models():
         cached = registry.cached_path(info.name)
         rows.append({

@@ -27,7 +27,7 @@ from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import Manifest, is_export_dir
 from cavmae.masking import DEFAULT_MASK_RATIO
-from cavmae.model import CAVMAE, CAVMAEFT, CAVMAEEncoder
+from cavmae.model import CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar
 from cavmae.stages import Stage, build_stages, make_manifest
@@ -56,7 +56,7 @@ class ExportResult:
 
 
 def _resolve_model(model: CAVMAEEncoder | str | Path) -> tuple[CAVMAEEncoder, dict[str, Any]]:
-    if isinstance(model, (CAVMAE, CAVMAEFT)):
+    if isinstance(model, CAVMAEEncoder):
         return model.eval(), {"checkpoint": None, "sha256": None}
     path = Path(model)
     return load_checkpoint(path), {"checkpoint": str(path.resolve()), "sha256": fsio.sha256_file(path)}
@@ -189,7 +189,7 @@ def export_model(
     reports: dict[str, ValidationReport] = {}
     specs = {}
     if validation_seed is None:
-        validation_seed = int(np.random.SeedSequence().entropy % (2**32))
+        validation_seed = int(np.random.SeedSequence().generate_state(1)[0])
     with fsio.staged_dir(out_dir) as work:  # a failed export leaves nothing behind
         # log_interval=0: in a log, one line per graph (each takes seconds)
         bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph", log_interval=0)

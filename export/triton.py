@@ -277,7 +277,7 @@ def _graph_plan(
         _IO(t.name, t.dtype, _batched_dims(t, spec.name), label_file if t.name == PROBS.name else None)
         for t in spec.outputs
     ]
-    if label_file is not None:
+    if labels is not None and label_file is not None:
         _check_label_count(labels, outputs, spec.name)
     config = _onnx_model_config(
         spec.name, spec.max_batch, inputs, outputs,

@@ -10,6 +10,7 @@ torch is needed for the baseline and the torch engine only; it is imported lazil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -241,7 +242,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     }
     clip_arrays = None
     if cfg.clip is not None:
-        clip_arrays = _stage_timings(cfg, result, log)
+        clip_arrays = _stage_timings(cfg, cfg.clip, result, log)
     timings: dict[tuple[str, int], Timing] = {}
 
     if cfg.baseline:
@@ -249,7 +250,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         base = _baseline(cfg, model_ref, clip_arrays, log, base_device or "cpu")
         timings.update(base)
     for engine, precision, name in _engine_runs(cfg):
-        opts = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
+        opts: dict[str, Any] = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
         pipe = load(model_ref, engine=engine, device=devices[engine], num_frames=cfg.num_frames,
                     max_batch=max(cfg.batches), precision=precision, **opts)
         gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
@@ -260,7 +261,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
             log(f"{label}: classify, batch {b}")
             reset_peak_rss()
             t = Timing(f"{name} classify", b, gflop=gf["pipeline_per_clip"] * b)
-            t.samples = measure(lambda p=pipe, a=audio, f=frames: p.classify_batch(a, f), cfg.warmup, cfg.repeat)
+            t.samples = measure(functools.partial(pipe.classify_batch, audio, frames),
+                                cfg.warmup, cfg.repeat)
             t.peak_rss_mb = peak_rss_mb()
             timings[(name, b)] = t
             if cfg.stages:
@@ -268,9 +270,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         pipe.close()
     result["timings"] += [t.to_dict() for t in timings.values()]
     for (engine, b), t in timings.items():
-        base = timings.get(("baseline", b))
-        if engine != "baseline" and base is not None:
-            result["ratios"][f"{engine}/batch{b}"] = base.p50 / t.p50
+        ref = timings.get(("baseline", b))
+        if engine != "baseline" and ref is not None:
+            result["ratios"][f"{engine}/batch{b}"] = ref.p50 / t.p50
     result["matmul_gflops"] = matmul_gflops()
     return result
 
@@ -349,19 +351,21 @@ def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
         result["timings"].append(t.to_dict())
 
 
-def _stage_timings(cfg: BenchConfig, result: dict[str, Any], log) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, fbank and frame preprocessing of the given clip; returns its arrays."""
+def _stage_timings(
+    cfg: BenchConfig, clip: str | Path, result: dict[str, Any], log
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, fbank and frame preprocessing of ``clip``; returns its arrays."""
     from cavmae.audio import prepare_audio
     from cavmae.media import decode_audio, decode_frames
     from cavmae.visual import preprocess_frames
 
     p = DEFAULT_PREPROCESS
-    log(f"preprocessing stages on {cfg.clip}")
+    log(f"preprocessing stages on {clip}")
     holder: dict[str, Any] = {}
 
     def decode() -> None:
-        holder["wave"] = decode_audio(cfg.clip, p.sample_rate, 0.0, p.audio_seconds)
-        holder["rgb"], _ = decode_frames(cfg.clip, cfg.num_frames, 0.0, p.clip_seconds)
+        holder["wave"] = decode_audio(clip, p.sample_rate, 0.0, p.audio_seconds)
+        holder["rgb"], _ = decode_frames(clip, cfg.num_frames, 0.0, p.clip_seconds)
 
     stages = {
         "decode (audio + 10 frames)": decode,

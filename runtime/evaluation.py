@@ -212,7 +212,7 @@ class EvaluationResult:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, allow_pickle=True, **arrays)  # numpy's default, named for mypy
         except OSError as e:
             raise CavmaeError(f"cannot write predictions to {path}: {e.strerror}") from None
         return path
@@ -309,6 +309,14 @@ class _Plan:
         )
 
 
+def _stack(arrays: list[np.ndarray | None]) -> np.ndarray:
+    """One input of a batch as one array; the plan loaded it for every clip (``load_inputs``)."""
+    present = [a for a in arrays if a is not None]
+    if len(present) != len(arrays):
+        raise AssertionError("a clip lacks an input its plan loads")
+    return np.stack(present)
+
+
 def _plan(
     pipeline: Pipeline, do_cls: bool, do_ret: bool, mode: str | None, retrieval_frame: str
 ) -> _Plan:
@@ -355,9 +363,10 @@ class _Outputs:
         if not batch:
             return
         plan, pipe = self.plan, self.pipeline
-        audio = np.stack([x.audio for _, x in batch]) if plan.need_audio else None
-        frames = np.stack([x.frames for _, x in batch]) if plan.frame_indices is not None else None
+        audio = _stack([x.audio for _, x in batch]) if plan.need_audio else None
+        frames = _stack([x.frames for _, x in batch]) if plan.frame_indices is not None else None
         if plan.classify:
+            assert plan.mode is not None  # _plan classifies only in a given mode
             self.scores.append(
                 pipe.classify_batch(
                     audio if plan.cls_audio else None,
@@ -366,6 +375,7 @@ class _Outputs:
                 )
             )
         if plan.retrieve:
+            assert audio is not None and frames is not None  # retrieval loads both (_plan)
             self.emb_a.append(pipe.embed_audio(audio))
             self.emb_v.append(pipe.embed_frames(frames, plan.embed_frame))
         self.done.extend(n for n, _ in batch)

@@ -313,6 +313,8 @@ class Pipeline:
             )
         if mask_mode not in MASK_MODES:
             raise CavmaeError(f"mask mode must be one of {', '.join(MASK_MODES)}, not {mask_mode!r}")
+        if m.mask_ratio_a is None or m.mask_ratio_v is None:  # every pre-training export has them
+            raise CavmaeError("this export's manifest has no mask ratios; export the model again")
         ra = m.mask_ratio_a if mask_ratio_a is None else mask_ratio_a
         rv = m.mask_ratio_v if mask_ratio_v is None else mask_ratio_v
         cfg = m.model_config

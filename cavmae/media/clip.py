@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
 from cavmae.audio import prepare_audio
@@ -89,13 +90,15 @@ def load_clip(
         origin = time_origin(container)
         if need_audio:
             stream = streams["audio"]
+            assert isinstance(stream, av.audio.stream.AudioStream)  # read_window picked by kind
             waveform = decode_audio_packets(
                 stream, packets[stream.index], origin, offset, audio_window, config.sample_rate, path
             )
         if need_video:
-            stream = streams["video"]
+            video = streams["video"]
+            assert isinstance(video, av.video.stream.VideoStream)
             rgb, times = decode_video_packets(
-                stream, packets[stream.index], origin, offset, offset + window, num_frames, path
+                video, packets[video.index], origin, offset, offset + window, num_frames, path
             )
     if waveform is not None:
         audio = prepare_audio(waveform, config)

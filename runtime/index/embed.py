@@ -65,12 +65,12 @@ def _embed_batch(
 ) -> Iterator[FileResult]:
     """Embed ``clips`` (audio over those with audio, frames over those with video), append."""
     frame = writer.meta["frame"]
-    with_a = [c for c in clips if c.audio is not None]
-    with_v = [c for c in clips if c.frames is not None]
-    ea = pipeline.embed_audio(np.stack([c.audio for c in with_a])) if with_a else None
-    ev = pipeline.embed_frames(np.stack([c.frames for c in with_v]), frame) if with_v else None
-    a_of = {id(c): ea[j] for j, c in enumerate(with_a)} if ea is not None else {}
-    v_of = {id(c): ev[j] for j, c in enumerate(with_v)} if ev is not None else {}
+    with_a = [(c, c.audio) for c in clips if c.audio is not None]
+    with_v = [(c, c.frames) for c in clips if c.frames is not None]
+    ea = pipeline.embed_audio(np.stack([x for _, x in with_a])) if with_a else None
+    ev = pipeline.embed_frames(np.stack([x for _, x in with_v]), frame) if with_v else None
+    a_of = {id(c): ea[j] for j, (c, _) in enumerate(with_a)} if ea is not None else {}
+    v_of = {id(c): ev[j] for j, (c, _) in enumerate(with_v)} if ev is not None else {}
     for c in clips:
         a, v = a_of.get(id(c)), v_of.get(id(c))
         row = writer.add(c.path, a, v, duration=c.duration)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 
@@ -101,7 +101,9 @@ class IndexWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self._stack.enter_context(locked(self.path))
         try:
-            want = {"dim": int(dim), "frame": parse_frame(frame), "num_frames": int(num_frames)}
+            want: dict[str, Any] = {
+                "dim": int(dim), "frame": parse_frame(frame), "num_frames": int(num_frames)
+            }
             if is_index(self.path):
                 self.meta = read_meta(self.path)
                 check_compatible(self.meta, model, **want, where=self.path)
@@ -417,7 +419,7 @@ def _tier(count: int) -> int:
     return tier
 
 
-def _copy_bytes(src: BinaryIO, dst: BinaryIO, size: int, block: int = 1 << 20) -> None:
+def _copy_bytes(src: IO[bytes], dst: IO[bytes], size: int, block: int = 1 << 20) -> None:
     """Copy the first ``size`` bytes of ``src`` (a base file may hold more) to ``dst``."""
     left = size
     while left:
