@@ -64,6 +64,7 @@ __all__ = [
     "label_index",
     "load_inputs",
     "read_clips",
+    "stack_inputs",
     "read_dataset_json",
     "read_labels_file",
     "read_video_files",
@@ -460,6 +461,17 @@ class ClipInputs:
 
     audio: np.ndarray | None
     frames: np.ndarray | None
+
+
+def stack_inputs(arrays: Sequence[np.ndarray | None]) -> np.ndarray:
+    """One input of several clips (``audio`` or ``frames``) as one batch ``[N, ...]``.
+
+    The callers asked every clip for that input, so a missing one is a bug, not a user error.
+    """
+    present = [a for a in arrays if a is not None]
+    if len(present) != len(arrays):
+        raise AssertionError("a clip lacks an input that was loaded for all of them")
+    return np.stack(present)
 
 
 def load_inputs(

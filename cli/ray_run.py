@@ -122,7 +122,7 @@ class ParquetResults:
             pq.write_table(table, tmp)
 
 
-def classify(settings: RaySettings, *, files: Sequence[str], pipe: Any, spec: Any, mode: str,
+def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, spec: Any, mode: str,
              window: float | None, hop: float | None, offset: float, writer: Any,
              emit: Callable[[Any], None]) -> list[tuple[str, str]]:
     """Classify ``files`` on Ray; ``emit(prediction)`` writes and prints each result in the

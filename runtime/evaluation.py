@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from cavmae.clip_lists import ClipInputs, ClipList, ClipRecord, encode_targets, load_inputs
+from cavmae.clip_lists import (
+    ClipInputs,
+    ClipList,
+    ClipRecord,
+    encode_targets,
+    load_inputs,
+    stack_inputs,
+)
 from cavmae.config import PreprocessConfig
 from cavmae.errors import CavmaeError, DatasetError, ModelKindError
 from cavmae.graphs import AUDIO_EMBED, VISUAL_EMBED
@@ -309,14 +316,6 @@ class _Plan:
         )
 
 
-def _stack(arrays: list[np.ndarray | None]) -> np.ndarray:
-    """One input of a batch as one array; the plan loaded it for every clip (``load_inputs``)."""
-    present = [a for a in arrays if a is not None]
-    if len(present) != len(arrays):
-        raise AssertionError("a clip lacks an input its plan loads")
-    return np.stack(present)
-
-
 def _plan(
     pipeline: Pipeline, do_cls: bool, do_ret: bool, mode: str | None, retrieval_frame: str
 ) -> _Plan:
@@ -363,8 +362,8 @@ class _Outputs:
         if not batch:
             return
         plan, pipe = self.plan, self.pipeline
-        audio = _stack([x.audio for _, x in batch]) if plan.need_audio else None
-        frames = _stack([x.frames for _, x in batch]) if plan.frame_indices is not None else None
+        audio = stack_inputs([x.audio for _, x in batch]) if plan.need_audio else None
+        frames = stack_inputs([x.frames for _, x in batch]) if plan.frame_indices is not None else None
         if plan.classify:
             assert plan.mode is not None  # _plan classifies only in a given mode
             self.scores.append(

@@ -166,7 +166,8 @@ class _Local:
     """A local path for a (possibly remote) file: remote files are copied to a temporary file."""
 
     def __init__(self, path: str) -> None:
-        self.path, self._tmp = path, None
+        self.path = path
+        self._tmp: str | None = None
 
     def __enter__(self) -> str:
         if not _is_remote(self.path):

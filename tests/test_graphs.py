@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
+from cavmae import CAVMAE, CAVMAEFT, TINY, modes, save_checkpoint
 from cavmae import graphs as g
-from cavmae import modes
 from cavmae.errors import CavmaeError
 from cavmae.manifest import Manifest
 from cavmae.runtime.engines.base import Engine, GraphSession
@@ -69,7 +68,7 @@ def test_specs_come_from_the_declarations(cls, finetune: str) -> None:
         args = [torch.from_numpy(inputs[t.name]) for t in stage.spec.inputs]
         with torch.no_grad():
             out = stage.module(*args)
-            params = {p: getattr(stage.module, "params")[p] for p in decl.params}
+            params = {p: stage.module.params[p] for p in decl.params}
             want = getattr(model, decl.method)(*args, **params)
         for a, b in zip(out if isinstance(out, tuple) else (out,),
                         want if isinstance(want, tuple) else (want,), strict=True):

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as AnyUpload
 from starlette.exceptions import HTTPException
 
 from cavmae import __version__
@@ -167,7 +168,7 @@ class Runtime:
         return real
 
     @contextlib.asynccontextmanager
-    async def media(self, file: UploadFile | None, path: str | None) -> AsyncIterator[Media]:
+    async def media(self, file: AnyUpload | None, path: str | None) -> AsyncIterator[Media]:
         """The request's media as a local file; an upload is written to a temporary file that
         is removed on the way out (success, error, timeout or a client that went away)."""
         if (file is None) == (path is None or path == ""):

@@ -135,7 +135,10 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in [self.requests, self.latency, self.batch_size, self.model_seconds, *self._gauges]:
+        metrics: list[Counter | Histogram | Gauge] = [
+            self.requests, self.latency, self.batch_size, self.model_seconds, *self._gauges
+        ]
+        for metric in metrics:
             lines.append(f"# HELP {metric.name} {metric.help}")
             lines.append(f"# TYPE {metric.name} {metric.kind}")
             lines.extend(metric.samples())

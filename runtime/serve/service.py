@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cavmae.clip_lists import stack_inputs
 from cavmae.errors import CavmaeError, MediaError, MissingStreamError, ModelKindError
 from cavmae.modes import AUTO, needs
 
@@ -109,7 +110,7 @@ class Service:
                 raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
         pipe = load(model, engine=engine, device=device, mirror=mirror, num_frames=num_frames, progress=progress)
         try:
-            if opened is not None:
+            if opened is not None and index is not None:
                 ix.check_compatible(opened.meta, ix.model_identity(pipe.manifest),
                                     dim=pipe.manifest.model_config.embed_dim, where=index)
         except BaseException:
@@ -210,7 +211,7 @@ class Service:
             mode, _ = file_mode(path, req.mode, self.pipe.classify_modes)
             need_audio, need_video = needs(mode)
             starts = clip_starts(req.offset, req.window, req.hop, info.duration)
-            if len(starts) > max_windows:
+            if req.window is not None and len(starts) > max_windows:  # no window: one clip
                 raise CavmaeError(
                     f"{len(starts)} windows of {req.window:g} s every {req.hop or req.window / 2:g} s;"
                     f" this server computes at most {max_windows} per request (use a larger hop, or"
@@ -223,8 +224,8 @@ class Service:
             raise e.with_hint(self._missing_hint(e.stream or "")) from None
         return ClassifyInput(
             mode=mode, starts=starts, span=req.window, duration=clips[0].duration,
-            audio=np.stack([c.audio for c in clips]) if need_audio else None,
-            frames=np.stack([c.frames for c in clips]) if need_video else None,
+            audio=stack_inputs([c.audio for c in clips]) if need_audio else None,
+            frames=stack_inputs([c.frames for c in clips]) if need_video else None,
         )
 
     def _missing_hint(self, stream: str) -> str:
@@ -260,6 +261,7 @@ class Service:
         if not 0 <= index < self.num_frames:
             raise CavmaeError(f"frame must be in 0..{self.num_frames - 1}, not {index}")
         clip = load_clip(path, num_frames=self.num_frames, config=self.preprocess)
+        assert clip.audio is not None and clip.frames is not None  # load_clip loads both here
         return LocalizeInput(audio=clip.audio, image=clip.frames[index], frame=index,
                              frame_time=float(clip.frame_times[index]))
 
@@ -290,11 +292,11 @@ class Service:
         with_audio = [i for i, p in enumerate(payloads) if p.audio is not None]
         with_video = [i for i, p in enumerate(payloads) if p.frames is not None]
         if with_audio:
-            emb = self.pipe.embed_audio(np.stack([payloads[i].audio for i in with_audio]))
+            emb = self.pipe.embed_audio(stack_inputs([payloads[i].audio for i in with_audio]))
             for i, e in zip(with_audio, emb, strict=True):
                 results[i][0] = e
         if with_video:
-            emb = self.pipe.embed_frames(np.stack([payloads[i].frames for i in with_video]), frame)
+            emb = self.pipe.embed_frames(stack_inputs([payloads[i].frames for i in with_video]), frame)
             for i, e in zip(with_video, emb, strict=True):
                 results[i][1] = e
         return [(a, v) for a, v in results]
