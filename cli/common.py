@@ -6,7 +6,6 @@ models or media lives in the library, not here.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -15,8 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
+from cavmae import filetypes
 from cavmae.errors import CavmaeError
-from cavmae.filetypes import MEDIA_SUFFIXES, is_media_file
+from cavmae.filetypes import MEDIA_SUFFIXES
 
 T = TypeVar("T")
 
@@ -64,35 +64,8 @@ def open_pipeline(model: str | None, engine: str, device: str, mirror: str | Non
 
 
 def expand_inputs(inputs: Iterable[str], extensions: tuple[str, ...] = MEDIA_SUFFIXES) -> list[Path]:
-    """Files as given, folders searched recursively for media files, globs expanded.
-
-    A name that matches nothing is an error (a typo should not silently shrink a batch job);
-    files given by name are kept whatever their ending, so a bad file is reported by the job.
-    """
-    out: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_media_file(p.name, extensions))
-            if not found:
-                raise CavmaeError(f"no media files in folder {path}")
-            out.extend(found)
-        elif path.is_file():
-            out.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise CavmaeError(f"no files match {item!r}")
-            out.extend(matches)
-        else:
-            raise CavmaeError(f"no such file or folder: {item}")
-    seen: set[Path] = set()
-    unique = []
-    for p in out:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
+    """Local files, folders and globs as paths (see :func:`cavmae.filetypes.expand_inputs`)."""
+    return [Path(p) for p in filetypes.expand_inputs(inputs, extensions)]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -19,7 +19,6 @@ Nothing here is imported by ``import cavmae.runtime``: ray is an optional extra 
 
 from __future__ import annotations
 
-import glob
 import io
 import math
 import os
@@ -32,7 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cavmae.errors import CavmaeError
-from cavmae.filetypes import MEDIA_SUFFIXES, is_media_file
+from cavmae.filetypes import (
+    MEDIA_SUFFIXES,
+    expand_inputs,
+    is_media_file,
+    is_remote,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -52,10 +56,6 @@ __all__ = [
     "unpack",
 ]
 
-#: schemes read through pyarrow's file systems (their libraries must be installed)
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://")
-#: a text file of paths, one a line (given as an input)
-PATH_LIST_SUFFIXES = (".txt", ".lst")
 #: environment the workers need to find the same model cache as the driver
 FORWARDED_ENV = ("CAVMAE_HOME", "CAVMAE_MIRROR", "CAVMAE_NO_PROGRESS")
 #: Ray restarts a dead model actor this many times; its batch is retried as often
@@ -89,10 +89,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _is_remote(item: str) -> bool:
-    return item.startswith(REMOTE_SCHEMES)
-
-
 def _list_remote(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """A remote file as is, or the media files under a remote folder (pyarrow file systems)."""
     from pyarrow import fs
@@ -121,38 +117,8 @@ def list_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] = MEDIA_SUFFIXE
 
     A name that matches nothing is an error; duplicates are dropped (first kept).
     """
-    out: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if _is_remote(item):
-            out.extend(_list_remote(item, suffixes))
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_media_file(p.name, suffixes))
-            if not found:
-                raise CavmaeError(f"no media files in folder {path}")
-            out.extend(str(p) for p in found)
-        elif path.is_file() and path.suffix.lower() in PATH_LIST_SUFFIXES:
-            lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
-            # relative entries are relative to the list, so a list travels with its files
-            out.extend(s if _is_remote(s) or Path(s).is_absolute() else str(path.parent / s)
-                       for s in lines if s and not s.startswith("#"))
-        elif path.is_file():
-            out.append(str(path))
-        elif glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise CavmaeError(f"no files match {item!r}")
-            out.extend(matches)
-        else:
-            raise CavmaeError(f"no such file or folder: {item}")
-    seen: set[str] = set()
-    unique = []
-    for p in out:
-        key = p if _is_remote(p) else str(Path(p).resolve())
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+    return expand_inputs(inputs, suffixes, path_lists=True,
+                         list_remote=lambda uri: _list_remote(uri, suffixes))
 
 
 def read_media(inputs: Iterable[str] | Sequence[str]) -> ray.data.Dataset:
@@ -170,7 +136,7 @@ class _Local:
         self._tmp: str | None = None
 
     def __enter__(self) -> str:
-        if not _is_remote(self.path):
+        if not is_remote(self.path):
             return self.path
         from pyarrow import fs
 
@@ -240,7 +206,7 @@ class _Planner:
 
 
 def _done_key(path: str) -> str:
-    return path if _is_remote(path) else str(Path(path).resolve())
+    return path if is_remote(path) else str(Path(path).resolve())
 
 
 def plan_clips(
