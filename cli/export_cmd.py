@@ -42,10 +42,12 @@ from .common import echo_json
 @click.option("--triton", is_flag=True, help="Also write a Triton Inference Server repository into OUTPUT/triton.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it holds an earlier export.")
 @click.option("--no-validate", is_flag=True, help="Skip validating each graph against PyTorch (not recommended).")
+@click.option("--validation-seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Seed of the random validation inputs (reported; rerun with it to replay a check).")
 @click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL", help="Mirror for registry downloads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export(model, output, precision, frames, max_batch, finetune_mode, task, labels_csv, mask_ratio, mask_ratio_v,
-           triton, overwrite, no_validate, mirror, as_json, calibration, **int8) -> None:
+           triton, overwrite, no_validate, validation_seed, mirror, as_json, calibration, **int8) -> None:
     """Export MODEL (registry name or checkpoint) to fixed-shape ONNX graphs, one per stage.
 
     Every graph is checked with onnx.checker and validated against the PyTorch stage in ONNX
@@ -72,7 +74,8 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         finetune_mode=source.finetune_mode if finetune_mode == AUTO else finetune_mode,
         labels=labels, mask_ratio_a=mask_ratio,
         mask_ratio_v=mask_ratio if mask_ratio_v is None else mask_ratio_v,
-        validate=not no_validate, overwrite=overwrite, progress=not as_json,
+        validate=not no_validate, validation_seed=validation_seed, overwrite=overwrite,
+        progress=not as_json,
         source={"checkpoint": str(source.path.resolve()), "name": source.info.name if source.info else None,
                 "sha256": _sha(source.path)},
         int8=_int8_options(calibration, **int8) if precision == "int8" else None,
@@ -86,6 +89,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         "output": str(output),
         "kind": result.manifest.model_kind,
         "precision": precision,
+        "validation_seed": None if no_validate else validation_seed,
         "int8_gate": result.manifest.quantization,
         "graphs": {name: {"file": spec.file, "max_batch": spec.max_batch,
                           "validation": result.reports[name].summary() if name in result.reports else None}
