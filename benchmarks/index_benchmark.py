@@ -136,8 +136,9 @@ def _ms(times: list[float]) -> dict[str, float]:
 
 
 def measure(path: Path, gens: dict[str, Clustered], n_queries: int, n_exact: int,
-            kind: str, seed: int) -> dict:
-    """Exact and approximate query times, recall@10, ANN build time and disk size."""
+            kind: str, seed: int, nprobes: list[int]) -> dict:
+    """Exact and approximate query times, recall@10, ANN build time and disk size; for ivf
+    also at each of ``nprobes`` (cells scanned per query) on the same index."""
     from cavmae.runtime.index import EmbeddingIndex
     from cavmae.runtime.index.ann import AnnParams, ApproximateIndex, ann_dir, build_ann
 
@@ -150,17 +151,21 @@ def measure(path: Path, gens: dict[str, Clustered], n_queries: int, n_exact: int
     res: dict[str, Any] = {"kind": kind, "ann_build_s": round(build_s, 1),
                            "ann_disk_mb": round(_du(ann_dir(path)) / 2**20, 1),
                            "params": ann.meta["params"], "targets": {}}
+    settings = [None] + (nprobes if kind == "ivf" else [])
     for target in ("audio", "visual"):
         g = gens[target]
         q = g.make(rng.integers(0, g.rows, n_queries), rng)
-        ann.search(q[0], target, 10)  # warm-up: maps the faiss file's header and centroids
-        approx, t_ann = _timed(lambda x, t=target: ann.search(x, t, 10), q)
         exact, t_exact = _timed(lambda x, t=target: index.search(x, t, 10), q[:n_exact])
-        recall = [len({h.row for h in a} & {h.row for h in e}) / 10
-                  for a, e in zip(approx, exact, strict=False)]
-        res["targets"][target] = {"exact": _ms(t_exact), "ann": _ms(t_ann),
-                                  "recall_at_10": round(float(np.mean(recall)), 4),
-                                  "recall_queries": len(recall)}
+        out: dict[str, Any] = {"exact": _ms(t_exact)}
+        for nprobe in settings:
+            ann.search(q[0], target, 10, nprobe=nprobe)  # warm-up: header and centroids
+            approx, t_ann = _timed(lambda x, t=target, n=nprobe: ann.search(x, t, 10, nprobe=n), q)
+            recall = [len({h.row for h in a} & {h.row for h in e}) / 10
+                      for a, e in zip(approx, exact, strict=False)]
+            out["ann" if nprobe is None else f"ann_nprobe_{nprobe}"] = {
+                **_ms(t_ann), "recall_at_10": round(float(np.mean(recall)), 4),
+                "recall_queries": len(recall)}
+        res["targets"][target] = out
     return res
 
 
@@ -170,6 +175,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000", help="smaller indexes, for the cross-over")
     ap.add_argument("--kinds", default="ivf", help="ANN kinds at --rows (hnsw builds slowly)")
     ap.add_argument("--small-kinds", default="ivf,hnsw", help="ANN kinds at --sizes")
+    ap.add_argument("--nprobes", default="4,8,16,32", help="ivf: also search with these nprobe")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact-queries", type=int, default=30)
     ap.add_argument("--work", type=Path, default=Path("/tmp/cavmae-index-bench"))
@@ -200,7 +206,9 @@ def main() -> None:
         built = build_index(path, size, centres, seed=1)
         gens = built.pop("generators")
         for kind in kinds:
-            run = {**built, **measure(path, gens, args.queries, args.exact_queries, kind, 1)}
+            nprobes = [int(x) for x in args.nprobes.split(",") if x]
+            run = {**built, **measure(path, gens, args.queries, args.exact_queries, kind, 1,
+                                      nprobes)}
             record["runs"].append(run)
             print(json.dumps(run), flush=True)
         if not args.keep:

@@ -22,7 +22,7 @@ def index() -> None:
 @click.option("--nlist", type=click.IntRange(1), default=None,
               help="ivf: number of cells. [default: about the square root of the row count]")
 @click.option("--nprobe", type=click.IntRange(1), default=None,
-              help="ivf: cells scanned per query. [default: nlist/16, at least 8]")
+              help="ivf: cells scanned per query. [default: nlist/128, at least 8]")
 @click.option("--ef-search", type=click.IntRange(1), default=128, show_default=True,
               help="hnsw: candidate list length per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")

@@ -64,7 +64,7 @@ class AnnParams:
 
     kind: str = "ivf"
     nlist: int | None = None  # ivf: k-means cells [default: about sqrt(rows), a power of 2]
-    nprobe: int | None = None  # ivf: cells scanned per query [default: nlist / 16, >= 8]
+    nprobe: int | None = None  # ivf: cells scanned per query [default: nlist / 128, >= 8]
     m: int = 32  # hnsw: links per node
     ef_construction: int = 80  # hnsw
     ef_search: int = 128  # hnsw: candidate list per query
@@ -76,7 +76,7 @@ class AnnParams:
             raise EmbeddingIndexError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         nlist = self.nlist or max(1, 2 ** round(math.log2(max(1.0, math.sqrt(rows)))))
         nlist = max(1, min(nlist, rows // 39 or 1))  # faiss wants >= 39 training rows per cell
-        nprobe = self.nprobe or max(8, nlist // 16)
+        nprobe = self.nprobe or max(8, nlist // 128)  # 8 at 1M rows: see benchmarks/
         return AnnParams(self.kind, nlist, min(nprobe, nlist), self.m, self.ef_construction,
                          self.ef_search, self.rerank)
 
