@@ -20,7 +20,7 @@ from .common import echo_json
               help="int8: quantized graphs, written only when they agree with fp32 on real clips.")
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), default=None, metavar="DIR",
               help="int8: clips the int8 graphs are compared on (and calibrated on, with --int8-method"
-                   " static) [default: the sample clips in examples/media].")
+                   " static) [default: the two sample clips that ship with cavmae].")
 @click.option("--int8-min-top5", default=4, show_default=True, type=click.IntRange(0, 5),
               help="int8: refuse the export when, on any clip, int8's top-5 keeps fewer of fp32's top-5 classes.")
 @click.option("--int8-min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1, 1),

@@ -41,6 +41,7 @@ from cavmae.config import PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.manifest import GraphSpec
+from cavmae.samples import sample_clips
 
 from .validate import ort_session
 
@@ -68,7 +69,7 @@ class Int8Options:
     """How to quantize and how strict the gate is.
 
     ``calibration``: a directory (or files) of clips for the gate and static calibration;
-    None takes the sample clips shipped in the repository's ``examples/media``.
+    None takes the two sample clips that ship with the package (:mod:`cavmae.samples`).
     """
 
     method: str = "dynamic"
@@ -104,21 +105,15 @@ class ClipAgreement:
 
 
 # -- which clips ----------------------------------------------------------------------------
-def sample_media_dir() -> Path:
-    """The repository's sample clips (present in a source checkout, not in a wheel)."""
-    return Path(__file__).resolve().parents[1] / "examples" / "media"
-
-
 def gate_clips(calibration: str | Path | Sequence[str | Path] | None, limit: int) -> list[Path]:
     """The clips the gate (and static calibration) runs on, sorted, at most ``limit``."""
     if calibration is None:
-        where = sample_media_dir()
-        if not where.is_dir():
+        items: list[Path] = list(sample_clips())
+        if not items:
             raise ExportError(
                 "an int8 export compares int8 with fp32 on real clips, and the sample clips are"
                 " not installed here; pass --calibration DIR (a folder of your clips)"
             )
-        items: list[Path] = [where]
     elif isinstance(calibration, (str, Path)):
         items = [Path(calibration)]
     else:

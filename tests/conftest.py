@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: the two real sample clips committed with the repository (see examples/media/README.md)
+#: the two real sample clips (package data in cavmae/assets/media; examples/media links to them)
 MEDIA = REPO / "examples" / "media"
 AUDIOSET_CLIP = MEDIA / "00W1lcxW-WU_40.000.mp4"
 VGGSOUND_CLIP = MEDIA / "KlsG1EnBEjc_000361.mp4"

@@ -37,3 +37,22 @@ def test_console_script_version_and_help():
     assert out.returncode == 0 and "0.1.0" in out.stdout
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "Usage: cavmae" in out.stdout
+
+
+def test_sample_clips_ship_in_the_wheel(tmp_path):
+    """The int8 gate's default clips are package data, so an installed cavmae has them."""
+    import zipfile
+
+    from cavmae.samples import SAMPLE_CLIP_NAMES, sample_clips
+
+    assert [p.name for p in sample_clips()] == list(SAMPLE_CLIP_NAMES)
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("cavmae-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for clip in SAMPLE_CLIP_NAMES:
+        assert f"cavmae/assets/media/{clip}" in names
