@@ -45,13 +45,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--baseline-repeat", type=int, default=None)
-    ap.add_argument("--torch-precision", default="fp32")
+    ap.add_argument("--torch-precision", action="append", choices=["fp32", "fp16", "bf16"],
+                    help="torch engine autocast precision; repeat for several (default fp32)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     ap.add_argument("--tag", default=None, help="name of the results file")
     args = ap.parse_args()
     cfg = BenchConfig(model=args.model, engines=tuple(args.engine or ["ort"]), device=args.device,
                       batches=parse_batches(args.batch), num_frames=args.frames, clip=args.clip,
                       warmup=args.warmup, repeat=args.repeat, baseline_repeat=args.baseline_repeat,
-                      torch_precision=args.torch_precision)
+                      torch_precisions=tuple(args.torch_precision or ["fp32"]),
+                      precision=args.precision)
     result = run_benchmark(cfg, log=lambda s: print(s, flush=True))
     tag = args.tag or time.strftime("%Y%m%d-%H%M%S") + f"-{args.device}"
     out = HERE / "results" / f"{tag}.json"

@@ -27,8 +27,10 @@ from .common import ENGINE_CHOICES, echo_json
 @click.option("--baseline-repeat", default=None, type=click.IntRange(1), help="Timed runs of the slow baseline.")
 @click.option("--no-baseline", is_flag=True, help="Skip the reference-style baseline.")
 @click.option("--no-stages", is_flag=True, help="Skip the per-graph timings.")
-@click.option("--torch-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Autocast precision of the torch engine (fp16 needs CUDA; bf16 also runs on the CPU).")
+@click.option("--torch-precision", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True, default=("fp32",),
+              show_default=True,
+              help="Autocast precision of the torch engine (fp16 needs CUDA; bf16 also runs on the CPU);"
+                   " repeat the option to run several side by side.")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: also run the ort engine on the int8 export (gated on the sample clips), beside fp32.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads [default: physical cores].")
@@ -44,14 +46,14 @@ def bench(engines, device, batches, frames, model, clip, warmup, repeat, baselin
       cavmae bench --engine ort --batch 1,8
       cavmae bench --engine trt --engine torch --device cuda --torch-precision fp16
       cavmae bench --clip video.mp4 --json -o bench.json
-      cavmae bench --engine ort --engine torch --precision int8 --torch-precision bf16 --batch 1
+      cavmae bench --engine ort --engine torch --precision int8 --torch-precision fp32 --torch-precision bf16 --batch 1
     """
     from cavmae.runtime.benchmark import BenchConfig, format_table, parse_batches, run_benchmark
 
     cfg = BenchConfig(
         model=model, engines=tuple(engines), device=device, batches=parse_batches(batches), num_frames=frames,
         clip=clip, warmup=warmup, repeat=repeat, baseline=not no_baseline, baseline_repeat=baseline_repeat,
-        stages=not no_stages, torch_precision=torch_precision, threads=threads, precision=precision,
+        stages=not no_stages, torch_precisions=tuple(dict.fromkeys(torch_precision)), threads=threads, precision=precision,
     )
     log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
     result = run_benchmark(cfg, log=log)

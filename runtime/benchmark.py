@@ -183,7 +183,8 @@ class BenchConfig:
     baseline: bool = True
     baseline_repeat: int | None = None  # the slow loop; default: repeat
     stages: bool = True
-    torch_precision: str = "fp32"
+    #: autocast precisions of the torch engine; each one is a run of its own beside the others
+    torch_precisions: tuple[str, ...] = ("fp32",)
     precision: str = "fp32"  # "int8": the ort engine also runs the int8 export, beside fp32
     work_dir: str | Path | None = None
     threads: int | None = None
@@ -224,7 +225,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     from .loader import load
 
     devices = {engine: check_engine(engine, cfg.device)[1] for engine in cfg.engines}
-    if cfg.torch_precision == "fp16" and not devices.get("torch", "cuda").startswith("cuda"):
+    if "fp16" in cfg.torch_precisions and not devices.get("torch", "cuda").startswith("cuda"):
         raise CavmaeError("--torch-precision fp16 needs --device cuda (bf16 also runs on the CPU)")
     # The baseline runs where the engines do: on the GPU when any of them does.
     gpu = next((d for d in devices.values() if d.startswith("cuda")), None)
@@ -282,8 +283,8 @@ def _engine_runs(cfg: BenchConfig) -> list[tuple[str, str, str]]:
     runs the ort engine twice, fp32 and int8, so both sit beside the baseline of the same run."""
     runs = []
     for engine in cfg.engines:
-        precision = cfg.torch_precision if engine == "torch" else "fp32"
-        runs.append((engine, precision, engine if precision == "fp32" else f"{engine}-{precision}"))
+        for precision in cfg.torch_precisions if engine == "torch" else ("fp32",):
+            runs.append((engine, precision, engine if precision == "fp32" else f"{engine}-{precision}"))
         if engine == "ort" and cfg.precision == "int8":
             runs.append((engine, "int8", "ort-int8"))
     return runs
