@@ -220,9 +220,32 @@ def _client_errors() -> Any:
 
 
 def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
-    """The application serving ``service`` under ``config``'s limits."""
-    config = config or ServeConfig()
-    rt = Runtime(service, config)
+    """The application serving ``service`` under ``config``'s limits: the gate, the error
+    handlers, then each group of endpoints (see the functions below, one per group)."""
+    rt = Runtime(service, config or ServeConfig())
+    app = FastAPI(
+        title="cavmae serve", version=__version__, lifespan=_lifespan(rt),
+        description="CAV-MAE audio-visual classification, embeddings, search and sound-source maps."
+                    " Send media as a multipart field `file`; with `--api-key`, send"
+                    " `Authorization: Bearer KEY`.",
+    )
+    app.state.runtime = rt
+    known: set[str] = set()  # filled once every route exists; the gate reads it per request
+    _add_gate(app, rt, lambda: frozenset(known))
+    _add_error_handlers(app)
+    _add_probe_routes(app, rt)
+    _add_info_routes(app, rt)
+    _add_classify_route(app, rt)
+    _add_embed_route(app, rt)
+    _add_search_route(app, rt)
+    _add_localize_route(app, rt)
+    known.update(r.path for r in app.routes if hasattr(r, "path"))
+    return app
+
+
+def _lifespan(rt: Runtime) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Start the runtime (pool, batcher, warm-up) with the server; stop it, off the event loop,
+    when the server stops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -232,17 +255,20 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(rt.stop)
 
-    app = FastAPI(
-        title="cavmae serve", version=__version__, lifespan=lifespan,
-        description="CAV-MAE audio-visual classification, embeddings, search and sound-source maps."
-                    " Send media as a multipart field `file`; with `--api-key`, send"
-                    " `Authorization: Bearer KEY`.",
-    )
-    app.state.runtime = rt
-    known: set[str] = set()
-    app.add_middleware(Gate, metrics=rt.metrics, admission=rt.admission, known_paths=lambda: frozenset(known),
+    return lifespan
+
+
+def _add_gate(app: FastAPI, rt: Runtime, known_paths: Callable[[], frozenset[str]]) -> None:
+    """The key check, admission, upload limit and request metrics, before any endpoint
+    (:class:`~.gate.Gate`); ``known_paths`` bounds the metrics' endpoint label."""
+    config = rt.config
+    app.add_middleware(Gate, metrics=rt.metrics, admission=rt.admission, known_paths=known_paths,
                        api_key=config.api_key, max_upload=config.max_upload, timeout=config.timeout,
                        retry_after=rt.retry_after)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON ``{"error", "status"}``; a bug is a 500 whose details stay in the log."""
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -257,7 +283,10 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
-    # -- endpoints without the model -------------------------------------------------------
+
+def _add_probe_routes(app: FastAPI, rt: Runtime) -> None:
+    """Liveness, readiness and the Prometheus metrics: no model call."""
+
     @app.get("/healthz", summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -272,6 +301,11 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics (text format).")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _add_info_routes(app: FastAPI, rt: Runtime) -> None:
+    """What is loaded and under which limits (``/v1/model``), and the web page that uses it."""
+    service, config = rt.service, rt.config
 
     @app.get("/v1/model", summary="What is loaded: kind, classes, precision, engine, modes, index.")
     async def model() -> dict[str, Any]:
@@ -292,7 +326,11 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
     async def page_script() -> Response:
         return Response(_static("app.js"), media_type="text/javascript", headers=_PAGE_HEADERS)
 
-    # -- model endpoints ---------------------------------------------------------------------
+
+def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
+    """``POST /v1/classify``: the records of ``cavmae classify --json`` for one file."""
+    service, config = rt.service, rt.config
+
     @app.post("/v1/classify", summary="Top labels of a media file (the records of `cavmae classify --json`).")
     async def classify(
         request: Request,
@@ -327,6 +365,11 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
             return records[0]
         return {"path": records[0]["path"], "windows": records}
 
+
+def _add_embed_route(app: FastAPI, rt: Runtime) -> None:
+    """``POST /v1/embed``: a file's audio and visual embeddings."""
+    service = rt.service
+
     @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.")
     async def embed(
         request: Request,
@@ -345,21 +388,26 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
                 "audio": None if audio is None else audio.tolist(),
                 "visual": None if visual is None else visual.tolist()}
 
-    @app.post(
-        "/v1/search",
-        summary="Nearest clips of the loaded index to an upload or an embedding.",
-        openapi_extra={"requestBody": {"content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"}, "path": {"type": "string"},
-                "k": {"type": "integer", "default": 10}, "target": {"enum": ["audio", "visual", "both"]},
-                "modality": {"enum": ["audio", "visual", "both"], "default": "both"}}}},
-            "application/json": {"schema": {"type": "object", "required": ["embedding", "modality"],
-                                            "properties": {
-                "embedding": {"type": "array", "items": {"type": "number"}},
-                "modality": {"enum": ["audio", "visual"]}, "k": {"type": "integer", "default": 10},
-                "target": {"enum": ["audio", "visual", "both"]}}}},
-        }}},
-    )
+
+#: the two bodies ``/v1/search`` takes, for the OpenAPI page (the endpoint reads the body itself)
+_SEARCH_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}, "path": {"type": "string"},
+        "k": {"type": "integer", "default": 10}, "target": {"enum": ["audio", "visual", "both"]},
+        "modality": {"enum": ["audio", "visual", "both"], "default": "both"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["embedding", "modality"], "properties": {
+        "embedding": {"type": "array", "items": {"type": "number"}},
+        "modality": {"enum": ["audio", "visual"]}, "k": {"type": "integer", "default": 10},
+        "target": {"enum": ["audio", "visual", "both"]}}}},
+}}}
+
+
+def _add_search_route(app: FastAPI, rt: Runtime) -> None:
+    """``POST /v1/search``: the loaded index's nearest clips to an upload or an embedding."""
+    service = rt.service
+
+    @app.post("/v1/search", summary="Nearest clips of the loaded index to an upload or an embedding.",
+              openapi_extra=_SEARCH_BODY)
     async def search(request: Request) -> dict[str, Any]:
         """An upload searches with each of its streams (each against its own modality unless
         `target` says otherwise); an embedding of `modality` searches the other modality by
@@ -397,6 +445,11 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
                                                            "modality": q.modality},
                     "k": q.k, "results": results}
 
+
+def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
+    """``POST /v1/localize``: the sound-source heat map over one frame."""
+    service, config = rt.service, rt.config
+
     @app.post("/v1/localize", summary="Sound-source heat map over one frame (default the middle one).")
     async def localize(
         request: Request,
@@ -418,9 +471,6 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
                     return await rt.in_pool(None, lambda: service.localize_response(media.name, inp, heat))
 
                 return await rt.within_deadline(request, work())
-
-    known.update(r.path for r in app.routes if hasattr(r, "path"))
-    return app
 
 
 async def _embed(rt: Runtime, request: Request, media: Media, modality: str, frame: str | int) -> Any:
