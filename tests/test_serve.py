@@ -86,6 +86,7 @@ def test_classify_windows_modes_and_parameter_errors(server):
         ({"mode": "stereo"}, 422, "mode"),
         ({"top_k": 0}, 422, "top_k"),
         ({"window": 11}, 422, "window"),
+        ({"window": 4, "hop": "inf"}, 422, "hop"),
     ]:
         r = c.post("/v1/classify", files=upload(AUDIOSET_CLIP), data=data)
         assert r.status_code == status and words in r.json()["error"], (data, r.text)
@@ -258,6 +259,11 @@ def test_window_count_limit(start):
     client, _ = start(max_windows=3)
     r = client.post("/v1/classify", files=upload(AUDIOSET_CLIP), data={"window": 2, "hop": 1})
     assert r.status_code == 400 and "at most 3" in r.json()["error"]
+    # refused before the windows are listed: this hop would make ten billion of them
+    r = client.post("/v1/classify", files=upload(AUDIOSET_CLIP), data={"window": 1, "hop": 1e-9})
+    assert r.status_code == 400 and "at most 3" in r.json()["error"]
+    r = client.post("/v1/classify", files=upload(AUDIOSET_CLIP), data={"window": 4, "hop": 3})
+    assert r.status_code == 200 and len(r.json()["windows"]) == 3  # 0, 3, 6: exactly the limit
 
 
 def test_request_timeout_while_running_and_while_uploading(start):
@@ -342,6 +348,11 @@ def test_path_guard(start, tmp_path):
         assert r.status_code == 403 and "outside" in r.json()["error"], (bad, r.text)
     r = client.post("/v1/embed", data={"path": "missing.mp4"})
     assert r.status_code == 404
+    # paths the system cannot look up are the client's mistake, not a 500
+    (allowed / "loop.mp4").symlink_to(allowed / "loop.mp4")
+    for bad, why in [("loop.mp4", "symlink loop"), ("sub/a\x00b.mp4", "NUL"), ("x" * 5000, "too long")]:
+        r = client.post("/v1/classify", data={"path": bad})
+        assert r.status_code == 400 and why in r.json()["error"], (bad[:20], r.text[:300])
     r = client.post("/v1/classify", data={"path": "sub/clip.mp4"}, files=upload(AUDIOSET_CLIP))
     assert r.status_code == 400  # one source at a time
     assert outside.exists() and (allowed / "sub" / "clip.mp4").exists()  # a path is never removed

@@ -153,17 +153,28 @@ class Runtime:
 
     # -- media of a request ---------------------------------------------------------------
     def allowed_path(self, text: str) -> Path:
-        """A file the request names by path: only inside ``--allow-dir``, symlinks resolved."""
+        """A file the request names by path: only inside ``--allow-dir``, symlinks resolved.
+
+        403 outside the folder (``..``, absolute paths, symlinks leading out), 404 for no such
+        file, 400 for a path the system cannot look up (a NUL byte, a symlink loop, a name too
+        long): a client's path never makes a 500."""
         root = self.config.allow_dir
         if root is None:
             raise ApiError(403, "this server reads no files from its disk; upload the file instead"
                            " (or start the server with --allow-dir DIR)")
         root = Path(root).resolve()
         candidate = Path(text)
-        real = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not real.is_relative_to(root):
+        try:
+            real = (candidate if candidate.is_absolute() else root / candidate).resolve()
+            inside = real.is_relative_to(root)
+            found = inside and real.is_file()
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: pathlib's symlink loop
+            why = "a symlink loop" if isinstance(e, RuntimeError) else (
+                "a NUL byte" if isinstance(e, ValueError) else (e.strerror or "not readable").lower())
+            raise ApiError(400, f"{text!r} cannot be looked up as a file path ({why})") from None
+        if not inside:
             raise ApiError(403, f"{text!r} is outside the folder this server may read")
-        if not real.is_file():
+        if not found:
             raise ApiError(404, f"no such file in the allowed folder: {text!r}")
         return real
 
@@ -341,7 +352,8 @@ def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
                                            " and the file allow, else the stream the file has.")] = "auto",
         frames: Annotated[int | None, Form(ge=1, description="Frames aggregated per clip (must be the model's).")] = None,
         window: Annotated[float | None, Form(gt=0, le=10, description="Sliding windows of this many seconds.")] = None,
-        hop: Annotated[float | None, Form(gt=0, description="Window hop in seconds [default window/2].")] = None,
+        hop: Annotated[float | None, Form(gt=0, allow_inf_nan=False,
+                                          description="Window hop in seconds [default window/2].")] = None,
         offset: Annotated[float, Form(ge=0, description="Start of the clip (without window).")] = 0.0,
         all_scores: Annotated[bool, Form(description="Include every class's score.")] = False,
     ) -> Any:

@@ -82,6 +82,13 @@ class LocalizeInput:
     frame_time: float
 
 
+def _too_many_windows(window: float, hop: float, duration: float, max_windows: int) -> CavmaeError:
+    return CavmaeError(
+        f"windows of {window:g} s every {hop:g} s over {duration:.1f} s of media: this server computes at"
+        f" most {max_windows} per request (use a larger hop, or start the server with a larger --max-windows)"
+    )
+
+
 class Service:
     """A loaded pipeline (and optionally an embedding index) as the HTTP API uses it."""
 
@@ -210,13 +217,14 @@ class Service:
         try:
             mode, _ = file_mode(path, req.mode, self.pipe.classify_modes)
             need_audio, need_video = needs(mode)
+            if req.window is not None:  # no window: one clip
+                # checked before the list of starts is made: a tiny hop must not make a huge list
+                hop = req.hop or req.window / 2
+                if max(0.0, info.duration - req.window) >= hop * max_windows:  # > max_windows windows
+                    raise _too_many_windows(req.window, hop, info.duration, max_windows)
             starts = clip_starts(req.offset, req.window, req.hop, info.duration)
-            if req.window is not None and len(starts) > max_windows:  # no window: one clip
-                raise CavmaeError(
-                    f"{len(starts)} windows of {req.window:g} s every {req.hop or req.window / 2:g} s;"
-                    f" this server computes at most {max_windows} per request (use a larger hop, or"
-                    " start the server with a larger --max-windows)"
-                )
+            if req.window is not None and len(starts) > max_windows:  # the tail window can add one
+                raise _too_many_windows(req.window, req.hop or req.window / 2, info.duration, max_windows)
             clips = [load_clip(path, num_frames=self.num_frames, offset=s, config=self.preprocess,
                                need_audio=need_audio, need_video=need_video, duration=req.window)
                      for s in starts]
