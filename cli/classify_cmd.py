@@ -1,29 +1,33 @@
-"""``cavmae classify``: top-k audio-visual labels for videos, one clip or sliding windows."""
+"""``cavmae classify``: top-k audio-visual labels for videos, one clip or sliding windows.
+
+Over several inputs the next clips are decoded on threads while the model runs on the current
+one (:func:`cavmae.runtime.classify_records.classify_files`); results come in input order.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cavmae.errors import CavmaeError, MediaError, MissingStreamError
+from cavmae.errors import CavmaeError, MissingStreamError
 from cavmae.modes import AUTO, CLI_MODES
 from cavmae.runtime.classify_records import (
     HEADER,
     classification_record,
     classification_rows,
-    clip_starts,
-    file_mode,
+    classify_files,
     label_names,
 )
 
 from . import ray_run
 from .common import (
-    EXIT_INPUT_FAILED,
     echo,
     echo_json,
     expand_inputs,
@@ -60,9 +64,12 @@ from .results import ResultWriter
               help="Write results here as they come, in the format of its ending (.csv, .jsonl, or .json"
                    " rewritten whole); a re-run skips the clips and modes already in it.")
 @click.option("--shard", default=None, help="Process shard i/n of the inputs (or 'auto' under torchrun).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Threads decoding the next clips while the model runs (0: decode in the main thread).")
 @ray_options
 def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window, hop, offset, labels_csv,
-             as_json, as_csv, all_scores, output, shard, ray_address, ray_actors, ray_gpus_per_actor) -> None:
+             as_json, as_csv, all_scores, output, shard, workers, ray_address, ray_actors,
+             ray_gpus_per_actor) -> None:
     """Classify videos (files, folders or globs): top-k labels with scores.
 
     Audio files and videos without sound are classified with the one stream they have when the
@@ -72,6 +79,9 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     more window, ending at the end, is added only when the tail left uncovered is longer than
     H/2 (30.02 s with --window 10 --hop 5: 0, 5, 10, 15, 20). Media no longer than W gets one
     window.
+
+    Over many inputs the next clips are decoded on --workers threads while the model runs on
+    the current one; at most workers + 1 clips (3 by default) are in memory at once.
 
     \b
     Examples:
@@ -94,64 +104,83 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     # --labels replaces the model's names inside load(), so no label file is downloaded then
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
                          task="classify")
-    names = label_names(pipe)
     mode = _choose_mode(pipe, mode)
-    stdout_csv = csv.writer(sys.stdout) if as_csv else None
-    if stdout_csv:
-        stdout_csv.writerow(HEADER)
+    out = _Output(writer, label_names(pipe), top_k, all_scores, as_json,
+                  csv.writer(sys.stdout) if as_csv else None, windows=window is not None)
+    if out.stdout_csv:
+        out.stdout_csv.writerow(HEADER)
     if ray_address is not None:  # the same results, computed on Ray Data (cli/ray_run.py)
-        def emit(pred) -> None:
-            record, rows = _record(pred, names, top_k, all_scores)
-            writer.write(record, rows)
-            _print(record, rows, as_json, stdout_csv, show_time=window is not None or pred.offset > 0)
-
         settings = RaySettings(ray_address, ray_actors, ray_gpus_per_actor)
         ray_run.finish(ray_run.classify(settings, files=files, pipe=pipe, spec=settings.spec(
             model, engine, device, num_frames=frames), mode=mode, window=window, hop=hop,
-            offset=offset, writer=writer, emit=emit), len(files))
+            offset=offset, writer=writer, emit=out.emit), len(files))
         return
-    failed: list[tuple[Path, str]] = []
-    already_done = 0  # inputs whose every result an earlier run wrote to -o
     try:
-        for path in progress(files, total=len(files), desc="classify", unit="clip"):
-            try:
-                file_mode = _file_mode(pipe, path, mode)
-                duration = None
-                if window is not None:
-                    from cavmae.media import probe
-
-                    duration = probe(path).duration
-                offsets = clip_starts(offset, window, hop, duration)
-                span = window
-                todo = [s for s in offsets if not writer.is_done({"path": path, "mode": file_mode, "start": s})]
-                already_done += not todo
-                for start in todo:
-                    pred = _classify_one(pipe, path, file_mode, start, span)
-                    record, rows = _record(pred, names, top_k, all_scores)
-                    writer.write(record, rows)
-                    _print(record, rows, as_json, stdout_csv, show_time=window is not None or start > 0)
-            except MediaError as e:
-                failed.append((path, str(e)))
-                if len(files) > 1:
-                    warn(f"skipped {path}: {e}")
+        failed, already_done = _classify_local(pipe, files, _Clips(mode, offset, window, hop), out, workers)
     finally:
         writer.close()
     if already_done:
         echo(f"{already_done} of {len(files)} inputs already in {output}: skipped", err=True)
-    if failed:
-        if len(files) == 1:  # nothing else was classified: the reason is the whole message
-            raise CavmaeError(failed[0][1])
-        click.echo(f"{len(failed)} of {len(files)} inputs failed; the others were classified", err=True)
-        sys.exit(EXIT_INPUT_FAILED)
+    ray_run.finish(failed, len(files))  # the same report with and without --ray
 
 
-def _classify_one(pipe, path: Path, mode: str, start: float, span: float | None):
-    """``pipe.classify_file``, a missing stream's error saying what to do in this command's flags."""
-    try:
-        return pipe.classify_file(path, mode, offset=start, duration=span)
-    except MissingStreamError as e:
-        raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
+@dataclass(frozen=True)
+class _Clips:
+    """Which clips of each file: ``--mode`` (or auto), ``--offset``, ``--window``/``--hop``."""
 
+    mode: str
+    offset: float
+    window: float | None
+    hop: float | None
+
+
+@dataclass(frozen=True)
+class _Output:
+    """Where each result goes: the ``-o`` writer and stdout (plain, ``--json`` or ``--csv``)."""
+
+    writer: Any
+    names: tuple[str, ...]
+    top_k: int
+    all_scores: bool
+    as_json: bool
+    stdout_csv: Any
+    windows: bool
+
+    def emit(self, pred) -> None:
+        """Write one prediction to ``-o`` and print it."""
+        record, rows = _record(pred, self.names, self.top_k, self.all_scores)
+        self.writer.write(record, rows)
+        _print(record, rows, self.as_json, self.stdout_csv, show_time=self.windows or pred.offset > 0)
+
+
+def _classify_local(pipe, files: list[Path], clips: _Clips, out: _Output,
+                    workers: int) -> tuple[list[tuple[str, str]], int]:
+    """Classify ``files`` in this process, decoding ahead on ``workers`` threads
+    (:func:`~cavmae.runtime.classify_records.classify_files`); results are written and printed
+    in input order. Returns the failed (path, reason) pairs and how many inputs were done already."""
+    failed: list[tuple[str, str]] = []
+    already_done = 0  # inputs whose every result an earlier run wrote to -o
+    outcomes = classify_files(pipe, files, mode=clips.mode, offset=clips.offset, window=clips.window,
+                              hop=clips.hop, is_done=out.writer.is_done, workers=workers)
+    with contextlib.closing(outcomes):
+        for path in progress(files, total=len(files), desc="classify", unit="clip"):
+            for got in outcomes:  # this file's outcomes: every input has at least one, the last marked
+                if got.job.note:
+                    echo(f"note: {got.job.note} (--mode {got.job.mode})", err=True)
+                if got.error is not None:
+                    error = got.error
+                    if isinstance(error, MissingStreamError):
+                        error = error.with_hint(_missing_hint(pipe, error.stream or ""))
+                    failed.append((str(path), str(error)))
+                    if len(files) > 1:
+                        warn(f"skipped {path}: {error}")
+                elif got.prediction is None:
+                    already_done += 1
+                else:
+                    out.emit(got.prediction)
+                if got.last:
+                    break
+    return failed, already_done
 
 
 def _choose_mode(pipe, mode: str) -> str:
@@ -166,18 +195,6 @@ def _choose_mode(pipe, mode: str) -> str:
         raise CavmaeError(f"this model cannot classify with --mode {mode}; it supports: {', '.join(supported)}"
                           f" (or --mode {AUTO})")
     return mode
-
-
-def _file_mode(pipe, path: Path, mode: str) -> str:
-    """The mode one file is classified in (:func:`~cavmae.runtime.classify_records.file_mode`);
-    a note on stderr when ``auto`` leaves a stream out, the hint in this command's flags."""
-    try:
-        chosen, note = file_mode(path, mode, pipe.classify_modes)
-    except MissingStreamError as e:
-        raise e.with_hint(_missing_hint(pipe, e.stream or "")) from None
-    if note:
-        echo(f"note: {note} (--mode {chosen})", err=True)
-    return chosen
 
 
 def _missing_hint(pipe, stream: str) -> str:

@@ -11,27 +11,49 @@ and its CSV rows under :data:`HEADER`. Scores are rounded to 6 decimals, ``end``
 milliseconds. The command line and the HTTP service both build their answers here, so they
 cannot drift apart. Windows are tiled by :func:`cavmae.media.window_offsets`; the mode of a file
 comes from the mode table (:mod:`cavmae.modes`).
+
+:func:`classify_files` is the folder loop of ``cavmae classify``: it plans each file's clips
+(mode, windows, the ones already done), decodes the next clips on
+:func:`cavmae.prefetch.prefetch` threads while the model runs on the current one in the
+caller's thread, and yields one :class:`ClipOutcome` per clip in input order. At most
+``workers + 1`` clips are in flight (decoding, decoded and waiting, or held by the model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cavmae.errors import MissingStreamError
+from cavmae.errors import MediaError, MissingStreamError
 from cavmae.modes import AUTO, best_mode, needs
+from cavmae.prefetch import prefetch
+
+from .pipeline import Prediction
+
+if TYPE_CHECKING:
+    from cavmae.media import Clip
+
+    from .pipeline import Pipeline
 
 __all__ = [
     "HEADER",
+    "ClipJob",
+    "ClipOutcome",
     "classification_record",
     "classification_rows",
+    "classify_files",
     "clip_end",
     "clip_starts",
+    "decode_job",
     "file_mode",
     "label_names",
+    "plan_clips",
+    "predict_clip",
 ]
 
 #: columns of the CSV rows (``cavmae classify --csv`` and ``-o results.csv``)
@@ -116,3 +138,132 @@ def classification_rows(record: dict[str, Any], names: Sequence[str]) -> list[li
     if "scores" in record:
         return [[*head, "", i, names[i], s] for i, s in enumerate(record["scores"])]
     return [[*head, t["rank"], t["index"], t["label"], t["score"]] for t in record["top"]]
+
+
+# -- the folder loop of ``cavmae classify`` ------------------------------------------------------
+@dataclass(frozen=True)
+class ClipJob:
+    """One clip to classify: input number ``index`` (``path``) from ``start`` in ``mode``.
+
+    Every input gives at least one job, its last one with ``last``: ``start`` None means there
+    is nothing to decode (every clip already done, or ``error``: the file could not be planned).
+    ``note`` (what ``--mode auto`` left out) is on the file's first job only.
+    """
+
+    index: int
+    path: Path
+    mode: str | None  # None when the file's mode could not be decided (``error``)
+    start: float | None
+    span: float | None  # the window's seconds; None: the model's clip
+    note: str | None = None
+    last: bool = True
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class ClipOutcome:
+    """What became of one job: its ``prediction``, or the ``error`` that ends its file, or
+    neither (nothing was left to do). ``last``: no more outcomes for this file follow."""
+
+    job: ClipJob
+    prediction: Prediction | None = None
+    error: MediaError | None = None
+    last: bool = True
+
+
+def plan_clips(
+    pipe: Pipeline,
+    files: Iterable[str | Path],
+    *,
+    mode: str,
+    offset: float = 0.0,
+    window: float | None = None,
+    hop: float | None = None,
+    is_done: Callable[[dict[str, Any]], bool] = lambda key: False,
+) -> Iterator[ClipJob]:
+    """The jobs of each file, lazily: its mode (:func:`file_mode`), its clip starts
+    (:func:`clip_starts`; with ``window`` the file is probed for its duration), less those
+    ``is_done({"path", "mode", "start"})`` says an earlier run wrote. A file that cannot be
+    planned gives one job carrying the exception, delivered at its turn."""
+    for index, raw in enumerate(files):
+        path = Path(raw)
+        chosen: str | None = None
+        note: str | None = None
+        try:
+            chosen, note = file_mode(path, mode, pipe.classify_modes)
+            duration = None
+            if window is not None:
+                from cavmae.media import probe
+
+                duration = probe(path).duration
+            starts = clip_starts(offset, window, hop, duration)
+        except Exception as e:  # reported in input order, by the consumer
+            yield ClipJob(index, path, chosen, None, window, note=note, error=e)
+            continue
+        todo = [s for s in starts if not is_done({"path": path, "mode": chosen, "start": s})]
+        if not todo:
+            yield ClipJob(index, path, chosen, None, window, note=note)
+        for k, start in enumerate(todo):
+            yield ClipJob(index, path, chosen, start, window, note=None if k else note,
+                          last=k == len(todo) - 1)
+
+
+def decode_job(pipe: Pipeline, job: ClipJob) -> Clip | None:
+    """Decode a job's clip as :meth:`Pipeline.classify_file` does before the model (the
+    streams its mode reads, the window at ``start``); None when there is nothing to decode.
+    Raises the job's planning error, if it has one."""
+    if job.error is not None:
+        raise job.error
+    if job.start is None or job.mode is None:
+        return None
+    need_audio, need_video = needs(job.mode)
+    return pipe.load_clip(job.path, offset=job.start, duration=job.span, need_audio=need_audio,
+                          need_video=need_video)
+
+
+def predict_clip(pipe: Pipeline, job: ClipJob, clip: Clip) -> Prediction:
+    """The model on a decoded clip: the :class:`Prediction` :meth:`Pipeline.classify_file`
+    gives for the same file, mode and window."""
+    assert job.mode is not None and job.start is not None
+    probs = pipe.classify(clip.audio, clip.frames, job.mode)
+    end = clip_end(job.start, job.span, clip.duration, pipe.manifest.preprocess.clip_seconds)
+    return Prediction(probs=probs, labels=pipe.labels, path=str(job.path), offset=job.start,
+                      end=end, mode=job.mode)
+
+
+def classify_files(
+    pipe: Pipeline,
+    files: Iterable[str | Path],
+    *,
+    mode: str,
+    offset: float = 0.0,
+    window: float | None = None,
+    hop: float | None = None,
+    is_done: Callable[[dict[str, Any]], bool] = lambda key: False,
+    workers: int = 2,
+) -> Generator[ClipOutcome, None, None]:  # a generator: close() stops the decoding threads
+    """Classify every clip of ``files`` (see :func:`plan_clips`), one outcome per job, in order.
+
+    ``workers`` threads decode the next clips while the model runs in the caller's thread
+    (0: decode inline, one clip at a time); at most ``workers + 1`` clips are in flight. A
+    ``MediaError`` (missing, corrupt, a stream the mode needs) ends its file with an outcome
+    carrying it, and the job goes on; any other exception propagates at its turn.
+    Probabilities equal those of :meth:`Pipeline.classify_file` clip by clip.
+    """
+    jobs = plan_clips(pipe, files, mode=mode, offset=offset, window=window, hop=hop, is_done=is_done)
+    decoded = prefetch(lambda job: decode_job(pipe, job), jobs, workers=workers, ahead=workers + 1,
+                       thread_name="cavmae-classify")
+    failed = -1  # the input whose remaining clips are dropped
+    with contextlib.closing(decoded):
+        for got in decoded:
+            job = got.item
+            if job.index == failed:
+                continue
+            try:
+                clip = got.unwrap()
+                pred = None if clip is None else predict_clip(pipe, job, clip)
+            except MediaError as e:
+                failed = job.index
+                yield ClipOutcome(job, error=e, last=True)
+                continue
+            yield ClipOutcome(job, prediction=pred, last=job.last)
