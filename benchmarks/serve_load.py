@@ -16,10 +16,18 @@ how busy the model thread was (its seconds / wall seconds).
     python benchmarks/serve_load.py --tiny                            # tiny model, the sample clip
     python benchmarks/serve_load.py --tiny --synthetic 1 --workers 4  # 1 s, 64x48 clip: decoding is cheap
     python benchmarks/serve_load.py -m exports/as-full --clients 8 --requests 10 --max-batch 8,1
-    python benchmarks/serve_load.py --full --clients 4 --requests 2   # full-size random weights
+    python benchmarks/serve_load.py --full-size --clients 8 --requests 10 --max-batch 8,1 \
+        --time-limit 2400 --json benchmarks/results/serve-load-full-cpu.json
 
-Bounded: every request has a timeout, the whole run has ``--deadline`` seconds, and nothing
-but 127.0.0.1 is contacted.
+``--full-size`` serves a full-size (ViT-B, 527 classes) random-weight export: the checkpoint
+``cavmae bench`` makes (``runtime/benchmark.py``, seed 0, written once into ``--work``),
+exported once through ``cavmae.runtime.load`` into the cache and reused by later runs; its
+path is printed, so later runs can pass it as ``-m EXPORT``. ``--tiny`` does the same with the
+tiny size, in a temporary cache.
+
+Bounded: every request has a timeout, each measured run ``--deadline`` seconds, and everything
+after the export ``--time-limit`` seconds (a server start, warm-up or run that would pass it is
+cut short or skipped, and the results say so); nothing but 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -156,7 +164,8 @@ def stage_costs(model: str, clip: Path, batches: list[int], repeat: int = 5) -> 
 
 
 def load(url: str, clip: Path, clients: int, requests: int, timeout: float, deadline: float) -> dict[str, Any]:
-    """``clients`` threads each sending ``requests`` classify uploads one after the other."""
+    """``clients`` threads each sending ``requests`` classify uploads one after the other; none
+    is sent after ``deadline`` seconds, and none waits past it by more than a second."""
     data = clip.read_bytes()
     latencies: list[float] = []
     statuses: dict[str, int] = {}
@@ -166,14 +175,16 @@ def load(url: str, clip: Path, clients: int, requests: int, timeout: float, dead
     def client(_: int) -> None:
         with httpx.Client(base_url=url, timeout=timeout) as c:
             for _ in range(requests):
-                if time.monotonic() > stop_at:
+                left = stop_at - time.monotonic()
+                if left <= 0:
                     key = "not sent (deadline)"
                     with lock:
                         statuses[key] = statuses.get(key, 0) + 1
                     continue
                 t0 = time.monotonic()
                 try:
-                    code = str(c.post("/v1/classify", files={"file": (clip.name, data, "video/mp4")}).status_code)
+                    code = str(c.post("/v1/classify", files={"file": (clip.name, data, "video/mp4")},
+                                      timeout=min(timeout, left + 1.0)).status_code)
                 except httpx.HTTPError as e:
                     code = type(e).__name__
                 with lock:
@@ -191,15 +202,20 @@ def load(url: str, clip: Path, clients: int, requests: int, timeout: float, dead
 
 def measure(model: str, max_batch: int, *, clip: Path = DEFAULT_CLIP, clients: int = 8, requests: int = 10,
             timeout: float = 600, deadline: float = 1800, extra: list[str] | None = None,
-            workdir: Path | None = None) -> dict[str, Any]:
-    """One server, one warm-up round, one measured run; the figures as a dict."""
+            workdir: Path | None = None, stop_at: float | None = None) -> dict[str, Any]:
+    """One server, one warm-up round, one measured run; the figures as a dict. ``stop_at`` (a
+    ``time.monotonic()`` value) bounds all of it: the server's start, the warm-up and the run."""
     work = Path(workdir or tempfile.mkdtemp(prefix="serve-load-"))
-    server = Server(model, max_batch, extra or [], work / f"serve-b{max_batch}.log")
+
+    def left(limit: float) -> float:
+        return limit if stop_at is None else max(min(limit, stop_at - time.monotonic()), 0.0)
+
+    server = Server(model, max_batch, extra or [], work / f"serve-b{max_batch}.log", ready_timeout=left(600))
     try:
-        warm = load(server.url, clip, clients, 1, timeout, deadline)
+        warm = load(server.url, clip, clients, 1, timeout, left(deadline))
         before = rss_mb(server.proc.pid)
         start = model_counters(server.url)
-        run = load(server.url, clip, clients, requests, timeout, deadline)
+        run = load(server.url, clip, clients, requests, timeout, left(deadline))
         end = model_counters(server.url)
         after = rss_mb(server.proc.pid)
     finally:
@@ -214,20 +230,36 @@ def measure(model: str, max_batch: int, *, clip: Path = DEFAULT_CLIP, clients: i
             "model_ms_per_clip": 1e3 * model_s / clips if clips else float("nan")}
 
 
-def build_model(kind: str, root: Path) -> Path:
-    """A random-weight AudioSet classifier exported to ONNX: ``tiny`` (dim 64) or ``full`` (ViT-B)."""
-    import torch
+#: where the random checkpoint is written by default: the work folder of ``cavmae bench``
+#: (runtime/benchmark.py), so both use the same file
+DEFAULT_WORK = Path(os.environ.get("TMPDIR", "/tmp")) / "cavmae-bench"
 
-    from cavmae import BASE, CAVMAEFT, TINY, save_checkpoint
-    from cavmae.export import export_model
 
-    torch.manual_seed(0)
-    cfg = (TINY if kind == "tiny" else BASE).replace(num_classes=527)
-    ckpt = save_checkpoint(CAVMAEFT(cfg), root / f"{kind}.pth")
-    labels = REPO / "cavmae" / "assets" / "audioset_class_labels_indices.csv"
-    export_model(ckpt, root / f"{kind}-export", labels=labels, overwrite=True)
-    ckpt.unlink()
-    return root / f"{kind}-export"
+def random_export(size: str, work: Path, max_batch: int = 8) -> Path:
+    """The ONNX export of a random-weight AudioSet classifier (527 classes) of ``size``:
+    ``full`` (ViT-B, ``cavmae.BASE``) or ``tiny`` (``cavmae.TINY``, dim 64).
+
+    The checkpoint is the one ``runtime/benchmark.py`` benchmarks (``_random_checkpoint``: seed
+    0, written once into ``work``); it is exported through ``cavmae.runtime.load``, which keeps
+    the export in the cache (``$CAVMAE_HOME``), keyed by the checkpoint's sha256, so a later call
+    reuses it. Every graph is opened once, so a cache export that writes its graphs when they
+    are first run is complete before a server opens it as a directory. Returns the export
+    directory.
+    """
+    from cavmae import BASE, TINY
+    from cavmae.runtime import load
+    from cavmae.runtime.benchmark import _random_checkpoint
+
+    config = BASE if size == "full" else TINY.replace(num_classes=527)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = _random_checkpoint(work, config)
+    pipe = load(checkpoint, engine="ort", device="cpu", max_batch=max_batch, progress=True)
+    try:
+        for graph in pipe.manifest.graphs:
+            pipe.engine.session(graph)
+        return pipe.engine.export_dir
+    finally:
+        pipe.close()
 
 
 def machine() -> dict[str, Any]:
@@ -243,12 +275,19 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def main() -> None:
+#: a measured run is not started with fewer seconds than this left of ``--time-limit``
+MIN_RUN_S = 30.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="Model for cavmae serve (export dir, checkpoint or registry name).")
     src.add_argument("--tiny", action="store_true", help="Build and serve a tiny random-weight classifier.")
-    src.add_argument("--full", action="store_true", help="Build and serve a full-size random-weight classifier.")
+    src.add_argument("--full-size", action="store_true",
+                     help="Serve a full-size random-weight export, made (once, into the cache) if need be.")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                    help="Where --full-size keeps its random checkpoint [that of cavmae bench: %(default)s].")
     clips = ap.add_mutually_exclusive_group()
     clips.add_argument("--clip", type=Path, default=DEFAULT_CLIP, help="The clip every request uploads.")
     clips.add_argument("--synthetic", type=float, default=None, metavar="SECONDS",
@@ -260,42 +299,92 @@ def main() -> None:
                     help="Comma-separated --max-batch values, one server each (8,1,8,1 alternates them).")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds per request.")
     ap.add_argument("--deadline", type=float, default=1800, help="Seconds per measured run.")
+    ap.add_argument("--time-limit", type=float, default=3600,
+                    help="Seconds for everything after the export (one-request costs, servers, runs).")
+    ap.add_argument("--stage-repeat", type=int, default=5, help="Rounds of the one-request measurement.")
     ap.add_argument("--json", type=Path, default=None, help="Write the results here.")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def _model(args: argparse.Namespace, tmp: Path, max_batch: int) -> tuple[str, str]:
+    """The model to serve and how the results name it; ``--tiny`` and ``--full-size`` make it."""
+    if args.model:
+        return args.model, args.model
+    if args.tiny:  # a throw-away cache: the tiny export is not worth keeping
+        os.environ["CAVMAE_HOME"] = str(tmp / "cache")
+        export = random_export("tiny", tmp / "tiny", max_batch)
+    else:
+        export = random_export("full", args.work, max_batch)
+        print(f"full-size random-weight export: {export} (later runs can pass it as -m)", flush=True)
+    return str(export), ("tiny" if args.tiny else "full-size") + " random weights (seed 0)"
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """The one-request costs, then one server and run per ``--max-batch`` value, within the
+    time limit; the results as a dict."""
     sizes = [int(x) for x in args.max_batch.split(",")]
     extra = ["--workers", str(args.workers)] if args.workers else []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        model = args.model or str(build_model("tiny" if args.tiny else "full", Path(tmp)))
+        model, label = _model(args, Path(tmp), max(sizes))
+        began = time.monotonic()
+        stop_at = began + args.time_limit
         clip = synthetic_clip(Path(tmp) / "synthetic.mp4", args.synthetic) if args.synthetic else args.clip
         results: dict[str, Any] = {
-            "machine_before": machine(), "model": args.model or ("tiny" if args.tiny else "full") + " random",
+            "machine_before": machine(), "model": label, "export": _shown(Path(model)) if not args.model else None,
             "clip": f"synthetic {args.synthetic:g} s, 64x48, 10 fps" if args.synthetic else _shown(args.clip),
-            "runs": [],
+            "time_limit_s": args.time_limit, "runs": [],
         }
-        costs = stage_costs(model, clip, [1, max(sizes)])
+        costs = stage_costs(model, clip, [1, max(sizes)], repeat=args.stage_repeat)
         results["stage_costs"] = {**costs, "clip": results["clip"]}
         per_clip = ", ".join(f"batch {b}: {ms:.1f} ms" for b, ms in costs["model_ms_per_clip"].items())
         print(f"one request: decode {costs['decode_ms']:.1f} ms; model per clip {per_clip}", flush=True)
         for b in sizes:
-            r = measure(model, b, clip=clip, clients=args.clients, requests=args.requests,
-                        timeout=args.timeout, deadline=args.deadline, extra=extra, workdir=Path(tmp))
+            if stop_at - time.monotonic() < MIN_RUN_S:
+                r: dict[str, Any] = {"max_batch": b, "skipped": f"--time-limit {args.time_limit:g} s reached"}
+            else:
+                try:
+                    r = measure(model, b, clip=clip, clients=args.clients, requests=args.requests,
+                                timeout=args.timeout, deadline=args.deadline, extra=extra, workdir=Path(tmp),
+                                stop_at=stop_at)
+                except RuntimeError as e:  # the server did not start (in time): keep the other runs
+                    r = {"max_batch": b, "skipped": str(e).splitlines()[0]}
             results["runs"].append(r)
-            print(f"max-batch {b}: {r['statuses']} in {r['wall_s']:.1f} s -> {r['throughput_rps']:.2f} req/s,"
-                  f" p50 {r['p50_s'] * 1e3:.0f} ms, p99 {r['p99_s'] * 1e3:.0f} ms, mean batch {r['mean_batch']:.2f},"
-                  f" model busy {r['model_busy']:.0%} ({r['model_ms_per_clip']:.0f} ms per clip),"
-                  f" RSS {r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB ({r['rss_change']:+.1%})", flush=True)
+            print(_run_line(r), flush=True)
         results["machine_after"] = machine()
-    if args.json:
-        write_json(args.json, results)
+        results["seconds_after_export"] = time.monotonic() - began
+    return results
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"max-batch {r['max_batch']}: not measured: {r['skipped']}"
+    return (f"max-batch {r['max_batch']}: {r['statuses']} in {r['wall_s']:.1f} s -> {r['throughput_rps']:.2f} req/s,"
+            f" p50 {r['p50_s'] * 1e3:.0f} ms, p99 {r['p99_s'] * 1e3:.0f} ms, mean batch {r['mean_batch']:.2f},"
+            f" model busy {r['model_busy']:.0%} ({r['model_ms_per_clip']:.0f} ms per clip),"
+            f" RSS {r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB ({r['rss_change']:+.1%})")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The runs as the Markdown table of benchmarks/README.md."""
     print("| max batch | responses | wall s | req/s | p50 ms | p99 ms | mean batch | model busy | model ms/clip"
           " | RSS before -> after MB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results["runs"]:
+        if "skipped" in r:
+            print(f"| {r['max_batch']} | not measured: {r['skipped']} | | | | | | | | |")
+            continue
         print(f"| {r['max_batch']} | {r['statuses']} | {r['wall_s']:.1f} | {r['throughput_rps']:.2f} |"
               f" {r['p50_s'] * 1e3:.0f} | {r['p99_s'] * 1e3:.0f} | {r['mean_batch']:.2f} | {r['model_busy']:.0%} |"
               f" {r['model_ms_per_clip']:.0f} |"
               f" {r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} ({r['rss_change']:+.1%}) |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = run_all(args)
+    if args.json:
+        write_json(args.json, results)
+    print_table(results)
 
 
 if __name__ == "__main__":

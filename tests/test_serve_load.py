@@ -7,6 +7,7 @@ asserted here."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -39,3 +40,27 @@ def test_eight_clients_ten_requests_all_200_memory_flat(tmp_path, tmp_path_facto
     assert result["n"] == 80 and math.isfinite(result["p50_s"]) and result["p99_s"] >= result["p50_s"] > 0
     assert result["rss_after_mb"] <= 1.2 * result["rss_before_mb"], result
     assert result["mean_batch"] >= 1.0
+
+
+def test_the_script_builds_its_tiny_export_and_keeps_to_its_time_limit(tmp_path, tmp_path_factory, monkeypatch):
+    """``--tiny`` goes the way ``--full-size`` does (the benchmark's random checkpoint, exported
+    through ``cavmae.runtime.load``; here into a throw-away cache), serves it and measures; with
+    no time left, no server is started and each run says why."""
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))  # restored after the test
+    serve_load = load_script()
+    out = tmp_path / "tiny.json"
+    serve_load.main(["--tiny", "--clients", "2", "--requests", "2", "--max-batch", "2", "--stage-repeat", "1",
+                     "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny random weights (seed 0)" and result["export"]
+    assert set(result["stage_costs"]["model_ms_per_clip"]) == {"1", "2"}
+    [run] = result["runs"]
+    assert run["max_batch"] == 2 and run["statuses"] == {"200": 4} and run["warmup_statuses"] == {"200": 2}
+
+    model = tiny_model(tmp_path_factory.getbasetemp())
+    out = tmp_path / "none.json"
+    serve_load.main(["-m", str(model["export"]), "--max-batch", "8,1", "--time-limit", "0", "--stage-repeat", "1",
+                     "--json", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["max_batch"] for r in runs] == [8, 1]
+    assert all("--time-limit 0 s reached" in r["skipped"] for r in runs), runs
