@@ -14,6 +14,8 @@ window), not rows of the index.
 
 Exact search reads every row; its time at size N is what a query costs without an approximate
 index. The approximate index is searched memory-mapped, hits re-scored with the exact rows.
+Path lookups (``lookups`` in each run): which of ``--lookups`` paths an index of N rows has, by
+the batched hash lookup, against reading every row's path.
 """
 
 from __future__ import annotations
@@ -169,6 +171,36 @@ def measure(path: Path, gens: dict[str, Clustered], n_queries: int, n_exact: int
     return res
 
 
+def lookups(path: Path, rows: int, n: int, seed: int) -> dict:
+    """Which of ``n`` paths (half in the index, half not) the index has: the batched hash
+    lookup a sharded ``cavmae embed`` makes (``rows_of``) against reading every item's path
+    (what it did before), and the writer's ``contains_many`` (opening a writer included)."""
+    from cavmae.runtime.index import EmbeddingIndex, IndexWriter
+
+    rng = np.random.default_rng(seed + 7)
+    have = rng.integers(0, rows, n // 2)
+    paths = [f"/clips/{i // 1000:06d}/window-{i % 1000:03d}.mp4" for i in have]
+    paths += [f"/new/{k:06d}.mp4" for k in range(n - len(paths))]
+    index = EmbeddingIndex.open(path)
+    t0 = time.perf_counter()
+    found = index.rows_of(paths)
+    t_rows = time.perf_counter() - t0
+    assert int((found >= 0).sum()) == len(have)
+    t0 = time.perf_counter()
+    with IndexWriter(path, model=MODEL, dim=768) as w:
+        there = w.contains_many(paths)
+    t_writer = time.perf_counter() - t0
+    assert there.tolist() == (found >= 0).tolist()
+    t0 = time.perf_counter()
+    every = EmbeddingIndex.open(path).paths()
+    t_all = time.perf_counter() - t0
+    assert sum(p in every for p in paths) == len(have)
+    return {"paths": n, "rows_of_ms": round(t_rows * 1000, 1),
+            "rows_of_us_per_path": round(t_rows / n * 1e6, 2),
+            "writer_contains_many_ms": round(t_writer * 1000, 1),
+            "read_all_paths_ms": round(t_all * 1000, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -178,6 +210,8 @@ def main() -> None:
     ap.add_argument("--nprobes", default="4,8,16,32", help="ivf: also search with these nprobe")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact-queries", type=int, default=30)
+    ap.add_argument("--lookups", type=int, default=10000,
+                    help="paths looked up per index (half of them in it)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cavmae-index-bench"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the indexes under --work")
@@ -205,6 +239,7 @@ def main() -> None:
         path = args.work / f"index-{size}"
         built = build_index(path, size, centres, seed=1)
         gens = built.pop("generators")
+        built["lookups"] = lookups(path, size, args.lookups, seed=1)
         for kind in kinds:
             nprobes = [int(x) for x in args.nprobes.split(",") if x]
             run = {**built, **measure(path, gens, args.queries, args.exact_queries, kind, 1,

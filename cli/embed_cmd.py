@@ -193,16 +193,17 @@ class _EmbedRun:
             raise CavmaeError(f"--frame {frame}: this model samples frames 0..{pipe.num_frames - 1}")
         settings = dict(dim=pipe.manifest.model_config.embed_dim, frame=frame,
                         num_frames=pipe.num_frames)
-        known: set[str] = set()
+        todo = list(paths)
         if self.main_meta is not None:
             ix.check_compatible(self.main_meta, identity, **settings, where=self.root)
-            if n > 1:
-                known = ix.EmbeddingIndex.open(self.root).paths()
+            if n > 1:  # a shard skips what the main index has (looked up, not read whole)
+                rows = ix.EmbeddingIndex.open(self.root).rows_of(todo)
+                todo = [p for p, r in zip(todo, rows, strict=True) if r < 0]
         target = ix.shard_dir(self.root, self.shard) if n > 1 else self.root
-        todo = [p for p in paths if ix.path_key(p) not in known]
         with ix.IndexWriter(target, model=identity, **settings, shard=self.shard if n > 1 else None,
                             commit_every=self.commit_every) as writer:
-            todo = [p for p in todo if p not in writer]
+            there = writer.contains_many(todo)
+            todo = [p for p, t in zip(todo, there, strict=True) if not t]
             failed, added = self._embed_new(pipe, todo, writer)
             count = writer.count
         return {"index": str(target), "added": added, "skipped": len(paths) - len(todo),

@@ -18,7 +18,7 @@ import numpy as np
 
 from cavmae.errors import CavmaeError
 
-from .common import EXIT_INPUT_FAILED, default_model, progress, warn
+from .common import EXIT_INPUT_FAILED, default_model, echo, progress, warn
 
 #: ``--ray`` given without an address
 LOCAL = "local"
@@ -31,10 +31,27 @@ def ray_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--ray-actors", type=click.IntRange(1), default=None,
                      help="Model actors with --ray [default: one per GPU, else one per 2 CPUs].")(f)
     f = click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL, default=None,
-                     metavar="[ADDRESS]",
-                     help="Run on Ray Data: alone a local Ray, 'auto' the running cluster,"
-                          " ray://HOST:10001 a remote one (give it after the inputs).")(f)
+                     metavar="[ADDRESS]", callback=_check_address,
+                     help="Run on Ray Data: alone a new local Ray, 'auto' the running cluster,"
+                          " HOST:PORT or ray://HOST:10001 a remote one (give it after the inputs).")(f)
     return f
+
+
+def _check_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--ray``'s value: none (a local Ray), ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``.
+
+    ``--ray`` given before the inputs takes the first input as its address; that is refused
+    here, before anything loads, rather than failing to connect to a file name.
+    """
+    if value is None or value in (LOCAL, "auto"):
+        return value
+    scheme, sep, _ = value.partition("://")
+    looks_like_input = Path(value).exists() or (bool(sep) and scheme != "ray") or ":" not in value
+    if looks_like_input:
+        raise click.BadParameter(
+            f"{value!r} is not a Ray address (auto, HOST:PORT or ray://HOST:10001); give --ray"
+            " after the inputs, alone for a local Ray", ctx=ctx, param=param)
+    return value
 
 
 @dataclass(frozen=True)
@@ -46,9 +63,11 @@ class RaySettings:
     gpus_per_actor: float = 0.0
 
     def init(self) -> None:
+        """Start or join Ray; one line on stderr says which and what it has."""
         from cavmae.runtime import ray_data
 
-        ray_data.init_ray(None if self.address == LOCAL else self.address)
+        what = ray_data.init_ray(None if self.address == LOCAL else self.address)
+        echo(f"ray: {what}", err=True)
 
     def spec(self, model: str | None, engine: str, device: str, **kw: Any) -> Any:
         """What each actor loads: the model by an absolute path or its registry name."""
@@ -65,29 +84,57 @@ class RaySettings:
 # -- classify -----------------------------------------------------------------------------------
 class ParquetResults:
     """``-o results.parquet``: one row per clip or window (path, mode, offset, duration, end,
-    the top-k indexes, labels and scores as lists, and ``scores`` with ``--all-scores``).
+    the top-k indexes, labels and scores as lists, ``scores`` [C] with ``--all-scores``, and
+    ``error``: empty, or why the file failed, for an error row with empty top-k lists).
 
     Parquet cannot be appended to: the file is written whole when the job ends (rows of an
-    earlier run carried over, so a re-run skips them and adds the rest).
+    earlier run carried over, so a re-run skips them and adds the rest). Error rows are not
+    done: a re-run tries their files again, and a file's new rows replace its old error rows.
     """
 
     def __init__(self, path: Path, all_scores: bool) -> None:
         self.path, self.all_scores = path, all_scores
         self.rows: list[dict[str, Any]] = []
         self.done: set[Hashable] = set()
+        self._old_errors: dict[str, list[dict[str, Any]]] = {}  # resolved path -> its rows
         if path.is_dir():
             raise CavmaeError(f"-o {path} is a folder; give a file name ending in .parquet")
         if path.exists() and path.stat().st_size:
-            import pyarrow.parquet as pq
+            self._read_existing(path)
 
-            try:
-                table = pq.read_table(path)
-            except Exception:
-                raise CavmaeError(f"{path} is not a Parquet file; choose another -o") from None
-            if "offset" not in table.column_names or "mode" not in table.column_names:
-                raise CavmaeError(f"{path} is not a `cavmae classify` result; choose another -o")
-            self.rows = table.to_pylist()
-            self.done = {self.key(r) for r in self.rows}
+    def _read_existing(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception:
+            raise CavmaeError(f"{path} is not a Parquet file; choose another -o") from None
+        names = set(table.column_names)
+        if not {"path", "mode", "offset", "top_index"} <= names:
+            raise CavmaeError(f"{path} is not a `cavmae classify` result; choose another -o")
+        if ("scores" in names) != self.all_scores:
+            had = "has" if "scores" in names else "has no"
+            raise CavmaeError(f"{path} {had} every class's score: run again"
+                              f" {'with' if 'scores' in names else 'without'} --all-scores,"
+                              " or choose another -o")
+        for r in table.to_pylist():
+            r.setdefault("error", "")
+            if r["error"]:
+                self._old_errors.setdefault(_resolved(r["path"]), []).append(r)
+            else:
+                self.rows.append(r)
+        self.done = {self.key(r) for r in self.rows}
+
+    def _schema(self) -> Any:
+        import pyarrow as pa
+
+        fields = [("path", pa.string()), ("mode", pa.string()), ("offset", pa.float64()),
+                  ("duration", pa.float64()), ("end", pa.float64()),
+                  ("top_index", pa.list_(pa.int64())), ("top_label", pa.list_(pa.string())),
+                  ("top_score", pa.list_(pa.float64()))]
+        if self.all_scores:
+            fields.append(("scores", pa.list_(pa.float64())))
+        return pa.schema([*fields, ("error", pa.string())])
 
     @staticmethod
     def key(record: dict[str, Any]) -> Hashable:
@@ -103,11 +150,22 @@ class ParquetResults:
         row = {"path": record["path"], "mode": record["mode"], "offset": float(record["start"]),
                "duration": round(record["end"] - record["start"], 3), "end": record["end"],
                "top_index": [t["index"] for t in top], "top_label": [t["label"] for t in top],
-               "top_score": [t["score"] for t in top]}
+               "top_score": [t["score"] for t in top], "error": ""}
         if self.all_scores:
             row["scores"] = record["scores"]
+        self._old_errors.pop(_resolved(row["path"]), None)
         self.rows.append(row)
         self.done.add(self.key(record))
+
+    def write_error(self, path: str, mode: str, offset: float, reason: str) -> None:
+        """The row of a clip that could not be classified (NaN times, empty lists)."""
+        row = {"path": path, "mode": mode, "offset": float(offset), "duration": math.nan,
+               "end": math.nan, "top_index": [], "top_label": [], "top_score": [],
+               "error": reason}
+        if self.all_scores:
+            row["scores"] = None
+        self._old_errors.pop(_resolved(path), None)
+        self.rows.append(row)
 
     def close(self) -> None:
         import pyarrow as pa
@@ -115,11 +173,18 @@ class ParquetResults:
 
         from cavmae import fsio
 
-        if not self.rows:
+        rows = self.rows + [r for old in self._old_errors.values() for r in old]
+        if not rows:
             return
-        table = pa.Table.from_pylist(self.rows)
+        table = pa.Table.from_pylist(rows, schema=self._schema())
         with fsio.atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
+
+
+def _resolved(path: str) -> str:
+    from .results import result_key
+
+    return str(result_key({"path": path}, ("path",))[0])
 
 
 def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, spec: Any, mode: str,
@@ -145,6 +210,8 @@ def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, s
                 failed.append((row["path"], row["error"]))
                 warn(f"skipped {row['error']}" if row["path"] in row["error"]
                      else f"skipped {row['path']}: {row['error']}")
+                if isinstance(writer, ParquetResults):
+                    writer.write_error(row["path"], row["mode"], float(row["offset"]), row["error"])
                 continue
             emit(Prediction(probs=row["probs"], labels=pipe.labels, path=row["path"],
                             offset=float(row["offset"]), end=float(row["end"]), mode=row["mode"]))

@@ -24,6 +24,7 @@ from typing import Any
 
 from cavmae import fsio
 from cavmae.errors import CavmaeError
+from cavmae.filetypes import is_remote
 
 from .common import warn
 
@@ -44,6 +45,9 @@ def result_format(path: Path, requested: str | None = None) -> str:
     """
     suffix = path.suffix.lower()
     fmt = FORMATS.get(suffix)
+    if suffix == ".parquet":  # written by the Ray backend only (cli/ray_run.py ParquetResults)
+        raise CavmaeError(f"-o {path}: Parquet results are written with --ray only; add --ray,"
+                          " or use a .csv, .jsonl or .json file")
     if fmt is None:
         what = f"the ending {path.suffix!r}" if path.suffix else "a name without an ending"
         raise CavmaeError(f"-o {path}: {what} names no result format; use a .csv, .jsonl or .json file")
@@ -60,8 +64,8 @@ def result_key(record: dict[str, Any], fields: Sequence[str] = ("path", "mode", 
     key: list[Hashable] = []
     for name in fields:
         value = record[name]
-        if name == "path":
-            key.append(str(Path(value).resolve()))
+        if name == "path":  # a remote URI (s3://, gs://, as --ray reads them) is its own key
+            key.append(str(value) if is_remote(str(value)) else str(Path(value).resolve()))
         elif name in ("start", "end"):
             key.append(round(float(value), 6))
         else:

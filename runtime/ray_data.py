@@ -58,8 +58,6 @@ __all__ = [
 
 #: environment the workers need to find the same model cache as the driver
 FORWARDED_ENV = ("CAVMAE_HOME", "CAVMAE_MIRROR", "CAVMAE_NO_PROGRESS")
-#: Ray restarts a dead model actor this many times; its batch is retried as often
-MAX_RESTARTS = 3
 
 
 def _ray() -> Any:
@@ -70,22 +68,42 @@ def _ray() -> Any:
     return ray
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start a local Ray (``address`` None), join a running cluster (``"auto"``) or connect to
-    a remote one (``"ray://HOST:10001"``); the model cache settings travel to the workers."""
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Start a new local Ray (``address`` None or ``"local"``, with ``num_cpus`` CPUs or all of
+    this machine's), join the running cluster (``"auto"``: ``RAY_ADDRESS`` or the one
+    ``ray start`` started here) or connect to one (``"HOST:PORT"``, ``"ray://HOST:10001"``);
+    the model cache settings travel to the workers. Returns what it did, in words ("started a
+    new local Ray on this machine (2 CPUs)").
+
+    A local Ray is always a new one: ``RAY_ADDRESS`` or a cluster started with ``ray start``
+    on this machine are joined only when asked for (``"auto"``).
+    """
     ray = _ray()
     if ray.is_initialized():
-        return
+        return f"using the Ray this process already joined ({_describe(ray.cluster_resources())})"
+    local = address in (None, "local")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "runtime_env": {"env_vars": env}}
-    if address is None:
-        kwargs["num_cpus"] = num_cpus
-    try:
-        ray.init(address=address, **kwargs)
-    except ConnectionError as e:
-        raise CavmaeError(f"--ray {address}: no Ray cluster there ({e}); start one with"
-                          " `ray start --head`, or give --ray alone for a local one") from None
+    if local:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        what = "started a new local Ray on this machine"
+    else:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError) as e:  # nothing there, or not an address
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CavmaeError(f"--ray {address}: no Ray cluster there ({first}); start one with"
+                              " `ray start --head`, or give --ray alone for a local one") from None
+        what = ("joined the running Ray cluster" if address == "auto"
+                else f"connected to the Ray cluster at {address}")
+    return f"{what} ({_describe(ray.cluster_resources())})"
+
+
+def _describe(resources: dict[str, float]) -> str:
+    """``"2 CPUs"``, ``"64 CPUs, 8 GPUs"``: what a cluster offers."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    return f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -377,13 +395,16 @@ def actor_resources(actors: int | None, gpus_per_actor: float, cluster: dict[str
 
 def _run_model(ds: ray.data.Dataset, actor: type, spec: ModelSpec, actors: int | None,
                gpus_per_actor: float, batch_size: int) -> ray.data.Dataset:
+    """A fixed pool of ``actor`` over ``ds``. Ray Data's actor pools restart a dead actor and
+    retry the batch it held by default (its pool sets ``max_restarts`` and ``max_task_retries``
+    on the actors it makes), so nothing is passed for that: the extra ``**ray_remote_args`` of
+    ``map_batches`` are deprecated."""
     ray = _ray()
     count, cpus = actor_resources(actors, gpus_per_actor, ray.cluster_resources())
     return ds.map_batches(
         actor, fn_constructor_args=(spec,), batch_size=batch_size, batch_format="numpy",
-        concurrency=count, num_cpus=cpus, num_gpus=gpus_per_actor or None,
-        # a dead actor is recreated and the batch it held is retried on it
-        max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+        compute=ray.data.ActorPoolStrategy(size=count), num_cpus=cpus,
+        num_gpus=gpus_per_actor or None,
     )
 
 

@@ -208,6 +208,35 @@ def test_merge_shards(tmp_path):
     check_contents(EmbeddingIndex.open(root), data + more)
 
 
+def test_merge_appends_in_blocks_and_keeps_extra_fields(tmp_path, monkeypatch):
+    """Shard rows go in through add_many, a block at a time (never row by row)."""
+    rng = np.random.default_rng(11)
+    data = rows(rng, 23)
+    root = tmp_path / "idx"
+    for i in range(2):
+        with IndexWriter(shard_dir(root, (i, 2)), model=MODEL, dim=D, shard=(i, 2)) as w:
+            for k, (p, a, v) in enumerate(data):
+                if k % 2 == i:
+                    w.add(p, a, v, duration=1.0, label=f"c{k}")
+    write(root, data[:4])  # the main index has 4 of them already
+    blocks: list[int] = []
+    real = IndexWriter.add_many
+
+    def counted(self, paths, *args, **kw):
+        blocks.append(len(paths))
+        return real(self, paths, *args, **kw)
+
+    monkeypatch.setattr(IndexWriter, "add", lambda *a, **k: pytest.fail("row-by-row add"))
+    monkeypatch.setattr(IndexWriter, "add_many", counted)
+    res = merge_shards(root, commit_every=5)
+    assert (res.added, res.duplicates, res.count) == (19, 4, 23)
+    assert sum(blocks) == 19 and max(blocks) <= 5 and len(blocks) <= 6
+    index = EmbeddingIndex.open(root)
+    check_contents(index, data)
+    labels = {it["path"]: it.get("label") for it in index.items()}
+    assert labels[path_key(data[4][0])] == "c4" and labels[path_key(data[0][0])] is None
+
+
 def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
     rng = np.random.default_rng(8)
     data = rows(rng, 6)

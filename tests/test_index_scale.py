@@ -150,6 +150,40 @@ def test_add_many_refuses_a_bad_block_whole(tmp_path):
         assert w.count == 1 and "/data/x.mp4" not in w
 
 
+def test_rows_of_looks_up_many_paths_without_reading_the_items(tmp_path, monkeypatch):
+    """A batch of paths is checked by their hashes: each path that is there costs one line read
+    (the collision check), each one that is not costs none."""
+    rng = np.random.default_rng(6)
+    data = rows(rng, 3000)
+    bulk(tmp_path / "idx", data, commit_every=1000)
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert len(index._parts) == 3
+    present = [17, 1234, 2999, 1000, 5]  # in every part
+    absent = [f"/elsewhere/clip{k}.mp4" for k in range(300)]
+    queries = absent[:150] + [data[r][0] for r in present] + absent[150:]
+    read: list[int] = []
+    real = os.pread
+
+    def counting(fd, n, offset):
+        read.append(n)
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(items_mod.os, "pread", counting)
+    got = index.rows_of(queries)
+    assert got.tolist() == [-1] * 150 + present + [-1] * 150
+    assert len(read) == len(present)
+    monkeypatch.undo()
+    # every line but the present ones' unreadable: the lookups still answer (a scan could not)
+    for store in index._items:
+        offs, lo = store.offsets, store.part.start
+        garble(store.file, [(int(offs[r - lo]), int(offs[r - lo + 1])) for r in present
+                            if lo <= r < lo + store.part.count])
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert index.rows_of(queries).tolist() == got.tolist()
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
+        assert w.contains_many(queries).tolist() == [r >= 0 for r in got.tolist()]
+
+
 # -- the version-1 layout -----------------------------------------------------------------------
 def write_v1(path, data, base_rows: int) -> None:
     """An index as version 1 wrote it: base files (holding 2 stray rows more than base_count,
@@ -189,6 +223,7 @@ def test_version_1_index_opens_as_it_is(tmp_path):
     assert len(index) == 30 and index.embeddings("audio").shape == (30, D)
     check_contents(index, data)  # the base files' stray rows are not read
     assert index.row_of(data[25][0]) == 25 and "/junk/0" not in index
+    assert index.rows_of([data[3][0], "/junk/1", data[29][0]]).tolist() == [3, -1, 29]
     q = unit(rng, 1)[0]
     emb, has = index.embeddings("visual"), index.has("visual")
     want = sorted(np.flatnonzero(has), key=lambda r: -float(emb[r] @ q))[:4]

@@ -34,7 +34,8 @@ incremental runs and de-duplication. A clip without an audio (or video) stream h
 the rows aligned; the mask marks it absent and search never scores it.
 
 Lookups are O(k): a search's ``k`` hits are read from ``items.jsonl`` at their offsets, and
-whether a path is in the index is a binary search of each part's ``keys.npy`` (:mod:`.items`).
+whether a path is in the index is a binary search of each part's ``keys.npy`` (:mod:`.items`;
+many paths at once with :meth:`EmbeddingIndex.rows_of` / :meth:`IndexWriter.contains_many`).
 Version 1 (no offsets and keys files; written by earlier releases) still opens: its parts are
 scanned once in memory when looked up, and the first writer to open it writes the two files
 (one read of the items, no copy of the embeddings) and marks it version 2.
@@ -54,10 +55,12 @@ per part and an ``np.argpartition`` for the top k. :class:`~.ann.ApproximateInde
 faiss index beside it (``cavmae index build-ann``).
 
 Sharding: each process of a sharded job writes ``INDEX/shard-i-of-n/`` (marked ``finished``
-when its run completes); :func:`merge_shards` checks that all ``n`` shards are present, finished
-and made with the same model, appends their rows to INDEX (skipping paths already there), and
-removes the shard directories. A merge interrupted before the removal can simply be run again
-(the paths de-duplicate).
+when its run completes), skipping the paths INDEX already has (:meth:`EmbeddingIndex.rows_of`:
+looked up by their hashes, the items of INDEX are not read); :func:`merge_shards` checks that
+all ``n`` shards are present, finished and made with the same model, appends their rows to INDEX
+in blocks (:meth:`IndexWriter.add_many`, skipping paths already there), and removes the shard
+directories. A merge interrupted before the removal can simply be run again (the paths
+de-duplicate).
 
 Modules, one job each: :mod:`.layout` (file names, ``index.json``, parts), :mod:`.storage`
 (the lock), :mod:`.identity` (which model made the embeddings), :mod:`.items` (rows and paths

@@ -93,7 +93,8 @@ def embed_files(
     with ``error`` and the job goes on; model errors propagate (rows committed so far stay).
     Paths already in the index are skipped silently (no result).
     """
-    todo = [Path(p) for p in paths if p not in writer]
+    there = writer.contains_many(paths)
+    todo = [Path(p) for p, t in zip(paths, there, strict=True) if not t]
     pending: list[_Decoded] = []
     decoded = prefetch(
         lambda p: _decode(p, pipeline), todo, workers=workers, thread_name="cavmae-decode"

@@ -6,7 +6,8 @@ Since format version 2 each part has two small files beside its ``items.jsonl``:
   one ends. Looking up ``k`` rows reads ``k`` lines (one ``pread`` each).
 - ``keys.npy``: uint64 ``[2, count]``, the 64-bit hashes of the rows' paths sorted (row 0)
   and the local row of each (row 1). Whether a path is in the part is a binary search of the
-  memory-mapped hashes and one line read to rule out a collision.
+  memory-mapped hashes and one line read to rule out a collision (:meth:`PartItems.find_many`
+  does it for many paths in one vectorized search; a path that is not there reads nothing).
 
 A version-1 part has neither; it is scanned once, on first use, to build both in memory (the
 writer writes them when it first opens such an index, so this happens only for indexes that
@@ -116,12 +117,37 @@ class PartItems:
             out.append(item)
         return out
 
+    def range_lines(self, lo: int, hi: int) -> list[bytes]:
+        """The lines of local rows ``lo .. hi - 1``, in order (one read of their bytes)."""
+        offsets = self.offsets
+        start, end = int(offsets[lo]), int(offsets[hi])
+        data = os.pread(self._fd, end - start, start)
+        if len(data) != end - start:
+            raise EmbeddingIndexError(f"{self.file} is shorter than the index expects; damaged")
+        cuts = np.asarray(offsets[lo : hi + 1]) - start
+        return [data[int(a):int(b)] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
     def find(self, key: str) -> int | None:
         """The global row whose path is ``key`` (a :func:`~.layout.path_key`), or None."""
-        keys = self.keys
-        h = np.uint64(key_hash(key))
-        lo, hi = np.searchsorted(keys[0], h, "left"), np.searchsorted(keys[0], h, "right")
-        for local in keys[1, lo:hi]:
-            if json.loads(self.lines([int(local)])[0])["path"] == key:
-                return self.part.start + int(local)
-        return None
+        row = int(self.find_many([key])[0])
+        return None if row < 0 else row
+
+    def find_many(self, keys: list[str]) -> np.ndarray:
+        """int64 ``[len(keys)]``: the global row of each path key, -1 where it is not here.
+
+        One vectorized binary search of the sorted hashes for all keys; only keys whose hash
+        is present cost a line read (to rule out a collision), so a miss reads nothing.
+        """
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if not keys or self.part.count == 0:
+            return out
+        table = self.keys
+        hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
+        lo = np.searchsorted(table[0], hashes, "left")
+        hi = np.searchsorted(table[0], hashes, "right")
+        for j in np.flatnonzero(hi > lo):
+            for local in table[1, lo[j]:hi[j]]:
+                if json.loads(self.lines([int(local)])[0])["path"] == keys[j]:
+                    out[j] = self.part.start + int(local)
+                    break
+        return out

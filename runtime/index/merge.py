@@ -2,9 +2,9 @@
 
 Each process of a sharded job writes ``INDEX/shard-i-of-n/`` (marked ``finished`` when its
 run completes). :func:`merge_shards` checks that all ``n`` shards are present, finished and
-made with the same model, appends their rows to INDEX (skipping paths already there),
-and removes the shard directories. A merge interrupted before the removal can simply be run
-again (the paths de-duplicate).
+made with the same model, appends their rows to INDEX in blocks (:meth:`IndexWriter.add_many`;
+paths already there are skipped, checked a block at a time) and removes the shard directories.
+A merge interrupted before the removal can simply be run again (the paths de-duplicate).
 """
 
 from __future__ import annotations
@@ -75,21 +75,25 @@ def _open_finished(
     return opened
 
 
-def _append(writer: IndexWriter, idx: EmbeddingIndex) -> tuple[int, int]:
-    """Add the rows of ``idx`` whose path ``writer`` lacks; ``(added, duplicates)``."""
+def _append(writer: IndexWriter, idx: EmbeddingIndex, block: int) -> tuple[int, int]:
+    """Add the rows of ``idx`` whose path ``writer`` lacks, ``block`` rows per
+    :meth:`IndexWriter.add_many`; ``(added, duplicates)``."""
     added = duplicates = 0
-    audio, visual = idx.embeddings("audio"), idx.embeddings("visual")
     has_a, has_v = idx.has("audio"), idx.has("visual")
-    for item in idx.items():
-        row = item["row"]
-        if item["path"] in writer:
-            duplicates += 1
+    for items in idx.item_blocks(block):
+        known = writer.contains_many([it["path"] for it in items])
+        duplicates += int(known.sum())
+        new = [it for it, k in zip(items, known, strict=True) if not k]
+        if not new:
             continue
-        extra = {k: v for k, v in item.items() if k not in ITEM_KEYS}
-        writer.add(item["path"], np.array(audio[row]) if has_a[row] else None,
-                   np.array(visual[row]) if has_v[row] else None,
-                   duration=item.get("duration"), **extra)
-        added += 1
+        rows = np.array([it["row"] for it in new], dtype=np.int64)
+        writer.add_many(
+            [it["path"] for it in new], idx.vectors("audio", rows), idx.vectors("visual", rows),
+            has_audio=has_a[rows], has_video=has_v[rows],
+            durations=[it.get("duration") for it in new],
+            extra=[{k: v for k, v in it.items() if k not in ITEM_KEYS} for it in new],
+        )
+        added += len(new)
     return added, duplicates
 
 
@@ -112,7 +116,7 @@ def merge_shards(
                              num_frames=first["num_frames"], commit_every=commit_every)
         with writer:
             for idx in opened:
-                a, d = _append(writer, idx)
+                a, d = _append(writer, idx, commit_every)
                 added, duplicates = added + a, duplicates + d
         count = writer.count
     if remove:

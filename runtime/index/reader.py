@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,12 +177,39 @@ class EmbeddingIndex:
                 return row
         return None
 
+    def rows_of(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """int64 ``[len(paths)]``: the row of each media file, -1 where it is not in the index.
+
+        One vectorized binary search per part for all paths; a path that is not there reads
+        no item, so checking a batch of new files against a large index costs
+        ``O(len(paths) * parts * log N)`` and never loads the index's items.
+        """
+        keys = [path_key(p) for p in paths]
+        out = np.full(len(keys), -1, dtype=np.int64)
+        for store in self._items:
+            left = np.flatnonzero(out < 0)
+            if not len(left):
+                break
+            out[left] = store.find_many([keys[int(j)] for j in left])
+        return out
+
     def __contains__(self, path: str | Path) -> bool:
         return self.row_of(path) is not None
 
     def paths(self) -> set[str]:
-        """Paths of all rows (reads every item; ``path in index`` checks one without that)."""
+        """Paths of all rows (reads every item; :meth:`rows_of` checks many without that)."""
         return {it["path"] for it in self.items()}
+
+    def item_blocks(self, size: int = 1024) -> Iterator[list[dict[str, Any]]]:
+        """Every row's item in row order, ``size`` at a time (one read per block, so the
+        items of a large index are never all in memory)."""
+        for part, store in zip(self._parts, self._items, strict=True):
+            for lo in range(0, part.count, size):
+                hi = min(part.count, lo + size)
+                block = [json.loads(line) for line in store.range_lines(lo, hi)]
+                for j, item in enumerate(block):
+                    item["row"] = part.start + lo + j
+                yield block
 
     # -- search -----------------------------------------------------------------------------
     def unit_query(self, query: np.ndarray) -> np.ndarray:

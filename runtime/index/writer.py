@@ -138,9 +138,22 @@ class IndexWriter:
 
     def _has_key(self, key: str) -> bool:
         """Whether ``key`` is buffered or in a committed part (a binary search per part)."""
-        return key in self._buffered or any(
-            s.find(key) is not None for s in self._stores.values()
-        )
+        return bool(self._has_keys([key])[0])
+
+    def _has_keys(self, keys: list[str]) -> np.ndarray:
+        """bool ``[len(keys)]``: which path keys are buffered or in a committed part (one
+        vectorized binary search per part; a key that is not there reads no item)."""
+        found = np.array([k in self._buffered for k in keys], dtype=bool)
+        for store in self._stores.values():
+            left = np.flatnonzero(~found)
+            if not len(left):
+                break
+            found[left] = store.find_many([keys[int(j)] for j in left]) >= 0
+        return found
+
+    def contains_many(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """bool ``[len(paths)]``: ``p in writer`` for each of ``paths``, checked together."""
+        return self._has_keys([path_key(p) for p in paths])
 
     def _refresh_stores(self) -> None:
         """Lookups for the parts index.json lists now (kept for parts that did not change)."""
@@ -228,9 +241,9 @@ class IndexWriter:
             raise EmbeddingIndexError("this writer is closed")
         n = len(paths)
         keys = [path_key(p) for p in paths]
-        for key in keys:
-            if self._has_key(key):
-                raise EmbeddingIndexError(f"{key} is already in the index")
+        there = np.flatnonzero(self._has_keys(keys))
+        if len(there):
+            raise EmbeddingIndexError(f"{keys[int(there[0])]} is already in the index")
         if len(set(keys)) != n:
             raise EmbeddingIndexError("the same path twice in one append")
         arrays, masks = [], []
