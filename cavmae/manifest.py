@@ -110,6 +110,9 @@ class Manifest:
     versions: dict[str, Any] = field(default_factory=dict)
     #: int8 exports: how the graphs were quantized and the accuracy gate's per-clip report
     quantization: dict[str, Any] | None = None
+    #: graphs declared in ``graphs`` whose files are not written yet: a cache export made from
+    #: a checkpoint adds each one the first time it is run (``cavmae.runtime.load``)
+    pending: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -158,6 +161,8 @@ class Manifest:
         }
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.pending:
+            d["pending"] = list(self.pending)
         return d
 
     @classmethod
@@ -189,6 +194,7 @@ class Manifest:
             versions=dict(d.get("versions", {})),
             graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
             quantization=d.get("quantization"),
+            pending=tuple(d.get("pending", ())),
         )
 
     def replace(self, **changes: Any) -> Manifest:

@@ -13,6 +13,7 @@ tokens, which returns per-frame logits and the frame-aggregated probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import PreprocessConfig
+from .config import ModelConfig, PreprocessConfig
 from .graphs import (
     ENCODER_GRAPHS,
     PRETRAIN_GRAPHS,
@@ -35,14 +36,18 @@ from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder, probabilities
 from .modes import FINETUNE_MODES, lookup, reference_modes
 
 __all__ = [
+    "PlannedGraph",
     "Stage",
     "StageModule",
     "build_stages",
     "graph_specs",
     "make_manifest",
+    "model_kind",
     "modes_for",
+    "plan_graphs",
     "probabilities",
     "run_stage",
+    "stage_of",
 ]
 
 
@@ -85,30 +90,61 @@ class Stage:
         return out
 
 
-def _plan(
-    model: CAVMAEEncoder,
-    *,
-    num_frames: int,
-    finetune_mode: str,
-    mask_ratio_a: float,
-    mask_ratio_v: float,
-) -> tuple[dict[str, int], list[tuple[GraphDecl, str | None]]]:
-    """The sizes of a deployment and its graphs, each with the reference mode it serves."""
-    cfg = model.config
-    plan: list[tuple[GraphDecl, str | None]] = [(g, None) for g in ENCODER_GRAPHS]
+@dataclass(frozen=True)
+class PlannedGraph:
+    """One graph of a deployment before any module exists: its declaration, the manifest entry
+    it is exported with, the fixed non-tensor arguments of its stage, and the sizes behind the
+    declaration's shape symbols. What the graph's file depends on is all here (with the
+    weights), so the exporter can tell two deployments' identical graphs apart from torch-free
+    facts (``cavmae.export``'s graph reuse)."""
+
+    decl: GraphDecl
+    spec: GraphSpec
+    params: dict[str, Any]
+    sizes: dict[str, int]
+
+
+def model_kind(model: CAVMAEEncoder) -> str:
+    """``"classifier"``, ``"pretrain"`` or ``"encoder"`` (a bare encoder: the encoder graphs only)."""
     if isinstance(model, CAVMAEFT):
+        return "classifier"
+    return "pretrain" if isinstance(model, CAVMAE) else "encoder"
+
+
+def plan_graphs(
+    kind: str,
+    config: ModelConfig,
+    *,
+    num_frames: int = 10,
+    max_batch: int = 8,
+    task: str = "multi-label",
+    finetune_mode: str = "multimodal",
+    mask_ratio_a: float = DEFAULT_MASK_RATIO,
+    mask_ratio_v: float = DEFAULT_MASK_RATIO,
+) -> dict[str, PlannedGraph]:
+    """The graphs a model of ``kind`` (:func:`model_kind`) and ``config`` deploys as, keyed by
+    graph name, each with the reference mode it serves fixed into its parameters."""
+    plan: list[tuple[GraphDecl, str | None]] = [(g, None) for g in ENCODER_GRAPHS]
+    if kind == "classifier":
         if finetune_mode not in FINETUNE_MODES:
             raise ValueError(f"finetune_mode must be one of {FINETUNE_MODES}, not {finetune_mode!r}")
         # one graph per mode the model serves: the table says which graph computes which mode
         plan += [(declaration(lookup(mode).graph), mode) for mode in reference_modes(finetune_mode)]
-        sizes = graph_sizes(cfg, num_frames=num_frames)
-    elif isinstance(model, CAVMAE):
+        sizes = graph_sizes(config, num_frames=num_frames)
+    elif kind == "pretrain":
         plan += [(g, None) for g in PRETRAIN_GRAPHS]
-        sizes = graph_sizes(cfg, num_frames=num_frames, mask_ratio_a=mask_ratio_a,
+        sizes = graph_sizes(config, num_frames=num_frames, mask_ratio_a=mask_ratio_a,
                             mask_ratio_v=mask_ratio_v)
     else:
-        sizes = graph_sizes(cfg, num_frames=num_frames)
-    return sizes, plan
+        sizes = graph_sizes(config, num_frames=num_frames)
+    fixed: dict[str, Any] = {"task": task, "num_frames": num_frames, "keep_a": sizes.get("Ka")}
+    return {
+        decl.name: PlannedGraph(
+            decl, decl.spec(sizes, max_batch=max_batch, mode=mode),
+            {p: mode if p == "mode" else fixed[p] for p in decl.params}, sizes,
+        )
+        for decl, mode in plan
+    }
 
 
 def graph_specs(
@@ -122,9 +158,9 @@ def graph_specs(
 ) -> dict[str, GraphSpec]:
     """The manifest entries of the graphs ``model`` deploys as, keyed by graph name: what
     :func:`build_stages` would export, without building any module."""
-    sizes, plan = _plan(model, num_frames=num_frames, finetune_mode=finetune_mode,
-                        mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
-    return {d.name: d.spec(sizes, max_batch=max_batch, mode=mode) for d, mode in plan}
+    plan = plan_graphs(model_kind(model), model.config, num_frames=num_frames, max_batch=max_batch,
+                       finetune_mode=finetune_mode, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
+    return {name: p.spec for name, p in plan.items()}
 
 
 def build_stages(
@@ -136,8 +172,9 @@ def build_stages(
     finetune_mode: str = "multimodal",
     mask_ratio_a: float = DEFAULT_MASK_RATIO,
     mask_ratio_v: float = DEFAULT_MASK_RATIO,
+    graphs: Collection[str] | None = None,
 ) -> dict[str, Stage]:
-    """The stages a model deploys as, keyed by graph name.
+    """The stages a model deploys as, keyed by graph name (``graphs``: only these).
 
     ``max_batch`` counts clips; graphs that see every frame of a clip (``visual_encoder``,
     ``visual_embed``) take ``max_batch * num_frames``. ``finetune_mode`` says what a classifier
@@ -145,15 +182,18 @@ def build_stages(
     (visual-only) model only its own head. Pre-training models get the masked encoder and the
     decoder for a fixed number of kept tokens, from the mask ratios.
     """
-    sizes, plan = _plan(model, num_frames=num_frames, finetune_mode=finetune_mode,
-                        mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
-    fixed: dict[str, Any] = {"task": task, "num_frames": num_frames, "keep_a": sizes.get("Ka")}
-    stages: dict[str, Stage] = {}
-    for decl, mode in plan:
-        params = {p: mode if p == "mode" else fixed[p] for p in decl.params}
-        module = StageModule(model, decl, **params).eval()
-        stages[decl.name] = Stage(decl, decl.spec(sizes, max_batch=max_batch, mode=mode), module, sizes)
-    return stages
+    plan = plan_graphs(model_kind(model), model.config, num_frames=num_frames, max_batch=max_batch,
+                       task=task, finetune_mode=finetune_mode, mask_ratio_a=mask_ratio_a,
+                       mask_ratio_v=mask_ratio_v)
+    return {
+        name: stage_of(model, p) for name, p in plan.items() if graphs is None or name in graphs
+    }
+
+
+def stage_of(model: CAVMAEEncoder, planned: PlannedGraph) -> Stage:
+    """The stage of one planned graph of ``model``: its module in eval mode."""
+    module = StageModule(model, planned.decl, **planned.params).eval()
+    return Stage(planned.decl, planned.spec, module, planned.sizes)
 
 
 def run_stage(stage: Stage, inputs: dict[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
