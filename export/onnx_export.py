@@ -7,11 +7,12 @@ PyTorch stage in ONNX Runtime right after export; a failed validation fails the 
 
 from __future__ import annotations
 
-import json
+import io
 import logging
+import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,31 @@ from cavmae.checkpoint import load_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
-from cavmae.manifest import Manifest, is_export_dir
+from cavmae.manifest import GraphSpec, Manifest, is_export_dir
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.model import CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
-from cavmae.progress import progress_bar
-from cavmae.stages import Stage, build_stages, make_manifest
+from cavmae.progress import progress_bar, progress_note, progress_style
+from cavmae.stages import PlannedGraph, Stage, make_manifest, model_kind, plan_graphs, stage_of
 
 from .fp16 import convert_to_fp16
+from .graph_store import (
+    find_reusable,
+    graph_identity,
+    read_validation,
+    reuse_graph,
+    write_validation,
+)
 from .int8 import Int8Options, quantize_export
-from .validate import DEFAULT_SEED, ValidationReport, validate_graph
+from .validate import (
+    DEFAULT_SEED,
+    VALIDATION_BATCH,
+    ValidationReport,
+    validate_graph,
+    validation_inputs,
+)
 
 log = logging.getLogger(__name__)
-
-#: the validation report written next to the manifest (seed, tolerances met, per output)
-VALIDATION_NAME = "validation.json"
 
 #: ONNX opset: LayerNormalization needs 17; TensorRT 10 and 11 parse up to 20.
 OPSET = 17
@@ -77,56 +88,230 @@ def _labels(labels: LabelSet | str | Path | Sequence[str] | None, num_classes: i
     return result
 
 
-def export_stage(stage: Stage, path: Path, opset: int = OPSET) -> None:
-    """Trace one stage to ONNX at ``path`` with a dynamic batch axis (TorchScript exporter).
+def export_stage(
+    stage: Stage, path: Path, opset: int = OPSET, inputs: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Trace one stage to ONNX at ``path`` with a dynamic batch axis (TorchScript exporter),
+    its static I/O shapes declared (:func:`stamp_shapes`); the file is written once.
+
+    ``inputs`` (default: a random batch of 2 drawn from seed 0) are what the tracer runs the
+    stage on; returns the stage's outputs on them, by name (float32). The trace is a real
+    PyTorch run, so validation on the same inputs takes these as its reference instead of
+    running the stage again.
 
     The TorchScript-based exporter is used because it needs no extra packages and writes plain
     MatMul/Softmax attention at opset 17, which every TensorRT 10/11 parser takes.
     """
     spec = stage.spec
-    example = stage.sample(np.random.default_rng(0), 2)
-    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
-        torch.onnx.export(
-            stage.module,
-            args,
-            str(path),
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_axes=stage.decl.dynamic_axes(),
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    example = inputs if inputs is not None else stage.sample(np.random.default_rng(0), 2)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])) for t in spec.inputs)
+    seen: list[Any] = []
+    hook = stage.module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+            torch.onnx.export(
+                stage.module,
+                args,
+                buffer,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=stage.decl.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        hook.remove()
+    model = onnx.load_from_string(buffer.getvalue())
+    del buffer
+    stamp_shapes(model, stage, path.name)
+    onnx.save(model, str(path))
+    out = seen[0] if isinstance(seen[0], tuple) else (seen[0],)
+    return {s.name: o.detach().float().cpu().numpy() for s, o in zip(spec.outputs, out, strict=True)}
 
 
-def finalize_graph(path: Path, stage: Stage) -> None:
-    """Declare the static I/O shapes in the file, then check it.
-
-    The tracer leaves some output axes symbolic; the stage's contract says they are static, so
-    the file is stamped with them and strict shape inference must agree. ``onnx.checker`` runs
-    with full checking.
-    """
-    model = onnx.load(str(path))
+def stamp_shapes(model: onnx.ModelProto, stage: Stage, what: str = "graph") -> None:
+    """Declare the stage's static I/O shapes in ``model``: the tracer leaves some output axes
+    symbolic, the stage's contract says they are static (only ``batch`` stays symbolic)."""
     specs = {t.name: t for t in (*stage.spec.inputs, *stage.spec.outputs)}
     for vi in (*model.graph.input, *model.graph.output):
         dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(specs[vi.name].shape):
+            raise ExportError(f"{what}: {vi.name} has {len(dims)} axes, expected {specs[vi.name].shape}")
         for d, want in zip(dims, specs[vi.name].shape, strict=True):
             if isinstance(want, str):
                 d.dim_param = want
             else:
                 d.dim_value = want
+
+
+def finalize_graph(path: Path, stage: Stage, *, stamp: bool = True) -> None:
+    """Check the graph file at ``path``: ``onnx.checker.check_model(full_check=True)`` (the
+    checker, then strict shape inference, which refuses an inferred shape that disagrees with a
+    declared one), run on the file in C++. ``stamp``: first declare the static I/O shapes
+    (:func:`stamp_shapes`; needed after a conversion rewrote the file, not after
+    :func:`export_stage`, which stamps them)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-        onnx.save(model, str(path))
+        if stamp:
+            model = onnx.load(str(path))
+            stamp_shapes(model, stage, path.name)
+            onnx.save(model, str(path))
+            del model
         onnx.checker.check_model(str(path), full_check=True)
+    except ExportError:
+        raise
     except Exception as e:
         raise ExportError(f"{path.name} failed the ONNX checks: {e}") from None
-    for vi in (*inferred.graph.input, *inferred.graph.output):
-        got = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
-        if got != specs[vi.name].shape:
-            raise ExportError(f"{path.name}: {vi.name} has shape {got}, expected {specs[vi.name].shape}")
+
+
+@dataclass
+class GraphJob:
+    """How the graphs of one export are made: the facts every graph shares.
+
+    ``reuse``: export directories whose validated graphs of the same identity are hard-linked
+    instead of traced (see :mod:`cavmae.export.graph_store`). ``optimized``: graph name -> the
+    path inside the export where ONNX Runtime's optimized copy belongs (the CPU engine's
+    name); validation then saves the graph it checked there. ``sha256`` None: no identities,
+    no reuse (a model given as an object).
+    """
+
+    precision: str  # of the export: fp32, fp16 or int8
+    task: str | None
+    seed: int
+    validate: bool
+    sha256: str | None
+    model_config: dict[str, Any]
+    versions: dict[str, Any]
+    reuse: Sequence[Path] = ()
+    optimized: Callable[[str], str | None] | None = None
+    progress: bool = False
+
+    @property
+    def traced(self) -> str:
+        """The precision graphs are traced and validated in (int8 quantizes fp32 after the gate)."""
+        return "fp32" if self.precision == "int8" else self.precision
+
+    def identity(self, planned: PlannedGraph) -> str | None:
+        """The graph's identity, or None where it cannot be reused or offered for reuse."""
+        if self.sha256 is None or not self.validate:
+            return None
+        return graph_identity(sha256=self.sha256, spec=planned.spec, precision=self.traced,
+                              params=planned.params, model_config=self.model_config,
+                              versions=self.versions, seed=self.seed, batch=VALIDATION_BATCH)
+
+    def spec(self, planned: PlannedGraph) -> GraphSpec:
+        return planned.spec if self.traced == "fp32" else replace(planned.spec, precision=self.traced)
+
+
+def make_graph(
+    job: GraphJob, planned: PlannedGraph, directory: Path, model: Callable[[], CAVMAEEncoder]
+) -> ValidationReport | None:
+    """Write the graph ``planned`` into ``directory`` as ``<name>.onnx``: hard-linked from an
+    export that holds a validated graph of the same identity, else traced from ``model()``
+    (called only then), converted, checked and validated. Returns its validation report (None
+    without validation). The file appears under its name only once validated."""
+    identity = job.identity(planned)
+    found = find_reusable(identity, job.reuse, exclude=directory) if identity else None
+    if found is not None:
+        started = time.monotonic()
+        try:
+            how = reuse_graph(found, directory, with_optimized=job.precision != "int8")
+        except OSError as e:  # the other export went away meanwhile: make it here
+            log.debug("cannot reuse %s: %s", found.file, e)
+        else:
+            report = ValidationReport.from_dict({**found.report, "reused_from": str(found.export_dir)})
+            if job.precision == "int8":  # quantized after the gate: not this identity's file then
+                report.identity = None
+            _note(job, f"{planned.decl.name}: reused from {found.export_dir.name} ({how}),"
+                       f" {time.monotonic() - started:.1f} s")
+            return report
+    return _trace_graph(job, planned, directory, model(), identity)
+
+
+def _trace_graph(
+    job: GraphJob, planned: PlannedGraph, directory: Path, net: CAVMAEEncoder, identity: str | None
+) -> ValidationReport | None:
+    """:func:`make_graph` for a graph no export holds: trace, convert, check, validate (one
+    PyTorch and one ONNX Runtime run), then publish it (and the optimized copy validation
+    saved) under its name."""
+    name, stage = planned.decl.name, stage_of(net, planned)
+    final = directory / planned.spec.file
+    path = fsio.temp_sibling(final)
+    opt_name = job.optimized(name) if job.optimized is not None and job.validate else None
+    optimized = fsio.temp_sibling(directory / opt_name) if opt_name else None
+    steps: list[str] = []
+    clock = _Clock()
+    inputs = validation_inputs(stage, job.seed)  # the trace runs the stage on them: the reference
+    try:
+        reference = export_stage(stage, path, inputs=inputs)
+        if job.traced == "fp16":
+            convert_to_fp16(path)
+        steps.append(clock.lap("trace"))
+        finalize_graph(path, stage, stamp=job.traced == "fp16")
+        steps.append(clock.lap("checks"))
+        report = None
+        if job.validate:
+            if optimized is not None:
+                optimized.parent.mkdir(parents=True, exist_ok=True)
+            report = validate_graph(stage, path, job.traced, task=job.task, seed=job.seed,
+                                    optimized=optimized, reference=reference)
+            if not report.passed:
+                raise ExportError(f"validation failed for {name}: {report.summary()}")
+            report.identity = identity if job.precision != "int8" else None
+            steps.append(clock.lap("validation"))
+        fsio.publish_file(path, final)
+        if optimized is not None and opt_name is not None and optimized.is_file():
+            fsio.publish_file(optimized, directory / opt_name)
+    finally:
+        path.unlink(missing_ok=True)
+        if optimized is not None:
+            optimized.unlink(missing_ok=True)
+    what = "traced and validated" if job.validate else "traced"
+    _note(job, f"{name}: {what} in {clock.total():.1f} s ({', '.join(steps)})")
+    return report
+
+
+class _Clock:
+    """Seconds per step of one graph, for its progress line."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def lap(self, step: str) -> str:
+        now = time.monotonic()
+        text, self.last = f"{step} {now - self.last:.1f} s", now
+        return text
+
+    def total(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _note(job: GraphJob, message: str) -> None:
+    log.info("export: %s", message)
+    progress_note(f"export: {message}", enabled=job.progress)
+
+
+def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite: bool) -> None:
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if finetune_mode not in FINETUNE_MODES:
+        raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        what = "an export" if is_export_dir(out_dir) else "not empty"
+        raise ExportError(f"{out_dir} is {what}; choose another directory or pass overwrite")
+
+
+def _select(
+    plan: dict[str, PlannedGraph], graphs: Sequence[str] | None, write: Sequence[str]
+) -> dict[str, PlannedGraph]:
+    """The planned graphs an export declares (``graphs``: only these), checked with the names
+    of the ones written now."""
+    unknown = sorted((set(graphs or ()) | set(write)) - set(plan))
+    if unknown:
+        raise ExportError(f"unknown graph(s) {unknown}; this model has {sorted(plan)}")
+    return plan if graphs is None else {k: v for k, v in plan.items() if k in graphs}
 
 
 def export_model(
@@ -149,6 +334,9 @@ def export_model(
     progress: bool = False,
     overwrite: bool = False,
     int8: Int8Options | None = None,
+    write: Sequence[str] | None = None,
+    reuse: Sequence[Path] = (),
+    optimized: Callable[[str], str | None] | None = None,
 ) -> ExportResult:
     """Export ``model`` (a model or a checkpoint path) to ``out_dir``.
 
@@ -156,66 +344,47 @@ def export_model(
     float32 inputs and outputs). ``precision="int8"`` exports and validates fp32 graphs, then
     quantizes them (``int8``: how, on which clips, the gate's thresholds; see
     :mod:`cavmae.export.int8`) and refuses the export when int8 disagrees with fp32 on those
-    clips; the gate's report is the manifest's ``quantization``. ``graphs`` limits the export to some graph names. The directory
-    is written into a temporary sibling and renamed into place, so a failed export never leaves
-    a half-written directory behind.
+    clips; the gate's report is the manifest's ``quantization``. ``graphs`` limits the export
+    to some graph names. The directory is written into a temporary sibling and renamed into
+    place, so a failed export never leaves a half-written directory behind.
+
+    ``write``: the graphs written now (None: every graph); the others the manifest declares
+    stay pending and :func:`add_graphs` writes them later (the cache does so the first time each
+    is run; not with int8, whose gate needs every graph). ``reuse``: export directories whose validated graphs of the same
+    identity are hard-linked instead of traced (needs the checkpoint's sha256, from ``model``
+    given as a path or from ``source["sha256"]``). ``optimized``: see :class:`GraphJob`.
 
     Validation draws its random inputs from ``validation_seed`` (None: a fresh random seed), so
     an export validates the same way every time; the seed is in each report and in
-    ``validation.json``.
+    ``validation.json``, with each graph's identity and, for a reused graph, where it came from.
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        what = "an export" if is_export_dir(out_dir) else "not empty"
-        raise ExportError(f"{out_dir} is {what}; choose another directory or pass overwrite")
+    _check_arguments(precision, finetune_mode, out_dir, overwrite)
     net, src = _resolve_model(model)
-    cfg = net.config
-    label_set = _labels(labels, cfg.num_classes) if isinstance(net, CAVMAEFT) else None
-    task = (task or default_task(cfg.num_classes)) if isinstance(net, CAVMAEFT) else None
-    if finetune_mode not in FINETUNE_MODES:
-        raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
-    stages = build_stages(
-        net, num_frames=num_frames, max_batch=max_batch, task=task or "multi-label",
-        finetune_mode=finetune_mode, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v,
-    )
-    if graphs is not None:
-        unknown = sorted(set(graphs) - set(stages))
-        if unknown:
-            raise ExportError(f"unknown graph(s) {unknown}; this model has {sorted(stages)}")
-        stages = {k: v for k, v in stages.items() if k in graphs}
-
-    reports: dict[str, ValidationReport] = {}
-    specs = {}
+    src = {**src, **(source or {})}
+    classifier = isinstance(net, CAVMAEFT)
+    label_set = _labels(labels, net.config.num_classes) if classifier else None
+    task = (task or default_task(net.config.num_classes)) if classifier else None
+    plan = _select(plan_graphs(model_kind(net), net.config, num_frames=num_frames, max_batch=max_batch,
+                               task=task or "multi-label", finetune_mode=finetune_mode,
+                               mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v), graphs, write or ())
+    pending = () if write is None else tuple(n for n in plan if n not in write)
     if validation_seed is None:
         validation_seed = int(np.random.SeedSequence().generate_state(1)[0])
+    if precision == "int8" and pending:
+        raise ExportError("an int8 export writes every graph at once (its gate runs them all)")
+    job = GraphJob(precision, task, validation_seed, validate, src.get("sha256"), net.config.to_dict(),
+                   _versions(), reuse, optimized, progress)
     with fsio.staged_dir(out_dir) as work:  # a failed export leaves nothing behind
-        # log_interval=0: in a log, one line per graph (each takes seconds)
-        bar = progress_bar(stages.items(), enabled=progress, desc="export", unit="graph", log_interval=0)
-        for name, stage in bar:
-            bar.set_postfix_str(name)
-            path = work / stage.spec.file
-            export_stage(stage, path)
-            if precision == "fp16":
-                convert_to_fp16(path)
-            finalize_graph(path, stage)
-            traced = "fp32" if precision == "int8" else precision  # int8: quantized after the gate
-            spec = stage.spec if traced == "fp32" else _with_precision(stage, traced)
-            specs[name] = spec
-            if validate:
-                reports[name] = validate_graph(stage, path, traced, task=task, seed=validation_seed)
-                if not reports[name].passed:
-                    raise ExportError(f"validation failed for {name}: {reports[name].summary()}")
-                bar.set_postfix_str(f"{name} validated")
+        reports = _make_graphs(job, {k: v for k, v in plan.items() if k not in pending}, work, lambda: net)
         if validate:
-            _write_validation(work / VALIDATION_NAME, validation_seed, reports)
+            write_validation(work, validation_seed, {k: r.to_dict() for k, r in reports.items()})
+        specs = {name: job.spec(p) for name, p in plan.items()}
         manifest = make_manifest(
             net, specs, precision=precision, num_frames=num_frames, max_batch=max_batch,
             task=task, finetune_mode=finetune_mode, labels=label_set, mask_ratio_a=mask_ratio_a,
-            mask_ratio_v=mask_ratio_v, preprocess=preprocess, source={**src, **(source or {})},
-            versions=_versions(),
-        )
+            mask_ratio_v=mask_ratio_v, preprocess=preprocess, source=src, versions=job.versions,
+        ).replace(pending=pending)
         if precision == "int8":
             specs, gate = quantize_export(work, specs, num_frames=manifest.num_frames,
                                           preprocess=manifest.preprocess, options=int8)
@@ -224,16 +393,64 @@ def export_model(
     return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)
 
 
-def _write_validation(path: Path, seed: int, reports: dict[str, ValidationReport]) -> None:
-    """The validation record of an export: its seed and every graph's checks."""
-    data = {"seed": seed, "graphs": {k: r.to_dict() for k, r in reports.items()}}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def _make_graphs(
+    job: GraphJob, plan: dict[str, PlannedGraph], directory: Path, model: Callable[[], CAVMAEEncoder]
+) -> dict[str, ValidationReport]:
+    """:func:`make_graph` for each planned graph, with one progress line per graph."""
+    reports: dict[str, ValidationReport] = {}
+    # log_interval=0: in a log, one line per graph (each takes seconds)
+    bar = progress_bar(plan.items(), enabled=job.progress and progress_style() == "bar",
+                       desc="export", unit="graph", log_interval=0)
+    for name, planned in bar:
+        bar.set_postfix_str(name)
+        report = make_graph(job, planned, directory, model)
+        if report is not None:
+            reports[name] = report
+    return reports
 
 
-def _with_precision(stage: Stage, precision: str):
-    from dataclasses import replace
+def add_graphs(
+    out_dir: str | Path,
+    names: Sequence[str],
+    model: Callable[[], CAVMAEEncoder],
+    *,
+    reuse: Sequence[Path] = (),
+    optimized: Callable[[str], str | None] | None = None,
+    progress: bool = False,
+) -> Manifest:
+    """Write the pending graphs ``names`` of the export ``out_dir`` (the ones ``export_model``
+    did not ``write``), each reused or traced and validated as the export's own graphs were, then
+    rewrite ``validation.json`` and the manifest (atomically, in that order). ``model`` is
+    called only when a graph must be traced. The caller holds the export's lock; graphs no
+    longer pending (another process added them) are skipped. Returns the new manifest."""
+    out_dir = Path(out_dir)
+    manifest = Manifest.load(out_dir)
+    todo = [n for n in manifest.pending if n in names]
+    unknown = sorted(set(names) - set(manifest.graphs))
+    if unknown:
+        raise ExportError(f"unknown graph(s) {unknown}; this export declares {sorted(manifest.graphs)}")
+    if not todo:
+        return manifest
+    record = read_validation(out_dir)
+    seed = int(record["seed"]) if record.get("seed") is not None else DEFAULT_SEED
+    cfg = manifest.model_config
+    plan = plan_graphs(manifest.model_kind, cfg, num_frames=manifest.num_frames,
+                       max_batch=manifest.max_batch, task=manifest.task or "multi-label",
+                       finetune_mode=manifest.finetune_mode or "multimodal",
+                       mask_ratio_a=_or_default(manifest.mask_ratio_a),
+                       mask_ratio_v=_or_default(manifest.mask_ratio_v))
+    job = GraphJob(manifest.precision, manifest.task, seed, True, manifest.source.get("sha256"),
+                   cfg.to_dict(), _versions(), reuse, optimized, progress)
+    reports = _make_graphs(job, {n: plan[n] for n in todo}, out_dir, model)
+    graphs = {**record["graphs"], **{k: r.to_dict() for k, r in reports.items()}}
+    write_validation(out_dir, seed, {n: graphs[n] for n in manifest.graphs if n in graphs})
+    manifest = manifest.replace(pending=tuple(n for n in manifest.pending if n not in todo))
+    manifest.save(out_dir)
+    return manifest
 
-    return replace(stage.spec, precision=precision)
+
+def _or_default(ratio: float | None) -> float:
+    return DEFAULT_MASK_RATIO if ratio is None else ratio
 
 
 def _versions() -> dict[str, Any]:

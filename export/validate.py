@@ -35,6 +35,8 @@ NEAR_TIE = PROBABILITIES.near_tie
 TOP_K = PROBABILITIES.top_k
 #: the seed of the random validation inputs when none is given (exports are reproducible)
 DEFAULT_SEED = 0
+#: samples per validation run
+VALIDATION_BATCH = 2
 
 
 @dataclass
@@ -61,6 +63,11 @@ class ValidationReport:
     batch: int
     outputs: list[OutputCheck] = field(default_factory=list)
     passed: bool = True
+    #: what the graph's file depends on (:func:`cavmae.export.graph_store.graph_identity`);
+    #: None where the export cannot name it (a model without a checkpoint hash, int8 files)
+    identity: str | None = None
+    #: the export directory this graph and this report were taken from, when reused
+    reused_from: str | None = None
 
     def summary(self) -> str:
         parts = []
@@ -71,10 +78,19 @@ class ValidationReport:
                     "agree" if o.topk_agree else f"DIFFERENT (beyond near-ties of {NEAR_TIE:g})"
                 )
             parts.append(s)
-        return f"seed {self.seed}, batch {self.batch}: " + "; ".join(parts)
+        reused = f"reused from {self.reused_from}, " if self.reused_from else ""
+        return f"{reused}seed {self.seed}, batch {self.batch}: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidationReport:
+        """The report of a ``validation.json`` entry (:meth:`to_dict`'s inverse)."""
+        outputs = [OutputCheck(**o) for o in d.get("outputs", [])]
+        return cls(graph=d["graph"], precision=d["precision"], seed=int(d["seed"]),
+                   batch=int(d["batch"]), outputs=outputs, passed=bool(d.get("passed", False)),
+                   identity=d.get("identity"), reused_from=d.get("reused_from"))
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,11 +115,17 @@ def topk_deviation(got: np.ndarray, want: np.ndarray, k: int = TOP_K) -> float:
     return float(np.abs(np.take_along_axis(want, ranked, axis=-1) - best).max())
 
 
-def ort_session(path: Path) -> Any:
+def ort_session(path: Path, optimized: Path | None = None) -> Any:
+    """A CPU session of the ONNX file ``path``, every graph optimization on; with ``optimized``
+    ONNX Runtime also saves the optimized graph there (what the runtime's ONNX Runtime engine
+    loads later instead of optimizing again), so validation checks the graph that will run."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized is not None:
+        opts.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -130,13 +152,18 @@ def check_output(
 
 
 def validate_graph(
-    stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = 2,
-    seed: int = DEFAULT_SEED,
+    stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = VALIDATION_BATCH,
+    seed: int = DEFAULT_SEED, optimized: Path | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> ValidationReport:
-    """Compare the ONNX file at ``path`` with ``stage`` on random inputs drawn from ``seed``."""
-    inputs = stage.sample(np.random.default_rng(seed), batch)
-    want = run_stage(stage, inputs)
-    session = ort_session(path)
+    """Compare the ONNX file at ``path`` with ``stage`` on random inputs drawn from ``seed``:
+    one PyTorch run and one ONNX Runtime run of ``batch`` samples. ``reference``: the stage's
+    outputs on exactly those inputs when the caller has them already (the exporter's trace
+    ran the stage on them), so the stage is not run again. ``optimized``: where ONNX Runtime
+    saves the optimized graph it validates (see :func:`ort_session`)."""
+    inputs = validation_inputs(stage, seed, batch)
+    want = reference if reference is not None else run_stage(stage, inputs)
+    session = ort_session(path, optimized)
     got_list = session.run(None, inputs)
     names = [o.name for o in session.get_outputs()]
     report = ValidationReport(stage.spec.name, precision, int(seed), batch)
@@ -145,3 +172,8 @@ def validate_graph(
         report.outputs.append(check)
         report.passed = report.passed and check.passed
     return report
+
+
+def validation_inputs(stage: Stage, seed: int = DEFAULT_SEED, batch: int = VALIDATION_BATCH) -> dict[str, np.ndarray]:
+    """The random inputs validation feeds ``stage`` for ``seed``: ``batch`` samples."""
+    return stage.sample(np.random.default_rng(seed), batch)
