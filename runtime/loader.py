@@ -11,11 +11,14 @@ task asked of it is refused before anything is downloaded, hashed or exported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,8 @@ class ModelSource:
             )
         from cavmae.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.info.name if self.info else self.path)
+        # mapped, not read: its pages come from the page cache the hash just filled
+        return load_checkpoint(self.info.name if self.info else self.path, mmap=True)
 
 
 def resolve_model(
@@ -157,42 +161,126 @@ def cached_export(
     labels: Callable[[], LabelSet | None] | None = None,
     **settings: Any,
 ) -> Path:
-    """The export directory of a checkpoint in the cache, exporting it the first time.
+    """The export directory of a checkpoint in the cache, made the first time (see
+    :class:`CacheExport`; its graphs are written when an engine with ``provide`` opens them)."""
+    return CacheExport(source, progress=progress, labels=labels, **settings).ensure()
+
+
+class CacheExport:
+    """One checkpoint's export in the cache, for one set of export settings.
+
+    The directory ``exports/{sha256[:16]}-{settings digest}`` is made on first use holding the
+    manifest, every graph declared and pending (int8 exports, whose gate runs every graph, are
+    written whole). :meth:`provide` writes a pending graph when an engine first opens it, under
+    the export's lock: a graph another export of the same checkpoint already validated with the
+    same identity is hard-linked from there, any other is traced and validated once (the
+    checkpoint is loaded then, once per process). So a command traces only the graphs its mode
+    runs, and a later command or other settings (frames, mask ratios, batch limit) trace only the
+    graphs whose shapes or fixed arguments differ.
 
     ``labels`` gives the class names the export carries; it is called only when the export is
     made (default: the registry model's, see :func:`model_labels`). The cache is shared by
     every later load, so a user's own label CSV never goes into it.
     """
-    sha = checkpoint_sha256(source.path)
-    settings = export_settings(source, **settings)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    out = cavmae_home() / "exports" / f"{sha[:16]}-{digest[:12]}"
-    if is_export_dir(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.with_name(out.name + ".lock")
-    with fsio.exclusive_lock(lock):  # concurrent shards export it once
-        if is_export_dir(out):
-            return out
-        try:
-            from cavmae.export import export_model
-        except ImportError as e:
-            raise CavmaeError(f"exporting a checkpoint needs PyTorch and onnx ({e}); pass an export directory instead") from None
-        log.info("exporting %s into the cache %s", source.path, out)
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        progress: bool = True,
+        labels: Callable[[], LabelSet | None] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.source, self.progress, self.labels = source, progress, labels
+        self.settings = export_settings(source, **settings)
+        self._net: Any = None
+        self.sha = self._hash()
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True, default=str).encode()).hexdigest()
+        self.path = cavmae_home() / "exports" / f"{self.sha[:16]}-{digest[:12]}"
+        self.lock = self.path.with_name(self.path.name + ".lock")
+        #: graph name -> where in the export ONNX Runtime's optimized copy goes (set by the loader)
+        self.optimized: Callable[[str], str | None] | None = None
+
+    def _note(self, message: str) -> None:
+        log.info("%s", message)
         from cavmae.progress import progress_note
 
+        progress_note(message, enabled=self.progress)
+
+    def _hash(self) -> str:
+        """The checkpoint's sha256: remembered (milliseconds), else read in a thread while this
+        one loads the model, which a first use needs next (the two overlap on two cores, and the
+        mapped weights come from the pages the hash reads)."""
         started = time.monotonic()
-        progress_note(f"export: first use of {source.path.name}: exporting it into the cache once"
-                      " (30-50 s for a full-size model)", enabled=progress)
-        label_set = labels() if labels is not None else model_labels(source, progress=progress)
-        export_model(
-            source.load_model(), out, labels=label_set, progress=progress, overwrite=True,
-            source={"checkpoint": str(source.path.resolve()), "sha256": sha,
-                    "name": source.info.name if source.info else None},
-            **settings,
-        )
-        progress_note(f"export: done in {time.monotonic() - started:.1f} s ({out})", enabled=progress)
-    return out
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cavmae-hash")
+        try:
+            future = pool.submit(checkpoint_sha256, self.source.path)
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:  # being read: not remembered, most likely a first use
+                pass
+            with contextlib.suppress(Exception):  # a failure shows again where the model is needed
+                self.model()
+            sha = future.result()
+        finally:
+            pool.shutdown(wait=False)
+        self._note(f"export: hashed {self.source.path.name} in {time.monotonic() - started:.1f} s"
+                   + (", loading the model meanwhile" if self._net is not None else ""))
+        return sha
+
+    def model(self) -> Any:
+        """The checkpoint's PyTorch model, loaded on first call."""
+        if self._net is None:
+            started = time.monotonic()
+            self._net = self.source.load_model()
+            self._note(f"export: loaded {self.source.path.name} in {time.monotonic() - started:.1f} s")
+        return self._net
+
+    def ensure(self) -> Path:
+        """The export directory, made (manifest and validation record) when missing."""
+        out = self.path
+        if is_export_dir(out):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with fsio.exclusive_lock(self.lock):  # concurrent shards make it once
+            if is_export_dir(out):
+                return out
+            export_model = _exporter().export_model
+            log.info("exporting %s into the cache %s", self.source.path, out)
+            int8 = self.settings.get("precision") == "int8"
+            self._note(f"export: first use of {self.source.path.name}: "
+                       + ("exporting every graph (int8)" if int8 else "each graph is exported when first run")
+                       + f", into {out}")
+            label_set = self.labels() if self.labels is not None else model_labels(self.source, progress=self.progress)
+            export_model(
+                self.model(), out, labels=label_set, progress=self.progress, overwrite=True,
+                source={"checkpoint": str(self.source.path.resolve()), "sha256": self.sha,
+                        "name": self.source.info.name if self.source.info else None},
+                write=None if int8 else (), reuse=self.reuse_dirs(), **self.settings,
+            )
+        return out
+
+    def reuse_dirs(self) -> list[Path]:
+        """The other exports in the cache (their validated graphs can be linked)."""
+        from cavmae.export.graph_store import export_dirs
+
+        return [d for d in export_dirs(self.path.parent) if d.name != self.path.name]
+
+    def provide(self, graph: str) -> None:
+        """Write the pending graph ``graph`` into the export (an engine's ``provide`` hook)."""
+        add_graphs = _exporter().add_graphs
+        with fsio.exclusive_lock(self.lock):
+            add_graphs(self.path, [graph], self.model, reuse=self.reuse_dirs(),
+                       optimized=self.optimized, progress=self.progress)
+
+
+def _exporter() -> Any:
+    """``cavmae.export.onnx_export``, or a one-line error where PyTorch or onnx is missing."""
+    try:
+        from cavmae.export import onnx_export
+    except ImportError as e:
+        raise CavmaeError(f"exporting a checkpoint needs PyTorch and onnx ({e}); pass an export directory instead") from None
+    return onnx_export
 
 
 def model_labels(
@@ -292,12 +380,45 @@ def _open(
         manifest = _in_memory_manifest(net, source, labels(), **export_opts)
         return Pipeline(TorchEngine(None, manifest, dev, model=net, precision=precision, **engine_options))
     if source.kind == "checkpoint":
-        path = cached_export(source, progress=progress, labels=labels, precision=precision,
-                             **export_opts)
+        export = CacheExport(source, progress=progress, labels=labels, precision=precision, **export_opts)
+        path = export.ensure()
     else:
-        path = source.path
+        export, path = None, source.path
     mark_used(path)
-    return Pipeline(create_engine(name, path, Manifest.load(path), dev, **engine_options))
+    manifest = Manifest.load(path)
+    engine = create_engine(name, path, manifest, dev, **engine_options)
+    if export is not None:
+        engine.provide = export.provide  # pending graphs are written when first opened
+        export.optimized = _optimized_name(engine)
+    elif manifest.pending:
+        engine.provide = _refuse_pending(path)
+    return Pipeline(engine)
+
+
+def _optimized_name(engine: Any) -> Callable[[str], str | None] | None:
+    """Where an ONNX Runtime CPU engine looks for the optimized copy of a graph, relative to
+    the export (the exporter's validation session saves it there: it is checked, and the
+    engine does not optimize the graph a second time); None for other engines."""
+    from .engines.ort import OrtEngine
+
+    if not isinstance(engine, OrtEngine) or not engine.cache or engine.provider != "CPUExecutionProvider":
+        return None
+
+    def name(graph: str) -> str:
+        return str(engine.cache_path(engine.manifest.graph(graph)).relative_to(engine.export_dir))
+
+    return name
+
+
+def _refuse_pending(path: Path) -> Callable[[str], None]:
+    def refuse(graph: str) -> None:
+        raise CavmaeError(
+            f"graph {graph!r} of the cache export {path} is written the first time it runs from"
+            " the checkpoint: give the checkpoint (or its registry name) instead of the export"
+            " directory, or write a complete export with `cavmae export`"
+        )
+
+    return refuse
 
 
 def _in_memory_manifest(net: Any, source: ModelSource, label_set: LabelSet | None, **opts: Any) -> Manifest:

@@ -8,7 +8,7 @@ they do not care which engine runs underneath (the Polygraphy "runner" idea).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,18 @@ class Engine(ABC):
         self.manifest = manifest
         self.device = device
         self._sessions: dict[str, GraphSession] = {}
+        #: called with a graph name before a graph whose file is missing is opened, to write
+        #: it (the loader sets it for a cache export made from a checkpoint: its graphs are
+        #: exported the first time each is run)
+        self.provide: Callable[[str], None] | None = None
 
     def session(self, graph: str) -> GraphSession:
         """The open session of ``graph``, opened on first use."""
         if graph not in self._sessions:
-            self._sessions[graph] = self._open(self.manifest.graph(graph))
+            spec = self.manifest.graph(graph)
+            if self.provide is not None and not (self.export_dir / spec.file).is_file():
+                self.provide(graph)
+            self._sessions[graph] = self._open(spec)
         return self._sessions[graph]
 
     @abstractmethod
