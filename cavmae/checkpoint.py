@@ -222,6 +222,7 @@ def load_checkpoint(
     kind: str | None = None,
     mirror: str | None = None,
     progress: bool = True,
+    mmap: bool = False,
     **overrides: Any,
 ) -> CAVMAE | CAVMAEFT:
     """Load a checkpoint file or a registry name into a new model, in eval mode.
@@ -234,9 +235,12 @@ def load_checkpoint(
     checkpoint builds a classifier from its encoder with a freshly initialized head (how
     fine-tuning starts; give ``num_classes``). ``overrides`` set config fields a state dict cannot
     reveal (``num_heads``, ``norm_pix_loss``, ...). Partial loads are refused.
+
+    ``mmap=True`` maps the file instead of reading it (a zip-format file, onto the CPU): the
+    weights are read when first used, from the page cache when the file was just hashed.
     """
     path, info = registry.checkpoint_file(path, mirror=mirror, progress=progress)
-    state, meta = read_state_dict(path, map_location)
+    state, meta = read_state_dict(path, map_location, mmap=mmap)
     file_kind = (meta or {}).get("kind") or infer_kind(state)
     known = info.config_overrides if info is not None else {}
     base: dict[str, Any] = {**(meta or {}).get("config", {}), **known}
@@ -256,10 +260,25 @@ def load_checkpoint(
         check_state(state, {k: v for k, v in expected.items() if k not in head}, str(path))
     else:
         check_state(state, expected, str(path))
-    model = model_class(kind)(config)
-    model.load_state_dict(state, strict=kind == file_kind)
+    model = _model_from_state(kind, config, state) if kind == file_kind else None
+    if model is None:  # a fresh head (or weights to cast): built and initialized, then loaded
+        model = model_class(kind)(config)
+        model.load_state_dict(state, strict=kind == file_kind)
     model.to(map_location)
     return model.eval()
+
+
+def _model_from_state(kind: str, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> CAVMAEEncoder | None:
+    """The model built on ``meta`` and given the tensors of ``state`` (no random initialization
+    of weights that the checkpoint overwrites: seconds for a full-size model); None when a
+    tensor's dtype differs from the model's (then loading casts it)."""
+    with torch.device("meta"):
+        model = model_class(kind)(config)
+    want = model.state_dict()
+    if any(state[k].dtype != v.dtype for k, v in want.items()):
+        return None
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:

@@ -138,6 +138,10 @@ def normal_init(param: torch.Tensor, std: float = 0.02) -> None:
     """``normal(0, std)`` init of learned tokens (modality embeddings, mask token), untruncated.
 
     MAE: "timm's trunc_normal_(std=.02) is effectively normal_(std=0.02) as cutoff is too big
-    (2.)": timm truncates at +-2 in absolute terms, 100 standard deviations out.
+    (2.)": timm truncates at +-2 in absolute terms, 100 standard deviations out. A ``meta``
+    tensor (a model built for its shapes, its weights loaded after) has no values to draw, and
+    drawing there would import torch._dynamo (1-2 s).
     """
+    if param.is_meta:
+        return
     nn.init.normal_(param, std=std)
