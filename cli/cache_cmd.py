@@ -18,17 +18,20 @@ def _table(entries, now: float) -> list[str]:
     from cavmae.hub.inventory import format_age, format_size
 
     rows = [("KIND", "NAME", "SIZE", "LAST USED", "DETAIL")]
-    rows += [(e.kind, e.name, format_size(e.size), f"{format_age(now - e.last_used)} ago", e.detail)
+    rows += [(e.kind, e.name, format_size(e.size), f"{format_age(now - e.last_used)} ago",
+              e.detail + (f" (+{format_size(e.shared)} shared with an entry above)" if e.shared else ""))
              for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
             for r in rows]
 
 
-def _summary(entries) -> str:
+def _summary(entries, size: int | None = None) -> str:
+    """"N items, SIZE": ``size`` by default the entries' (each hard-linked file once)."""
     from cavmae.hub.inventory import format_size
 
-    return f"{len(entries)} item{'s' * (len(entries) != 1)}, {format_size(sum(e.size for e in entries))}"
+    size = sum(e.size for e in entries) if size is None else size
+    return f"{len(entries)} item{'s' * (len(entries) != 1)}, {format_size(size)}"
 
 
 @click.group(invoke_without_command=True, context_settings=CONTEXT)
@@ -76,26 +79,29 @@ def _confirm(what: str, yes: bool) -> bool:
 
 def _delete(entries, yes: bool, dry_run: bool, as_json: bool, clear: bool = False) -> None:
     from cavmae.hub.cache import cavmae_home
-    from cavmae.hub.inventory import clear_cache, remove_entries
+    from cavmae.hub.inventory import clear_cache, freed_bytes, remove_entries
 
     home = cavmae_home()
+    freed = freed_bytes(entries)  # what removing them gives back: shared graphs stay with the others
     if dry_run or not entries:
         if as_json:
-            echo_json({"home": str(home), "removed": [], "would_remove": [e.to_dict() for e in entries], "busy": []})
+            echo_json({"home": str(home), "removed": [], "would_remove": [e.to_dict() for e in entries], "busy": [],
+                       "freed_bytes": freed})
         else:
             for e in entries:
                 click.echo(f"would remove {e.kind} {e.name} ({e.path})")
-            click.echo(f"{'would remove' if entries else 'nothing to remove:'} {_summary(entries)}", err=True)
+            click.echo(f"{'would remove' if entries else 'nothing to remove:'} {_summary(entries, freed)}", err=True)
         return
-    if not _confirm(f"{_summary(entries)} from {home}", yes):
+    if not _confirm(f"{_summary(entries, freed)} from {home}", yes):
         click.echo("nothing deleted", err=True)
         return
     removed, busy = clear_cache(home) if clear else remove_entries(entries)
     if as_json:
         echo_json({"home": str(home), "removed": [e.to_dict() for e in removed],
-                   "would_remove": [], "busy": [e.to_dict() for e in busy]})
+                   "would_remove": [], "busy": [e.to_dict() for e in busy],
+                   "freed_bytes": None if busy else freed})
     else:
-        click.echo(f"removed {_summary(removed)}", err=True)
+        click.echo(f"removed {_summary(removed, None if busy else freed)}", err=True)
     for e in busy:
         click.echo(f"warning: kept {e.path}: another process is writing it", err=True)
 

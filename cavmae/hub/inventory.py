@@ -5,7 +5,10 @@ The cache root and its layout are :mod:`cavmae.hub.cache`'s; this module reads t
 - ``checkpoints/{name}.pth`` and label CSVs (one entry each; a ``.part`` file is an unfinished
   download);
 - ``exports/{key}/`` one entry per export directory, sized with everything inside it (the
-  optimized copies ONNX Runtime and TensorRT cache there, ``.ort/`` and ``.trt/``); a hidden
+  optimized copies ONNX Runtime and TensorRT cache there, ``.ort/`` and ``.trt/``). Exports of
+  one checkpoint share the graphs they have in common as hard links (``cavmae.export.graph_store``):
+  such a file is counted once, in the first entry listed that holds it, as ``du`` does, and
+  the later ones show it as ``shared``; so the sizes add up to the disk used. A hidden
   ``exports/.{key}.*`` directory is an export in progress or one a crash left behind;
 - ``trt/`` TensorRT engines cached outside read-only export directories.
 
@@ -26,7 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cavmae import fsio
@@ -50,13 +53,16 @@ class CacheEntry:
     kind: str
     name: str
     path: Path
-    size: int  # bytes, everything inside for a directory
+    size: int  # bytes, everything inside for a directory (a hard-linked file counted once)
     last_used: float  # seconds since the epoch
     detail: str = ""
+    #: bytes of hard-linked files inside that an earlier entry of the listing counted
+    shared: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
             "kind": self.kind, "name": self.name, "path": str(self.path), "size_bytes": self.size,
+            "shared_bytes": self.shared,
             "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.last_used)),
             "detail": self.detail,
         }
@@ -65,15 +71,26 @@ class CacheEntry:
 # --- listing ---------------------------------------------------------------------------------
 
 
-def _tree_size(path: Path) -> int:
-    total = 0
+def _tree_size(path: Path, seen: set[tuple[int, int]] | None = None) -> tuple[int, int]:
+    """(bytes, shared bytes) of the files under ``path``. A file with other hard links counts
+    once: the first time it is met (its inode goes into ``seen``); met again, in this entry or
+    a later one, its bytes are ``shared`` instead."""
+    seen = set() if seen is None else seen
+    total = shared = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_size
+                st = os.lstat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    shared += st.st_size
+                    continue
+                seen.add(key)
+            total += st.st_size
+    return total, shared
 
 
 def _file_used(st: os.stat_result) -> float:
@@ -88,7 +105,9 @@ def _export_detail(path: Path) -> tuple[str, str]:
         return path.name, "no readable manifest"
     source = data.get("source") or {}
     origin = source.get("name") or (Path(source["checkpoint"]).name if source.get("checkpoint") else "?")
-    return str(origin), f"{data.get('model_kind', '?')}, {data.get('precision', '?')}, key {path.name}"
+    graphs, pending = data.get("graphs") or {}, data.get("pending") or []
+    written = f", {len(graphs) - len(pending)} of {len(graphs)} graphs" if pending else ""
+    return str(origin), f"{data.get('model_kind', '?')}, {data.get('precision', '?')}{written}, key {path.name}"
 
 
 def _checkpoint_entries(folder: Path) -> Iterator[CacheEntry]:
@@ -110,10 +129,10 @@ def _export_entries(folder: Path) -> Iterator[CacheEntry]:
             continue
         st = p.stat()
         if p.name.startswith("."):  # export_model's temporary sibling
-            yield CacheEntry("partial", p.name, p, _tree_size(p), st.st_mtime, "unfinished export")
+            yield CacheEntry("partial", p.name, p, 0, st.st_mtime, "unfinished export")  # sized later
             continue
         name, detail = _export_detail(p)
-        yield CacheEntry("export", name, p, _tree_size(p), st.st_mtime, detail)
+        yield CacheEntry("export", name, p, 0, st.st_mtime, detail)
 
 
 def _trt_entries(folder: Path) -> Iterator[CacheEntry]:
@@ -131,7 +150,13 @@ def list_cache(home: Path | None = None) -> list[CacheEntry]:
         *_export_entries(home / "exports"),
         *_trt_entries(home / "trt"),
     ]
-    return sorted(entries, key=lambda e: (KINDS.index(e.kind), e.name, str(e.path)))
+    entries.sort(key=lambda e: (KINDS.index(e.kind), e.name, str(e.path)))
+    seen: set[tuple[int, int]] = set()  # hard-linked files already counted
+    for i, e in enumerate(entries):
+        if e.path.is_dir():
+            size, shared = _tree_size(e.path, seen)
+            entries[i] = replace(e, size=size, shared=shared)
+    return entries
 
 
 # --- last use --------------------------------------------------------------------------------
@@ -194,6 +219,27 @@ def _writer_lock(entry: CacheEntry) -> Path:
     if entry.path.name.endswith(".part"):
         return lock_path(entry.path.with_name(entry.path.name[: -len(".part")]))
     return lock_path(entry.path)
+
+
+def freed_bytes(entries: Iterable[CacheEntry]) -> int:
+    """The bytes that removing ``entries`` gives back: a hard-linked file only when every link
+    to it is inside them (a graph another export still links stays on disk)."""
+    links: dict[tuple[int, int], list[int]] = {}  # inode -> [links met, nlink, size]
+    total = 0
+    for entry in entries:
+        walk = os.walk(entry.path) if entry.path.is_dir() else [(str(entry.path.parent), [], [entry.path.name])]
+        for root, _dirs, files in walk:
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(root, f))
+                except OSError:
+                    continue
+                if st.st_nlink <= 1:
+                    total += st.st_size
+                    continue
+                seen = links.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_size])
+                seen[0] += 1
+    return total + sum(size for met, nlink, size in links.values() if met >= nlink)
 
 
 def remove_entries(entries: Iterable[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry]]:
