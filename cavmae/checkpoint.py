@@ -265,7 +265,7 @@ def load_checkpoint(
         model = model_class(kind)(config)
         model.load_state_dict(state, strict=kind == file_kind)
     model.to(map_location)
-    return model.eval()
+    return model.eval()  # type: ignore[return-value]  # model_class(kind) builds CAVMAE or CAVMAEFT
 
 
 def _model_from_state(kind: str, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> CAVMAEEncoder | None:

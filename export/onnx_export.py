@@ -114,7 +114,7 @@ def export_stage(
             torch.onnx.export(
                 stage.module,
                 args,
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch.onnx.export also writes to a file object
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
                 dynamic_axes=stage.decl.dynamic_axes(),
