@@ -42,6 +42,7 @@ from .graph_store import (
     write_validation,
 )
 from .int8 import Int8Options, quantize_export
+from .onnx_wire import write_edited_model
 from .validate import (
     DEFAULT_SEED,
     VALIDATION_BATCH,
@@ -124,10 +125,10 @@ def export_stage(
             )
     finally:
         hook.remove()
-    model = onnx.load_from_string(buffer.getvalue())
+    # stamped without parsing and re-serializing the weights (see cavmae.export.onnx_wire)
+    with buffer.getbuffer() as data:
+        write_edited_model(data, path, lambda model: stamp_shapes(model, stage, path.name))
     del buffer
-    stamp_shapes(model, stage, path.name)
-    onnx.save(model, str(path))
     out = seen[0] if isinstance(seen[0], tuple) else (seen[0],)
     return {s.name: o.detach().float().cpu().numpy() for s, o in zip(spec.outputs, out, strict=True)}
 
