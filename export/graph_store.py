@@ -57,6 +57,7 @@ def graph_identity(
     versions: Mapping[str, Any],
     seed: int,
     batch: int,
+    onnx_batch: int,
 ) -> str:
     """The hex sha256 naming everything a graph's file and its validation depend on.
 
@@ -73,7 +74,7 @@ def graph_identity(
         "params": dict(params),
         "model_config": dict(model_config),
         "versions": dict(versions),
-        "validation": {"seed": int(seed), "batch": int(batch)},
+        "validation": {"seed": int(seed), "batch": int(batch), "onnx_batch": int(onnx_batch)},
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -45,6 +45,7 @@ from .int8 import Int8Options, quantize_export
 from .onnx_wire import write_edited_model
 from .validate import (
     DEFAULT_SEED,
+    ONNX_BATCH,
     VALIDATION_BATCH,
     ValidationReport,
     validate_graph,
@@ -200,7 +201,8 @@ class GraphJob:
             return None
         return graph_identity(sha256=self.sha256, spec=planned.spec, precision=self.traced,
                               params=planned.params, model_config=self.model_config,
-                              versions=self.versions, seed=self.seed, batch=VALIDATION_BATCH)
+                              versions=self.versions, seed=self.seed, batch=VALIDATION_BATCH,
+                              onnx_batch=ONNX_BATCH)
 
     def spec(self, planned: PlannedGraph) -> GraphSpec:
         return planned.spec if self.traced == "fp32" else replace(planned.spec, precision=self.traced)

@@ -82,3 +82,39 @@ def test_export_command_reports_the_seed(tmp_path, tiny_classifier):
     assert summary["validation_seed"] == 16
     assert all(g["validation"].startswith("seed 16,") for g in summary["graphs"].values())
     assert json.loads((tmp_path / "e" / "validation.json").read_text())["seed"] == 16
+
+
+def test_onnx_runtime_checks_the_first_sample_at_another_batch_than_the_trace(tmp_path, tiny_classifier):
+    from cavmae.export.onnx_export import export_stage
+    from cavmae.export.validate import ONNX_BATCH, VALIDATION_BATCH, validate_graph, validation_inputs
+    from cavmae.stages import build_stages
+
+    stage = build_stages(tiny_classifier, num_frames=2, max_batch=2)["audio_encoder"]
+    inputs = validation_inputs(stage, 0)
+    reference = export_stage(stage, tmp_path / "a.onnx", inputs=inputs)
+    report = validate_graph(stage, tmp_path / "a.onnx", "fp32", reference=reference)
+    assert (report.batch, report.onnx_batch) == (VALIDATION_BATCH, ONNX_BATCH) == (2, 1)
+    assert report.passed and "batch 1 of 2" in report.summary()
+    # a wrong reference for the first sample fails; one for the second sample is not compared
+    bad_first = {k: v.copy() for k, v in reference.items()}
+    next(iter(bad_first.values()))[0] += 1.0
+    assert not validate_graph(stage, tmp_path / "a.onnx", "fp32", reference=bad_first).passed
+
+
+def test_a_graph_with_its_batch_baked_in_fails_validation(tmp_path, tiny_classifier):
+    """Traced at batch 2 without a dynamic batch axis: ONNX Runtime cannot run it at batch 1,
+    and validation says so in one line instead of passing on the traced batch."""
+    from cavmae.errors import ExportError
+    from cavmae.export.validate import validate_graph, validation_inputs
+    from cavmae.stages import build_stages
+
+    stage = build_stages(tiny_classifier, num_frames=2, max_batch=2)["audio_encoder"]
+    inputs = validation_inputs(stage, 0)
+    args = tuple(torch.from_numpy(inputs[t.name]) for t in stage.spec.inputs)
+    with torch.inference_mode():
+        torch.onnx.export(stage.module, args, str(tmp_path / "baked.onnx"), dynamo=False,
+                          input_names=[t.name for t in stage.spec.inputs],
+                          output_names=[t.name for t in stage.spec.outputs], opset_version=17)
+    with pytest.raises(ExportError, match="cannot run the graph at batch 1") as err:
+        validate_graph(stage, tmp_path / "baked.onnx", "fp32")
+    assert "\n" not in str(err.value)
