@@ -175,8 +175,10 @@ class GraphJob:
     ``reuse``: export directories whose validated graphs of the same identity are hard-linked
     instead of traced (see :mod:`cavmae.export.graph_store`). ``optimized``: graph name -> the
     path inside the export where ONNX Runtime's optimized copy belongs (the CPU engine's
-    name); validation then saves the graph it checked there. ``sha256`` None: no identities,
-    no reuse (a model given as an object).
+    name); validation then saves the graph it checked there. ``open_session(graph, path,
+    optimized)``: opens validation's ONNX Runtime session (the engine that runs the graph
+    next, keeping the session; see :func:`cavmae.export.validate.validate_graph`).
+    ``sha256`` None: no identities, no reuse (a model given as an object).
     """
 
     precision: str  # of the export: fp32, fp16 or int8
@@ -189,6 +191,7 @@ class GraphJob:
     reuse: Sequence[Path] = ()
     optimized: Callable[[str], str | None] | None = None
     progress: bool = False
+    open_session: Callable[[str, Path, Path | None], Any] | None = None
 
     @property
     def traced(self) -> str:
@@ -258,8 +261,10 @@ def _trace_graph(
         if job.validate:
             if optimized is not None:
                 optimized.parent.mkdir(parents=True, exist_ok=True)
+            opener = job.open_session
             report = validate_graph(stage, path, job.traced, task=job.task, seed=job.seed,
-                                    optimized=optimized, reference=reference)
+                                    optimized=optimized, reference=reference,
+                                    open_session=None if opener is None else lambda p, o: opener(name, p, o))
             if not report.passed:
                 raise ExportError(f"validation failed for {name}: {report.summary()}")
             report.identity = identity if job.precision != "int8" else None
@@ -420,12 +425,14 @@ def add_graphs(
     reuse: Sequence[Path] = (),
     optimized: Callable[[str], str | None] | None = None,
     progress: bool = False,
+    open_session: Callable[[str, Path, Path | None], Any] | None = None,
 ) -> Manifest:
     """Write the pending graphs ``names`` of the export ``out_dir`` (the ones ``export_model``
     did not ``write``), each reused or traced and validated as the export's own graphs were, then
     rewrite ``validation.json`` and the manifest (atomically, in that order). ``model`` is
     called only when a graph must be traced. The caller holds the export's lock; graphs no
-    longer pending (another process added them) are skipped. Returns the new manifest."""
+    longer pending (another process added them) are skipped. ``optimized`` and
+    ``open_session``: see :class:`GraphJob`. Returns the new manifest."""
     out_dir = Path(out_dir)
     manifest = Manifest.load(out_dir)
     todo = [n for n in manifest.pending if n in names]
@@ -443,7 +450,7 @@ def add_graphs(
                        mask_ratio_a=_or_default(manifest.mask_ratio_a),
                        mask_ratio_v=_or_default(manifest.mask_ratio_v))
     job = GraphJob(manifest.precision, manifest.task, seed, True, manifest.source.get("sha256"),
-                   cfg.to_dict(), _versions(), reuse, optimized, progress)
+                   cfg.to_dict(), _versions(), reuse, optimized, progress, open_session)
     reports = _make_graphs(job, {n: plan[n] for n in todo}, out_dir, model)
     graphs = {**record["graphs"], **{k: r.to_dict() for k, r in reports.items()}}
     write_validation(out_dir, seed, {n: graphs[n] for n in manifest.graphs if n in graphs})

@@ -16,6 +16,7 @@ with the tolerance its graph declaration gives it (:class:`cavmae.graphs.Toleran
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,18 +164,21 @@ def validate_graph(
     stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = VALIDATION_BATCH,
     seed: int = DEFAULT_SEED, optimized: Path | None = None,
     reference: dict[str, np.ndarray] | None = None, onnx_batch: int = ONNX_BATCH,
+    open_session: Callable[[Path, Path | None], Any] | None = None,
 ) -> ValidationReport:
     """Compare the ONNX file at ``path`` with ``stage`` on random inputs drawn from ``seed``:
     one PyTorch run of ``batch`` samples and one ONNX Runtime run of the first ``onnx_batch``
     of them (:data:`ONNX_BATCH`: a batch other than the traced one). ``reference``: the stage's
     outputs on exactly those inputs when the caller has them already (the exporter's trace
     ran the stage on them), so the stage is not run again. ``optimized``: where ONNX Runtime
-    saves the optimized graph it validates (see :func:`ort_session`)."""
+    saves the optimized graph it validates (see :func:`ort_session`). ``open_session(path,
+    optimized)``: opens the session instead of :func:`ort_session` (an engine that then runs
+    the very session validation checked; it must optimize fully and save to ``optimized``)."""
     if not 1 <= onnx_batch <= batch:
         raise ValueError(f"onnx_batch must be 1..{batch}, not {onnx_batch}")
     inputs = validation_inputs(stage, seed, batch)
     want = reference if reference is not None else run_stage(stage, inputs)
-    session = ort_session(path, optimized)
+    session = (open_session or ort_session)(path, optimized)
     try:
         got_list = session.run(None, {k: v[:onnx_batch] for k, v in inputs.items()})
     except Exception as e:  # onnxruntime's own exception types: a graph that cannot run

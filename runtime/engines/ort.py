@@ -74,7 +74,8 @@ class OrtSession(GraphSession):
     def __init__(self, spec: GraphSpec, session: Any, source: str) -> None:
         super().__init__(spec)
         self._session = session
-        #: where the graph came from: "source", "cache" (pre-optimized) or "source+cached"
+        #: where the graph came from: "source", "cache" (pre-optimized), "source+cached" or
+        #: "validation" (the session the exporter validated, see ``validation_session``)
         self.source = source
         self._outputs = [t.name for t in spec.outputs]
         self._check_against_spec()
@@ -139,6 +140,8 @@ class OrtEngine(Engine):
         self.device_kind = kind
         self.device_index = index
         self.provider = _PROVIDERS[kind]
+        #: graph name -> the session validation ran, taken by the graph's first ``_open``
+        self._validated: dict[str, Any] = {}
         if kind == "cuda" and hasattr(self._ort, "preload_dlls"):
             # The `gpu` extra brings CUDA and cuDNN as NVIDIA's pip wheels, which are not on the
             # loader's path: ORT >= 1.21 finds them in site-packages (or in torch) when asked.
@@ -199,8 +202,25 @@ class OrtEngine(Engine):
             )
         return sess
 
+    def validation_session(self, graph: str, path: Path, optimized: Path | None) -> Any:
+        """A session of the new graph file ``path`` of ``graph``, opened as this engine opens
+        a graph it optimizes (every optimization on; ``optimized``: where ONNX Runtime saves
+        the optimized graph, the copy a later process loads), for the exporter's validation
+        to run. The engine keeps it: its first :meth:`session` of ``graph`` is the session
+        validation checked, and the graph is not loaded and initialized a second time."""
+        options = self._options(self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        options.log_severity_level = 3  # the hardware-specific ENABLE_ALL warning (see _open)
+        if optimized is not None:
+            options.optimized_model_filepath = str(optimized)
+        session = self._new_session(path, options)
+        self._validated[graph] = session
+        return session
+
     def _open(self, spec: GraphSpec) -> GraphSession:
         ort = self._ort
+        validated = self._validated.pop(spec.name, None)
+        if validated is not None:
+            return OrtSession(spec, validated, "validation")
         source = self.export_dir / spec.file
         if not source.is_file():
             raise CavmaeError(
