@@ -86,7 +86,12 @@ def test_export_command_reports_the_seed(tmp_path, tiny_classifier):
 
 def test_onnx_runtime_checks_the_first_sample_at_another_batch_than_the_trace(tmp_path, tiny_classifier):
     from cavmae.export.onnx_export import export_stage
-    from cavmae.export.validate import ONNX_BATCH, VALIDATION_BATCH, validate_graph, validation_inputs
+    from cavmae.export.validate import (
+        ONNX_BATCH,
+        VALIDATION_BATCH,
+        validate_graph,
+        validation_inputs,
+    )
     from cavmae.stages import build_stages
 
     stage = build_stages(tiny_classifier, num_frames=2, max_batch=2)["audio_encoder"]
