@@ -26,7 +26,7 @@ from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
 from cavmae.runtime.engines import ENGINES, create_engine, resolve_engine
 from cavmae.runtime.engines.base import check_inputs
-from cavmae.runtime.engines.ort import OrtEngine
+from cavmae.runtime.engines.ort import SPIN_CONFIG_KEY, OrtEngine
 from tiny_graphs import proj_graph, proj_spec
 
 MAX_BATCH = 4
@@ -314,6 +314,20 @@ def test_threads_default_env_and_argument(
         OrtEngine(d, m)
     with pytest.raises(CavmaeError, match="at least 1"):
         hardware.default_threads(0)
+
+
+def test_cpu_session_settings(export: tuple[Path, Manifest]) -> None:
+    """Intra-op threads do not busy-wait by default (they took cores from decoding and from
+    the next operator), ``spin=True`` restores it; no memory pattern (its block was allocated
+    on the second run, fresh pages at a cost of seconds): benchmarks/README.md."""
+    d, m = export
+    for kwargs, want in (({}, "0"), ({"spin": True}, "1")):
+        session = OrtEngine(d, m, cache=False, **kwargs).session("proj")
+        options = session._session.get_session_options()
+        assert options.get_session_config_entry(SPIN_CONFIG_KEY) == want
+        assert options.enable_mem_pattern is False
+        x = proj_inputs(2)
+        np.testing.assert_allclose(session.run(x)["y"], proj_reference(x)["y"], rtol=1e-5, atol=1e-5)
 
 
 _HT_CPUINFO = "\n\n".join(
