@@ -57,9 +57,14 @@ def model_options(default: str | None = "registry") -> Callable[[Callable[..., A
 
 
 def open_pipeline(model: str | None, engine: str, device: str, mirror: str | None = None, **kw: Any):
-    """Load a pipeline, downloading and exporting on first use with progress on stderr."""
+    """Load a pipeline, downloading and exporting on first use with progress on stderr.
+
+    The command runs once and exits: the heap keeps the memory it frees (an export's large
+    buffers are then not new pages each time, see :mod:`cavmae.heap`)."""
+    from cavmae.heap import keep_freed_memory
     from cavmae.runtime import load
 
+    keep_freed_memory()
     return load(model or default_model(), engine=engine, device=device, mirror=mirror, progress=True, **kw)
 
 

@@ -61,7 +61,10 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
       cavmae export cav-mae-base-nonorm -o exports/recon --mask-ratio 0.75
     """
     from cavmae.export import export_model
+    from cavmae.heap import keep_freed_memory
     from cavmae.runtime.loader import model_labels, resolve_model
+
+    keep_freed_memory()  # one export, then exit: large freed buffers are reused (cavmae.heap)
 
     source = resolve_model(model, mirror=mirror, progress=not as_json)
     if source.kind == "export":

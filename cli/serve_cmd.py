@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from cavmae.errors import CavmaeError
+from cavmae.heap import steady_heap
 from cavmae.runtime.serve.config import MB, ServeConfig
 
 from .common import default_model, model_options
@@ -31,30 +32,6 @@ def _listen(host: str, port: int) -> socket.socket:
         raise CavmaeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     return sock
-
-
-def _steady_heap() -> None:
-    """Make glibc return request-sized buffers to the system once they are freed.
-
-    Each request allocates a few MB of frames and spectrograms on several threads. glibc's
-    default raises its mmap threshold after such buffers are freed and serves the next ones from
-    per-thread arenas, which then stay large: a long-running server's memory creeps up by tens
-    of percent without leaking. A fixed 1 MB threshold and two arenas keep it flat (measured by
-    benchmarks/serve_load.py). No-op outside glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        mallopt = None
-    if mallopt is not None:
-        m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
-        mallopt(m_mmap_threshold, 1 << 20)
-        mallopt(m_arena_max, 2)
 
 
 def _is_loopback(host: str) -> bool:
@@ -115,7 +92,7 @@ def serve(model, engine, device, mirror, index, host, port, frames, max_batch, m
         raise CavmaeError(f"cavmae serve needs the serve extra ({e.name} is missing):"
                           ' pip install -e ".[serve]"') from None
 
-    _steady_heap()  # before the engine and the worker threads start
+    steady_heap()  # before the engine and the worker threads start
     config = ServeConfig(
         max_batch=max_batch, max_wait=max_wait_ms / 1000.0, max_queue=max_queue, workers=workers,
         max_upload=int(max_upload_mb * MB), max_duration=max_duration, timeout=timeout, max_windows=max_windows,

@@ -1,0 +1,68 @@
+"""How this process's C heap (glibc malloc) treats freed memory: one policy per kind of process.
+
+Both are set with ``mallopt`` and are no-ops where the C library has none (not glibc).
+
+- :func:`keep_freed_memory`, for one-shot commands that load or export a model: freed memory
+  stays in the process for the next allocation. glibc's default hands every block over 32 MB
+  back to the kernel when it is freed, so each large buffer of an export (the serialized
+  graph, its copies, ONNX Runtime's arenas) is new memory whose pages the kernel zeroes on
+  first touch: 1.9 million minor page faults in one first use of a full-size checkpoint.
+  Kept, they were 1.4 million, and the first use took 17.0-17.6 s instead of 17.8-19.2 s
+  (three pairs taking turns on a 2-core Xeon, benchmarks/README.md, "First use"). The price:
+  the process does not shrink back after its peak, which a command that exits soon does not
+  need.
+- :func:`steady_heap`, for the long-running server: request-sized buffers go back to the
+  system when freed, so memory stays flat over hours of requests (see the function).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
+# mallopt parameters, from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+#: never give the top of the heap back (64 GiB: more than any machine this runs on holds)
+_NEVER_TRIM = 64 << 30
+#: grow the heap by this much more than asked, so growth takes fewer system calls
+_TOP_PAD = 64 << 20
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "mallopt", None)
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and never shrink it (see the module doc).
+    True when the C library took the settings."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    # mallopt returns 1 on success; all three are needed (mmap off alone still trims the top)
+    return all([mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, _NEVER_TRIM), mallopt(M_TOP_PAD, _TOP_PAD)])
+
+
+def steady_heap() -> bool:
+    """Make glibc return request-sized buffers to the system once they are freed.
+
+    Each request allocates a few MB of frames and spectrograms on several threads. glibc's
+    default raises its mmap threshold after such buffers are freed and serves the next ones from
+    per-thread arenas, which then stay large: a long-running server's memory creeps up by tens
+    of percent without leaking. A fixed 1 MB threshold and two arenas keep it flat (measured by
+    benchmarks/serve_load.py). True when the C library took the settings.
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return all([mallopt(M_MMAP_THRESHOLD, 1 << 20), mallopt(M_ARENA_MAX, 2)])
