@@ -184,17 +184,19 @@ class OrtEngine(Engine):
         so.graph_optimization_level = level
         # Idle intra-op threads sleep instead of spinning between operators. The threads are
         # as many as the cores, so a spinning thread takes a core from the decoding threads
-        # and from the next operator's own work. Measured on a 2-core Xeon (benchmarks/README.md,
-        # "Thread spinning"): the full-size graphs 2.5-7% faster per clip, the tiny model 2x,
-        # a folder of clips with decoding ahead 5-8% faster.
+        # and from the other graphs' sessions. Measured side by side on two 2-core hosts
+        # (benchmarks/README.md, "Thread spinning"): the folder loop with decoding ahead 2-8%
+        # faster at full size, 14% for the tiny model; the model alone 0-7% faster at full
+        # size, 1.3-2x for the tiny one.
         so.add_session_config_entry(SPIN_CONFIG_KEY, "1" if self.spin else "0")
         if self.provider == "CPUExecutionProvider":
             # No memory pattern: with it, ONNX Runtime plans one block for all of a run's
             # intermediate tensors after the first run and allocates it on the second, fresh
             # pages the kernel must zero: the joint graph's second run took 1.6 s instead of
-            # 0.47 (it holds the attention maps of 10 sequences), and in a first use the real run is the second
-            # (validation ran first). The arena keeps what the first run allocated anyway;
-            # steady-state runs measured the same either way (benchmarks/README.md).
+            # 0.47 (it holds the attention maps of 10 sequences), and in a first use the real
+            # run is the second (validation ran first). The arena keeps what the first run
+            # allocated anyway; steady-state runs measured the same either way
+            # (benchmarks/README.md, "Memory pattern").
             so.enable_mem_pattern = False
         return so
 

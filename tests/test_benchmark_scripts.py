@@ -1,0 +1,47 @@
+"""Benchmark scripts run on the tiny model so they cannot rot. No timing is asserted, only that
+the runs happened and were measured: benchmarks/first_use.py (a cold and a warm `cavmae classify`
+per round, each in its own process and cache) and benchmarks/ort_spin.py (sleeping vs spinning
+ONNX Runtime threads, taking turns)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_first_use_benchmark_runs_tiny(tmp_path):
+    module = _script("first_use")
+    out = tmp_path / "first-use.json"
+    module.main(["--tiny", "--rounds", "1", "--work", str(tmp_path / "work"), "--out", str(out),
+                 "--env", "CAVMAE_THREADS=1"])
+    result = json.loads(out.read_text())
+    assert result["env"] == {"CAVMAE_THREADS": "1"}
+    (run,) = result["runs"]
+    for kind in ("cold", "warm"):
+        assert run[kind]["returncode"] == 0, run[kind].get("stderr_tail")
+        assert run[kind]["seconds"] > 0 and run[kind]["minor_faults"] > 0
+    # the cold run exported (work the warm run finds cached); the round's cache is gone
+    assert run["cold"]["user_s"] > run["warm"]["user_s"]
+    assert not list((tmp_path / "work").glob("home-*"))
+    assert set(result["median"]) == {"cold", "warm"}
+
+
+def test_spin_benchmark_runs_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "spin.json"
+    _script("ort_spin").main(["--tiny", "--rounds", "2", "--folder", "2", "--work", str(tmp_path / "work"),
+                              "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["folder_clips"] == 2
+    for what in ("classify", "folder"):
+        assert {k: len(v) for k, v in result["seconds"][what].items()} == {"sleep": 2, "spin": 2}
+        assert result[f"{what}_sleep_vs_spin"] > 0
