@@ -21,6 +21,11 @@ from .errors import CavmaeError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BATCH = "batch"
+#: precisions an export's graphs can have (what a manifest's ``precision`` says); ONNX Runtime
+#: and TensorRT run exports
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
+#: autocast precisions of the torch engine, which runs the checkpoint's model itself
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

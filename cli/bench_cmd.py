@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cavmae.manifest import TORCH_PRECISIONS
+
 from .common import ENGINE_CHOICES, echo_json
 
 
@@ -27,7 +29,7 @@ from .common import ENGINE_CHOICES, echo_json
 @click.option("--baseline-repeat", default=None, type=click.IntRange(1), help="Timed runs of the slow baseline.")
 @click.option("--no-baseline", is_flag=True, help="Skip the reference-style baseline.")
 @click.option("--no-stages", is_flag=True, help="Skip the per-graph timings.")
-@click.option("--torch-precision", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True, default=("fp32",),
+@click.option("--torch-precision", type=click.Choice(TORCH_PRECISIONS), multiple=True, default=("fp32",),
               show_default=True,
               help="Autocast precision of the torch engine (fp16 needs CUDA; bf16 also runs on the CPU);"
                    " repeat the option to run several side by side.")

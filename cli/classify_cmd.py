@@ -44,7 +44,7 @@ from .results import ResultWriter
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
-@model_options()
+@model_options(precision=True)
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1), help="Labels to show per clip.")
 @click.option("--mode", type=click.Choice([AUTO, *CLI_MODES]), default=AUTO, show_default=True,
               help="Modalities to use. auto: per file, audio-visual where the model and the file allow,"
@@ -67,7 +67,7 @@ from .results import ResultWriter
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
               help="Threads decoding the next clips while the model runs (0: decode in the main thread).")
 @ray_options
-def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window, hop, offset, labels_csv,
+def classify(inputs, model, engine, device, mirror, precision, top_k, mode, frames, window, hop, offset, labels_csv,
              as_json, as_csv, all_scores, output, shard, workers, ray_address, ray_actors,
              ray_gpus_per_actor) -> None:
     """Classify videos (files, folders or globs): top-k labels with scores.
@@ -89,6 +89,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
       cavmae classify clips/ --json -o results.jsonl
       cavmae classify long.mp4 --window 10 --hop 5 --csv
       cavmae classify talk.wav --mode audio -m as-46.6-audio
+      cavmae classify clips/ --precision int8 --json -o results.jsonl
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -103,7 +104,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
                               command="cavmae classify", shared=parse_shard(shard)[1] > 1)
     # --labels replaces the model's names inside load(), so no label file is downloaded then
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
-                         task="classify")
+                         task="classify", precision=precision)
     mode = _choose_mode(pipe, mode)
     out = _Output(writer, label_names(pipe), top_k, all_scores, as_json,
                   csv.writer(sys.stdout) if as_csv else None, windows=window is not None)
@@ -112,7 +113,7 @@ def classify(inputs, model, engine, device, mirror, top_k, mode, frames, window,
     if ray_address is not None:  # the same results, computed on Ray Data (cli/ray_run.py)
         settings = RaySettings(ray_address, ray_actors, ray_gpus_per_actor)
         ray_run.finish(ray_run.classify(settings, files=files, pipe=pipe, spec=settings.spec(
-            model, engine, device, num_frames=frames), mode=mode, window=window, hop=hop,
+            model, engine, device, num_frames=frames, precision=precision), mode=mode, window=window, hop=hop,
             offset=offset, writer=writer, emit=out.emit), len(files))
         return
     try:

@@ -17,10 +17,13 @@ import click
 from cavmae import filetypes
 from cavmae.errors import CavmaeError
 from cavmae.filetypes import MEDIA_SUFFIXES
+from cavmae.manifest import EXPORT_PRECISIONS, TORCH_PRECISIONS
 
 T = TypeVar("T")
 
 ENGINE_CHOICES = ["auto", "ort", "trt", "torch"]
+#: every precision some engine runs (cavmae.runtime.loader.check_precision says which one)
+PRECISION_CHOICES = list(dict.fromkeys([*EXPORT_PRECISIONS, *TORCH_PRECISIONS]))
 
 #: exit code of a batch job in which some inputs failed (reported, the rest processed): the same
 #: code as any other user mistake, so scripts need to know only 0, 1 (a bug) and 2.
@@ -34,10 +37,20 @@ def default_model() -> str:
     return os.environ.get("CAVMAE_MODEL", DEFAULT_MODEL)
 
 
-def model_options(default: str | None = "registry") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--model``, ``--engine``, ``--device``, ``--mirror`` for commands that run a model."""
+def model_options(
+    default: str | None = "registry", precision: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model``, ``--engine``, ``--device``, ``--mirror`` for commands that run a model, and
+    ``--precision`` where ``precision`` is true (the command takes a ``precision`` argument)."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        if precision:
+            f = click.option(
+                "--precision", type=click.Choice(PRECISION_CHOICES), default=None,
+                help="fp32, fp16 or int8 graphs on ONNX Runtime / TensorRT (a checkpoint or registry"
+                     " name is exported in it on first use; int8 is checked against fp32 on the sample"
+                     " clips first); fp32, fp16 or bf16 autocast on --engine torch. [default: fp32,"
+                     " or an export directory's own]")(f)
         f = click.option("--mirror", envvar="CAVMAE_MIRROR", default=None, metavar="URL",
                          help="Base URL replacing the checkpoint hosts (env CAVMAE_MIRROR).")(f)
         f = click.option("--device", default="auto", show_default=True,

@@ -70,7 +70,7 @@ def _print_summary(result: Any) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("dataset", nargs=-1, required=True)
-@model_options()
+@model_options(precision=True)
 @click.option(
     "--labels",
     "labels_csv",
@@ -149,6 +149,7 @@ def evaluate(
     engine: str,
     device: str,
     mirror: str | None,
+    precision: str | None,
     labels_csv: str | None,
     labels_file: str | None,
     mode: str | None,
@@ -190,7 +191,7 @@ def evaluate(
     from cavmae.runtime import evaluation as ev
 
     data = _read_dataset(dataset, labels_file, limit)
-    pipeline = open_pipeline(model, engine, device, mirror)
+    pipeline = open_pipeline(model, engine, device, mirror, precision=precision)
     try:
         label_set = ev.model_label_set(pipeline, labels_csv) if labels_csv is not None else None
         result = ev.evaluate(

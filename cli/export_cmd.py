@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cavmae.manifest import EXPORT_PRECISIONS
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import AUTO, FINETUNE_MODES
 
@@ -16,7 +17,7 @@ from .common import echo_json
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the export into (must be empty or absent).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
               help="int8: quantized graphs, written only when they agree with fp32 on real clips.")
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), default=None, metavar="DIR",
               help="int8: clips the int8 graphs are compared on (and calibrated on, with --int8-method"

@@ -44,7 +44,7 @@ def _is_loopback(host: str) -> bool:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@model_options()
+@model_options(precision=True)
 @click.option("--index", default=None, metavar="INDEX", help="Embedding index for /v1/search (cavmae embed -o).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 listens on all.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
@@ -70,7 +70,7 @@ def _is_loopback(host: str) -> bool:
               help="Let requests name files inside this folder (field 'path') instead of uploading them.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log level.")
-def serve(model, engine, device, mirror, index, host, port, frames, max_batch, max_wait_ms, max_queue, workers,
+def serve(model, engine, device, mirror, precision, index, host, port, frames, max_batch, max_wait_ms, max_queue, workers,
           max_upload_mb, max_duration, timeout, max_windows, api_key, allow_dir, log_level) -> None:
     """Serve a model over HTTP: classify, embed, search and localize uploaded videos.
 
@@ -104,7 +104,7 @@ def serve(model, engine, device, mirror, index, host, port, frames, max_batch, m
     sock = _listen(host, port)
     try:
         service = Service.open(model or default_model(), engine=engine, device=device, index=index,
-                               mirror=mirror, num_frames=frames, progress=True)
+                               mirror=mirror, num_frames=frames, precision=precision, progress=True)
         app = create_app(service, config)
         bound_port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host

@@ -26,7 +26,7 @@ from cavmae.checkpoint import load_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
-from cavmae.manifest import GraphSpec, Manifest, is_export_dir
+from cavmae.manifest import EXPORT_PRECISIONS, GraphSpec, Manifest, is_export_dir
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.model import CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 #: ONNX opset: LayerNormalization needs 17; TensorRT 10 and 11 parse up to 20.
 OPSET = 17
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = EXPORT_PRECISIONS
 
 
 @dataclass

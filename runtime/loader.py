@@ -31,7 +31,7 @@ from cavmae.hub import registry
 from cavmae.hub.cache import cavmae_home
 from cavmae.hub.inventory import mark_used
 from cavmae.labels import LabelSet, read_label_csv
-from cavmae.manifest import Manifest, is_export_dir
+from cavmae.manifest import EXPORT_PRECISIONS, TORCH_PRECISIONS, Manifest, is_export_dir
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
@@ -311,7 +311,7 @@ def load(
     engine: str = "auto",
     device: str = "auto",
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     num_frames: int = 10,
     max_batch: int = 8,
     mask_ratio_a: float = DEFAULT_MASK_RATIO,
@@ -325,14 +325,17 @@ def load(
     """Open ``model`` (export directory, checkpoint file or registry name) as a pipeline.
 
     ``engine``: "auto" (TensorRT with a GPU, else ONNX Runtime CUDA, else CPU), "ort", "trt"
-    or "torch". For "torch", ``precision`` fp16/bf16 means CUDA autocast; for the others it
-    selects the fp32 or fp16 export of a checkpoint.
+    or "torch". ``precision``: for "torch" the autocast precision (fp16 on CUDA, bf16 on CUDA
+    or the CPU); for the others the export's precision (fp32, fp16 or int8): a checkpoint is
+    exported in it on first use, and an export directory must have it. None: fp32 for a
+    checkpoint, the export's own for an export directory.
 
     ``labels``: a label CSV replacing the model's class names (nothing is downloaded for
     labels then). ``task`` (``"classify"``, ``"reconstruct"``): refuse a model
     of the wrong kind before any download or export (``ModelKindError``).
     """
     name, dev = check_engine(engine, device)  # before any download or export
+    check_precision(name, precision)
     source = resolve_model(model, mirror=mirror, progress=progress, task=task)
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it
     user = model_labels(source, labels) if labels is not None else None  # checked before export
@@ -347,6 +350,27 @@ def load(
     if names is not None:  # the user's, or the registry's where the export has none
         pipe.manifest = replace(pipe.manifest, labels=names.names)
     return pipe
+
+
+def check_precision(engine: str, precision: str | None) -> None:
+    """Refuse a precision the engine does not run, before any download or export."""
+    if precision is None:
+        return
+    allowed = TORCH_PRECISIONS if engine == "torch" else EXPORT_PRECISIONS
+    if precision not in allowed:
+        also = "; bf16 runs on --engine torch" if precision == "bf16" else ""
+        also = "; int8 runs on the ONNX Runtime engine (--engine ort)" if precision == "int8" else also
+        raise CavmaeError(f"the {engine} engine runs precision {', '.join(allowed)}, not {precision}{also}")
+
+
+def _check_export_precision(path: Path, manifest: Manifest, precision: str | None) -> None:
+    """An export directory runs at its own precision: refuse another one asked for."""
+    if precision is not None and manifest.precision != precision:
+        raise CavmaeError(
+            f"{path} is an export in {manifest.precision}, not {precision}: give the checkpoint or"
+            f" registry name to export it in {precision} on first use, or write one with"
+            f" `cavmae export MODEL --precision {precision}`"
+        )
 
 
 def _once(lookup: Callable[[], LabelSet | None]) -> Callable[[], LabelSet | None]:
@@ -366,7 +390,7 @@ def _open(
     name: str,
     dev: str,
     *,
-    precision: str,
+    precision: str | None,
     labels: Callable[[], LabelSet | None],
     progress: bool,
     export_opts: dict[str, Any],
@@ -378,17 +402,19 @@ def _open(
 
         if source.kind == "export":
             manifest = Manifest.load(source.path)
-            return Pipeline(TorchEngine(source.path, manifest, dev, precision=precision, **engine_options))
+            return Pipeline(TorchEngine(source.path, manifest, dev, precision=precision or "fp32", **engine_options))
         net = source.load_model()
         manifest = _in_memory_manifest(net, source, labels(), **export_opts)
-        return Pipeline(TorchEngine(None, manifest, dev, model=net, precision=precision, **engine_options))
+        return Pipeline(TorchEngine(None, manifest, dev, model=net, precision=precision or "fp32", **engine_options))
     if source.kind == "checkpoint":
-        export = CacheExport(source, progress=progress, labels=labels, precision=precision, **export_opts)
+        export = CacheExport(source, progress=progress, labels=labels, precision=precision or "fp32", **export_opts)
         path = export.ensure()
     else:
         export, path = None, source.path
     mark_used(path)
     manifest = Manifest.load(path)
+    if export is None:
+        _check_export_precision(path, manifest, precision)
     engine = create_engine(name, path, manifest, dev, **engine_options)
     if export is not None:
         engine.provide = export.provide  # pending graphs are written when first opened

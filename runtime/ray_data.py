@@ -296,12 +296,13 @@ class ModelSpec:
     num_frames: int = 10
     labels: str | None = None
     frame: str | int = "middle"  # the visual embedding's frame choice (embed only)
+    precision: str | None = None  # load()'s: None is fp32, or an export directory's own
 
     def open(self) -> Any:
         from cavmae.runtime import load
 
         return load(self.model, engine=self.engine, device=self.device, num_frames=self.num_frames,
-                    labels=self.labels)
+                    labels=self.labels, precision=self.precision)
 
 
 def _pack(x: np.ndarray | None) -> bytes:

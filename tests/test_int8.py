@@ -93,6 +93,35 @@ def test_cli_int8_export_gates_reports_and_runs(tiny):
     pipe.close()
 
 
+def test_cli_classify_precision(tiny):
+    """``classify --precision``: a checkpoint is exported in int8 (gated) into the cache on first
+    use; an export directory runs at its own precision and refuses another; a precision the
+    engine does not run is one line before any work; bf16 runs on the torch engine."""
+    _, ckpt, tmp = tiny
+    home = tmp / "classify-home"
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "--precision", "int8", "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["top"]) == 5
+    (export,) = [d for d in (home / "exports").iterdir() if (d / "manifest.json").is_file()]
+    manifest = Manifest.load(export)
+    assert manifest.precision == "int8" and manifest.quantization["passed"]
+    # the export directory: its own precision by default, another one refused
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(export), "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(export), "--precision", "fp32", home=home)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("Error: ") and "is an export in int8, not fp32" in r.stderr
+    # bf16 is the torch engine's: refused on ONNX Runtime before anything is exported
+    fresh = tmp / "bf16-home"
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "--precision", "bf16", home=fresh)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--engine torch" in r.stderr, r.stderr
+    assert not (fresh / "exports").exists()
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "--engine", "torch", "--precision", "bf16",
+            "--json", home=fresh)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["top"]) == 5
+
+
 def test_cli_int8_gate_refusal_leaves_nothing(tiny):
     _, ckpt, tmp = tiny
     clips = tmp / "calib"

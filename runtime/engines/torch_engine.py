@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 
 from cavmae.errors import EngineUnavailableError
-from cavmae.manifest import GraphSpec, Manifest
+from cavmae.manifest import TORCH_PRECISIONS, GraphSpec, Manifest
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import finetune_mode_of
 
 from .base import Engine, GraphSession
 from .devices import parse_device
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = TORCH_PRECISIONS
 
 
 def _import_torch() -> Any:

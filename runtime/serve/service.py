@@ -105,7 +105,8 @@ class Service:
 
     @classmethod
     def open(cls, model: str, *, engine: str = "auto", device: str = "auto", index: str | None = None,
-             mirror: str | None = None, num_frames: int = 10, progress: bool = False) -> Service:
+             mirror: str | None = None, num_frames: int = 10, precision: str | None = None,
+             progress: bool = False) -> Service:
         """Load ``model`` (registry name, checkpoint or export) and, if given, the index."""
         from cavmae.runtime import index as ix
         from cavmae.runtime import load
@@ -115,7 +116,8 @@ class Service:
             opened = ix.EmbeddingIndex.open(index)  # before the model: a typo fails fast
             if len(opened) == 0:
                 raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
-        pipe = load(model, engine=engine, device=device, mirror=mirror, num_frames=num_frames, progress=progress)
+        pipe = load(model, engine=engine, device=device, mirror=mirror, num_frames=num_frames, precision=precision,
+                    progress=progress)
         try:
             if opened is not None and index is not None:
                 ix.check_compatible(opened.meta, ix.model_identity(pipe.manifest),
