@@ -28,6 +28,7 @@ audio and visual embeddings (or tokens). Below the thresholds the export is refu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from cavmae.config import PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.manifest import GraphSpec
+from cavmae.progress import progress_bar, progress_note, progress_style
 from cavmae.samples import sample_clips
 
 from .validate import ort_session
@@ -354,19 +356,54 @@ def quantize_export(
     num_frames: int,
     preprocess: PreprocessConfig,
     options: Int8Options | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, GraphSpec], GateReport]:
     """Quantize the fp32 graphs in ``work`` in place, after the gate has accepted them.
 
     Returns the specs (precision ``int8`` where a graph was quantized) and the gate's report.
     Raises ``Int8GateError`` when int8 disagrees with fp32 beyond the thresholds; the caller
-    discards ``work`` then, so nothing is written.
+    discards ``work`` then, so nothing is written. ``progress``: a bar on a terminal, a line
+    per step (reference run, each graph quantized, gate) in a log.
     """
     opts = options or Int8Options()
     opts.check()
     clips = _load_clips(gate_clips(opts.calibration, opts.max_clips), num_frames, preprocess)
     fp32_paths = {name: work / spec.file for name, spec in specs.items()}
-    fp32 = _Runner(fp32_paths)
-    refs = [(name, fp32.clip_outputs(c.audio, c.frames)) for name, c in clips]
+    with _Steps(2 + sum(map(has_weight_matmul, fp32_paths.values())), progress) as step:
+        fp32 = _Runner(fp32_paths)
+        refs = [(name, fp32.clip_outputs(c.audio, c.frames)) for name, c in clips]
+        step.done(f"fp32 reference outputs on {len(clips)} clip(s)")
+        int8_paths, kept = _quantize_graphs(fp32_paths, opts, fp32, clips, refs, step)
+        int8 = _Runner({**fp32_paths, **int8_paths})
+        agreements = [compare_clip(name, ref, int8.clip_outputs(c.audio, c.frames))
+                      for (name, c), (_, ref) in zip(clips, refs, strict=True)]
+        del fp32, int8  # close the sessions before files are replaced
+        report = GateReport(
+            method=opts.method, per_channel=opts.per_channel, op_types=list(INT8_OPS), kept_fp32=sorted(kept),
+            graphs={name: ("int8" if name in int8_paths else "fp32") for name in specs},
+            min_top5=opts.min_top5, min_cosine=opts.min_cosine, clips=agreements,
+        )
+        reason = report.failure()
+        step.done(f"gate {'failed' if reason else 'passed'} ({report.summary()})")
+    if reason is not None:
+        report.passed = False
+        raise Int8GateError(
+            f"int8 accuracy gate failed, nothing written: {reason} ({report.summary()});"
+            " export fp32 instead, or lower the threshold"
+        )
+    for name, dst in int8_paths.items():
+        fsio.publish_file(dst, fp32_paths[name])
+    out = {name: (replace(spec, precision="int8") if name in int8_paths else spec)
+           for name, spec in specs.items()}
+    log.info("int8 gate passed: %s", report.summary())
+    return out, report
+
+
+def _quantize_graphs(
+    fp32_paths: dict[str, Path], opts: Int8Options, fp32: _Runner, clips: list[Any], refs: list[Any], step: _Steps
+) -> tuple[dict[str, Path], set[str]]:
+    """Write ``NAME.int8.onnx`` beside each graph that has weight products; those paths, and
+    the nodes kept in fp32."""
     int8_paths: dict[str, Path] = {}
     kept: set[str] = set()
     for name, path in fp32_paths.items():
@@ -381,28 +418,31 @@ def quantize_export(
         quantize_graph(path, dst, method=opts.method, per_channel=opts.per_channel,
                        calibration=calibration)
         int8_paths[name] = dst
-    int8 = _Runner({**fp32_paths, **int8_paths})
-    agreements = [compare_clip(name, ref, int8.clip_outputs(c.audio, c.frames))
-                  for (name, c), (_, ref) in zip(clips, refs, strict=True)]
-    del fp32, int8  # close the sessions before files are replaced
-    report = GateReport(
-        method=opts.method, per_channel=opts.per_channel, op_types=list(INT8_OPS), kept_fp32=sorted(kept),
-        graphs={name: ("int8" if name in int8_paths else "fp32") for name in specs},
-        min_top5=opts.min_top5, min_cosine=opts.min_cosine, clips=agreements,
-    )
-    reason = report.failure()
-    if reason is not None:
-        report.passed = False
-        raise Int8GateError(
-            f"int8 accuracy gate failed, nothing written: {reason} ({report.summary()});"
-            " export fp32 instead, or lower the threshold"
-        )
-    for name, dst in int8_paths.items():
-        fsio.publish_file(dst, fp32_paths[name])
-    out = {name: (replace(spec, precision="int8") if name in int8_paths else spec)
-           for name, spec in specs.items()}
-    log.info("int8 gate passed: %s", report.summary())
-    return out, report
+        step.done(f"{name} quantized")
+    return int8_paths, kept
+
+
+class _Steps:
+    """The int8 step's progress: a bar on a terminal, one timed line per step in a log."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = progress_bar(total=total, enabled=enabled and progress_style() == "bar",
+                                desc="int8", unit="step")
+        self.t0 = time.perf_counter()
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        self.bar.update(1)
+        self.bar.set_postfix_str(what.split(" (")[0])
+        progress_note(f"export: int8: {what} in {now - self.t0:.1f} s", enabled=self.enabled)
+        self.t0 = now
+
+    def __enter__(self) -> _Steps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def format_gate(report: dict[str, Any]) -> str:

@@ -395,7 +395,7 @@ def export_model(
         ).replace(pending=pending)
         if precision == "int8":
             specs, gate = quantize_export(work, specs, num_frames=manifest.num_frames,
-                                          preprocess=manifest.preprocess, options=int8)
+                                          preprocess=manifest.preprocess, options=int8, progress=progress)
             manifest = manifest.replace(graphs=specs, quantization=gate.to_dict())
         manifest.save(work)
     return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)

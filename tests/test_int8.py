@@ -27,8 +27,12 @@ CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavma
 QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
 
 
-def run(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CAVMAE_HOME": str(home), "CAVMAE_NO_PROGRESS": "1"}
+def run(*args: str, home: Path, progress: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAVMAE_HOME": str(home)}
+    if progress:  # stderr is a pipe here: one line per step
+        env.pop("CAVMAE_NO_PROGRESS", None)
+    else:
+        env["CAVMAE_NO_PROGRESS"] = "1"
     return subprocess.run([CAVMAE_EXE, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -99,9 +103,15 @@ def test_cli_classify_precision(tiny):
     engine does not run is one line before any work; bf16 runs on the torch engine."""
     _, ckpt, tmp = tiny
     home = tmp / "classify-home"
-    r = run("classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "--precision", "int8", "--json", home=home)
+    r = run("classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "--precision", "int8", "--json", home=home,
+            progress=True)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["top"]) == 5
+    # the int8 step says what it does: the reference run, each graph quantized, the gate
+    steps = [line for line in r.stderr.splitlines() if line.startswith("export: int8: ")]
+    assert "fp32 reference outputs on 2 clip(s)" in steps[0]
+    assert any("joint_classifier quantized" in line for line in steps)
+    assert steps[-1].startswith("export: int8: gate passed (2 clip(s), top-5 shared >= ")
     (export,) = [d for d in (home / "exports").iterdir() if (d / "manifest.json").is_file()]
     manifest = Manifest.load(export)
     assert manifest.precision == "int8" and manifest.quantization["passed"]
