@@ -369,11 +369,13 @@ def quantize_export(
     opts.check()
     clips = _load_clips(gate_clips(opts.calibration, opts.max_clips), num_frames, preprocess)
     fp32_paths = {name: work / spec.file for name, spec in specs.items()}
-    with _Steps(2 + sum(map(has_weight_matmul, fp32_paths.values())), progress) as step:
+    # read each graph once to see whether it has weight products (a full-size one is 330 MB)
+    to_quantize = [name for name, path in fp32_paths.items() if has_weight_matmul(path)]
+    with _Steps(2 + len(to_quantize), progress) as step:
         fp32 = _Runner(fp32_paths)
         refs = [(name, fp32.clip_outputs(c.audio, c.frames)) for name, c in clips]
         step.done(f"fp32 reference outputs on {len(clips)} clip(s)")
-        int8_paths, kept = _quantize_graphs(fp32_paths, opts, fp32, clips, refs, step)
+        int8_paths, kept = _quantize_graphs(fp32_paths, to_quantize, opts, fp32, clips, refs, step)
         int8 = _Runner({**fp32_paths, **int8_paths})
         agreements = [compare_clip(name, ref, int8.clip_outputs(c.audio, c.frames))
                       for (name, c), (_, ref) in zip(clips, refs, strict=True)]
@@ -400,15 +402,15 @@ def quantize_export(
 
 
 def _quantize_graphs(
-    fp32_paths: dict[str, Path], opts: Int8Options, fp32: _Runner, clips: list[Any], refs: list[Any], step: _Steps
+    fp32_paths: dict[str, Path], names: list[str], opts: Int8Options, fp32: _Runner, clips: list[Any],
+    refs: list[Any], step: _Steps,
 ) -> tuple[dict[str, Path], set[str]]:
-    """Write ``NAME.int8.onnx`` beside each graph that has weight products; those paths, and
-    the nodes kept in fp32."""
+    """Write ``NAME.int8.onnx`` beside each graph of ``names``; those paths, and the nodes
+    kept in fp32."""
     int8_paths: dict[str, Path] = {}
     kept: set[str] = set()
-    for name, path in fp32_paths.items():
-        if not has_weight_matmul(path):
-            continue
+    for name in names:
+        path = fp32_paths[name]
         kept.update(kept_fp32_nodes(path))
         dst = path.with_name(path.stem + ".int8.onnx")
         calibration = None
