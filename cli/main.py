@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -167,4 +168,24 @@ def cli(debug: bool, verbose: int) -> None:
 
 
 def main() -> None:
-    cli(prog_name="cavmae")
+    try:
+        cli(prog_name="cavmae")
+    except SystemExit as e:  # click ends every run with one
+        from cavmae.heap import is_one_shot
+
+        if is_one_shot() and (e.code is None or isinstance(e.code, int)):
+            _end_now(e.code or 0)
+        raise
+
+
+def _end_now(code: int) -> None:
+    """End a one-shot command's process (:func:`cavmae.heap.is_one_shot`) after flushing its
+    output, without the interpreter's teardown: freeing gigabytes of model memory object by
+    object and the libraries' exit handlers change nothing a finished command wrote."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
