@@ -58,12 +58,13 @@ def graph_identity(
     seed: int,
     batch: int,
     onnx_batch: int,
+    template: str | None = None,
 ) -> str:
     """The hex sha256 naming everything a graph's file and its validation depend on.
 
     ``spec`` contributes its name and its tensors (names, shapes, dtypes); its batch limit and
     description do not, as they are not in the file. ``precision`` is the traced one (fp32 or
-    fp16).
+    fp16). ``template``: the sha256 of the template the graph was filled from (None: traced).
     """
     facts = {
         "sha256": sha256,
@@ -76,6 +77,8 @@ def graph_identity(
         "versions": dict(versions),
         "validation": {"seed": int(seed), "batch": int(batch), "onnx_batch": int(onnx_batch)},
     }
+    if template is not None:
+        facts["template"] = template
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 

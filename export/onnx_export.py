@@ -12,6 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.model import CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar, progress_note, progress_style
-from cavmae.stages import PlannedGraph, Stage, make_manifest, model_kind, plan_graphs, stage_of
+from cavmae.stages import (
+    PlannedGraph,
+    Stage,
+    make_manifest,
+    model_kind,
+    plan_graphs,
+    run_stage,
+    stage_of,
+)
 
 from .fp16 import convert_to_fp16
 from .graph_store import (
@@ -41,6 +50,7 @@ from .graph_store import (
     reuse_graph,
     write_validation,
 )
+from .graph_templates import TEMPLATE_DIR, Template, TemplateMismatch, fill_template, find_template
 from .int8 import Int8Options, quantize_export
 from .onnx_wire import write_edited_model
 from .validate import (
@@ -178,7 +188,9 @@ class GraphJob:
     name); validation then saves the graph it checked there. ``open_session(graph, path,
     optimized)``: opens validation's ONNX Runtime session (the engine that runs the graph
     next, keeping the session; see :func:`cavmae.export.validate.validate_graph`).
-    ``sha256`` None: no identities, no reuse (a model given as an object).
+    ``sha256`` None: no identities, no reuse (a model given as an object). ``templates``: the
+    directory of graph templates (:mod:`cavmae.export.graph_templates`) a graph is filled from
+    instead of traced when one fits; None: always trace.
     """
 
     precision: str  # of the export: fp32, fp16 or int8
@@ -192,20 +204,32 @@ class GraphJob:
     optimized: Callable[[str], str | None] | None = None
     progress: bool = False
     open_session: Callable[[str, Path, Path | None], Any] | None = None
+    templates: Path | None = TEMPLATE_DIR
 
     @property
     def traced(self) -> str:
         """The precision graphs are traced and validated in (int8 quantizes fp32 after the gate)."""
         return "fp32" if self.precision == "int8" else self.precision
 
-    def identity(self, planned: PlannedGraph) -> str | None:
-        """The graph's identity, or None where it cannot be reused or offered for reuse."""
+    def template(self, planned: PlannedGraph) -> Template | None:
+        """The template the graph is filled from, or None (it is traced). Only validated
+        exports use templates: validation is what catches a template the model outgrew."""
+        if not self.validate:
+            return None
+        return find_template(planned, self.model_config, OPSET, self.templates)
+
+    def identity(self, planned: PlannedGraph, template: Template | None = None) -> str | None:
+        """The graph's identity, or None where it cannot be reused or offered for reuse; a
+        graph filled from ``template`` is another file than a traced one (and validates on
+        :data:`ONNX_BATCH` samples: no batch was traced)."""
         if self.sha256 is None or not self.validate:
             return None
         return graph_identity(sha256=self.sha256, spec=planned.spec, precision=self.traced,
                               params=planned.params, model_config=self.model_config,
-                              versions=self.versions, seed=self.seed, batch=VALIDATION_BATCH,
-                              onnx_batch=ONNX_BATCH)
+                              versions=self.versions, seed=self.seed,
+                              batch=VALIDATION_BATCH if template is None else ONNX_BATCH,
+                              onnx_batch=ONNX_BATCH,
+                              template=None if template is None else template.digest)
 
     def spec(self, planned: PlannedGraph) -> GraphSpec:
         return planned.spec if self.traced == "fp32" else replace(planned.spec, precision=self.traced)
@@ -215,10 +239,12 @@ def make_graph(
     job: GraphJob, planned: PlannedGraph, directory: Path, model: Callable[[], CAVMAEEncoder]
 ) -> ValidationReport | None:
     """Write the graph ``planned`` into ``directory`` as ``<name>.onnx``: hard-linked from an
-    export that holds a validated graph of the same identity, else traced from ``model()``
-    (called only then), converted, checked and validated. Returns its validation report (None
-    without validation). The file appears under its name only once validated."""
-    identity = job.identity(planned)
+    export that holds a validated graph of the same identity, else filled from a template
+    or traced from ``model()`` (called only then), converted, checked and validated. Returns
+    its validation report (None without validation). The file appears under its name only
+    once validated."""
+    template = job.template(planned)
+    identity = job.identity(planned, template)
     found = find_reusable(identity, job.reuse, exclude=directory) if identity else None
     if found is not None:
         started = time.monotonic()
@@ -233,15 +259,28 @@ def make_graph(
             _note(job, f"{planned.decl.name}: reused from {found.export_dir.name} ({how}),"
                        f" {time.monotonic() - started:.1f} s")
             return report
-    return _trace_graph(job, planned, directory, model(), identity)
+    net = model()
+    if template is not None:
+        try:
+            return _trace_graph(job, planned, directory, net, identity, template)
+        except (TemplateMismatch, _TemplateRefused) as e:  # the model outgrew it: trace
+            log.warning("export: %s: the shipped template does not fit (%s); tracing instead",
+                        planned.decl.name, e)
+    return _trace_graph(job, planned, directory, net, job.identity(planned))
+
+
+class _TemplateRefused(ExportError):
+    """A graph filled from a template failed validation (the exporter then traces it)."""
 
 
 def _trace_graph(
-    job: GraphJob, planned: PlannedGraph, directory: Path, net: CAVMAEEncoder, identity: str | None
+    job: GraphJob, planned: PlannedGraph, directory: Path, net: CAVMAEEncoder, identity: str | None,
+    template: Template | None = None,
 ) -> ValidationReport | None:
-    """:func:`make_graph` for a graph no export holds: trace, convert, check, validate (one
-    PyTorch and one ONNX Runtime run), then publish it (and the optimized copy validation
-    saved) under its name."""
+    """:func:`make_graph` for a graph no export holds: trace (or fill ``template``), convert,
+    check, validate (one PyTorch and one ONNX Runtime run), then publish it (and the
+    optimized copy validation saved) under its name. A filled graph that fails validation
+    raises :class:`_TemplateRefused`."""
     name, stage = planned.decl.name, stage_of(net, planned)
     final = directory / planned.spec.file
     path = fsio.temp_sibling(final)
@@ -249,34 +288,51 @@ def _trace_graph(
     optimized = fsio.temp_sibling(directory / opt_name) if opt_name else None
     steps: list[str] = []
     clock = _Clock()
-    inputs = validation_inputs(stage, job.seed)  # the trace runs the stage on them: the reference
+    reference: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = None
+    batch = VALIDATION_BATCH
+    pool: ThreadPoolExecutor | None = None
     try:
-        reference = export_stage(stage, path, inputs=inputs)
+        if template is None:
+            # the trace runs the stage on validation's inputs: they give the reference
+            reference = export_stage(stage, path, inputs=validation_inputs(stage, job.seed))
+        else:
+            # Nothing traced at another batch: PyTorch runs on the one sample ONNX Runtime runs,
+            # in a thread while the file is written and opened (both mostly one core's work).
+            batch = ONNX_BATCH
+            pool = ThreadPoolExecutor(1, thread_name_prefix="reference")
+            reference = pool.submit(run_stage, stage, validation_inputs(stage, job.seed, batch)).result
+            # the template was checked when it was made; validation checks the weights
+            fill_template(template.file.read_bytes(), stage.module, path)
         if job.traced == "fp16":
             convert_to_fp16(path)
-        steps.append(clock.lap("trace"))
-        finalize_graph(path, stage, stamp=job.traced == "fp16")
-        steps.append(clock.lap("checks"))
+        steps.append(clock.lap("trace" if template is None else "template"))
+        if template is None or job.traced == "fp16":
+            finalize_graph(path, stage, stamp=job.traced == "fp16")
+            steps.append(clock.lap("checks"))
         report = None
         if job.validate:
             if optimized is not None:
                 optimized.parent.mkdir(parents=True, exist_ok=True)
             opener = job.open_session
-            report = validate_graph(stage, path, job.traced, task=job.task, seed=job.seed,
+            report = validate_graph(stage, path, job.traced, task=job.task, batch=batch, seed=job.seed,
                                     optimized=optimized, reference=reference,
                                     open_session=None if opener is None else lambda p, o: opener(name, p, o))
             if not report.passed:
-                raise ExportError(f"validation failed for {name}: {report.summary()}")
+                failed = _TemplateRefused if template is not None else ExportError
+                raise failed(f"validation failed for {name}: {report.summary()}")
             report.identity = identity if job.precision != "int8" else None
+            report.template = None if template is None else template.file.name
             steps.append(clock.lap("validation"))
         fsio.publish_file(path, final)
         if optimized is not None and opt_name is not None and optimized.is_file():
             fsio.publish_file(optimized, directory / opt_name)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         path.unlink(missing_ok=True)
         if optimized is not None:
             optimized.unlink(missing_ok=True)
-    what = "traced and validated" if job.validate else "traced"
+    what = ("filled from a template" if template is not None else "traced") + (" and validated" if job.validate else "")
     _note(job, f"{name}: {what} in {clock.total():.1f} s ({', '.join(steps)})")
     return report
 
@@ -345,6 +401,7 @@ def export_model(
     write: Sequence[str] | None = None,
     reuse: Sequence[Path] = (),
     optimized: Callable[[str], str | None] | None = None,
+    templates: Path | None = TEMPLATE_DIR,
 ) -> ExportResult:
     """Export ``model`` (a model or a checkpoint path) to ``out_dir``.
 
@@ -360,7 +417,8 @@ def export_model(
     stay pending and :func:`add_graphs` writes them later (the cache does so the first time each
     is run; not with int8, whose gate needs every graph). ``reuse``: export directories whose validated graphs of the same
     identity are hard-linked instead of traced (needs the checkpoint's sha256, from ``model``
-    given as a path or from ``source["sha256"]``). ``optimized``: see :class:`GraphJob`.
+    given as a path or from ``source["sha256"]``). ``optimized`` and ``templates`` (where
+    graph templates are looked up; None: trace every graph): see :class:`GraphJob`.
 
     Validation draws its random inputs from ``validation_seed`` (None: a fresh random seed), so
     an export validates the same way every time; the seed is in each report and in
@@ -382,7 +440,7 @@ def export_model(
     if precision == "int8" and pending:
         raise ExportError("an int8 export writes every graph at once (its gate runs them all)")
     job = GraphJob(precision, task, validation_seed, validate, src.get("sha256"), net.config.to_dict(),
-                   _versions(), reuse, optimized, progress)
+                   _versions(), reuse, optimized, progress, templates=templates)
     with fsio.staged_dir(out_dir) as work:  # a failed export leaves nothing behind
         reports = _make_graphs(job, {k: v for k, v in plan.items() if k not in pending}, work, lambda: net)
         if validate:

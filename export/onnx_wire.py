@@ -12,15 +12,19 @@ inputs, outputs, value infos: kilobytes) is parsed, edited and serialized as usu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 #: ModelProto.graph
 _GRAPH_FIELD = 7
 #: GraphProto.initializer and GraphProto.sparse_initializer: the weights
-_WEIGHT_FIELDS = frozenset({5, 15})
+_INITIALIZER_FIELD = 5
+_WEIGHT_FIELDS = frozenset({_INITIALIZER_FIELD, 15})
+#: TensorProto.raw_data
+_RAW_DATA_FIELD = 9
 _LENGTH_DELIMITED = 2
 
 
@@ -101,6 +105,34 @@ def write_edited_model(data: bytes | memoryview, path: Path, edit: Callable[[onn
     edit(model)
     if len(model.graph.initializer) or len(model.graph.sparse_initializer):
         raise ValueError("write_edited_model: the edit must not add initializers")
+    _write_model(path, model, weights)
+
+
+def write_model_with_weights(
+    model: onnx.ModelProto, weights: Sequence[tuple[str, np.ndarray]], path: Path
+) -> None:
+    """Write ``model`` (whose graph holds no weights of these names) to ``path`` with the
+    ``weights`` (name, array) appended as its graph's initializers, each array's bytes written
+    straight from its buffer (no protobuf copy of hundreds of MB). Arrays are stored as
+    little-endian ``raw_data`` in their own dtype; they must be C-contiguous."""
+    pieces: list[bytes | memoryview] = []
+    for name, array in weights:
+        if not array.flags.c_contiguous:
+            raise ValueError(f"write_model_with_weights: {name} is not C-contiguous")
+        header = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        head = header.SerializeToString()
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).data.cast("B")
+        raw = _encode_varint(_RAW_DATA_FIELD << 3 | _LENGTH_DELIMITED) + _encode_varint(len(data))
+        size = len(head) + len(raw) + len(data)
+        pieces += [_encode_varint(_INITIALIZER_FIELD << 3 | _LENGTH_DELIMITED) + _encode_varint(size)
+                   + head + raw, data]
+    _write_model(path, model, pieces)
+
+
+def _write_model(path: Path, model: onnx.ModelProto, weights: Sequence[bytes | memoryview]) -> None:
+    """Write ``model`` with the serialized graph fields ``weights`` appended to its graph
+    (``model``'s graph is cleared)."""
     graph = model.graph.SerializeToString()
     model.ClearField("graph")
     graph_length = len(graph) + sum(len(w) for w in weights)

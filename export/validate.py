@@ -76,6 +76,9 @@ class ValidationReport:
     identity: str | None = None
     #: the export directory this graph and this report were taken from, when reused
     reused_from: str | None = None
+    #: the shipped template the graph was filled from (:mod:`cavmae.export.graph_templates`);
+    #: None when it was traced
+    template: str | None = None
 
     def summary(self) -> str:
         parts = []
@@ -99,7 +102,8 @@ class ValidationReport:
         return cls(graph=d["graph"], precision=d["precision"], seed=int(d["seed"]),
                    batch=int(d["batch"]), outputs=outputs, passed=bool(d.get("passed", False)),
                    onnx_batch=int(d.get("onnx_batch", d["batch"])),
-                   identity=d.get("identity"), reused_from=d.get("reused_from"))
+                   identity=d.get("identity"), reused_from=d.get("reused_from"),
+                   template=d.get("template"))
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,21 +167,23 @@ def check_output(
 def validate_graph(
     stage: Stage, path: Path, precision: str, task: str | None = None, batch: int = VALIDATION_BATCH,
     seed: int = DEFAULT_SEED, optimized: Path | None = None,
-    reference: dict[str, np.ndarray] | None = None, onnx_batch: int = ONNX_BATCH,
+    reference: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = None,
+    onnx_batch: int = ONNX_BATCH,
     open_session: Callable[[Path, Path | None], Any] | None = None,
 ) -> ValidationReport:
     """Compare the ONNX file at ``path`` with ``stage`` on random inputs drawn from ``seed``:
     one PyTorch run of ``batch`` samples and one ONNX Runtime run of the first ``onnx_batch``
     of them (:data:`ONNX_BATCH`: a batch other than the traced one). ``reference``: the stage's
     outputs on exactly those inputs when the caller has them already (the exporter's trace
-    ran the stage on them), so the stage is not run again. ``optimized``: where ONNX Runtime
+    ran the stage on them), so the stage is not run again; or a function giving them, called
+    after the ONNX Runtime run (a PyTorch run in another thread meanwhile). ``optimized``: where ONNX Runtime
     saves the optimized graph it validates (see :func:`ort_session`). ``open_session(path,
     optimized)``: opens the session instead of :func:`ort_session` (an engine that then runs
     the very session validation checked; it must optimize fully and save to ``optimized``)."""
     if not 1 <= onnx_batch <= batch:
         raise ValueError(f"onnx_batch must be 1..{batch}, not {onnx_batch}")
     inputs = validation_inputs(stage, seed, batch)
-    want = reference if reference is not None else run_stage(stage, inputs)
+    want = run_stage(stage, inputs) if reference is None else reference
     session = (open_session or ort_session)(path, optimized)
     try:
         got_list = session.run(None, {k: v[:onnx_batch] for k, v in inputs.items()})
@@ -185,6 +191,8 @@ def validate_graph(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{stage.spec.name}: ONNX Runtime cannot run the graph at batch "
                           f"{onnx_batch}: {first}") from None
+    if callable(want):
+        want = want()
     names = [o.name for o in session.get_outputs()]
     report = ValidationReport(stage.spec.name, precision, int(seed), batch, onnx_batch=onnx_batch)
     for name, got in zip(names, got_list, strict=True):

@@ -39,8 +39,9 @@ def test_console_script_version_and_help():
     assert out.returncode == 0 and "Usage: cavmae" in out.stdout
 
 
-def test_sample_clips_ship_in_the_wheel(tmp_path):
-    """The int8 gate's default clips are package data, so an installed cavmae has them."""
+def test_sample_clips_and_graph_templates_ship_in_the_wheel(tmp_path):
+    """The int8 gate's default clips and the graph templates are package data, so an installed
+    cavmae has them."""
     import zipfile
 
     from cavmae.samples import SAMPLE_CLIP_NAMES, sample_clips
@@ -56,3 +57,5 @@ def test_sample_clips_ship_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for clip in SAMPLE_CLIP_NAMES:
         assert f"cavmae/assets/media/{clip}" in names
+    templates = {n for n in names if n.startswith("cavmae/export/templates/")}
+    assert "cavmae/export/templates/index.json" in templates and len(templates) > 10
