@@ -166,3 +166,13 @@ def _only(target: Target, graph: str) -> Target:
             return {graph: super().plan()[graph]}
 
     return One(target.kind, target.config, target.task, target.finetune_mode)
+
+
+def test_templates_can_be_turned_off(tiny_templates, monkeypatch):
+    from cavmae.export.graph_templates import NO_TEMPLATES_ENV, find_template
+
+    planned = plan_graphs("classifier", TINY_TARGET.config, num_frames=2, max_batch=2)["joint_classifier"]
+    assert find_template(planned, TINY_TARGET.config.to_dict(), onnx_export.OPSET, tiny_templates) is not None
+    assert find_template(planned, TINY_TARGET.config.to_dict(), onnx_export.OPSET, None) is None
+    monkeypatch.setenv(NO_TEMPLATES_ENV, "1")
+    assert find_template(planned, TINY_TARGET.config.to_dict(), onnx_export.OPSET, tiny_templates) is None

@@ -74,3 +74,29 @@ def test_policies_are_no_ops_without_mallopt(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(heap, "_mallopt", lambda: None)
     assert heap.keep_freed_memory() is False
     assert heap.steady_heap() is False
+
+
+def test_a_one_shot_command_ends_with_its_output_and_exit_status(tmp_path):
+    """The console script ends a one-shot process (keep_freed_memory) without the interpreter's
+    teardown: what the command printed still arrives, through a pipe, with its exit status."""
+    script = textwrap.dedent("""
+        import sys, click
+        from cavmae.cli import main as entry
+        from cavmae.heap import is_one_shot, keep_freed_memory
+
+        @click.command()
+        @click.argument("code", type=int)
+        def once(code):
+            assert not is_one_shot()
+            keep_freed_memory()
+            print("x" * 100000)  # more than a pipe buffer: must be flushed, not lost
+            sys.stderr.write("done\\n")
+            sys.exit(code)
+
+        entry.cli = once
+        entry.main()
+        print("not reached", file=sys.stderr)
+    """)
+    for code in (0, 3):
+        out = subprocess.run([sys.executable, "-c", script, str(code)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == code and out.stdout == "x" * 100000 + "\n" and out.stderr == "done\n", out.stderr
