@@ -176,3 +176,19 @@ def test_templates_can_be_turned_off(tiny_templates, monkeypatch):
     assert find_template(planned, TINY_TARGET.config.to_dict(), onnx_export.OPSET, None) is None
     monkeypatch.setenv(NO_TEMPLATES_ENV, "1")
     assert find_template(planned, TINY_TARGET.config.to_dict(), onnx_export.OPSET, tiny_templates) is None
+
+
+def test_fp16_and_int8_exports_start_from_filled_graphs(ckpt, tmp_path):
+    """fp16 converts, and int8 quantizes and gates, a filled fp32 graph as a traced one."""
+    plan = plan_graphs("classifier", TINY_TARGET.config)  # 10 frames: the int8 gate's sample clips
+    index = {}
+    for name in FILLED:
+        (tmp_path / f"{name}.onnx").write_bytes(build_template(TINY_TARGET, plan[name]))
+        index[template_key(plan[name], TINY_TARGET.config.to_dict(), onnx_export.OPSET)] = f"{name}.onnx"
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"format": FORMAT, "templates": index}))
+    for precision in ("fp16", "int8"):
+        result = export_model(ckpt, tmp_path / precision, precision, max_batch=1, graphs=list(FILLED),
+                              templates=tmp_path)
+        assert all(r.passed and r.template == f"{n}.onnx" for n, r in result.reports.items()), precision
+        assert result.manifest.precision == precision
+    assert result.manifest.quantization["passed"]
