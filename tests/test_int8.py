@@ -195,3 +195,44 @@ def test_bench_runs_int8_beside_fp32_and_torch_bf16_on_cpu(tiny):
     names = {t["name"] for t in result["timings"]}
     assert {"ort classify", "ort-int8 classify", "torch-bf16 classify"} <= names
     assert result["engines"]["torch-bf16"].startswith("torch bf16 on cpu")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_quantization_writes_what_onnx_runtime_writes(tmp_path, per_channel):
+    """cavmae.export.dynamic_int8 against onnxruntime.quantization.quantize_dynamic on the tiny
+    encoder and joint classifier: the same int8 weights, scales and zero points under the same
+    names, the encoder's outputs bit for bit; the joint classifier's within float rounding (ONNX
+    Runtime also rewrites the fp32 head's Gemm into MatMul + Add; here it stays a Gemm)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cavmae.export.dynamic_int8 import quantize_dynamic_int8
+    from cavmae.export.int8 import INT8_OPS, nodes_to_quantize
+    from cavmae.export.onnx_export import export_stage
+    from cavmae.stages import build_stages
+
+    torch.manual_seed(0)
+    stages = build_stages(CAVMAEFT(TINY.replace(num_classes=527)).eval(), num_frames=2, max_batch=2)
+    for name, exact in (("audio_encoder", True), ("joint_classifier", False)):
+        src, theirs, ours = (tmp_path / f"{name}.{k}.onnx" for k in ("fp32", "ort", "ours"))
+        export_stage(stages[name], src)
+        nodes = nodes_to_quantize(src)
+        quantize_dynamic(src, theirs, op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                         extra_options={"MatMulConstBOnly": True})
+        count = quantize_dynamic_int8(src, ours, nodes, per_channel=per_channel)  # weight products only
+        want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(theirs)).graph.initializer}
+        got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
+        quantized = [k for k in want if k.endswith(("_quantized", "_scale", "_zero_point"))]
+        assert len(quantized) == 3 * count > 0
+        for k in quantized:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        feeds = stages[name].sample(np.random.default_rng(1), 2)
+        run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds) for p in (theirs, ours)]
+        for a, b in zip(*run, strict=True):
+            if exact:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
