@@ -1,7 +1,8 @@
 """Benchmark scripts run on the tiny model so they cannot rot. No timing is asserted, only that
 the runs happened and were measured: benchmarks/first_use.py (a cold and a warm `cavmae classify`
-per round, each in its own process and cache) and benchmarks/ort_spin.py (sleeping vs spinning
-ONNX Runtime threads, taking turns)."""
+per round, each in its own process and cache), benchmarks/ort_spin.py (sleeping vs spinning
+ONNX Runtime threads, taking turns) and benchmarks/quantize_speed.py (ONNX Runtime's dynamic
+quantizer against cavmae's, with the check that both write the same graph)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def test_spin_benchmark_runs_tiny(tmp_path, monkeypatch):
     for what in ("classify", "folder"):
         assert {k: len(v) for k, v in result["seconds"][what].items()} == {"sleep": 2, "spin": 2}
         assert result[f"{what}_sleep_vs_spin"] > 0
+
+
+def test_quantize_speed_benchmark_runs_tiny(tmp_path):
+    out = tmp_path / "q.json"
+    result = _script("quantize_speed").main(["--tiny", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["check"] == result["check"]
+    assert result["check"]["same_weights"] and result["check"]["same_outputs"]
+    assert result["check"]["quantized_tensors"] > 0 and result["rounds"][0]["cavmae_s"] > 0
