@@ -282,6 +282,12 @@ def hash_file_into(h: Any, path: str | Path, chunk_size: int = _CHUNK) -> None:
             h.update(chunk)
 
 
+def json_sha256(facts: Any) -> str:
+    """Hex SHA-256 of ``facts`` as canonical JSON (sorted keys; ``str`` for what JSON lacks): the
+    one way this project names a set of facts (cache keys, graph identities, template keys)."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def sha256_file(path: str | Path, chunk_size: int = _CHUNK) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -26,7 +26,6 @@ linked file cannot change under the other exports that share it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -79,7 +78,7 @@ def graph_identity(
     }
     if template is not None:
         facts["template"] = template
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+    return fsio.json_sha256(facts)
 
 
 def read_validation(export_dir: Path) -> dict[str, Any]:

@@ -22,7 +22,6 @@ so a template that no longer matches the model code costs time, never correctnes
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 import torch
 
+from cavmae import fsio
 from cavmae.errors import ExportError
 from cavmae.stages import PlannedGraph
 
@@ -96,7 +96,7 @@ def template_key(planned: PlannedGraph, model_config: Mapping[str, Any], opset: 
         "model_config": dict(model_config),
         "opset": int(opset),
     }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+    return fsio.json_sha256(facts)
 
 
 @functools.cache
@@ -123,7 +123,7 @@ def find_template(
         return None
     file = Path(directory) / name
     try:
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest = fsio.sha256_file(file)
     except OSError:
         return None
     return Template(file, digest)

@@ -12,8 +12,6 @@ task asked of it is refused before anything is downloaded, hashed or exported.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -195,7 +193,7 @@ class CacheExport:
         self.settings = export_settings(source, **settings)
         self._net: Any = None
         self.sha = self._hash()
-        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True, default=str).encode()).hexdigest()
+        digest = fsio.json_sha256(self.settings)
         self.path = cavmae_home() / "exports" / f"{self.sha[:16]}-{digest[:12]}"
         self.lock = self.path.with_name(self.path.name + ".lock")
         #: graph name -> where in the export ONNX Runtime's optimized copy goes (set by the loader)

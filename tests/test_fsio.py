@@ -287,3 +287,10 @@ def test_a_waiter_blocks_until_release_in_this_process(tmp_path: Path) -> None:
         order.append("holder")
     t.join(timeout=10)
     assert order == ["holder", "waiter"]
+
+
+def test_json_sha256_names_facts_whatever_their_order():
+    a = fsio.json_sha256({"b": [1, 2], "a": {"y": 1, "x": Path("p")}})
+    assert a == fsio.json_sha256({"a": {"x": "p", "y": 1}, "b": [1, 2]})  # key order, str() of a Path
+    assert a == hashlib.sha256(b'{"a": {"x": "p", "y": 1}, "b": [1, 2]}').hexdigest()  # cache keys stay put
+    assert a != fsio.json_sha256({"a": {"x": "p", "y": 1}, "b": [2, 1]})

@@ -9,7 +9,6 @@ A cached engine that TensorRT refuses (stale, foreign, corrupt) is deleted and r
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ def engine_cache_key(
         "profiles": {k: [list(s) for s in v] for k, v in sorted(profiles.items())},
         "precision": precision,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return fsio.json_sha256(payload)
 
 
 def engine_cache_path(cache_dir: Path, graph: str, key: str) -> Path:
