@@ -40,7 +40,7 @@ def _graph(work: Path, tiny: bool) -> tuple[Path, Any]:
     if template is None:
         export_stage(stage, path)
     else:
-        fill_template(template.file.read_bytes(), stage.module, path)
+        fill_template(template.data, stage.module, path)
     return path, stage
 
 

@@ -22,10 +22,11 @@ so a template that no longer matches the model code costs time, never correctnes
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,15 @@ class Weight:
 
 @dataclass(frozen=True)
 class Template:
-    """A shipped template: its file and the sha256 of its bytes (part of the identity of every
-    graph filled from it)."""
+    """A shipped template: its file, read once, and the sha256 of its bytes (part of the
+    identity of every graph filled from it)."""
 
     file: Path
-    digest: str
+    data: bytes = field(repr=False)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
 
 
 def template_key(planned: PlannedGraph, model_config: Mapping[str, Any], opset: int) -> str:
@@ -123,20 +128,25 @@ def find_template(
         return None
     file = Path(directory) / name
     try:
-        digest = fsio.sha256_file(file)
+        return Template(file, file.read_bytes())
     except OSError:
         return None
-    return Template(file, digest)
 
 
 def read_template(data: bytes) -> tuple[onnx.ModelProto, list[Weight]]:
     """The template model in ``data`` (its weight list taken out of it) and its weights."""
     model = onnx.ModelProto()
-    model.ParseFromString(data)
-    props = [p for p in model.metadata_props if p.key == WEIGHTS_PROP]
-    if len(props) != 1:
-        raise TemplateMismatch("not a graph template: no weight list")
-    weights = [Weight.from_list(item) for item in json.loads(props[0].value)]
+    try:
+        try:
+            model.ParseFromString(data)
+        except Exception as e:  # protobuf's DecodeError (its module has no type stubs here)
+            raise ValueError(str(e) or "not a protobuf model") from None
+        props = [p for p in model.metadata_props if p.key == WEIGHTS_PROP]
+        if len(props) != 1:
+            raise ValueError("no weight list")
+        weights = [Weight.from_list(item) for item in json.loads(props[0].value)]
+    except (ValueError, TypeError) as e:  # a damaged file: the exporter traces instead
+        raise TemplateMismatch(f"not a readable graph template ({e})") from None
     keep = [p for p in model.metadata_props if p.key != WEIGHTS_PROP]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)

@@ -50,7 +50,7 @@ from .graph_store import (
     reuse_graph,
     write_validation,
 )
-from .graph_templates import TEMPLATE_DIR, Template, TemplateMismatch, fill_template, find_template
+from .graph_templates import TEMPLATE_DIR, Template, fill_template, find_template
 from .int8 import Int8Options, quantize_export
 from .onnx_wire import write_edited_model
 from .validate import (
@@ -262,25 +262,21 @@ def make_graph(
     net = model()
     if template is not None:
         try:
-            return _trace_graph(job, planned, directory, net, identity, template)
-        except (TemplateMismatch, _TemplateRefused) as e:  # the model outgrew it: trace
+            return _write_graph(job, planned, directory, net, identity, template)
+        except ExportError as e:  # a template that does not fit, fails validation or cannot run
             log.warning("export: %s: the shipped template does not fit (%s); tracing instead",
                         planned.decl.name, e)
-    return _trace_graph(job, planned, directory, net, job.identity(planned))
+    return _write_graph(job, planned, directory, net, job.identity(planned))
 
 
-class _TemplateRefused(ExportError):
-    """A graph filled from a template failed validation (the exporter then traces it)."""
-
-
-def _trace_graph(
+def _write_graph(
     job: GraphJob, planned: PlannedGraph, directory: Path, net: CAVMAEEncoder, identity: str | None,
     template: Template | None = None,
 ) -> ValidationReport | None:
     """:func:`make_graph` for a graph no export holds: trace (or fill ``template``), convert,
     check, validate (one PyTorch and one ONNX Runtime run), then publish it (and the
-    optimized copy validation saved) under its name. A filled graph that fails validation
-    raises :class:`_TemplateRefused`."""
+    optimized copy validation saved) under its name. Raises ``ExportError`` when the graph
+    fails (``graph_templates.TemplateMismatch`` when a template does not fit the model)."""
     name, stage = planned.decl.name, stage_of(net, planned)
     final = directory / planned.spec.file
     path = fsio.temp_sibling(final)
@@ -302,7 +298,7 @@ def _trace_graph(
             pool = ThreadPoolExecutor(1, thread_name_prefix="reference")
             reference = pool.submit(run_stage, stage, validation_inputs(stage, job.seed, batch)).result
             # the template was checked when it was made; validation checks the weights
-            fill_template(template.file.read_bytes(), stage.module, path)
+            fill_template(template.data, stage.module, path)
         if job.traced == "fp16":
             convert_to_fp16(path)
         steps.append(clock.lap("trace" if template is None else "template"))
@@ -318,8 +314,7 @@ def _trace_graph(
                                     optimized=optimized, reference=reference,
                                     open_session=None if opener is None else lambda p, o: opener(name, p, o))
             if not report.passed:
-                failed = _TemplateRefused if template is not None else ExportError
-                raise failed(f"validation failed for {name}: {report.summary()}")
+                raise ExportError(f"validation failed for {name}: {report.summary()}")
             report.identity = identity if job.precision != "int8" else None
             report.template = None if template is None else template.file.name
             steps.append(clock.lap("validation"))

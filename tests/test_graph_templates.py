@@ -192,3 +192,17 @@ def test_fp16_and_int8_exports_start_from_filled_graphs(ckpt, tmp_path):
         assert all(r.passed and r.template == f"{n}.onnx" for n, r in result.reports.items()), precision
         assert result.manifest.precision == precision
     assert result.manifest.quantization["passed"]
+
+
+def test_a_damaged_template_is_traced_instead(tiny_templates, ckpt, tmp_path):
+    damaged = tmp_path / "templates"
+    damaged.mkdir()
+    for f in tiny_templates.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    (damaged / "visual_encoder.onnx").write_bytes(b"\x07not a model")
+    with pytest.raises(TemplateMismatch, match="not a readable graph template"):
+        read_template((damaged / "visual_encoder.onnx").read_bytes())
+    result = export_model(ckpt, tmp_path / "out", num_frames=2, max_batch=2, templates=damaged,
+                          graphs=["visual_encoder"])
+    report = result.reports["visual_encoder"]
+    assert report.passed and report.template is None
