@@ -34,16 +34,18 @@ VARIANTS = {
 TIMED = ("audio_encoder", "visual_encoder", "joint_classifier")
 
 
-def build_export(work: Path) -> Path:
+def build_export(work: Path, tiny: bool = False) -> Path:
+    """A random-weight classifier (seed 0) saved as ``work/random-base.pth`` and its fp32
+    export in ``work/fp32``: full size, or the tests' tiny size with ``tiny``."""
     import torch
 
     from cavmae import CAVMAEFT
     from cavmae.checkpoint import save_checkpoint
-    from cavmae.config import BASE
+    from cavmae.config import BASE, TINY
     from cavmae.export import export_model
 
     torch.manual_seed(0)
-    ckpt = save_checkpoint(CAVMAEFT(BASE).eval(), work / "random-base.pth")
+    ckpt = save_checkpoint(CAVMAEFT(TINY if tiny else BASE).eval(), work / "random-base.pth")
     out = work / "fp32"
     export_model(ckpt, out, max_batch=1, overwrite=True,
                  graphs=["audio_encoder", "visual_encoder", "joint_classifier", "audio_embed", "visual_embed"])

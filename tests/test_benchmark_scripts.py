@@ -1,8 +1,9 @@
 """Benchmark scripts run on the tiny model so they cannot rot. No timing is asserted, only that
 the runs happened and were measured: benchmarks/first_use.py (a cold and a warm `cavmae classify`
 per round, each in its own process and cache), benchmarks/ort_spin.py (sleeping vs spinning
-ONNX Runtime threads, taking turns) and benchmarks/quantize_speed.py (ONNX Runtime's dynamic
-quantizer against cavmae's, with the check that both write the same graph)."""
+ONNX Runtime threads, taking turns), benchmarks/quantize_speed.py (ONNX Runtime's dynamic
+quantizer against cavmae's, with the check that both write the same graph) and
+benchmarks/int8_engines.py (ONNX Runtime int8 against torch int8, and the attention alone)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,14 @@ def test_quantize_speed_benchmark_runs_tiny(tmp_path):
     assert json.loads(out.read_text())["check"] == result["check"]
     assert result["check"]["same_weights"] and result["check"]["same_outputs"]
     assert result["check"]["quantized_tensors"] > 0 and result["rounds"][0]["cavmae_s"] > 0
+
+
+def test_int8_engines_benchmark_runs_tiny(tmp_path):
+    out = tmp_path / "e.json"
+    assert _script("int8_engines").main(["--tiny", "--repeat", "1", "--work", str(tmp_path / "w"),
+                                         "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tiny"] and set(result["graphs"]) == {"audio_encoder", "visual_encoder", "joint_classifier"}
+    joint = result["graphs"]["joint_classifier"]["attention"]
+    assert joint["tokens"] == 512 + 196 and joint["layers"] == 1
+    assert all(v > 0 for v in result["clip"].values())
