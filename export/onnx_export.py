@@ -357,9 +357,13 @@ def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrit
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if finetune_mode not in FINETUNE_MODES:
         raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        what = "an export" if is_export_dir(out_dir) else "not empty"
-        raise ExportError(f"{out_dir} is {what}; choose another directory or pass overwrite")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not is_export_dir(out_dir):
+        # --overwrite replaces an earlier export only: a folder of other files is the user's
+        raise ExportError(f"{out_dir} is not empty and holds no earlier export; choose another directory")
+    if not overwrite:
+        raise ExportError(f"{out_dir} is an export; choose another directory or pass --overwrite")
 
 
 def _select(
@@ -421,6 +425,9 @@ def export_model(
     """
     out_dir = Path(out_dir)
     _check_arguments(precision, finetune_mode, out_dir, overwrite)
+    if isinstance(model, (str, Path)) and Path(model).is_file() and Path(model).resolve().is_relative_to(out_dir.resolve()):
+        raise ExportError(f"the checkpoint {model} is inside {out_dir}, which the export replaces; "
+                          "choose another directory")
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
     classifier = isinstance(net, CAVMAEFT)

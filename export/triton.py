@@ -538,7 +538,7 @@ def write_triton_repository(
     existing = [p.name for p in plans if (repo_dir / p.name).exists() or (repo_dir / p.name).is_symlink()]
     if existing and not overwrite:
         raise ExportError(
-            f"{repo_dir} already has model(s) {existing}; choose another repository or pass overwrite"
+            f"{repo_dir} already has model(s) {existing}; choose another repository or pass --overwrite"
         )
     repo_dir.mkdir(parents=True, exist_ok=True)
     staging = _staging_dir(repo_dir)

@@ -115,9 +115,17 @@ def test_prune_by_age_asks_first_and_refuses_without_a_terminal(home):
 
 
 def test_clear_with_confirmation_keeps_foreign_files(home):
+    foreign = [home / "checkpoints" / "my-own.pth", home / "checkpoints" / "README",
+               home / "exports" / "mything" / "model.onnx", home / "trt" / "notes.txt"]
+    for path in foreign:  # the user's files inside cavmae's folders are not cache items
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    names = {e["path"] for e in listing(home)["entries"]}
+    assert not names & {str(p) for p in foreign} and str(home / "exports" / "mything") not in names
     assert _with_terminal(["cache", "clear"], b"y\n", home) == 0
     assert listing(home)["entries"] == []
     assert (home / "notes.txt").read_text() == "not cavmae's"
+    assert all(path.read_text() == "mine" for path in foreign)
     assert not (home / "hashes.json").exists()
     out = run("cache", "clear", home=home)  # nothing left: no question, no error
     assert out.returncode == 0 and "nothing to remove" in out.stderr

@@ -103,11 +103,23 @@ def test_failed_validation_fails_export_and_leaves_nothing(tmp_path, tiny_classi
     assert not list(tmp_path.iterdir())  # the temporary directory is gone too
 
 
+def test_overwrite_keeps_the_checkpoint_it_exports(tmp_path, tiny_classifier):
+    out = tmp_path / "export"
+    export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False)
+    ckpt = save_checkpoint(tiny_classifier, out / "ft.pth")
+    with pytest.raises(ExportError, match="inside"):
+        export_model(ckpt, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    assert ckpt.is_file()
+    export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    assert not ckpt.exists() and Manifest.load(out).graphs  # an earlier export is replaced
+
+
 def test_refuses_to_overwrite_and_bad_arguments(tmp_path, tiny_classifier):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    with pytest.raises(ExportError, match="not empty"):
-        export_model(tiny_classifier, tmp_path / "full")
+    for overwrite in (False, True):  # --overwrite replaces an earlier export, not a folder of files
+        with pytest.raises(ExportError, match="not empty and holds no earlier export"):
+            export_model(tiny_classifier, tmp_path / "full", overwrite=overwrite)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(ExportError, match="precision"):
         export_model(tiny_classifier, tmp_path / "p", precision="int4")

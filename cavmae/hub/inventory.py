@@ -12,6 +12,10 @@ The cache root and its layout are :mod:`cavmae.hub.cache`'s; this module reads t
   ``exports/.{key}.*`` directory is an export in progress or one a crash left behind;
 - ``trt/`` TensorRT engines cached outside read-only export directories.
 
+Only names cavmae writes are items: a released model's checkpoint or label CSV, an export key
+directory, a TensorRT engine or timing cache. Anything else a user puts there is not listed,
+so ``cache clear`` and ``prune`` never remove it.
+
 Last use: an export directory's modification time, which ``mark_used`` sets each time the
 runtime opens it; a file's later of access and modification time (``mark_used`` sets the access
 time only, so a checkpoint's mtime, part of its hash memo key, never changes). Listing never
@@ -37,6 +41,7 @@ from cavmae.errors import CavmaeError
 
 from .cache import cavmae_home
 from .download import lock_path, part_path
+from .registry import cache_file_names
 
 #: kinds of cache entries, in listing order
 KINDS = ("checkpoint", "labels", "export", "trt-engine", "partial")
@@ -111,8 +116,9 @@ def _export_detail(path: Path) -> tuple[str, str]:
 
 
 def _checkpoint_entries(folder: Path) -> Iterator[CacheEntry]:
+    ours = cache_file_names()
     for p in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if not p.is_file() or p.name.endswith(".lock"):
+        if not p.is_file() or p.name.removesuffix(".part") not in ours:
             continue
         st = p.stat()
         if p.name.endswith(".part"):
@@ -125,7 +131,7 @@ def _checkpoint_entries(folder: Path) -> Iterator[CacheEntry]:
 
 def _export_entries(folder: Path) -> Iterator[CacheEntry]:
     for p in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if not p.is_dir():
+        if not p.is_dir() or p.is_symlink() or not (_EXPORT_KEY.match(p.name) or _EXPORT_STAGING.match(p.name)):
             continue
         st = p.stat()
         if p.name.startswith("."):  # export_model's temporary sibling
@@ -137,7 +143,7 @@ def _export_entries(folder: Path) -> Iterator[CacheEntry]:
 
 def _trt_entries(folder: Path) -> Iterator[CacheEntry]:
     for p in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if p.is_file():
+        if p.is_file() and _TRT_FILE.match(p.name):
             st = p.stat()
             yield CacheEntry("trt-engine", p.name, p, st.st_size, _file_used(st))
 
@@ -193,6 +199,11 @@ def mark_used(*paths: Path) -> None:
 # --- removal ---------------------------------------------------------------------------------
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_EXPORT_KEY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")  # runtime.loader: {sha[:16]}-{digest[:12]}
+_EXPORT_STAGING = re.compile(r"^\.[0-9a-f]{16}-[0-9a-f]{12}\.\d+\.[0-9a-f]{8}\.(tmp|old)$")  # fsio.temp_sibling
+_TRT_FILE = re.compile(r"^([a-z_]+-[0-9a-f]{16}\.engine|timing-.+\.cache)$")  # engines.trt.cache
+
+
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

@@ -299,7 +299,19 @@ def label_path(name: str) -> Path | None:
     info = get_model_info(name)
     if info.label_set is None:
         return None
-    return packaged_label_file(info.label_set) or checkpoint_dir() / f"{info.label_set}_labels.csv"
+    return packaged_label_file(info.label_set) or _cached_label_file(info.label_set)
+
+
+def _cached_label_file(label_set: str) -> Path:
+    return checkpoint_dir() / f"{label_set}_labels.csv"
+
+
+def cache_file_names() -> set[str]:
+    """The names of every file downloads put in :func:`checkpoint_dir`: each released model's
+    checkpoint and each label set's CSV (``.part`` added while one downloads)."""
+    return {checkpoint_path(name).name for name in MODELS} | {
+        _cached_label_file(m.label_set).name for m in MODELS.values() if m.label_set is not None
+    }
 
 
 def local_labels(name: str) -> Path | None:
