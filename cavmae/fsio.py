@@ -254,6 +254,24 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
         raise
 
 
+def probe_writable(path: str | Path) -> None:
+    """Raise ``OSError`` (naming the path) unless a file can be written at ``path``: its folder
+    is made when missing and a probe file created and removed there. For checking an output
+    before long work, so a read-only or mistyped folder fails first, not last."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    for folder in path.parents:  # the nearest existing one must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(folder))
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = temp_sibling(path, "probe")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def writable_dir(path: str | Path) -> bool:
     """True when ``path`` is (or can be made) a directory we can create files in.
 

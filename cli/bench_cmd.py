@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from cavmae import fsio
 from cavmae.manifest import TORCH_PRECISIONS
 
 from .common import ENGINE_CHOICES, echo_json
@@ -57,11 +57,13 @@ def bench(engines, device, batches, frames, model, clip, warmup, repeat, baselin
         clip=clip, warmup=warmup, repeat=repeat, baseline=not no_baseline, baseline_repeat=baseline_repeat,
         stages=not no_stages, torch_precisions=tuple(dict.fromkeys(torch_precision)), threads=threads, precision=precision,
     )
+    if output:
+        fsio.probe_writable(output)  # a read-only or mistyped folder fails now, not after the run
     log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
     result = run_benchmark(cfg, log=log)
-    if output:
-        output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if as_json:
+    if as_json:  # printed first: a failed write below still leaves the numbers on screen
         echo_json(result)
     else:
         click.echo(format_table(result))
+    if output:
+        fsio.write_json(output, result, default=str)

@@ -49,7 +49,8 @@ from .results import ResultWriter
 @click.option("--mode", type=click.Choice([AUTO, *CLI_MODES]), default=AUTO, show_default=True,
               help="Modalities to use. auto: per file, audio-visual where the model and the file allow,"
                    " else the stream the file has (with a note on stderr).")
-@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--frames", default=None, type=click.IntRange(1),
+              help="Frames aggregated per clip [default: 10; an export directory's own].")
 @click.option("--window", type=click.FloatRange(0, 10, min_open=True), default=None,
               help="Sliding windows of this many seconds over the whole video (max 10); see below.")
 @click.option("--hop", type=click.FloatRange(0, min_open=True), default=None,
@@ -95,6 +96,8 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
         raise click.UsageError("choose one of --json and --csv")
     if hop is not None and window is None:
         raise click.UsageError("--hop needs --window")
+    if offset and window is not None:
+        raise click.UsageError("--offset picks one clip; --window covers the whole file from 0 s (drop one)")
     files = select_shard(expand_inputs(inputs), parse_shard(shard), key=lambda p: str(p.resolve()))
     # checked before the model loads: a wrong -o fails in a second, and writes nothing
     if ray_address is not None and output is not None and output.suffix.lower() == ".parquet":
@@ -106,6 +109,14 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
                          task="classify", precision=precision)
     mode = _choose_mode(pipe, mode)
+    # what a result depends on beyond its key (path, mode, start): a re-run must match it
+    if isinstance(writer, ResultWriter):
+        source = pipe.manifest.source
+        writer.bind_settings({
+            "model": source.get("sha256") or source.get("checkpoint") or str(model),
+            "precision": pipe.manifest.precision, "frames": pipe.manifest.num_frames,
+            "labels": labels_csv, "window": window, "top_k": top_k, "all_scores": all_scores,
+        })
     out = _Output(writer, label_names(pipe), top_k, all_scores, as_json,
                   csv.writer(sys.stdout) if as_csv else None, windows=window is not None)
     if out.stdout_csv:
@@ -113,7 +124,7 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
     if ray_address is not None:  # the same results, computed on Ray Data (cli/ray_run.py)
         settings = RaySettings(ray_address, ray_actors, ray_gpus_per_actor)
         ray_run.finish(ray_run.classify(settings, files=files, pipe=pipe, spec=settings.spec(
-            model, engine, device, num_frames=frames, precision=precision), mode=mode, window=window, hop=hop,
+            model, engine, device, num_frames=pipe.manifest.num_frames, precision=precision), mode=mode, window=window, hop=hop,
             offset=offset, writer=writer, emit=out.emit), len(files))
         return
     try:

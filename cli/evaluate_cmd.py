@@ -190,6 +190,8 @@ def evaluate(
     """
     from cavmae.runtime import evaluation as ev
 
+    if predictions is not None:
+        _check_predictions_path(predictions)
     data = _read_dataset(dataset, labels_file, limit)
     pipeline = open_pipeline(model, engine, device, mirror, precision=precision)
     try:
@@ -213,6 +215,18 @@ def evaluate(
         pipeline.close()
 
     _report(result, predictions, as_json)
+
+
+def _check_predictions_path(path: str) -> None:
+    """Before any clip is read: the predictions file is a new or earlier ``.npz`` in a folder
+    that takes files (so it can never replace an input, and the run's results are not lost at
+    the end for want of a writable folder)."""
+    from cavmae import fsio
+    from cavmae.errors import CavmaeError
+
+    if not path.lower().endswith(".npz"):
+        raise CavmaeError(f"--predictions writes a numpy .npz file; give a name ending in .npz, not {path!r}")
+    fsio.probe_writable(path)
 
 
 def _read_dataset(dataset: tuple[str, ...], labels_file: str | None, limit: int | None) -> ClipList:

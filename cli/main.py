@@ -139,6 +139,14 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except (OSError, MemoryError) as e:
+            # the file system or the machine refused (a read-only or missing folder, a full
+            # disk, a file where a folder should be, too little memory): the user can act on it
+            message = _resource_error(e)
+            if debug or message is None:
+                raise
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(2)
         except Exception as e:  # a bug: keep it to one line unless asked
             if debug:
                 raise
@@ -148,6 +156,16 @@ class LazyGroup(click.Group):
                 err=True,
             )
             ctx.exit(1)
+
+
+def _resource_error(e: BaseException) -> str | None:
+    """One line for a file-system error on a path, or running out of memory; None for others."""
+    if isinstance(e, MemoryError):
+        detail = str(e).splitlines()[0] if str(e) else "memory is exhausted"
+        return f"out of memory ({detail}); use smaller batches or fewer workers"
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"cannot use {e.filename}: {e.strerror or e}"
+    return None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,7 +9,9 @@
 Before anything is written, the ending is checked against ``--csv``/``--json`` and an existing
 file against the columns/fields of the command; a mismatch is refused with one line, so a
 results file is never mixed up. Records already in the file are keyed (by default on the
-resolved input path, the mode and the start time), so a re-run skips what is done.
+resolved input path, the mode and the start time), so a re-run skips what is done; a command
+that binds its settings (model, frames, windows, ...) to the file is refused when a re-run
+changes them (they are kept beside it in a hidden ``.{name}.settings.json``).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class ResultWriter:
         self._records: list[Any] = []
         self._dirty = False
         self._last_rewrite = 0.0
+        self._settings: dict[str, Any] | None = None
         if path is None:
             return
         if shared and self.fmt == "json":
@@ -112,6 +115,34 @@ class ResultWriter:
             raise CavmaeError(f"-o {path} is a folder; give a file name ending in .csv, .jsonl or .json")
         if path.exists() and path.stat().st_size:
             self._read_existing(path)
+        fsio.probe_writable(path)  # a read-only or mistyped folder fails before any work
+
+    # -- the settings behind the results ---------------------------------------------------------
+    def settings_path(self) -> Path:
+        """Beside the file, hidden: the settings of the run that started it."""
+        assert self.path is not None
+        return self.path.with_name(f".{self.path.name}.settings.json")
+
+    def bind_settings(self, settings: dict[str, Any]) -> None:
+        """Tie the file to the settings its results depend on (model, frames, windows, ...).
+
+        A re-run resumes only with the same settings: results of other settings under the same
+        (path, mode, start) would otherwise count as done, and the file would mix two runs.
+        Call before the first ``write``; refuses with one line when they differ.
+        """
+        self._settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+        if self.path is None or not self.done:
+            return
+        try:
+            earlier = json.loads(self.settings_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            warn(f"{self.path}: no record of the settings that wrote it; resuming by input, mode"
+                 " and start time only")
+            return
+        changed = sorted(k for k in set(earlier) | set(self._settings) if earlier.get(k) != self._settings.get(k))
+        if changed:
+            what = ", ".join(f"{k} {earlier.get(k)!r} -> {self._settings.get(k)!r}" for k in changed)
+            raise self._refuse(f"holds results of other settings ({what})")
 
     def _open(self) -> Any:
         """The file, opened for appending on the first result (a job that fails before any
@@ -120,6 +151,8 @@ class ResultWriter:
             assert self.path is not None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.path.exists() or self.path.stat().st_size == 0
+            if new and self._settings is not None:
+                fsio.write_json(self.settings_path(), self._settings)
             self._file = open(self.path, "a", newline="", encoding="utf-8")
             if self.fmt == "csv" and new:
                 csv.writer(self._file).writerow(self.columns)
@@ -212,6 +245,8 @@ class ResultWriter:
 
     def _rewrite_json(self) -> None:
         assert self.path is not None
+        if self._settings is not None and not self.path.exists():
+            fsio.write_json(self.settings_path(), self._settings)
         fsio.write_json(self.path, self._records, indent=1, ensure_ascii=False)
         self._dirty = False
         self._last_rewrite = time.monotonic()

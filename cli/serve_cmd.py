@@ -48,7 +48,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--index", default=None, metavar="INDEX", help="Embedding index for /v1/search (cavmae embed -o).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 listens on all.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--frames", default=None, type=click.IntRange(1),
+              help="Frames aggregated per clip [default: 10; an export directory's own].")
 @click.option("--max-batch", default=_D.max_batch, show_default=True, type=click.IntRange(1),
               help="Clips per model call (1: no dynamic batching).")
 @click.option("--max-wait-ms", default=_D.max_wait * 1000, show_default=True, type=click.FloatRange(0),

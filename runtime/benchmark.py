@@ -409,9 +409,10 @@ def parse_batches(text: str | Sequence[int]) -> tuple[int, ...]:
     if not isinstance(text, str):
         return tuple(int(x) for x in text)
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:  # also an empty item: "1,,8"
         values = ()
+    values = tuple(dict.fromkeys(values))  # "1,1" measures batch 1 once
     if not values or min(values) < 1:
         raise CavmaeError(f"--batch takes positive integers separated by commas, e.g. 1,8; got {text!r}")
     return values

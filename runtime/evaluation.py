@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cavmae import fsio
 from cavmae.clip_lists import (
     ClipInputs,
     ClipList,
@@ -217,8 +218,7 @@ class EvaluationResult:
             arrays["label_names"] = np.asarray(self.label_names, dtype=str)
         arrays.update({f"ranks_{k}": v for k, v in self.ranks.items()})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
+            with fsio.atomic_open(path, "wb") as f:  # a new file: never half-written, links kept
                 np.savez(f, allow_pickle=True, **arrays)  # numpy's default, named for mypy
         except OSError as e:
             raise CavmaeError(f"cannot write predictions to {path}: {e.strerror}") from None

@@ -310,7 +310,7 @@ def load(
     device: str = "auto",
     *,
     precision: str | None = None,
-    num_frames: int = 10,
+    num_frames: int | None = None,
     max_batch: int = 8,
     mask_ratio_a: float = DEFAULT_MASK_RATIO,
     mask_ratio_v: float = DEFAULT_MASK_RATIO,
@@ -326,7 +326,8 @@ def load(
     or "torch". ``precision``: for "torch" the autocast precision (fp16 on CUDA, bf16 on CUDA
     or the CPU); for the others the export's precision (fp32, fp16 or int8): a checkpoint is
     exported in it on first use, and an export directory must have it. None: fp32 for a
-    checkpoint, the export's own for an export directory.
+    checkpoint, the export's own for an export directory. ``num_frames`` likewise: frames per
+    clip of a checkpoint's export (None: 10); an export directory must have it (None: its own).
 
     ``labels``: a label CSV replacing the model's class names (nothing is downloaded for
     labels then). ``task`` (``"classify"``, ``"reconstruct"``): refuse a model
@@ -338,10 +339,18 @@ def load(
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it
     user = model_labels(source, labels) if labels is not None else None  # checked before export
     registry_labels = _once(lambda: model_labels(source, progress=progress))  # asked at most once
-    export_opts = dict(num_frames=num_frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
+    frames = DEFAULT_PREPROCESS.num_frames if num_frames is None else num_frames
+    export_opts = dict(num_frames=frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
     # a user's labels never go into a (shared, cached) export: the export gets none then
     pipe = _open(source, name, dev, precision=precision, labels=(lambda: None) if user is not None else registry_labels,
                  progress=progress, export_opts=export_opts, engine_options=engine_options)
+    if source.kind == "export" and num_frames is not None and num_frames != pipe.manifest.num_frames:
+        pipe.close()
+        raise CavmaeError(
+            f"{source.path} is an export for {pipe.manifest.num_frames} frames per clip, not {num_frames}:"
+            " give the checkpoint or registry name to export it for other frame counts on first use,"
+            f" or write one with `cavmae export MODEL --frames {num_frames}`"
+        )
     names = user
     if names is None and pipe.manifest.labels is None and pipe.manifest.model_kind == "classifier":
         names = registry_labels()
@@ -369,6 +378,20 @@ def _check_export_precision(path: Path, manifest: Manifest, precision: str | Non
             f" registry name to export it in {precision} on first use, or write one with"
             f" `cavmae export MODEL --precision {precision}`"
         )
+
+
+def _check_export_checkpoint(path: Path, manifest: Manifest) -> None:
+    """The torch engine runs an export directory's source checkpoint, not its graphs: refuse a
+    checkpoint that is no longer the one the export was made from."""
+    checkpoint, sha = manifest.source.get("checkpoint"), manifest.source.get("sha256")
+    if checkpoint and sha and Path(checkpoint).is_file() and checkpoint_sha256(Path(checkpoint)) != sha:
+        raise CavmaeError(
+            f"{checkpoint} has changed since {path} was exported from it (sha256 differs): give the"
+            " checkpoint itself to run it with --engine torch, or re-export"
+        )
+    if manifest.precision != "fp32":
+        log.warning("the torch engine runs %s's source checkpoint in PyTorch, not its %s graphs",
+                    path, manifest.precision)
 
 
 def _once(lookup: Callable[[], LabelSet | None]) -> Callable[[], LabelSet | None]:
@@ -400,6 +423,7 @@ def _open(
 
         if source.kind == "export":
             manifest = Manifest.load(source.path)
+            _check_export_checkpoint(source.path, manifest)
             return Pipeline(TorchEngine(source.path, manifest, dev, precision=precision or "fp32", **engine_options))
         net = source.load_model()
         manifest = _in_memory_manifest(net, source, labels(), **export_opts)

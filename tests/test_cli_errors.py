@@ -136,3 +136,41 @@ def test_check_engine_says_what_to_install_or_use(monkeypatch):
     _machine(monkeypatch, gpus=["NVIDIA H100"], providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     assert check_engine("ort", "cuda:0") == ("ort", "cuda:0")
     assert check_engine("auto", "auto") == ("ort", "cuda")
+
+
+# --- outputs checked before the work, file-system errors in one line ---------------------------
+
+
+def test_unwritable_outputs_fail_first_in_one_line(tmp_path, ckpt):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    commands = [
+        ["bench", "-m", str(ckpt), "--no-baseline", "-o", str(tmp_path / "afile" / "b.json")],
+        ["classify", str(AUDIOSET_CLIP), "-m", str(ckpt), "-o", str(tmp_path / "afile" / "r.jsonl")],
+        ["evaluate", str(AUDIOSET_CLIP), "-m", str(ckpt), "--predictions", str(tmp_path / "afile" / "p.npz")],
+    ]
+    for args in commands:
+        out = run(*args, tmp=tmp_path)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
+        line = one_line(out)
+        assert line.startswith("Error: cannot use ") and line.endswith("afile: is a file, not a folder"), line
+    assert not (tmp_path / "home" / "exports").exists()  # refused before the first-use export
+    assert not (tmp_path / "cavmae-bench").exists()
+    out = run("evaluate", str(AUDIOSET_CLIP), "-m", str(ckpt), "--predictions", str(AUDIOSET_CLIP), tmp=tmp_path)
+    assert out.returncode == 2 and ".npz" in one_line(out)  # never written over an input
+
+
+def test_an_export_directory_keeps_its_settings_and_its_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = tmp_path / "m.pth"
+    save_checkpoint(CAVMAEFT(TINY), model)
+    out = run("export", str(model), "-o", str(tmp_path / "exp"), tmp=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = run("classify", str(AUDIOSET_CLIP), "-m", str(tmp_path / "exp"), "--frames", "5", tmp=tmp_path)
+    assert out.returncode == 2 and "export for 10 frames per clip, not 5" in one_line(out)
+    out = run("classify", str(AUDIOSET_CLIP), "-m", str(tmp_path / "exp"), "--window", "5", "--offset", "3",
+              tmp=tmp_path)
+    assert out.returncode == 2 and "--offset" in one_line(out)
+    torch.manual_seed(2)
+    save_checkpoint(CAVMAEFT(TINY), model)  # another model where the export's checkpoint was
+    out = run("classify", str(AUDIOSET_CLIP), "-m", str(tmp_path / "exp"), "--engine", "torch", tmp=tmp_path)
+    assert out.returncode == 2 and "has changed since" in one_line(out)

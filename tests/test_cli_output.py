@@ -124,6 +124,23 @@ def test_resume_is_keyed_on_resolved_path_and_mode(work):
                                                                  ("a.mp4", "audio")]
 
 
+def test_resume_refuses_other_settings(work):
+    """A window, frame count, top-k or model other than the run that started the file would
+    make results of other settings count as done (the 0-5 s window of a 5 s run is not the
+    0-10 s clip of a plain one): refused, the file untouched."""
+    tmp, _ = work
+    out = _classify(work, "a.mp4", "-o", "s.jsonl")
+    assert out.returncode == 0, out.stderr
+    before = (tmp / "s.jsonl").read_bytes()
+    for args, what in ((["--window", "5"], "window"), (["-k", "3"], "top_k"), (["--frames", "4"], "frames")):
+        out = _classify(work, "a.mp4", *args, "-o", "s.jsonl")
+        assert out.returncode == 2 and out.stderr.startswith("Error: ") and what in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1
+    assert (tmp / "s.jsonl").read_bytes() == before
+    out = _classify(work, "a.mp4", "b.mp4", "-o", "s.jsonl")  # the same settings resume
+    assert out.returncode == 0 and "1 of 2 inputs already in s.jsonl" in out.stderr
+
+
 def test_json_output_is_one_valid_document(work):
     tmp, _ = work
     out = _classify(work, "a.mp4", "-o", "r.json")

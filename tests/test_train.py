@@ -115,6 +115,13 @@ def test_config_files_and_overrides(tmp_path):
         ({"precision": "fp8"}, "precision"),
         ({"model": "huge"}, "model"),
         ({"mixup": 2.0}, "mixup"),
+        ({"lr_decay": -1.0}, "lr_decay"),
+        ({"warmup_steps": -5}, "warmup_steps"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"betas": [2.0, 0.99]}, "betas"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"mask_ratio_v": 0.0}, "mask_ratio_v"),
     ],
 )
 def test_config_errors(changes, message):
@@ -129,6 +136,8 @@ def test_finetune_config_errors():
         FinetuneConfig(train_data="t", output_dir="o", label_csv="l", epochs=3, wa_start=5).validate()
     with pytest.raises(TrainConfigError, match="mode"):
         FinetuneConfig(train_data="t", output_dir="o", label_csv="l", mode="both").validate()
+    with pytest.raises(TrainConfigError, match="head_lr"):
+        FinetuneConfig(train_data="t", output_dir="o", label_csv="l", head_lr=-1).validate()
 
 
 def test_schedule_matches_multisteplr():
@@ -280,6 +289,11 @@ def test_resume_checks(ds, reference, tmp_path):
     again = pretrain(cfg.replace(max_steps=None))
     assert again.completed and again.global_step == done.global_step == 4
     _assert_same_weights(again.model.state_dict(), done.model.state_dict())
+    state = tmp_path / "run" / "state.pt"
+    for damage in (b"garbage\n", state.read_bytes()[:1000]):  # overwritten, truncated
+        state.write_bytes(damage)
+        with pytest.raises(TrainConfigError, match="damaged.*delete it"):
+            pretrain(cfg.replace(max_steps=None))
 
 
 # -- modes ----------------------------------------------------------------------------------------

@@ -171,6 +171,14 @@ class TrainConfig:
             problems.append("lr_decay_step must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be >= 1")
+        problems += _range_problems(self, at_least={
+            "warmup_steps": 0, "num_workers": 0, "save_every_steps": 0, "lr_decay_start": 0,
+            "eval_every": 1, "log_every": 1, "eval_batch_size": 1, "weight_decay": 0.0,
+        })
+        if not 0 < self.lr_decay <= 1:
+            problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         try:
             self.augment_config()
         except ValueError as e:
@@ -216,8 +224,9 @@ class PretrainConfig(TrainConfig):
         if self.mask_mode not in MASK_MODES:
             problems.append(f"mask_mode must be one of {', '.join(MASK_MODES)}")
         for name in ("mask_ratio_a", "mask_ratio_v"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name} must be in [0, 1)")
+            # 0 masks nothing: the reconstruction loss, a mean over masked patches, is undefined
+            if not 0.0 < getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
         return problems
 
 
@@ -262,8 +271,16 @@ class FinetuneConfig(TrainConfig):
             problems.append(f"loss must be BCE or CE, not {self.loss!r}")
         if self.metric not in ("auto", "mAP", "acc"):
             problems.append(f"metric must be auto, mAP or acc, not {self.metric!r}")
+        if self.head_lr <= 0:
+            problems.append(f"head_lr must be > 0, got {self.head_lr}")
         if self.wa and not 1 <= self.wa_start <= (self.wa_end or self.epochs) <= self.epochs:
             problems.append(
                 f"need 1 <= wa_start <= wa_end <= epochs, got {self.wa_start}, {self.wa_end}, {self.epochs}"
             )
         return problems
+
+
+def _range_problems(config: Any, at_least: dict[str, float]) -> list[str]:
+    """``name must be >= low`` for each field below its lowest sensible value (None is unset)."""
+    return [f"{name} must be >= {low}, got {getattr(config, name)}" for name, low in at_least.items()
+            if getattr(config, name) is not None and getattr(config, name) < low]

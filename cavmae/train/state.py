@@ -174,8 +174,15 @@ def start_or_resume(
             f"{run_dir} already holds a training state ({STATE_FILE}); pass resume=True "
             "(--resume) to continue it, or choose another output_dir"
         )
-    st = torch.load(state_path, map_location="cpu", weights_only=True)
-    tr = st["training"]
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        tr = st["training"]
+    except Exception as e:  # truncated, overwritten, or not a training state at all
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainConfigError(
+            f"{state_path} is damaged and cannot be resumed from ({first[:120]}); delete it to start"
+            " the run over, or choose another output_dir"
+        ) from None
     if tr["kind"] != cfg.kind:
         raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
     _check_resume_config(run_dir, cfg, tr["config"])
