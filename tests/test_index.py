@@ -104,6 +104,17 @@ def test_incremental_append_keeps_rows(tmp_path):
     check_contents(index, first + second)
 
 
+def test_a_damaged_part_is_named_by_readers_and_writers(tmp_path):
+    write(tmp_path / "idx", rows(np.random.default_rng(5), 4))
+    part = sorted((tmp_path / "idx").glob("chunk-*-audio.npy"))[0]
+    for bad in (np.zeros((3, D * 2), np.float32), np.zeros((3, D), np.float64)):  # wrong width, type
+        np.save(part, bad)
+        with pytest.raises(EmbeddingIndexError, match="damaged"):
+            EmbeddingIndex.open(tmp_path / "idx")
+        with pytest.raises(EmbeddingIndexError, match="damaged"):  # no rows added to it either
+            IndexWriter(tmp_path / "idx", model=MODEL, dim=D)
+
+
 def test_refuses_other_model_frame_dim_and_second_writer(tmp_path):
     write(tmp_path / "idx", rows(np.random.default_rng(2), 2))
     with pytest.raises(EmbeddingIndexError, match="not of"):

@@ -97,6 +97,19 @@ def test_outdated_approximate_index_is_refused(tmp_path, data):
         ApproximateIndex.open(other)
 
 
+def test_damaged_approximate_index_says_rebuild(tmp_path, data):
+    path = tmp_path / "idx"
+    write(path, data[1][:1000], data[2][:1000])
+    build_ann(path, AnnParams(nlist=8))
+    faiss_file = next(ann_dir(path).glob("audio*.faiss"))
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated
+    with pytest.raises(EmbeddingIndexError, match="damaged.*cavmae index build-ann"):
+        ApproximateIndex.open(path).search(data[1][0], "audio", k=3)
+    faiss_file.write_bytes(b"junk" * 64)
+    with pytest.raises(EmbeddingIndexError, match="damaged.*cavmae index build-ann"):
+        ApproximateIndex.open(path).search(data[1][0], "audio", k=3)
+
+
 # -- the console script ----------------------------------------------------------------------
 def cavmae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("cavmae")

@@ -221,14 +221,24 @@ class ApproximateIndex:
             faiss = _faiss()
             entry = self.meta["modalities"][modality]
             d = ann_dir(self.index.path)
-            self._rows[modality] = np.load(d / entry["rows"], mmap_mode="r")
-            if entry["count"] == 0:
-                self._faiss[modality] = None
-            else:
-                flags = faiss.IO_FLAG_MMAP if self.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
-                self._faiss[modality] = faiss.read_index(
-                    str(d / entry["file"]), flags | faiss.IO_FLAG_READ_ONLY
+            try:
+                rows = np.load(d / entry["rows"], mmap_mode="r")
+                fi = None
+                if entry["count"] != 0:
+                    flags = faiss.IO_FLAG_MMAP if self.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
+                    fi = faiss.read_index(str(d / entry["file"]), flags | faiss.IO_FLAG_READ_ONLY)
+            except (OSError, ValueError, RuntimeError) as e:  # faiss reports a bad file as RuntimeError
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EmbeddingIndexError(
+                    f"the approximate index of {self.index.path} is damaged ({first[:160]});"
+                    f" rebuild it with `cavmae index build-ann {self.index.path}`"
+                ) from None
+            if fi is not None and (rows.ndim != 1 or rows.shape[0] != fi.ntotal):
+                raise EmbeddingIndexError(
+                    f"the approximate index of {self.index.path} is damaged (its row map does not fit);"
+                    f" rebuild it with `cavmae index build-ann {self.index.path}`"
                 )
+            self._rows[modality], self._faiss[modality] = rows, fi
         return self._faiss[modality], self._rows[modality]
 
     def candidates(self, query: np.ndarray, target: str, n: int, *,

@@ -173,14 +173,26 @@ def parts(meta: dict[str, Any]) -> list[Part]:
     return out
 
 
-def load_npy(path: Path, rows: int) -> np.ndarray:
-    """The first ``rows`` rows of a memory-mapped ``.npy`` file (base files may hold more)."""
+def load_npy(path: Path, rows: int, row_shape: tuple[int, ...] | None = None,
+             dtype: Any = None) -> np.ndarray:
+    """The first ``rows`` rows of a memory-mapped ``.npy`` file (base files may hold more),
+    checked against the ``row_shape`` and ``dtype`` the index expects when given."""
     arr = np.load(path, mmap_mode="r")
-    if arr.shape[0] < rows:
+    if arr.ndim == 0 or arr.shape[0] < rows:
+        got = arr.shape[0] if arr.ndim else 0
+        raise EmbeddingIndexError(f"{path} holds {got} rows, the index expects {rows}; it is damaged")
+    if row_shape is not None and arr.shape[1:] != row_shape or dtype is not None and arr.dtype != dtype:
         raise EmbeddingIndexError(
-            f"{path} holds {arr.shape[0]} rows, the index expects {rows}; it is damaged"
+            f"{path} holds {arr.dtype} rows of shape {arr.shape[1:]}, the index expects"
+            f" {np.dtype(dtype) if dtype is not None else arr.dtype} rows of shape {row_shape}; it is damaged"
         )
     return arr[:rows]
+
+
+def array_row_shape(what: str, dim: int) -> tuple[tuple[int, ...], Any]:
+    """(row shape, dtype) of a part's ``audio``/``visual`` embeddings (``[dim]`` float32) or
+    its ``mask`` (``[2]`` bool: has audio, has video)."""
+    return ((2,), np.bool_) if what == "mask" else ((dim,), np.float32)
 
 
 def read_item_lines(directory: Path, part: Part) -> Iterator[tuple[int, bytes]]:

@@ -19,6 +19,7 @@ from .layout import (
     META_NAME,
     MODALITIES,
     EmbeddingIndexError,
+    array_row_shape,
     check_modality,
     find_shards,
     is_index,
@@ -88,7 +89,8 @@ class EmbeddingIndex:
                 sidecars = int(meta["version"]) >= 2  # version 1 parts are scanned on use
                 for part in parts(meta):
                     for what in arrays:
-                        arrays[what].append(load_npy(part.file(path, what), part.count))
+                        shape, dtype = array_row_shape(what, int(meta["dim"]))
+                        arrays[what].append(load_npy(part.file(path, what), part.count, shape, dtype))
                     items.append(PartItems(path, part, sidecars=sidecars))
                 return cls(path, meta, arrays, items)
             except FileNotFoundError:

@@ -37,6 +37,7 @@ from .layout import (
     SIDECARS,
     EmbeddingIndexError,
     Part,
+    array_row_shape,
     is_index,
     item_line,
     key_hash,
@@ -53,6 +54,17 @@ from .layout import (
 from .storage import locked
 
 log = logging.getLogger(__name__)
+
+
+def _check_arrays(path: Path, meta: dict[str, Any]) -> None:
+    """Each part's arrays hold the rows, widths and types ``index.json`` says (memory-mapped:
+    only the headers are read). Raises ``EmbeddingIndexError`` naming the damaged file."""
+    for part in parts(meta):
+        for what in ARRAYS:
+            try:
+                load_npy(part.file(path, what), part.count, *array_row_shape(what, int(meta["dim"])))
+            except (OSError, ValueError) as e:
+                raise EmbeddingIndexError(f"{part.file(path, what)} is damaged: {e}") from None
 
 
 @dataclass
@@ -107,6 +119,7 @@ class IndexWriter:
             if is_index(self.path):
                 self.meta = read_meta(self.path)
                 check_compatible(self.meta, model, **want, where=self.path)
+                _check_arrays(self.path, self.meta)  # never add rows to a damaged index
             else:
                 self.meta = new_meta(model, want, shard)
             self._clean_orphans()
@@ -387,13 +400,12 @@ class IndexWriter:
 
     def _merge_array(self, what: str, merged: list[Part], out: Part) -> None:
         """Write ``what`` of part ``out`` as the rows of ``merged``, in order."""
-        shape = (out.count, self.dim) if what != "mask" else (out.count, 2)
-        dtype = np.float32 if what != "mask" else np.bool_
+        row_shape, dtype = array_row_shape(what, self.dim)
         with fsio.atomic_path(out.file(self.path, what)) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(out.count, *row_shape))
             at = 0
             for p in merged:
-                arr[at : at + p.count] = load_npy(p.file(self.path, what), p.count)
+                arr[at : at + p.count] = load_npy(p.file(self.path, what), p.count, row_shape, dtype)
                 at += p.count
             arr.flush()
             del arr  # unmap before the fsync and rename
