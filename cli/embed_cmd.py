@@ -206,9 +206,22 @@ class _EmbedRun:
             todo = [p for p, t in zip(todo, there, strict=True) if not t]
             failed, added = self._embed_new(pipe, todo, writer)
             count = writer.count
-        return {"index": str(target), "added": added, "skipped": len(paths) - len(todo),
+        skipped = sorted(set(paths) - set(todo))
+        changed = [str(p) for p in self._changed(skipped, target)]
+        return {"index": str(target), "added": added, "skipped": len(skipped), "changed": changed,
                 "failed": failed, "count": count, "shard": [i, n] if n > 1 else None,
                 "todo": len(todo)}
+
+    def _changed(self, skipped: list[Path], target: Path) -> list[Path]:
+        """Of the files skipped as already indexed (here, or in the main index of a shard), those
+        changed since their rows were embedded."""
+        from cavmae.runtime import index as ix
+
+        out: list[Path] = []
+        for where in dict.fromkeys([target, self.root]):
+            if skipped and ix.is_index(where):
+                out += ix.changed_files(ix.EmbeddingIndex.open(where), skipped)
+        return sorted(set(out))
 
     def _embed_new(self, pipe: Any, todo: list[Path], writer: Any) -> tuple[list[dict[str, str]], int]:
         """Embed ``todo`` into ``writer`` with progress; (failed files, rows added)."""
@@ -240,6 +253,11 @@ def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
                    f" {summary['count']} rows.")
         if shard:
             click.echo(f"When all {shard[1]} shards are done: cavmae embed --merge {root}")
+    if summary["changed"]:
+        changed = summary["changed"]
+        warn(f"{len(changed)} file(s) changed since they were indexed ({changed[0]}"
+             f"{', ...' if len(changed) > 1 else ''}): their rows keep the earlier content;"
+             " embed them into a new index to refresh them")
     if failed:
         click.echo(f"{len(failed)} of {todo} inputs failed (see warnings above).", err=True)
         click.get_current_context().exit(EXIT_INPUT_FAILED)

@@ -248,7 +248,7 @@ class RayEmbed:
     def results(self, pipe: Any, todo: Sequence[Path], writer: Any) -> Iterator[Any]:
         """Embed ``todo`` on Ray and append to ``writer``; one ``FileResult`` per path."""
         from cavmae.runtime import ray_data
-        from cavmae.runtime.index import FileResult
+        from cavmae.runtime.index import FileResult, file_stamp
 
         self.settings.init()
         spec = self.settings.spec(self.model, self.engine, self.device, num_frames=pipe.num_frames,
@@ -266,5 +266,9 @@ class RayEmbed:
             a, v, duration = row["audio_embedding"], row["visual_embedding"], row["clip_duration"]
             a = None if np.isnan(a).any() else a  # NaN: the file has no such stream
             v = None if np.isnan(v).any() else v
-            r = writer.add(path, a, v, duration=None if math.isnan(duration) else float(duration))
+            try:  # what a later run compares to tell that the file changed (a local file)
+                stamp = file_stamp(path)
+            except OSError:
+                stamp = {}
+            r = writer.add(path, a, v, duration=None if math.isnan(duration) else float(duration), **stamp)
             yield FileResult(path, row=r, has_audio=a is not None, has_video=v is not None)

@@ -143,6 +143,24 @@ def test_incremental_run_adds_only_new_files(env, built):
     check_against_pipeline(after, env[2])
 
 
+def test_a_file_changed_since_it_was_indexed_is_reported(env):
+    tmp = env[3]
+    folder = tmp / "changing"
+    shutil.copytree(tmp / "good", folder)
+    proc = cavmae(env, "embed", str(folder), "-o", str(tmp / "idx-changing"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["changed"] == []
+    items = EmbeddingIndex.open(tmp / "idx-changing").items()
+    assert all(it["size"] > 0 and it["mtime_ns"] > 0 for it in items)  # each row's file stamp
+    shutil.copyfile(folder / "sound.wav", folder / "tone.mp4")  # other content under a known name
+    proc = cavmae(env, "embed", str(folder), "-o", str(tmp / "idx-changing"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["skipped"] == 3 and summary["added"] == 0
+    assert [Path(p).name for p in summary["changed"]] == ["tone.mp4"]
+    assert "1 file(s) changed since they were indexed" in proc.stderr and "tone.mp4" in proc.stderr
+
+
 def test_other_model_is_refused(env, built):
     proc = cavmae(env, "embed", str(VGGSOUND_CLIP), "-o", str(built[1]), "--model", str(env[3] / "other.pth"),
                   "--engine", "ort", "--device", "cpu", model=False)

@@ -320,7 +320,7 @@ def test_embed_files_decodes_through_the_shared_prefetch(tmp_path, monkeypatch):
             raise ValueError("odd\nsecond line")
         audio = None if k == 5 else np.full((3, 2), k + 1, dtype=np.float32)
         frames = np.full((2, 1), k + 1, dtype=np.float32)
-        return embed_mod._Decoded(path, audio, frames, float(k))
+        return embed_mod._Decoded(path, audio, frames, float(k), {"size": k, "mtime_ns": k})
 
     monkeypatch.setattr(embed_mod, "prefetch", spy)
     monkeypatch.setattr(embed_mod, "_decode", fake_decode)

@@ -71,7 +71,7 @@ embed, append), :mod:`.ann` (the approximate index, faiss).
 from __future__ import annotations
 
 from .ann import AnnParams, ApproximateIndex, build_ann
-from .embed import FileResult, embed_files
+from .embed import FileResult, changed_files, embed_files, file_stamp
 from .identity import check_compatible, describe_model, model_identity, same_model
 from .layout import (
     FORMAT,
@@ -105,9 +105,11 @@ __all__ = [
     "IndexWriter",
     "MergeResult",
     "build_ann",
+    "changed_files",
     "check_compatible",
     "describe_model",
     "embed_files",
+    "file_stamp",
     "find_shards",
     "is_index",
     "merge_shards",

@@ -17,6 +17,7 @@ import numpy as np
 from cavmae.errors import MediaError
 from cavmae.prefetch import prefetch
 
+from .reader import EmbeddingIndex
 from .writer import IndexWriter
 
 if TYPE_CHECKING:
@@ -40,16 +41,44 @@ class _Decoded:
     audio: np.ndarray | None  # [T, F]
     frames: np.ndarray | None  # [F, 3, H, W]
     duration: float
+    stamp: dict[str, int]  # file_stamp() before decoding
+
+
+def file_stamp(path: str | Path) -> dict[str, int]:
+    """What a row remembers of its file (``size``, ``mtime_ns``): a later run can tell that the
+    file changed since it was embedded (:func:`changed_files`)."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def changed_files(index: EmbeddingIndex, paths: Sequence[str | Path]) -> list[Path]:
+    """The ``paths`` in ``index`` whose file changed (size or modification time) since its row
+    was embedded. Rows without a stamp (written by older versions) are not judged, nor are
+    files that are gone."""
+    rows = index.rows_of(paths)
+    there = [(Path(p), int(r)) for p, r in zip(paths, rows, strict=True) if r >= 0]
+    changed = []
+    for (path, _), item in zip(there, index.items(r for _, r in there), strict=True):
+        if "size" not in item or "mtime_ns" not in item:
+            continue
+        try:
+            now = file_stamp(path)
+        except OSError:
+            continue
+        if now != {"size": item["size"], "mtime_ns": item["mtime_ns"]}:
+            changed.append(path)
+    return changed
 
 
 def _decode(path: Path, pipeline: Pipeline) -> _Decoded:
     from cavmae.media import probe
 
+    stamp = file_stamp(path)  # before reading: a change while decoding shows next time
     info = probe(path)
     if not (info.has_audio or info.has_video):
         raise MediaError(f"{path}: no audio or video stream")
     clip = pipeline.load_clip(path, need_audio=info.has_audio, need_video=info.has_video)
-    return _Decoded(path, clip.audio, clip.frames, float(clip.duration))
+    return _Decoded(path, clip.audio, clip.frames, float(clip.duration), stamp)
 
 
 def _reason(path: Path, error: Exception) -> str:
@@ -73,7 +102,7 @@ def _embed_batch(
     v_of = {id(c): ev[j] for j, (c, _) in enumerate(with_v)} if ev is not None else {}
     for c in clips:
         a, v = a_of.get(id(c)), v_of.get(id(c))
-        row = writer.add(c.path, a, v, duration=c.duration)
+        row = writer.add(c.path, a, v, duration=c.duration, **c.stamp)
         yield FileResult(c.path, row=row, has_audio=a is not None, has_video=v is not None)
 
 
