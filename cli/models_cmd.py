@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import echo_json
+from .common import EXIT_INPUT_FAILED, echo_json, warn
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,19 +64,45 @@ def download(names: tuple[str, ...], all_models: bool, mirror: str | None, sha25
     infos = [registry.get_model_info(n) for n in names]  # unknown names fail before any download
     if sha256 and len(infos) != 1:
         raise click.UsageError("--sha256 pins one file: give exactly one model name")
-    done = []
-    for info in infos:
-        if sha256 and registry.cached_path(info.name):
-            from cavmae.errors import CavmaeError
-            from cavmae.fsio import sha256_file
+    from cavmae.errors import CavmaeError
 
-            if sha256_file(registry.checkpoint_path(info.name)) != sha256.strip().lower():
-                raise CavmaeError(f"the cached {info.name} does not match --sha256; delete"
-                                  f" {registry.checkpoint_path(info.name)} and download again")
-        path = registry.ensure_model(info.name, mirror=mirror, progress=not as_json, sha256=sha256)
-        labels = registry.ensure_labels(info.name, mirror=mirror, progress=not as_json)
-        done.append({"name": info.name, "path": str(path), "labels": str(labels) if labels else None})
+    done: list[dict[str, str | None]] = []
+    for info in infos:  # each model is tried: one that fails does not stop the others
+        try:
+            done.append(_download_one(registry, info.name, mirror, sha256, progress=not as_json))
+        except CavmaeError as e:
+            if len(infos) == 1:
+                raise
+            warn(f"{info.name}: {e}")
+            done.append({"name": info.name, "error": str(e)})
+            continue
         if not as_json:
-            click.echo(f"{info.name}: {path}")
+            click.echo(f"{info.name}: {done[-1]['path']}")
     if as_json:
         echo_json(done)
+    failed = [d for d in done if "error" in d]
+    if failed:
+        click.echo(f"{len(failed)} of {len(done)} downloads failed (see warnings above).", err=True)
+        click.get_current_context().exit(EXIT_INPUT_FAILED)
+
+
+def _download_one(registry, name: str, mirror: str | None, sha256: str | None, progress: bool) -> dict[str, str | None]:
+    """Download (or find cached and verified) one model and its labels."""
+    from cavmae.errors import CavmaeError
+
+    if sha256 and registry.cached_path(name):
+        from cavmae.fsio import sha256_file
+
+        if sha256_file(registry.checkpoint_path(name)) != sha256.strip().lower():
+            raise CavmaeError(f"the cached {name} does not match --sha256; delete"
+                              f" {registry.checkpoint_path(name)} and download again")
+    cached = registry.cached_path(name)
+    if cached is not None and not sha256:  # asked for explicitly: a damaged copy is replaced
+        try:
+            registry.verify_cached(name)
+        except CavmaeError as e:
+            warn(f"the cached {name} is damaged ({e}); downloading it again")
+            cached.unlink()
+    path = registry.ensure_model(name, mirror=mirror, progress=progress, sha256=sha256)
+    labels = registry.ensure_labels(name, mirror=mirror, progress=progress)
+    return {"name": name, "path": str(path), "labels": str(labels) if labels else None}

@@ -57,7 +57,7 @@ def _offset_option(f: Any) -> Any:
               help=f"Share of patches removed, audio and visual [default: {DEFAULT_MASK_RATIO:g}, or an export's own].")
 @click.option("--mask-mode", type=click.Choice(MASK_MODES), default="unstructured", show_default=True,
               help="Audio masking: random patches, whole time columns, frequency rows, or both.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random masks.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random masks.")
 @_frame_option
 @_offset_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (MSEs, output path, ...).")

@@ -72,9 +72,15 @@ class ModelSource:
                 " from (give the checkpoint or the model name instead)"
             )
         from cavmae.checkpoint import load_checkpoint
+        from cavmae.errors import CheckpointError
 
-        # mapped, not read: its pages come from the page cache the hash just filled
-        return load_checkpoint(self.info.name if self.info else self.path, mmap=True)
+        try:  # mapped, not read: its pages come from the page cache the hash just filled
+            return load_checkpoint(self.info.name if self.info else self.path, mmap=True)
+        except CheckpointError as e:
+            if self.info is None:
+                raise
+            raise CheckpointError(f"{e} (the cached copy of {self.info.name}: `cavmae download"
+                                  f" {self.info.name}` replaces a damaged one)") from None
 
 
 def resolve_model(

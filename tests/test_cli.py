@@ -194,6 +194,29 @@ def test_download_rejects_a_wrong_file(ckpts, serve, tmp_path):
     assert not (home / "checkpoints" / "as-full-51.2.pth").exists()
 
 
+def test_download_of_several_tries_each(mirror, tmp_path):
+    """A model the mirror lacks is reported; the others are still downloaded; exit 2."""
+    home = tmp_path / "h4"
+    out = run("download", "vgg-65.5", "as-full-51.2", "--mirror", mirror, "--json", home=home)
+    assert out.returncode == 2, out.stderr
+    got = {d["name"]: d for d in json.loads(out.stdout)}
+    assert "error" in got["vgg-65.5"] and Path(got["as-full-51.2"]["path"]).is_file()
+    assert "vgg-65.5" in out.stderr and "1 of 2 downloads failed" in out.stderr
+
+
+def test_download_replaces_a_damaged_cached_copy(mirror, tmp_path):
+    home = tmp_path / "h5"
+    assert run("download", "as-full-51.2", "--mirror", mirror, home=home).returncode == 0
+    cached = home / "checkpoints" / "as-full-51.2.pth"
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 3])  # damaged after it was downloaded
+    out = run("classify", str(AUDIOSET_CLIP), "--json", home=home)
+    assert out.returncode == 2 and "cavmae download as-full-51.2" in out.stderr, out.stderr
+    out = run("download", "as-full-51.2", "--mirror", mirror, home=home)
+    assert out.returncode == 0 and "damaged" in out.stderr, out.stderr
+    assert cached.read_bytes() == good
+
+
 def test_download_sha256_pinning(mirror, ckpts, tmp_path):
     from cavmae.fsio import sha256_file
 

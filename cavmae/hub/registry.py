@@ -428,6 +428,12 @@ def _default_checkpoint_verifier(info: ModelInfo) -> Verifier:
     return verify
 
 
+def verify_cached(name: str) -> None:
+    """Check the cached checkpoint of ``name`` the way a download is checked (needs torch);
+    raises ``CavmaeError`` saying what is wrong with it."""
+    _default_checkpoint_verifier(get_model_info(name))(checkpoint_path(name))
+
+
 def verify_label_csv(path: Path, num_classes: int) -> None:
     """Raise ``CavmaeError`` unless ``path`` is a label CSV with ``num_classes`` rows
     (read by :func:`cavmae.labels.read_label_csv`, the one reader of the format)."""
