@@ -92,13 +92,14 @@ def extract_clip(
     config: PreprocessConfig = DEFAULT_PREPROCESS,
     jpeg_quality: int = 95,
 ) -> str:
-    """Extract one video into the layout. Returns ``"skipped"`` when its outputs all exist,
-    else ``"extracted"``. Raises ``MediaError`` for a file that cannot be used."""
+    """Extract one video into the layout. Returns ``"skipped"`` when its outputs all exist and
+    are newer than the video, else ``"extracted"``. Raises ``MediaError`` for a file that
+    cannot be used."""
     from cavmae.media import decode_audio, decode_frames
 
     out_dir = Path(out_dir)
     wav_path, frame_paths = clip_outputs(out_dir, video_id, config.num_frames)
-    if wav_path.is_file() and all(p.is_file() for p in frame_paths):
+    if wav_path.is_file() and all(p.is_file() for p in frame_paths) and _newer(wav_path, video):
         return "skipped"
     waveform = decode_audio(video, config.sample_rate, 0.0, config.audio_seconds)
     frames, _ = decode_frames(video, config.num_frames, 0.0, config.clip_seconds)
@@ -112,6 +113,15 @@ def extract_clip(
         fsio.write_bytes(path, buf.tobytes())
     _write_wav(wav_path, waveform, config.sample_rate)
     return "extracted"
+
+
+def _newer(output: Path, video: str | Path) -> bool:
+    """The output (the WAV, written last) is at least as new as the video: a video replaced
+    since it was extracted is extracted again."""
+    try:
+        return output.stat().st_mtime_ns >= Path(video).stat().st_mtime_ns
+    except OSError:  # the video is gone: its extraction stands
+        return True
 
 
 #: one pool task: (video, video id, output dir, preprocessing, JPEG quality)
@@ -257,8 +267,11 @@ def prepare_videos(
         on_clip: called with ``(video, status)`` after each clip (status ``extracted``,
             ``skipped`` or ``failed``).
     """
+    if not json_name.lower().endswith(".json") or Path(json_name).name != json_name:
+        raise CavmaeError(f"the dataset JSON's name must be a file name ending in .json (it is"
+                          f" written inside the output folder), not {json_name!r}")
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    fsio.probe_writable(out / json_name)  # a file in the way or a read-only folder fails first
     clips = _collect(videos, list_file)
     tasks: list[_Task] = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
     results = _run_tasks(tasks, jobs, progress, on_clip)

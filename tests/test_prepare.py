@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import wave
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from cavmae.cli.main import cli
 from cavmae.data import AVDataset, read_clips, read_wav, read_weights
+from cavmae.errors import CavmaeError
 from cavmae.media import decode_audio, decode_frames
 from cavmae.prepare import prepare_videos
 from cavmae.visual import load_image, resize_center_crop
@@ -68,6 +70,15 @@ def test_prepare_layout_failures_and_resume(videos, tmp_path):
     assert (again.extracted, again.skipped, len(again.failed)) == (1, 1, 2)
     assert (out / "frames" / "frame_3" / "other.jpg").is_file()
     assert not list(out.rglob("*.tmp"))
+    # a video replaced since it was extracted (newer than its outputs) is extracted again
+    later = (out / "audio" / "good.wav").stat().st_mtime_ns + 10**9
+    os.utime(good, ns=(later, later))
+    again = prepare_videos([good, other], out, progress=False)
+    assert (again.extracted, again.skipped) == (1, 1)
+    # the dataset JSON's name is a file name inside the output folder
+    for bad in ("", "../escape.json", "data.txt"):
+        with pytest.raises(CavmaeError, match="file name ending in .json"):
+            prepare_videos([good], out, json_name=bad, progress=False)
 
 
 def test_prepare_list_labels_relative_parallel(videos, tmp_path):
