@@ -43,7 +43,7 @@ from cavmae.clip_lists import (
     stack_inputs,
 )
 from cavmae.config import PreprocessConfig
-from cavmae.errors import CavmaeError, DatasetError, ModelKindError
+from cavmae.errors import CavmaeError, DatasetError, MissingStreamError, ModelKindError
 from cavmae.graphs import AUDIO_EMBED, VISUAL_EMBED
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.metrics import classification_metrics, finite_or_none, retrieval_report
@@ -307,13 +307,20 @@ class _Plan:
         return self.cls_audio or self.retrieve
 
     def load(self, clip: ClipRecord) -> ClipInputs:
-        return load_inputs(
-            clip,
-            need_audio=self.need_audio,
-            frame_indices=self.frame_indices,
-            num_frames=self.num_frames,
-            config=self.config,
-        )
+        try:
+            return load_inputs(
+                clip,
+                need_audio=self.need_audio,
+                frame_indices=self.frame_indices,
+                num_frames=self.num_frames,
+                config=self.config,
+            )
+        except MissingStreamError as e:
+            # both metrics run on one set of clips: say when only retrieval needs the stream
+            cls_needs = self.cls_audio if e.stream == "audio" else self.cls_frames
+            if self.classify and self.retrieve and not cls_needs:
+                raise e.with_hint("retrieval needs both streams; --no-retrieval classifies it") from None
+            raise
 
 
 def _plan(

@@ -129,6 +129,15 @@ def test_config_errors(changes, message):
         PretrainConfig.from_dict({"train_data": "t", "output_dir": "o", **changes}).validate()
 
 
+def test_cross_entropy_refuses_multi_label_data(ds, tmp_path):
+    data = json.loads(Path(ds.splits["train"]).read_text())
+    mids = [row.split(",")[1] for row in Path(ds.label_csv).read_text().splitlines()[1:3]]
+    data["data"][0]["labels"] = ",".join(mids)  # two classes on one clip
+    (tmp_path / "multi.json").write_text(json.dumps(data))
+    with pytest.raises(TrainConfigError, match="loss CE trains single-label data.*--loss BCE"):
+        finetune(_ft(ds, tmp_path / "run", train_data=str(tmp_path / "multi.json"), epochs=1, wa_start=1))
+
+
 def test_finetune_config_errors():
     with pytest.raises(TrainConfigError, match="label_csv"):
         FinetuneConfig(train_data="t", output_dir="o").validate()

@@ -11,7 +11,7 @@ import torch
 from cavmae.config import DEFAULT_PREPROCESS, ModelConfig, PreprocessConfig
 from cavmae.data import AVDataset, LabelSet, collate, read_clips, read_weights
 
-from .configs import TrainConfig
+from .configs import TrainConfig, TrainConfigError
 
 
 def preprocess_for(config: ModelConfig) -> PreprocessConfig:
@@ -32,6 +32,8 @@ def load_data(
 ) -> RunData:
     """The training set (augmented, a random frame) and the validation set (the middle frame)."""
     train_clips = read_clips(cfg.train_data)
+    if getattr(cfg, "loss", None) == "CE" and labels is not None:
+        _check_single_label(train_clips, labels)
     weights = read_weights(cfg.weight_csv, len(train_clips)) if cfg.weight_csv else None
     train = AVDataset(
         train_clips, labels, augment=cfg.augment_config(), frame="random",
@@ -62,3 +64,18 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
         for k, v in batch.items()
     }
+
+
+def _check_single_label(clips: Any, labels: LabelSet) -> None:
+    """Cross-entropy (``loss: CE``) wants one class per clip: refuse multi-label data, which
+    would give targets summing to more than 1."""
+    from cavmae.clip_lists import label_index, split_labels
+
+    index = label_index(labels)
+    for clip in clips:
+        tokens = split_labels(clip.labels or (), index)
+        if len(tokens) > 1:
+            raise TrainConfigError(
+                f"loss CE trains single-label data, but {clip.video_id} has {len(tokens)} labels"
+                f" ({', '.join(tokens[:4])}); use loss BCE (--loss BCE) for multi-label data"
+            )
