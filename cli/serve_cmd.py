@@ -69,10 +69,12 @@ def _is_loopback(host: str) -> bool:
               help="Require 'Authorization: Bearer KEY' (env CAVMAE_API_KEY); health checks and the page are open.")
 @click.option("--allow-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Let requests name files inside this folder (field 'path') instead of uploading them.")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,
+              help="Label CSV (index,mid,display_name) naming the classes of your own model.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Server log level.")
 def serve(model, engine, device, mirror, precision, index, host, port, frames, max_batch, max_wait_ms, max_queue, workers,
-          max_upload_mb, max_duration, timeout, max_windows, api_key, allow_dir, log_level) -> None:
+          max_upload_mb, max_duration, timeout, max_windows, api_key, allow_dir, labels_csv, log_level) -> None:
     """Serve a model over HTTP: classify, embed, search and localize uploaded videos.
 
     Endpoints are under /v1 (OpenAPI page at /docs), with /healthz, /readyz and /metrics;
@@ -105,7 +107,8 @@ def serve(model, engine, device, mirror, precision, index, host, port, frames, m
     sock = _listen(host, port)
     try:
         service = Service.open(model or default_model(), engine=engine, device=device, index=index,
-                               mirror=mirror, num_frames=frames, precision=precision, progress=True)
+                               mirror=mirror, num_frames=frames, precision=precision, labels=labels_csv,
+                               progress=True)
         app = create_app(service, config)
         bound_port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host

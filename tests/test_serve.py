@@ -362,3 +362,15 @@ def test_no_index_loaded(start):
     client, _ = start()
     r = client.post("/v1/search", files=upload(AUDIOSET_CLIP))
     assert r.status_code == 400 and "--index" in r.json()["error"]
+
+
+def test_labels_name_the_classes_of_a_users_model(model, tmp_path):
+    from cavmae.runtime.serve.service import Service
+
+    csv = tmp_path / "mine.csv"
+    csv.write_text("index,mid,display_name\n" + "".join(f"{i},/m/x{i},mine {i}\n" for i in range(527)))
+    service = Service.open(str(model["checkpoint"]), engine="ort", device="cpu", labels=str(csv))
+    try:
+        assert service.pipe.labels[:2] == ("mine 0", "mine 1")
+    finally:
+        service.pipe.close()

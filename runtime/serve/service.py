@@ -105,9 +105,10 @@ class Service:
 
     @classmethod
     def open(cls, model: str, *, engine: str = "auto", device: str = "auto", index: str | None = None,
-             mirror: str | None = None, num_frames: int = 10, precision: str | None = None,
-             progress: bool = False) -> Service:
-        """Load ``model`` (registry name, checkpoint or export) and, if given, the index."""
+             mirror: str | None = None, num_frames: int | None = None, precision: str | None = None,
+             labels: str | None = None, progress: bool = False) -> Service:
+        """Load ``model`` (registry name, checkpoint or export) and, if given, the index;
+        ``labels``: a label CSV naming the classes instead of the model's own names."""
         from cavmae.runtime import index as ix
         from cavmae.runtime import load
 
@@ -117,7 +118,7 @@ class Service:
             if len(opened) == 0:
                 raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
         pipe = load(model, engine=engine, device=device, mirror=mirror, num_frames=num_frames, precision=precision,
-                    progress=progress)
+                    labels=labels, progress=progress)
         try:
             if opened is not None and index is not None:
                 ix.check_compatible(opened.meta, ix.model_identity(pipe.manifest),
