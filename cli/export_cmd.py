@@ -67,9 +67,17 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
 
     keep_freed_memory()  # one export, then exit: large freed buffers are reused (cavmae.heap)
 
+    given = _given_options(click.get_current_context())
+    int8_only = sorted(given & {"calibration", "int8_min_top5", "int8_min_cosine", "int8_method"})
+    if precision != "int8" and int8_only:
+        raise click.UsageError(f"{', '.join(_flag(n) for n in int8_only)} only apply to --precision int8")
     source = resolve_model(model, mirror=mirror, progress=not as_json)
     if source.kind == "export":
         raise click.UsageError(f"{model} is already an export; give a checkpoint or a registry name")
+    masks = sorted(given & {"mask_ratio", "mask_ratio_v"})
+    if masks and source.model_kind == "classifier":
+        raise click.UsageError(f"{', '.join(_flag(n) for n in masks)} only apply to pre-training models;"
+                               f" {model} is a classifier")
     labels = model_labels(source, labels_csv, progress=not as_json)
     result = export_model(
         source.load_model(), output, precision,
@@ -125,3 +133,13 @@ def _sha(path: Path) -> str:
     from cavmae.fsio import sha256_file
 
     return sha256_file(path)
+
+
+def _given_options(ctx: click.Context) -> set[str]:
+    """The parameters the user typed (not defaults or environment)."""
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -425,11 +425,14 @@ def export_model(
     """
     out_dir = Path(out_dir)
     _check_arguments(precision, finetune_mode, out_dir, overwrite)
-    if isinstance(model, (str, Path)) and Path(model).is_file() and Path(model).resolve().is_relative_to(out_dir.resolve()):
-        raise ExportError(f"the checkpoint {model} is inside {out_dir}, which the export replaces; "
-                          "choose another directory")
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
+    checkpoint = src.get("checkpoint")
+    if checkpoint and Path(checkpoint).resolve().is_relative_to(out_dir.resolve()):
+        raise ExportError(f"the checkpoint {checkpoint} is inside {out_dir}, which the export replaces;"
+                          " choose another directory")
+    if not fsio.writable_dir(out_dir.parent):  # a read-only folder fails now, not after tracing
+        raise ExportError(f"cannot write into {out_dir.parent}: not a writable folder")
     classifier = isinstance(net, CAVMAEFT)
     label_set = _labels(labels, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None

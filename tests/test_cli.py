@@ -97,13 +97,16 @@ def test_batch_skips_bad_files_keeps_results_and_resumes(ckpts, home, tmp_path):
         (["classify", str(AUDIOSET_CLIP), "--engine", "trt", "-m", "FT"], "TensorRT"),
         (["classify", str(AUDIOSET_CLIP), "--json", "--csv", "-m", "FT"], "choose one of --json and --csv"),
         (["export", "FT", "-o", "EXISTING"], "not empty"),
+        (["export", "FT", "-o", "NEW", "--int8-min-top5", "3"], "only apply to --precision int8"),
+        (["export", "FT", "-o", "NEW", "--mask-ratio", "0.5"], "only apply to pre-training models"),
         (["bench", "--batch", "0"], "positive integers"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(ckpts, home, tmp_path, args, message):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "keep.txt").write_text("x")
-    subst = {"PRETRAIN": str(ckpts["pt"]), "FT": str(ckpts["ft"]), "EXISTING": str(tmp_path / "existing")}
+    subst = {"PRETRAIN": str(ckpts["pt"]), "FT": str(ckpts["ft"]), "EXISTING": str(tmp_path / "existing"),
+             "NEW": str(tmp_path / "new")}
     out = run(*[subst.get(a, a) for a in args], home=home)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr
