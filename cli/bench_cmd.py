@@ -19,14 +19,15 @@ from .common import ENGINE_CHOICES, echo_json
               help="auto, cpu, cuda or cuda:N (auto: each engine's own choice; the baseline runs on"
                    " the GPU when an engine does).")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Clip batch sizes, comma separated.")
-@click.option("--frames", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
 @click.option("-m", "--model", default=None, metavar="MODEL",
               help="Registry name, checkpoint or export [default: full-size random weights].")
 @click.option("--clip", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Video to preprocess (also times decode, fbank and frame preprocessing).")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0),
+              help="Untimed runs before each measurement.")
 @click.option("--repeat", default=5, show_default=True, type=click.IntRange(1), help="Timed runs per measurement.")
-@click.option("--baseline-repeat", default=None, type=click.IntRange(1), help="Timed runs of the slow baseline.")
+@click.option("--baseline-repeat", default=None, type=click.IntRange(1), help="Timed runs of the slow baseline [default: --repeat].")
 @click.option("--no-baseline", is_flag=True, help="Skip the reference-style baseline.")
 @click.option("--no-stages", is_flag=True, help="Skip the per-graph timings.")
 @click.option("--torch-precision", type=click.Choice(TORCH_PRECISIONS), multiple=True, default=("fp32",),

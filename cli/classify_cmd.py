@@ -36,7 +36,7 @@ from .common import (
     parse_shard,
     progress,
     select_shard,
-    warn,
+    warn_skipped,
 )
 from .ray_run import ParquetResults, RaySettings, ray_options
 from .results import ResultWriter
@@ -185,7 +185,7 @@ def _classify_local(pipe, files: list[Path], clips: _Clips, out: _Output,
                         error = error.with_hint(_missing_hint(pipe, error.stream or ""))
                     failed.append((str(path), str(error)))
                     if len(files) > 1:
-                        warn(f"skipped {path}: {error}")
+                        warn_skipped(path, str(error))
                 elif got.prediction is None:
                     already_done += 1
                 else:

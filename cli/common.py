@@ -151,3 +151,8 @@ def _json_default(o: Any) -> Any:
 def warn(message: str) -> None:
     """A one-line warning on stderr (skipped files and the like)."""
     echo(f"warning: {message}", err=True)
+
+
+def warn_skipped(path: str | Path, reason: str) -> None:
+    """``warning: skipped PATH: REASON``, the path once (media errors already start with it)."""
+    warn(f"skipped {reason}" if str(path) in reason else f"skipped {path}: {reason}")

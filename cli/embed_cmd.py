@@ -29,6 +29,7 @@ from .common import (
     progress,
     select_shard,
     warn,
+    warn_skipped,
 )
 from .ray_run import RayEmbed, RaySettings, ray_options
 
@@ -233,7 +234,7 @@ class _EmbedRun:
                    if self.ray is None else self.ray.results(pipe, todo, writer))
         for r in progress(results, total=len(todo), desc="embed", unit="clip"):
             if r.error is not None:
-                warn(f"skipped {r.error}" if str(r.path) in r.error else f"skipped {r.path}: {r.error}")
+                warn_skipped(r.path, r.error)
                 failed.append({"path": str(r.path), "error": r.error})
             else:
                 added += 1

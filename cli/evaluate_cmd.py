@@ -23,7 +23,7 @@ from .common import (
     model_options,
     open_pipeline,
     progress,
-    warn,
+    warn_skipped,
 )
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def evaluate(
             block=block,
             workers=workers,
             progress=lambda it, total: progress(it, total=total, desc="evaluate", unit="clip"),
-            on_failure=lambda f: warn(f"skipped {f.id}: {f.reason}"),
+            on_failure=lambda f: warn_skipped(f.id, f.reason),
             model_name=model,
         )
     finally:

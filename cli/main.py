@@ -63,6 +63,10 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+#: options of ``cavmae`` itself, written before the command
+_GLOBAL_OPTIONS = ("-v", "-vv", "--verbose", "--debug")
+
+
 class OneLineUsageError(click.UsageError):
     """A click usage error shown as one line: ``Error: ... (see 'cavmae CMD --help')``."""
 
@@ -78,7 +82,10 @@ def one_line_usage_error(e: click.UsageError) -> click.UsageError:
     if isinstance(e, click.NoSuchOption):
         # click appends its suggestion without a separator ("--fo Did you mean --foo?")
         text = f"no such option: {e.option_name}"
-        if e.possibilities:
+        if e.option_name in _GLOBAL_OPTIONS and e.ctx is not None and e.ctx.parent is not None:
+            command = e.ctx.command_path.split()[-1]
+            text += f"; it goes before the command: cavmae {e.option_name} {command} ..."
+        elif e.possibilities:
             text += ". Did you mean " + " or ".join(list(e.possibilities)[:3]) + "?"  # closest first
     else:
         text = " ".join(e.format_message().split())

@@ -18,7 +18,7 @@ import numpy as np
 
 from cavmae.errors import CavmaeError
 
-from .common import EXIT_INPUT_FAILED, default_model, echo, progress, warn
+from .common import EXIT_INPUT_FAILED, default_model, echo, progress, warn_skipped
 
 #: ``--ray`` given without an address
 LOCAL = "local"
@@ -208,8 +208,7 @@ def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, s
         for row in progress(ds.iter_rows(), total=None, desc="classify", unit="clip"):
             if row["error"]:
                 failed.append((row["path"], row["error"]))
-                warn(f"skipped {row['error']}" if row["path"] in row["error"]
-                     else f"skipped {row['path']}: {row['error']}")
+                warn_skipped(row["path"], row["error"])
                 if isinstance(writer, ParquetResults):
                     writer.write_error(row["path"], row["mode"], float(row["offset"]), row["error"])
                 continue
@@ -230,7 +229,8 @@ def finish(failed: Sequence[tuple[str, str]], total: int) -> None:
         return
     if total == 1:
         raise CavmaeError(failed[0][1])
-    click.echo(f"{len(failed)} of {total} inputs failed; the others were classified", err=True)
+    rest = "; the others were classified" if len(failed) < total else ""
+    click.echo(f"{len(failed)} of {total} inputs failed{rest}", err=True)
     click.get_current_context().exit(EXIT_INPUT_FAILED)
 
 

@@ -62,7 +62,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-duration", default=_D.max_duration, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Longest media one request may send, in seconds.")
 @click.option("--timeout", default=_D.timeout, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Seconds for one request, upload included (504 past it).")
+              help="Seconds for one request, upload included (past it: 408 while uploading, 504 after).")
 @click.option("--max-windows", default=_D.max_windows, show_default=True, type=click.IntRange(1),
               help="Sliding windows one classify request may ask for (window/hop).")
 @click.option("--api-key", envvar="CAVMAE_API_KEY", default=None, metavar="KEY",

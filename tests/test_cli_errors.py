@@ -44,6 +44,8 @@ def one_line(out: subprocess.CompletedProcess) -> str:
         (["--fo"], "Error: no such option: --fo (see 'cavmae --help')"),
         (["classify"], "Error: missing argument 'INPUTS...' (see 'cavmae classify --help')"),
         (["cache", "prune"], "Error: missing option '--older-than' (see 'cavmae cache prune --help')"),
+        (["classify", "--debug", "x.mp4"], "Error: no such option: --debug; it goes before the command:"
+                                          " cavmae --debug classify ... (see 'cavmae classify --help')"),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_help(tmp_path, args, expected):

@@ -35,6 +35,8 @@ class MergeResult:
 
 def _complete_set(root: Path) -> list[tuple[int, int, Path]]:
     """The shards under ``root``, checked to be all ``n`` shards of one job."""
+    if not root.is_dir():
+        raise EmbeddingIndexError(f"no such index: {root}")
     shards = find_shards(root)
     if not shards:
         raise EmbeddingIndexError(f"no shard directories (shard-i-of-n) in {root}")

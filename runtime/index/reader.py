@@ -48,6 +48,8 @@ class Hit:
 
 
 def _check_openable(path: Path) -> None:
+    if path.is_file():
+        raise EmbeddingIndexError(f"{path} is a file, not an embedding index (a folder made by cavmae embed -o)")
     if not path.is_dir():
         raise EmbeddingIndexError(f"no such index: {path}")
     if not is_index(path):
