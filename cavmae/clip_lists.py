@@ -268,6 +268,12 @@ def _read_video_csv(path: Path, base: Path) -> list[ClipRecord]:
                 f"{path}: a video-list CSV needs a header with a 'video' (or 'path') column and "
                 f"optionally 'labels', got {fields}"
             )
+        unknown = [k for k in fields if k and k not in (*VIDEO_KEYS, "labels", "video_id", "wav")]
+        if unknown:  # a misnamed labels column would silently give unlabelled clips
+            raise DatasetError(
+                f"{path}: unknown column(s) {', '.join(unknown)}; a video-list CSV has a 'video' (or"
+                " 'path') column and optionally 'labels' and 'video_id'"
+            )
         rows = [{k.strip(): v for k, v in row.items() if k} for row in reader]
     clips = []
     for n, row in enumerate(rows, start=2):

@@ -273,6 +273,9 @@ def prepare_videos(
     out = Path(output_dir).resolve()
     fsio.probe_writable(out / json_name)  # a file in the way or a read-only folder fails first
     clips = _collect(videos, list_file)
+    if label_csv is not None and not any(c.labels for c in clips):
+        raise CavmaeError("sampling weights (--label-csv) need labelled clips: give them with --list"
+                          " (a 'labels' column), or drop --label-csv")
     tasks: list[_Task] = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
     results = _run_tasks(tasks, jobs, progress, on_clip)
     report = _report(out, json_name, clips, results, config.num_frames, relative_paths)

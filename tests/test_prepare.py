@@ -98,6 +98,12 @@ def test_prepare_list_labels_relative_parallel(videos, tmp_path):
     data = json.loads((out / "train.json").read_text())["data"]
     assert data[0]["labels"] == "/m/a,/m/b" and data[0]["wav"] == "audio/good.wav"
     assert data[1]["video_path"] == "frames"
+    # a misnamed labels column, or weights without labels, are refused before any extraction
+    (tmp_path / "tags.csv").write_text(f"file,tags\n{good},/m/a\n")
+    with pytest.raises(CavmaeError, match="unknown column.*tags"):
+        prepare_videos(list_file=tmp_path / "tags.csv", output_dir=tmp_path / "o2", progress=False)
+    with pytest.raises(CavmaeError, match="need labelled clips"):
+        prepare_videos([good], tmp_path / "o3", progress=False, label_csv=tmp_path / "labels.csv")
     clips = read_clips(out / "train.json")
     assert clips[0].wav == str(out / "audio" / "good.wav")
 
