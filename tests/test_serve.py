@@ -129,6 +129,7 @@ def test_search_by_upload_and_by_embedding(server):
     r = c.post("/v1/search", files=upload(AUDIOSET_CLIP), data={"k": 2})
     assert r.status_code == 200, r.text
     body = r.json()
+    assert body["search"] == "exact"  # the fields of `cavmae search --json`
     assert [(x["query"], x["target"]) for x in body["results"]] == [("audio", "audio"), ("visual", "visual")]
     for res in body["results"]:  # the clip itself is in the index: it is its own nearest neighbour
         assert res["hits"][0]["path"].endswith(AUDIOSET_CLIP.name)

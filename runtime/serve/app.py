@@ -434,7 +434,7 @@ def _add_search_route(app: FastAPI, rt: Runtime) -> None:
                 results = await rt.in_pool(slot_of(request.scope),
                                            lambda: service.search({q.modality: emb}, "embedding", q.target, q.k))
                 return {"index": service.index_path, "query": {"kind": "embedding", "modality": q.modality},
-                        "k": q.k, "results": results}
+                        "k": q.k, "search": "exact", "results": results}
             if kind != "multipart/form-data":
                 raise ApiError(415, "send multipart/form-data with a media 'file', or JSON with an 'embedding'")
             async with request.form(max_files=1, max_fields=16) as form:
@@ -455,7 +455,7 @@ def _add_search_route(app: FastAPI, rt: Runtime) -> None:
                     results = await rt.within_deadline(request, work())
             return {"index": service.index_path, "query": {"kind": "video", "path": media.name,
                                                            "modality": q.modality},
-                    "k": q.k, "results": results}
+                    "k": q.k, "search": "exact", "results": results}
 
 
 def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
