@@ -27,6 +27,7 @@ fails with one line saying to rebuild it (``cavmae index build-ann``) or search 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from .reader import EmbeddingIndex, Hit
 ANN_DIR = "ann"
 ANN_META = "ann.json"
 ANN_FORMAT = "cavmae-ann-index"
+log = logging.getLogger(__name__)
+
 KINDS = ("ivf", "hnsw")
 _BLOCK = 65536  # rows handed to faiss at a time, so building never holds a modality in RAM
 
@@ -76,6 +79,9 @@ class AnnParams:
             raise EmbeddingIndexError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         nlist = self.nlist or max(1, 2 ** round(math.log2(max(1.0, math.sqrt(rows)))))
         nlist = max(1, min(nlist, rows // 39 or 1))  # faiss wants >= 39 training rows per cell
+        if self.nlist and nlist < self.nlist:
+            log.warning("--nlist %d lowered to %d: %d rows train at most %d cells (39 rows each)",
+                        self.nlist, nlist, rows, nlist)
         nprobe = self.nprobe or max(8, nlist // 128)  # 8 at 1M rows: see benchmarks/
         return AnnParams(self.kind, nlist, min(nprobe, nlist), self.m, self.ef_construction,
                          self.ef_search, self.rerank)
