@@ -192,9 +192,12 @@ def _report(result: Any, config: Any, config_file: Path | None, max_steps_option
                         ("averaged", result.averaged_checkpoint)):
         if path is not None:
             click.echo(f"  {label}: {path}")
-    if result.final_metrics:
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.final_metrics.items()}
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (result.final_metrics or {}).items()}
+    if set(shown) - {"model"}:  # metrics, not only which weights were kept
         click.echo(f"  final evaluation: {json.dumps(shown)}")
+    label_csv = getattr(config, "label_csv", None)
+    if label_csv and result.final_checkpoint is not None:  # checkpoints hold weights, not names
+        click.echo(f"  class names: cavmae classify VIDEO -m {result.final_checkpoint} --labels {label_csv}")
 
 
 def _train_command(name: str, cls_name: str, doc: str) -> click.Command:
