@@ -392,7 +392,7 @@ def _network_hint(info: ModelInfo, mirror: str | None) -> str:
     files = mirror_files(info)
     names = " and ".join(files)
     serve = f"{names} under {'those exact names' if len(files) > 1 else 'that exact name'}"
-    local = "a checkpoint file you already have needs no download: cavmae classify -m FILE.pth ..."
+    local = "a checkpoint file you already have needs no download: pass it as -m FILE.pth"
     mirror = _active_mirror(mirror)
     if mirror:
         return f"check that the mirror {mirror} (from --mirror / {ENV_MIRROR}) serves {serve}; {local}"
