@@ -366,6 +366,16 @@ def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrit
         raise ExportError(f"{out_dir} is an export; choose another directory or pass --overwrite")
 
 
+def _check_destination(out_dir: Path, checkpoint: str | None) -> None:
+    """Before any tracing: the export may replace ``out_dir`` (never the checkpoint it is made
+    from) and its folder takes files (a read-only folder fails now, not after minutes of work)."""
+    if checkpoint and Path(checkpoint).resolve().is_relative_to(out_dir.resolve()):
+        raise ExportError(f"the checkpoint {checkpoint} is inside {out_dir}, which the export replaces;"
+                          " choose another directory")
+    if not fsio.writable_dir(out_dir.parent):
+        raise ExportError(f"cannot write into {out_dir.parent}: not a writable folder")
+
+
 def _select(
     plan: dict[str, PlannedGraph], graphs: Sequence[str] | None, write: Sequence[str]
 ) -> dict[str, PlannedGraph]:
@@ -427,12 +437,7 @@ def export_model(
     _check_arguments(precision, finetune_mode, out_dir, overwrite)
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
-    checkpoint = src.get("checkpoint")
-    if checkpoint and Path(checkpoint).resolve().is_relative_to(out_dir.resolve()):
-        raise ExportError(f"the checkpoint {checkpoint} is inside {out_dir}, which the export replaces;"
-                          " choose another directory")
-    if not fsio.writable_dir(out_dir.parent):  # a read-only folder fails now, not after tracing
-        raise ExportError(f"cannot write into {out_dir.parent}: not a writable folder")
+    _check_destination(out_dir, src.get("checkpoint"))
     classifier = isinstance(net, CAVMAEFT)
     label_set = _labels(labels, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None
