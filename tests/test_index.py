@@ -276,6 +276,9 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path):
         merge_shards(root)
     with pytest.raises(EmbeddingIndexError, match="--merge"):
         EmbeddingIndex.open(root)  # only shards: say how to combine them
+    with pytest.raises(EmbeddingIndexError, match="no such index"):
+        merge_shards(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(EmbeddingIndexError, match="no shard"):
         merge_shards(tmp_path / "empty")
 
