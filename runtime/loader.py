@@ -348,15 +348,10 @@ def load(
     frames = DEFAULT_PREPROCESS.num_frames if num_frames is None else num_frames
     export_opts = dict(num_frames=frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
     # a user's labels never go into a (shared, cached) export: the export gets none then
+    if source.kind == "export" and num_frames is not None:
+        _check_export_frames(source.path, Manifest.load(source.path), num_frames)
     pipe = _open(source, name, dev, precision=precision, labels=(lambda: None) if user is not None else registry_labels,
                  progress=progress, export_opts=export_opts, engine_options=engine_options)
-    if source.kind == "export" and num_frames is not None and num_frames != pipe.manifest.num_frames:
-        pipe.close()
-        raise CavmaeError(
-            f"{source.path} is an export for {pipe.manifest.num_frames} frames per clip, not {num_frames}:"
-            " give the checkpoint or registry name to export it for other frame counts on first use,"
-            f" or write one with `cavmae export MODEL --frames {num_frames}`"
-        )
     names = user
     if names is None and pipe.manifest.labels is None and pipe.manifest.model_kind == "classifier":
         names = registry_labels()
@@ -383,6 +378,16 @@ def _check_export_precision(path: Path, manifest: Manifest, precision: str | Non
             f"{path} is an export in {manifest.precision}, not {precision}: give the checkpoint or"
             f" registry name to export it in {precision} on first use, or write one with"
             f" `cavmae export MODEL --precision {precision}`"
+        )
+
+
+def _check_export_frames(path: Path, manifest: Manifest, num_frames: int) -> None:
+    """An export directory aggregates the frames it was exported for: refuse another count."""
+    if num_frames != manifest.num_frames:
+        raise CavmaeError(
+            f"{path} is an export for {manifest.num_frames} frames per clip, not {num_frames}:"
+            " give the checkpoint or registry name to export it for other frame counts on first use,"
+            f" or write one with `cavmae export MODEL --frames {num_frames}`"
         )
 
 
