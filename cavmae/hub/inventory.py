@@ -45,6 +45,10 @@ from .registry import cache_file_names
 
 #: kinds of cache entries, in listing order
 KINDS = ("checkpoint", "labels", "export", "trt-engine", "partial")
+#: the names cavmae gives what it writes under exports/ and trt/ (anything else is the user's)
+_EXPORT_KEY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")  # runtime.loader: {sha[:16]}-{digest[:12]}
+_EXPORT_STAGING = re.compile(r"^\.[0-9a-f]{16}-[0-9a-f]{12}\.\d+\.[0-9a-f]{8}\.(tmp|old)$")  # fsio.temp_sibling
+_TRT_FILE = re.compile(r"^([a-z_]+-[0-9a-f]{16}\.engine|timing-.+\.cache)$")  # engines.trt.cache
 
 #: top-level names under the cache root that ``clear`` removes (nothing else is touched, so a
 #: $CAVMAE_HOME that also holds other files keeps them)
@@ -199,11 +203,6 @@ def mark_used(*paths: Path) -> None:
 # --- removal ---------------------------------------------------------------------------------
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_EXPORT_KEY = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{12}$")  # runtime.loader: {sha[:16]}-{digest[:12]}
-_EXPORT_STAGING = re.compile(r"^\.[0-9a-f]{16}-[0-9a-f]{12}\.\d+\.[0-9a-f]{8}\.(tmp|old)$")  # fsio.temp_sibling
-_TRT_FILE = re.compile(r"^([a-z_]+-[0-9a-f]{16}\.engine|timing-.+\.cache)$")  # engines.trt.cache
-
-
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
