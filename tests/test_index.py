@@ -6,6 +6,7 @@ No model here: rows are random unit vectors written straight through ``IndexWrit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -349,3 +350,25 @@ def test_embed_files_decodes_through_the_shared_prefetch(tmp_path, monkeypatch):
     assert [it["path"] for it in index.items()] == [path_key(r.path) for r in good]
     np.testing.assert_allclose(index.embeddings("visual")[:, 0], [2, 4, 8, 12, 14])
     assert [it["duration"] for it in index.items()] == [0.0, 1.0, 3.0, 5.0, 6.0]
+
+
+def test_changed_files_compares_each_rows_file_stamp(tmp_path, monkeypatch):
+    from cavmae.runtime.index import changed_files, file_stamp
+    from cavmae.runtime.index import embed as embed_mod
+
+    files = [tmp_path / f"c{k}.mp4" for k in range(5)]
+    for f in files:
+        f.write_bytes(b"clip")
+    rng = np.random.default_rng(7)
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
+        for f, a in zip(files[:4], unit(rng, 4), strict=True):  # the fifth is not indexed
+            w.add(f, a, None, duration=1.0, **file_stamp(f))
+        w.add(tmp_path / "old.mp4", unit(rng, 1)[0], None)  # a row without a stamp: not judged
+    files[1].write_bytes(b"another clip")  # size changed
+    t = files[3].stat().st_mtime_ns + 10**9
+    os.utime(files[3], ns=(t, t))  # time changed
+    (tmp_path / "old.mp4").write_bytes(b"x")
+    monkeypatch.setattr(embed_mod, "_STAMP_BLOCK", 2)  # several blocks
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    got = changed_files(index, [*files, tmp_path / "old.mp4", tmp_path / "gone.mp4"])
+    assert got == [files[1], files[3]]

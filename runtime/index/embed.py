@@ -55,19 +55,25 @@ def changed_files(index: EmbeddingIndex, paths: Sequence[str | Path]) -> list[Pa
     """The ``paths`` in ``index`` whose file changed (size or modification time) since its row
     was embedded. Rows without a stamp (written by older versions) are not judged, nor are
     files that are gone."""
-    rows = index.rows_of(paths)
-    there = [(Path(p), int(r)) for p, r in zip(paths, rows, strict=True) if r >= 0]
     changed = []
-    for (path, _), item in zip(there, index.items(r for _, r in there), strict=True):
-        if "size" not in item or "mtime_ns" not in item:
-            continue
-        try:
-            now = file_stamp(path)
-        except OSError:
-            continue
-        if now != {"size": item["size"], "mtime_ns": item["mtime_ns"]}:
-            changed.append(path)
+    for start in range(0, len(paths), _STAMP_BLOCK):  # in blocks: a re-run may skip millions
+        block = paths[start : start + _STAMP_BLOCK]
+        rows = index.rows_of(block)
+        there = [(Path(p), int(r)) for p, r in zip(block, rows, strict=True) if r >= 0]
+        for (path, _), item in zip(there, index.items(r for _, r in there), strict=True):
+            if "size" not in item or "mtime_ns" not in item:
+                continue
+            try:
+                now = file_stamp(path)
+            except OSError:
+                continue
+            if now != {"size": item["size"], "mtime_ns": item["mtime_ns"]}:
+                changed.append(path)
     return changed
+
+
+#: paths whose rows :func:`changed_files` reads at a time
+_STAMP_BLOCK = 4096
 
 
 def _decode(path: Path, pipeline: Pipeline) -> _Decoded:
