@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]  # onnx depends on protobuf
 
 from cavmae import fsio
 from cavmae.errors import ExportError
@@ -139,7 +140,7 @@ def read_template(data: bytes) -> tuple[onnx.ModelProto, list[Weight]]:
     try:
         try:
             model.ParseFromString(data)
-        except Exception as e:  # protobuf's DecodeError (its module has no type stubs here)
+        except DecodeError as e:
             raise ValueError(str(e) or "not a protobuf model") from None
         props = [p for p in model.metadata_props if p.key == WEIGHTS_PROP]
         if len(props) != 1:
