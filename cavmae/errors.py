@@ -7,6 +7,11 @@ anything else is a bug and gets exit code 1.
 from __future__ import annotations
 
 
+def skipped_message(path: object, reason: str) -> str:
+    """``skipped PATH: REASON``, naming the path once (media errors already start with it)."""
+    return f"skipped {reason}" if str(path) in reason else f"skipped {path}: {reason}"
+
+
 class CavmaeError(Exception):
     """Base class of every error this toolkit raises on purpose."""
 

@@ -43,7 +43,7 @@ from cavmae.data import (
     read_labels,
     write_dataset_json,
 )
-from cavmae.errors import CavmaeError, DatasetError
+from cavmae.errors import CavmaeError, DatasetError, skipped_message
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.visual import resize_center_crop
 
@@ -186,7 +186,7 @@ def _run_tasks(
         bar.update(1)
         if result[0] == "failed":
             with bar_paused():  # the warning gets its own line, not the end of the bar's
-                log.warning("skipping %s: %s", tasks[i][0], result[1])
+                log.warning("%s", skipped_message(tasks[i][0], result[1] or ""))
         if on_clip is not None:
             on_clip(tasks[i][0], result[0])
 

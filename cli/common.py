@@ -155,4 +155,6 @@ def warn(message: str) -> None:
 
 def warn_skipped(path: str | Path, reason: str) -> None:
     """``warning: skipped PATH: REASON``, the path once (media errors already start with it)."""
-    warn(f"skipped {reason}" if str(path) in reason else f"skipped {path}: {reason}")
+    from cavmae.errors import skipped_message
+
+    warn(skipped_message(path, reason))

@@ -189,7 +189,20 @@ def cli(debug: bool, verbose: int) -> None:
       cavmae bench --engine ort --batch 1,8
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # without -v, the library's warnings read like the commands' own ("warning: ..."); with -v
+    # the logger's name says where each line comes from
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname_lower)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _LevelFormatter(logging.Formatter):
+    """Adds ``levelname_lower`` (``warning``) to the fields a format can use."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname_lower = record.levelname.lower()
+        return super().format(record)
 
 
 def main() -> None:

@@ -88,10 +88,7 @@ def prepare(
         )
         if report.weight_csv is not None:
             click.echo(f"sampling weights: {report.weight_csv}")
-    for video, reason in report.failed[:10]:
-        click.echo(f"  failed: {video}: {reason}", err=True)
-    if len(report.failed) > 10:
-        click.echo(f"  ... see {failed_txt}", err=True)
+    # each failure was reported as it happened; the summary only points at the full list
     if not report.clips:
         raise CavmaeError(f"no video could be prepared; see {failed_txt}")
     if report.failed:

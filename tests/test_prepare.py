@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import wave
 
 import numpy as np
@@ -127,3 +129,15 @@ def test_prepare_cli(videos, tmp_path):
     assert "1 clips" in res.output and "1 failed" in res.output
     res = runner.invoke(cli, ["prepare", str(silent), "-o", str(tmp_path / "o2"), "--no-progress"])
     assert res.exit_code == 2 and "no video could be prepared" in res.output
+
+
+def test_prepare_reports_each_failure_once(videos, tmp_path):
+    """A failed file is named once on stderr, as a ``warning:`` line like the other commands'."""
+    _, good, _, _, broken = videos
+    env = {**os.environ, "CAVMAE_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cavmae.cli", "prepare", str(good), str(broken),
+                           "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count(str(broken)) == 1, proc.stderr
+    assert f"warning: skipped {broken}: not a readable" in proc.stderr
+    assert "1 of 2 inputs failed" in proc.stderr
