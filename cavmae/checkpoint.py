@@ -28,15 +28,15 @@ from typing import Any
 import torch
 
 from . import fsio
-from .checkpoint_keys import count_blocks, kind_of_keys, unreadable
+from .checkpoint_keys import META_KEY, count_blocks, kind_of_keys, unreadable
 from .config import BASE, ModelConfig
 from .errors import CheckpointError
 from .hub import registry
+from .labels import LabelSet
 from .model import CAVMAE, CAVMAEFT, CAVMAEEncoder
 
 log = logging.getLogger(__name__)
 
-META_KEY = "cavmae"
 META_VERSION = 1
 KINDS = ("pretrain", "classifier")
 _ENCODER_HEAD_DIM = 64  # ViT-B convention of every released model
@@ -317,21 +317,29 @@ def verify_checkpoint_file(
 # -- writing -------------------------------------------------------------------------------
 
 
-def checkpoint_meta(model: CAVMAEEncoder) -> dict[str, Any]:
-    """The metadata embedded in files this project writes."""
-    return {"version": META_VERSION, "kind": model_kind(model), "config": model.config.to_dict()}
+def checkpoint_meta(model: CAVMAEEncoder, labels: LabelSet | None = None) -> dict[str, Any]:
+    """The metadata embedded in files this project writes (with a classifier's class names,
+    when known, so that what is made from the file names its classes)."""
+    meta = {"version": META_VERSION, "kind": model_kind(model), "config": model.config.to_dict()}
+    if labels is not None:
+        meta["labels"] = labels.to_meta()
+    return meta
 
 
-def save_checkpoint(model: CAVMAEEncoder, path: str | Path) -> Path:
+def save_checkpoint(model: CAVMAEEncoder, path: str | Path, *, labels: LabelSet | None = None) -> Path:
     """Write ``model``'s weights so that both ``load_checkpoint`` and the reference recipe
     (``DataParallel(model).load_state_dict(torch.load(path))``) accept the file.
 
     ``.safetensors`` paths get a safetensors file with the config in its header; anything else a
-    ``module.``-prefixed state dict with the config in its ``_metadata``. Written atomically.
+    ``module.``-prefixed state dict with the config in its ``_metadata``. ``labels``: the
+    classifier's class names, kept beside the config. Written atomically.
     """
     path = Path(path)
     state = model.state_dict()
-    meta = json.dumps(checkpoint_meta(model))
+    if labels is not None and (model_kind(model) != "classifier" or len(labels) != model.config.num_classes):
+        raise CheckpointError(f"{len(labels)} class names do not fit a {model_kind(model)} model"
+                              f" of {model.config.num_classes} classes")
+    meta = json.dumps(checkpoint_meta(model, labels))
     with fsio.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file

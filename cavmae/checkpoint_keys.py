@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .labels import LabelSet
+
+#: where files this project writes keep its metadata (a safetensors header key, the root
+#: entry of a state dict's ``_metadata``, a key of the trainer's state file)
+META_KEY = "cavmae"
 
 #: the key that tells each kind (the decoder of a pre-training model, the classifier's head)
 DECODER_KEY = "decoder_embed.weight"
@@ -101,6 +106,29 @@ def peek_checkpoint(path: str | Path) -> CheckpointSummary | None:
     return None if shapes is None else summarize(shapes)
 
 
+def peek_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata this project embeds in the checkpoints it writes (config, kind, class
+    names), read without torch; None for a file without it (the released checkpoints) or one
+    only torch reads. Raises ``CheckpointError`` as :func:`peek_checkpoint` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        holder = _safetensors_header(path).get("__metadata__")
+    else:
+        obj = _torch_object(path)
+        if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
+            return obj[META_KEY]  # the trainer's state file keeps it as a dict
+        per_module = getattr(obj, "_metadata", None)  # torch's, with ours under the root ""
+        holder = per_module.get("") if isinstance(per_module, dict) else None
+    raw = holder.get(META_KEY) if isinstance(holder, dict) else None
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 # -- torch.save zip archives -----------------------------------------------------------------
 
 
@@ -135,7 +163,28 @@ class _KeysUnpickler(pickle.Unpickler):
         return None  # the tensor data, which a shape does not need
 
 
+def embedded_labels(path: str | Path) -> LabelSet | None:
+    """The class names kept in a checkpoint ``cavmae finetune`` wrote; None for other files."""
+    meta = peek_metadata(path)
+    return LabelSet.from_meta(meta.get("labels")) if meta is not None else None
+
+
 def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    obj = _torch_object(path)
+    if obj is None:
+        return None
+    if isinstance(obj, dict) and "state_dict" in obj and META_KEY in obj:
+        obj = obj["state_dict"]  # the trainer's state file
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} does not hold a state dict")
+    if not all(isinstance(v, _Shape) for v in obj.values()):
+        return None  # non-tensor entries: cavmae.checkpoint says which
+    return {str(k).removeprefix("module."): tuple(v) for k, v in obj.items()}
+
+
+def _torch_object(path: Path) -> Any:
+    """What ``data.pkl`` of a ``torch.save`` archive holds, tensors as shapes; None when only
+    torch can read it (the legacy format, objects beyond a state dict)."""
     with open(path, "rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path):
@@ -152,29 +201,35 @@ def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
         return None
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, OSError):
         raise unreadable(path) from None
-    if isinstance(obj, dict) and "state_dict" in obj and "cavmae" in obj:
-        obj = obj["state_dict"]  # the trainer's state file
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path} does not hold a state dict")
-    if not all(isinstance(v, _Shape) for v in obj.values()):
-        return None  # non-tensor entries: cavmae.checkpoint says which
-    return {str(k).removeprefix("module."): tuple(v) for k, v in obj.items()}
+    return obj
 
 
 # -- safetensors -----------------------------------------------------------------------------
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes from the header: 8 bytes little-endian length, then that much JSON."""
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header: 8 bytes little-endian length, then that much JSON; the file must be
+    long enough for the tensor data it describes."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100_000_000 or path.stat().st_size < 8 + length:
                 raise ValueError("header length out of range")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
         if path.stat().st_size < 8 + length + end:
             raise ValueError("tensor data cut short")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise unreadable(path, "a safetensors checkpoint") from None
+    return header
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the header."""
+    header = _safetensors_header(path)
+    try:
         return {
             k.removeprefix("module."): tuple(int(n) for n in v["shape"])
             for k, v in header.items()

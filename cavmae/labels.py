@@ -34,6 +34,23 @@ class LabelSet:
     def __len__(self) -> int:
         return len(self.names)
 
+    def to_meta(self) -> dict[str, list[str]]:
+        """The JSON form kept in the metadata of a checkpoint this project writes."""
+        return {"names": list(self.names), "ids": list(self.ids)}
+
+    @classmethod
+    def from_meta(cls, obj: object) -> LabelSet | None:
+        """The label set of :meth:`to_meta`'s form; None for anything else (a file written
+        before checkpoints carried names, or metadata of another shape)."""
+        if not isinstance(obj, dict):
+            return None
+        names, ids = obj.get("names"), obj.get("ids")
+        if not (isinstance(names, list) and isinstance(ids, list) and names and len(names) == len(ids)):
+            return None
+        if not all(isinstance(x, str) for x in [*names, *ids]):
+            return None
+        return cls(names=tuple(names), ids=tuple(ids))
+
 
 def read_label_csv(path: str | Path, num_classes: int | None = None) -> LabelSet:
     """Read a reference label CSV (the one reader of the format, for every caller).

@@ -193,8 +193,8 @@ def _report(result: Any, config: Any, config_file: Path | None, max_steps_option
     if set(shown) - {"model"}:  # metrics, not only which weights were kept
         click.echo(f"  final evaluation: {json.dumps(shown)}")
     label_csv = getattr(config, "label_csv", None)
-    if label_csv and result.final_checkpoint is not None:  # checkpoints hold weights, not names
-        click.echo(f"  class names: cavmae classify VIDEO -m {result.final_checkpoint} --labels {label_csv}")
+    if label_csv and result.final_checkpoint is not None:  # the checkpoints carry its class names
+        click.echo(f"  classify with it: cavmae classify VIDEO -m {result.final_checkpoint}")
 
 
 def _train_command(name: str, cls_name: str, doc: str) -> click.Command:

@@ -24,6 +24,7 @@ import torch
 import cavmae
 from cavmae import fsio
 from cavmae.checkpoint import load_checkpoint
+from cavmae.checkpoint_keys import embedded_labels
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
@@ -439,6 +440,8 @@ def export_model(
     src = {**src, **(source or {})}
     _check_destination(out_dir, src.get("checkpoint"))
     classifier = isinstance(net, CAVMAEFT)
+    if labels is None and isinstance(model, (str, Path)):  # names a fine-tuning run kept in the file
+        labels = embedded_labels(model)
     label_set = _labels(labels, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None
     plan = _select(plan_graphs(model_kind(net), net.config, num_frames=num_frames, max_batch=max_batch,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cavmae import fsio
-from cavmae.checkpoint_keys import peek_checkpoint
+from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint
 from cavmae.config import DEFAULT_PREPROCESS
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
@@ -295,8 +295,9 @@ def model_labels(
 ) -> LabelSet | None:
     """The class names for ``source``: the label CSV ``labels`` (checked against the model's
     class count before any export; nothing is downloaded then), else the registry model's label
-    set (shipped, cached, or downloaded from the source's mirror), else ``None`` (an export's
-    own names, or the bundled ones of its class count, apply)."""
+    set (shipped, cached, or downloaded from the source's mirror), else the names a checkpoint
+    fine-tuned here carries, else ``None`` (an export's own names, or the bundled ones of its
+    class count, apply)."""
     if labels is not None:
         label_set = read_label_csv(labels)
         if source.num_classes is not None and len(label_set) != source.num_classes:
@@ -304,10 +305,23 @@ def model_labels(
                 f"{labels} has {len(label_set)} labels but the model has {source.num_classes} classes"
             )
         return label_set
-    if source.info is None or source.info.label_set is None:
+    if source.info is None:
+        return _checkpoint_labels(source)
+    if source.info.label_set is None:
         return None
     file = registry.ensure_labels(source.info.name, mirror=source.mirror, progress=progress)
     return read_label_csv(file) if file is not None else None
+
+
+def _checkpoint_labels(source: ModelSource) -> LabelSet | None:
+    """The class names embedded in a checkpoint this project wrote (``cavmae finetune`` keeps
+    its label CSV's there); None for other files, or names that do not fit the head."""
+    if source.kind != "checkpoint":
+        return None
+    names = embedded_labels(source.path)
+    if names is None or (source.num_classes is not None and len(names) != source.num_classes):
+        return None
+    return names
 
 
 def load(

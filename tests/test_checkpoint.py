@@ -72,6 +72,31 @@ def test_own_format_roundtrip_keeps_config(tmp_path, inputs, suffix):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_class_names_travel_with_the_file(tmp_path, suffix):
+    from cavmae.checkpoint_keys import peek_metadata
+    from cavmae.labels import LabelSet
+
+    model = _random_model(CAVMAEFT, TINY.replace(num_classes=3))
+    names = LabelSet(names=("dog bark", "rain", "siren"), ids=("/m/a", "/m/b", "/m/c"))
+    path = save_checkpoint(model, tmp_path / f"named{suffix}", labels=names)
+    meta = peek_metadata(path)
+    assert meta is not None and meta["kind"] == "classifier"
+    assert LabelSet.from_meta(meta["labels"]) == names
+    assert load_checkpoint(path).config.num_classes == 3  # the names change nothing else
+    unnamed = save_checkpoint(model, tmp_path / f"unnamed{suffix}")
+    assert "labels" not in (peek_metadata(unnamed) or {})
+    with pytest.raises(CheckpointError, match="do not fit"):  # 2 names for 3 classes
+        save_checkpoint(model, tmp_path / f"bad{suffix}", labels=LabelSet(names=("a", "b"), ids=("a", "b")))
+    with pytest.raises(CheckpointError, match="do not fit a pretrain"):
+        save_checkpoint(_random_model(CAVMAE), tmp_path / f"pre{suffix}", labels=names)
+    assert not (tmp_path / f"bad{suffix}").exists()
+    # a reference file carries no metadata; odd metadata shapes are ignored, not trusted
+    assert peek_metadata(save_reference_checkpoint(model, tmp_path / "ref.pth")) is None
+    for odd in (None, [], {"names": ["a"], "ids": []}, {"names": [1, 2, 3], "ids": ["a", "b", "c"]}):
+        assert LabelSet.from_meta(odd) is None
+
+
 def test_saved_file_loads_with_reference_recipe(tmp_path):
     model = _random_model(CAVMAEFT)
     path = save_checkpoint(model, tmp_path / "own.pth")

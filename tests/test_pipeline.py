@@ -178,6 +178,25 @@ def test_checkpoint_is_exported_once_into_the_cache(classifier_files, tmp_path, 
     assert len([e for e in (tmp_path / "exports").iterdir() if e.is_dir()]) == 2
 
 
+def test_a_finetuned_checkpoint_names_its_classes(tmp_path, monkeypatch):
+    """The class names a checkpoint carries reach the results of every engine and the export
+    made from it; ``labels=`` still replaces them."""
+    from cavmae.labels import LabelSet
+    from cavmae.runtime.classify_records import label_names
+
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    torch.manual_seed(1)
+    names = LabelSet(names=("dog bark", "rain", "siren"), ids=("/m/a", "/m/b", "/m/c"))
+    ckpt = save_checkpoint(CAVMAEFT(TINY.replace(num_classes=3)).eval(), tmp_path / "mine.pth", labels=names)
+    for engine in ENGINES:
+        pipe = load(ckpt, engine=engine, device="cpu")
+        assert label_names(pipe) == names.names, engine
+    export_model(ckpt, tmp_path / "export", max_batch=1)
+    assert load(tmp_path / "export", device="cpu").manifest.labels == names.names
+    (tmp_path / "other.csv").write_text("index,mid,display_name\n0,x,one\n1,y,two\n2,z,three\n")
+    assert load(ckpt, engine="torch", device="cpu", labels=tmp_path / "other.csv").manifest.labels == ("one", "two", "three")
+
+
 BLOCK_TORCH = """
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):

@@ -235,6 +235,22 @@ def test_finetune_run_directory_and_weight_average(ds, reference):
     assert summary["final_metrics"]["acc"] == pytest.approx(fm["acc"])
 
 
+def test_finetuned_checkpoints_carry_the_class_names(ds, reference):
+    """Every file a fine-tuning run writes names its classes (from the label CSV), read without
+    torch; what pre-training writes names none; the reference recipe still loads them."""
+    from cavmae.checkpoint_keys import peek_metadata
+    from cavmae.labels import LabelSet, read_label_csv
+
+    root, _, _ = reference
+    expected = read_label_csv(ds.label_csv)
+    for name in ("model.1.pth", "model.3.pth", "wa.pth", "final.pth", "state.pt"):
+        meta = peek_metadata(root / "ft" / name)
+        assert meta is not None and LabelSet.from_meta(meta.get("labels")) == expected, name
+    assert "labels" not in (peek_metadata(root / "pre" / "final.pth") or {"labels": None})
+    raw = torch.load(root / "ft" / "wa.pth", map_location="cpu", weights_only=True)
+    assert all(k.startswith("module.") for k in raw)
+
+
 # -- resumption --------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from cavmae.checkpoint import read_state_dict, save_checkpoint
 from cavmae.data import AVDataset, read_labels
+from cavmae.labels import LabelSet
 from cavmae.model import CAVMAEFT
 from cavmae.modes import finetune_needs
 
@@ -91,11 +92,12 @@ def finetune(
         cfg, model, ClassifierStep(model, cfg.mode), groups, data, ("loss",), forward,
         evaluate if data.val is not None else None, better,
         lambda e: cfg.save_epoch_checkpoints or (cfg.wa and cfg.wa_start <= e <= wa_end),
+        labels=labels,
     )
     result = run(job, d, device, amp, on_step, on_epoch)
     if not result.completed:
         return result
-    chosen = _load_final_weights(model, cfg, result, d, wa_end)
+    chosen = _load_final_weights(model, cfg, result, d, wa_end, labels)
     model.to(device).eval()
     result.final_metrics = {"model": chosen}
     if data.val is not None:
@@ -108,7 +110,7 @@ def finetune(
 
 
 def _load_final_weights(
-    model: CAVMAEFT, cfg: FinetuneConfig, result: TrainResult, d: Dist, wa_end: int
+    model: CAVMAEFT, cfg: FinetuneConfig, result: TrainResult, d: Dist, wa_end: int, labels: LabelSet
 ) -> str:
     """Load the weights to evaluate into ``model``: the average (``"wa"``), else the best
     epoch (``"best"``), else keep the last (``"final"``)."""
@@ -117,7 +119,7 @@ def _load_final_weights(
         if d.main:
             paths = [run_dir / f"model.{e}.pth" for e in range(cfg.wa_start, wa_end + 1)]
             model.load_state_dict(average_checkpoints(paths))
-            save_checkpoint(model, run_dir / "wa.pth")
+            save_checkpoint(model, run_dir / "wa.pth", labels=labels)
         barrier(d)
         if not d.main:
             state, _ = read_state_dict(run_dir / "wa.pth")

@@ -24,6 +24,7 @@ from torch import nn
 from cavmae.checkpoint import save_checkpoint
 from cavmae.data import StepBatchSampler, epoch_order
 from cavmae.errors import CavmaeError
+from cavmae.labels import LabelSet
 
 from .configs import TrainConfig, TrainConfigError
 from .data import RunData, loader, to_device
@@ -65,6 +66,7 @@ class Job:
     evaluate: Callable[[], dict[str, float]] | None
     better: Callable[[dict[str, float], float | None], tuple[bool, float]]
     epoch_checkpoint: Callable[[int], bool]
+    labels: LabelSet | None = None  # a classifier's class names, kept in each checkpoint
 
 
 @dataclass
@@ -139,7 +141,8 @@ class _Loop:
 
     def save(self) -> None:
         if self.d.main:
-            save_state(self.cfg, self.job.model, self.opt, self.rs, self.d.world_size, self.mlog)
+            save_state(self.cfg, self.job.model, self.opt, self.rs, self.d.world_size, self.mlog,
+                       labels=self.job.labels)
 
     def record_epoch(self, rec: dict[str, Any]) -> None:
         self.rs.history.append(rec)
@@ -233,10 +236,10 @@ class _Loop:
             if improved:
                 rs.best = {"value": value, "epoch": rs.epoch}
                 if self.d.main:
-                    save_checkpoint(job.model, self.run_dir / "best.pth")  # type: ignore[arg-type]
+                    save_checkpoint(job.model, self.run_dir / "best.pth", labels=job.labels)  # type: ignore[arg-type]
         rec["time_s"] = round(time.time() - started, 3)
         if self.d.main and job.epoch_checkpoint(rs.epoch):
-            save_checkpoint(job.model, self.run_dir / f"model.{rs.epoch}.pth")  # type: ignore[arg-type]
+            save_checkpoint(job.model, self.run_dir / f"model.{rs.epoch}.pth", labels=job.labels)  # type: ignore[arg-type]
         log.info("%s", json.dumps(rec, default=json_default))
         self.record_epoch(rec)
         rs.epoch += 1
@@ -254,7 +257,7 @@ class _Loop:
                                model=model.eval())
         completed_now = not rs.finished  # else a finished run was started again: nothing to do
         if self.d.main and completed_now:
-            save_checkpoint(model, self.run_dir / "final.pth")  # type: ignore[arg-type]
+            save_checkpoint(model, self.run_dir / "final.pth", labels=self.job.labels)  # type: ignore[arg-type]
         rs.finished = True
         if completed_now:
             self.save()
