@@ -258,7 +258,7 @@ def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
         changed = summary["changed"]
         warn(f"{len(changed)} file(s) changed since they were indexed ({changed[0]}"
              f"{', ...' if len(changed) > 1 else ''}): their rows keep the earlier content;"
-             " embed them into a new index to refresh them")
+             f" `cavmae index prune {summary['index']}` drops them, then this command embeds them again")
     if failed:
         click.echo(f"{len(failed)} of {todo} inputs failed (see warnings above).", err=True)
         click.get_current_context().exit(EXIT_INPUT_FAILED)

@@ -1,4 +1,5 @@
-"""``cavmae index``: maintenance of an embedding index (``build-ann``: its approximate index).
+"""``cavmae index``: maintenance of an embedding index (``build-ann``: its approximate index;
+``prune``: drop the rows of deleted or changed files).
 
 Exit codes: 0 success; 2 a user mistake (no such index, faiss not installed, bad option).
 """
@@ -12,7 +13,7 @@ from .common import echo_json
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def index() -> None:
-    """Maintain an embedding index written by `cavmae embed`."""
+    """Maintain an embedding index written by `cavmae embed`: its approximate index, stale rows."""
 
 
 @index.command("build-ann")
@@ -55,3 +56,45 @@ def build_ann(index_dir: str, kind: str, nlist: int | None, nprobe: int | None, 
            else f"M {p['m']}, efSearch {p['ef_search']}")
     click.echo(f"Built the {kind} approximate index of {index_dir} ({counts} rows; {how})"
                f" in {meta['build_seconds']:.1f} s.")
+
+
+@index.command("prune")
+@click.argument("index_dir", metavar="INDEX")
+@click.option("--keep-changed", is_flag=True,
+              help="Drop only the rows of deleted files; keep those of files changed since they"
+                   " were embedded (by default they are dropped too, so `cavmae embed` redoes them).")
+@click.option("--dry-run", is_flag=True, help="Count what would be dropped; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was found and done as JSON on stdout.")
+def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> None:
+    """Drop the rows of INDEX whose files were deleted or changed.
+
+    The rows kept are copied into a new index that replaces INDEX in one rename (rows are
+    renumbered), so a search sees the old index or the new one, and an interrupted prune leaves
+    INDEX as it was. The approximate index (`index build-ann`) is removed with the old rows;
+    build it again. Needs free disk for one copy of the rows kept.
+
+    \b
+    Examples:
+      cavmae index prune my-index --dry-run
+      cavmae index prune my-index && cavmae embed clips/ -o my-index   # re-embed changed files
+    """
+    from cavmae.runtime.index.prune import prune_index
+
+    result = prune_index(index_dir, changed=not keep_changed, dry_run=dry_run)
+    if as_json:
+        echo_json({"index": index_dir, "dry_run": dry_run, **result.to_dict()})
+        return
+    for path, reason in result.examples:
+        click.echo(f"  {reason}: {path}", err=True)
+    dropped = sum(result.dropped.values())
+    if dropped > len(result.examples):
+        click.echo(f"  ... and {dropped - len(result.examples)} more", err=True)
+    why = f"{result.dropped['missing']} deleted, {result.dropped['changed']} changed"
+    if not dropped:
+        click.echo(f"{index_dir}: nothing to drop ({result.kept} rows, every file unchanged)")
+    elif dry_run:
+        click.echo(f"{index_dir}: would drop {dropped} rows ({why}) and keep {result.kept}; nothing changed")
+    else:
+        click.echo(f"{index_dir}: dropped {dropped} rows ({why}); {result.kept} rows kept")
+        if result.ann_removed:
+            click.echo(f"the approximate index was removed; rebuild it: cavmae index build-ann {index_dir}")

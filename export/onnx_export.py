@@ -86,7 +86,13 @@ def _resolve_model(model: CAVMAEEncoder | str | Path) -> tuple[CAVMAEEncoder, di
     return load_checkpoint(path), {"checkpoint": str(path.resolve()), "sha256": fsio.sha256_file(path)}
 
 
-def _labels(labels: LabelSet | str | Path | Sequence[str] | None, num_classes: int) -> LabelSet | None:
+def _labels(
+    labels: LabelSet | str | Path | Sequence[str] | None, model: CAVMAEEncoder | str | Path, num_classes: int
+) -> LabelSet | None:
+    """The export's class names: ``labels``, else those a checkpoint file carries (a fine-tuning
+    run's), else the bundled ones of the class count."""
+    if labels is None and isinstance(model, (str, Path)):
+        labels = embedded_labels(model)
     if labels is None:
         return default_labels(num_classes)
     if isinstance(labels, LabelSet):
@@ -440,9 +446,7 @@ def export_model(
     src = {**src, **(source or {})}
     _check_destination(out_dir, src.get("checkpoint"))
     classifier = isinstance(net, CAVMAEFT)
-    if labels is None and isinstance(model, (str, Path)):  # names a fine-tuning run kept in the file
-        labels = embedded_labels(model)
-    label_set = _labels(labels, net.config.num_classes) if classifier else None
+    label_set = _labels(labels, model, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None
     plan = _select(plan_graphs(model_kind(net), net.config, num_frames=num_frames, max_batch=max_batch,
                                task=task or "multi-label", finetune_mode=finetune_mode,

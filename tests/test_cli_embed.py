@@ -159,6 +159,19 @@ def test_a_file_changed_since_it_was_indexed_is_reported(env):
     assert summary["skipped"] == 3 and summary["added"] == 0
     assert [Path(p).name for p in summary["changed"]] == ["tone.mp4"]
     assert "1 file(s) changed since they were indexed" in proc.stderr and "tone.mp4" in proc.stderr
+    assert "cavmae index prune" in proc.stderr
+    # the way out it names: prune drops the changed (and deleted) files' rows, embed redoes them
+    (folder / "silent-video.mp4").unlink()
+    proc = cavmae(env, "index", "prune", str(tmp / "idx-changing"), "--dry-run", model=False)
+    assert proc.returncode == 0 and "would drop 2 rows (1 deleted, 1 changed)" in proc.stdout, proc.stderr
+    proc = cavmae(env, "index", "prune", str(tmp / "idx-changing"), "--json", model=False)
+    assert proc.returncode == 0, proc.stderr
+    assert {k: json.loads(proc.stdout)[k] for k in ("kept", "missing", "changed")} == {"kept": 1, "missing": 1, "changed": 1}
+    proc = cavmae(env, "embed", str(folder), "-o", str(tmp / "idx-changing"), "--json")
+    summary = json.loads(proc.stdout)
+    assert proc.returncode == 0 and (summary["added"], summary["skipped"], summary["changed"]) == (1, 1, [])
+    proc = cavmae(env, "index", "prune", str(tmp / "nowhere"), model=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: no index at"), proc.stderr
 
 
 def test_other_model_is_refused(env, built):

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,80 @@ def test_changed_files_compares_each_rows_file_stamp(tmp_path, monkeypatch):
     index = EmbeddingIndex.open(tmp_path / "idx")
     got = changed_files(index, [*files, tmp_path / "old.mp4", tmp_path / "gone.mp4"])
     assert got == [files[1], files[3]]
+
+
+def test_prune_drops_deleted_and_changed_files_and_keeps_the_rest(tmp_path):
+    from cavmae.runtime.index import file_stamp
+    from cavmae.runtime.index.prune import prune_index
+
+    files = [tmp_path / "media" / f"c{k}.mp4" for k in range(9)]
+    files[0].parent.mkdir()
+    for f in files:
+        f.write_bytes(b"clip")
+    rng = np.random.default_rng(3)
+    data = [(str(f), a, v) for f, (_, a, v) in zip(files, rows(rng, 9), strict=True)]
+    root = tmp_path / "idx"
+    with IndexWriter(root, model=MODEL, dim=D, commit_every=2) as w:
+        for p, a, v in data:
+            w.add(p, a, v, duration=1.0, **file_stamp(p), note=Path(p).name)
+        w.add(tmp_path / "media" / "old.mp4", unit(rng, 1)[0], None)  # unstamped: judged by presence
+    (tmp_path / "media" / "old.mp4").write_bytes(b"x")
+    (root / "ann").mkdir()  # stands in for an approximate index: its row numbers would go stale
+    before = EmbeddingIndex.open(root).meta["uid"]
+    files[2].unlink()
+    files[5].unlink()
+    files[7].write_bytes(b"another clip")  # changed since it was embedded
+
+    dry = prune_index(root, dry_run=True)
+    assert (dry.kept, dry.dropped["missing"], dry.dropped["changed"], dry.rewritten) == (7, 2, 1, False)
+    assert EmbeddingIndex.open(root).meta["uid"] == before and len(EmbeddingIndex.open(root)) == 10
+    only_missing = prune_index(root, changed=False, dry_run=True)
+    assert (only_missing.kept, sum(only_missing.dropped.values())) == (8, 2)
+
+    result = prune_index(root, block=3)  # several blocks
+    assert (result.kept, result.dropped["missing"], result.dropped["changed"]) == (7, 2, 1)
+    assert result.rewritten and result.ann_removed and not (root / "ann").exists()
+    assert {p for p, _ in result.examples} == {path_key(files[k]) for k in (2, 5, 7)}
+    index = EmbeddingIndex.open(root)
+    assert index.meta["uid"] != before and index.meta["finished"]
+    kept = [d for k, d in enumerate(data) if k not in (2, 5, 7)]
+    by_path = {it["path"]: it for it in index.items()}
+    assert len(index) == 7 and path_key(tmp_path / "media" / "old.mp4") in by_path
+    check_contents_subset(index, kept)
+    assert by_path[path_key(files[0])]["note"] == "c0.mp4" and "mtime_ns" in by_path[path_key(files[0])]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]  # no staging left
+    again = prune_index(root)
+    assert not again.rewritten and sum(again.dropped.values()) == 0 and again.kept == 7
+    # a writer still opens it, and adds to it
+    with IndexWriter(root, model=MODEL, dim=D) as w:
+        w.add(files[2], unit(rng, 1)[0], None)
+    assert len(EmbeddingIndex.open(root)) == 8
+
+
+def check_contents_subset(index: EmbeddingIndex, data) -> None:
+    """Each of ``data``'s clips is in ``index`` with its embeddings and stream flags."""
+    rows_of = index.rows_of([p for p, _, _ in data])
+    audio, visual = index.embeddings("audio"), index.embeddings("visual")
+    has_a, has_v = index.has("audio"), index.has("visual")
+    for (_, a, v), r in zip(data, rows_of, strict=True):
+        assert r >= 0
+        assert has_a[r] == (a is not None) and has_v[r] == (v is not None)
+        if a is not None:
+            np.testing.assert_array_equal(audio[r], a)
+        if v is not None:
+            np.testing.assert_array_equal(visual[r], v)
+
+
+def test_prune_refuses_what_it_cannot_prune(tmp_path):
+    from cavmae.runtime.index.prune import prune_index
+
+    with pytest.raises(EmbeddingIndexError, match="no index at"):
+        prune_index(tmp_path / "nothing")
+    rng = np.random.default_rng(4)
+    _shards(tmp_path / "sharded", 2, rows(rng, 4))
+    write(tmp_path / "sharded", rows(rng, 2, start=10))
+    with pytest.raises(EmbeddingIndexError, match="not merged"):
+        prune_index(tmp_path / "sharded")
+    write(tmp_path / "busy", rows(rng, 2))
+    with IndexWriter(tmp_path / "busy", model=MODEL, dim=D), pytest.raises(EmbeddingIndexError, match="another process"):
+        prune_index(tmp_path / "busy")

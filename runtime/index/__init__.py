@@ -27,7 +27,7 @@ An index is a directory of *parts* (row ranges), each a set of files with one pr
      "next_chunk": 4, "shard": [i, n] | null, "finished": bool, "updated": unix time}
 
 Rows are numbered globally: the ``base_count`` base rows, then each chunk's rows in order; a
-row keeps its number for the life of the index. An item is ``{"row", "path", "duration",
+row keeps its number for the life of the index (a prune makes a new index, with a new uid). An item is ``{"row", "path", "duration",
 "has_audio", "has_video"}``; ``path`` is absolute and resolved (:func:`path_key`), the key for
 incremental runs and de-duplication. A clip without an audio (or video) stream has
 ``has_audio`` (``has_video``) false: its row in the audio (visual) file holds zeros only to keep
@@ -65,7 +65,8 @@ de-duplicate).
 Modules, one job each: :mod:`.layout` (file names, ``index.json``, parts), :mod:`.storage`
 (the lock), :mod:`.identity` (which model made the embeddings), :mod:`.items` (rows and paths
 by offsets and hashes), :mod:`.reader`, :mod:`.writer`, :mod:`.merge`, :mod:`.embed` (decode,
-embed, append), :mod:`.ann` (the approximate index, faiss).
+embed, append), :mod:`.ann` (the approximate index, faiss), :mod:`.prune` (a copy without the
+rows of deleted or changed files, published over the index in one rename).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,24 +78,35 @@ def _open_finished(
     return opened
 
 
+def copy_items(
+    writer: IndexWriter, idx: EmbeddingIndex, items: list[dict[str, Any]], flags: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Add the rows of ``idx`` that ``items`` (from :meth:`EmbeddingIndex.item_blocks`) name to
+    ``writer`` in one :meth:`IndexWriter.add_many`: embeddings, stream flags, duration and every
+    other key a row keeps (its file's stamp). ``flags``: ``idx.has("audio"), idx.has("visual")``,
+    read once by the caller (each is a pass over the whole index)."""
+    if not items:
+        return
+    rows = np.array([it["row"] for it in items], dtype=np.int64)
+    has_a, has_v = flags
+    writer.add_many(
+        [it["path"] for it in items], idx.vectors("audio", rows), idx.vectors("visual", rows),
+        has_audio=has_a[rows], has_video=has_v[rows],
+        durations=[it.get("duration") for it in items],
+        extra=[{k: v for k, v in it.items() if k not in ITEM_KEYS} for it in items],
+    )
+
+
 def _append(writer: IndexWriter, idx: EmbeddingIndex, block: int) -> tuple[int, int]:
     """Add the rows of ``idx`` whose path ``writer`` lacks, ``block`` rows per
     :meth:`IndexWriter.add_many`; ``(added, duplicates)``."""
     added = duplicates = 0
-    has_a, has_v = idx.has("audio"), idx.has("visual")
+    flags = (idx.has("audio"), idx.has("visual"))
     for items in idx.item_blocks(block):
         known = writer.contains_many([it["path"] for it in items])
         duplicates += int(known.sum())
         new = [it for it, k in zip(items, known, strict=True) if not k]
-        if not new:
-            continue
-        rows = np.array([it["row"] for it in new], dtype=np.int64)
-        writer.add_many(
-            [it["path"] for it in new], idx.vectors("audio", rows), idx.vectors("visual", rows),
-            has_audio=has_a[rows], has_video=has_v[rows],
-            durations=[it.get("duration") for it in new],
-            extra=[{k: v for k, v in it.items() if k not in ITEM_KEYS} for it in new],
-        )
+        copy_items(writer, idx, new, flags)
         added += len(new)
     return added, duplicates
 

@@ -1,0 +1,115 @@
+"""Dropping the rows of files that are gone (or changed) from an index.
+
+Rows are never removed in place: a row keeps its number for the life of an index, and the
+approximate index refers to rows by number. :func:`prune_index` instead copies the rows it
+keeps, a block at a time, into a new index beside the old one (same model and settings, rows
+renumbered, a new ``uid``) and publishes it over the old directory in one rename
+(:func:`cavmae.fsio.publish_dir`): a reader sees the old index or the new one, and an interrupted
+prune leaves the old one as it was. The approximate index (``ann/``) is not carried over, since
+its row numbers no longer hold; ``cavmae index build-ann`` makes it again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cavmae import fsio
+
+from .embed import file_stamp
+from .layout import EmbeddingIndexError, find_shards, is_index
+from .merge import copy_items
+from .reader import EmbeddingIndex
+from .storage import locked
+from .writer import IndexWriter
+
+#: why a row is dropped
+MISSING, CHANGED = "missing", "changed"
+
+
+@dataclass
+class PruneResult:
+    """What a prune found and did: rows kept, rows dropped (by reason, with up to ``shown``
+    of their paths), whether the index was rewritten and its approximate index removed."""
+
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    rewritten: bool = False
+    ann_removed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kept": self.kept, "dropped": sum(self.dropped.values()),
+            "missing": self.dropped[MISSING], "changed": self.dropped[CHANGED],
+            "examples": [{"path": p, "reason": r} for p, r in self.examples],
+            "rewritten": self.rewritten, "ann_removed": self.ann_removed,
+        }
+
+
+def stale_reason(item: dict[str, Any], *, changed: bool) -> str | None:
+    """``"missing"`` when the row's file is gone, ``"changed"`` (with ``changed``) when its size
+    or modification time differ from what the row remembers, else None. Rows written before
+    rows kept a stamp are judged by presence only."""
+    try:
+        now = file_stamp(item["path"])
+    except OSError:
+        return MISSING
+    if changed and "size" in item and "mtime_ns" in item:
+        if now != {"size": item["size"], "mtime_ns": item["mtime_ns"]}:
+            return CHANGED
+    return None
+
+
+def _judge(items: list[dict[str, Any]], changed: bool, result: PruneResult, shown: int) -> list[dict[str, Any]]:
+    """The ``items`` to keep; the others are counted into ``result``."""
+    keep = []
+    for item in items:
+        reason = stale_reason(item, changed=changed)
+        if reason is None:
+            keep.append(item)
+            continue
+        result.dropped[reason] += 1
+        if len(result.examples) < shown:
+            result.examples.append((item["path"], reason))
+    result.kept += len(keep)
+    return keep
+
+
+def prune_index(
+    path: str | Path, *, changed: bool = True, dry_run: bool = False, block: int = 4096,
+    shown: int = 20,
+) -> PruneResult:
+    """Drop the rows of ``path`` whose files are gone (and, with ``changed``, whose files changed
+    since they were embedded; a later ``cavmae embed`` embeds those again). ``dry_run``: count,
+    change nothing. Holds the index's lock throughout, so no writer runs meanwhile.
+
+    Raises:
+        EmbeddingIndexError: no index there, unmerged shards in it, or another process writing it.
+    """
+    root = Path(path)
+    if not is_index(root):
+        raise EmbeddingIndexError(f"no index at {root} (made by `cavmae embed -o {root}`)")
+    if find_shards(root):
+        raise EmbeddingIndexError(f"{root} holds shards not merged yet; run `cavmae embed --merge {root}` first")
+    result = PruneResult()
+    with locked(root):
+        idx = EmbeddingIndex.open(root)
+        for items in idx.item_blocks(block):  # first pass: only counts, nothing held per row
+            _judge(items, changed, result, shown)
+        if dry_run or not result.dropped:
+            return result
+        result = PruneResult()  # judged again while copying: a file may change meanwhile
+        with fsio.staged_dir(root) as work:
+            writer = IndexWriter(work, model=idx.model, dim=idx.dim, frame=idx.frame,
+                                 num_frames=idx.num_frames, commit_every=block)
+            flags = (idx.has("audio"), idx.has("visual"))
+            with writer:
+                for items in idx.item_blocks(block):
+                    copy_items(writer, idx, _judge(items, changed, result, shown), flags)
+                writer.close(compact=True)
+            result.ann_removed = (root / "ann").exists()
+        result.rewritten = True
+    return result
