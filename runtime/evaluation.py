@@ -134,7 +134,10 @@ class EvaluationResult:
     ``classification`` and ``retrieval`` are None when that part was off. The arrays hold the
     evaluated items only, in dataset order: ``ids [N]``, ``scores [N, C]`` probabilities,
     ``targets [N, C]`` multi-hot, ``audio_embeddings`` / ``visual_embeddings [N, D]`` and the
-    per-query retrieval ``ranks``.
+    per-query retrieval ``ranks``. A clip that classification can use but retrieval cannot (it
+    lacks the other stream) is classified and left out of retrieval: it is then in
+    ``classified_only`` (id, reason), and ``retrieval_ids [M]`` names the rows of the
+    embeddings and ranks (None: they are ``ids``).
     """
 
     dataset: str
@@ -156,6 +159,8 @@ class EvaluationResult:
     audio_embeddings: np.ndarray | None = None
     visual_embeddings: np.ndarray | None = None
     ranks: dict[str, np.ndarray] = field(default_factory=dict)
+    classified_only: list[tuple[str, str]] = field(default_factory=list)
+    retrieval_ids: list[str] | None = None
 
     @property
     def num_evaluated(self) -> int:
@@ -194,6 +199,7 @@ class EvaluationResult:
             "classification": self.classification,
             "retrieval": retrieval,
             "failed": [f.to_dict() for f in self.failures],
+            "classified_only": [{"id": i, "reason": why} for i, why in self.classified_only],
             "notes": list(self.notes),
             "units": {"classification": "fraction", "recall": "percent"},
         }
@@ -201,7 +207,8 @@ class EvaluationResult:
     def save_predictions(self, path: str | Path) -> Path:
         """Write the arrays to an ``.npz``: ``ids``, ``failed_ids``, and where present ``scores``,
         ``targets``, ``label_names``, ``audio_embeddings``, ``visual_embeddings``,
-        ``ranks_audio_to_visual``, ``ranks_visual_to_audio``."""
+        ``ranks_audio_to_visual``, ``ranks_visual_to_audio`` and ``retrieval_ids`` (the rows of
+        the embeddings and ranks, where some clips were classified only)."""
         path = Path(path)
         arrays: dict[str, np.ndarray] = {
             "ids": np.asarray(self.ids, dtype=str),
@@ -214,6 +221,8 @@ class EvaluationResult:
             "visual_embeddings": self.visual_embeddings,
         }
         arrays.update({k: v for k, v in optional.items() if v is not None})
+        if self.retrieval_ids is not None:
+            arrays["retrieval_ids"] = np.asarray(self.retrieval_ids, dtype=str)
         if self.label_names is not None:
             arrays["label_names"] = np.asarray(self.label_names, dtype=str)
         arrays.update({f"ranks_{k}": v for k, v in self.ranks.items()})
@@ -306,21 +315,29 @@ class _Plan:
     def need_audio(self) -> bool:
         return self.cls_audio or self.retrieve
 
-    def load(self, clip: ClipRecord) -> ClipInputs:
+    def load(self, clip: ClipRecord) -> _Loaded:
+        """The clip's inputs for both parts; a clip without a stream only retrieval needs is
+        loaded for classification alone (``skip_retrieval`` says why)."""
         try:
-            return load_inputs(
-                clip,
-                need_audio=self.need_audio,
-                frame_indices=self.frame_indices,
-                num_frames=self.num_frames,
-                config=self.config,
-            )
+            return _Loaded(self._load(clip, self.need_audio, self.frame_indices))
         except MissingStreamError as e:
-            # both metrics run on one set of clips: say when only retrieval needs the stream
             cls_needs = self.cls_audio if e.stream == "audio" else self.cls_frames
-            if self.classify and self.retrieve and not cls_needs:
-                raise e.with_hint("retrieval needs both streams; --no-retrieval classifies it") from None
-            raise
+            if not (self.classify and self.retrieve) or cls_needs:
+                raise
+            frames = self.frame_indices if self.cls_frames else None
+            return _Loaded(self._load(clip, self.cls_audio, frames), skip_retrieval=str(e.with_hint("")))
+
+    def _load(self, clip: ClipRecord, need_audio: bool, frame_indices: list[int] | None) -> ClipInputs:
+        return load_inputs(clip, need_audio=need_audio, frame_indices=frame_indices,
+                           num_frames=self.num_frames, config=self.config)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A clip's inputs, and why retrieval cannot use them (None: it can)."""
+
+    inputs: ClipInputs
+    skip_retrieval: str | None = None
 
 
 def _plan(
@@ -359,31 +376,35 @@ class _Outputs:
 
     def __init__(self, pipeline: Pipeline, plan: _Plan) -> None:
         self.pipeline, self.plan = pipeline, plan
-        self.done: list[int] = []
+        self.done: list[int] = []  # clip positions evaluated (by every part that could use them)
+        self.retrieved: list[int] = []  # the positions of those in retrieval
+        self.classified_only: list[tuple[int, str]] = []  # (position, why retrieval could not)
         self.scores: list[np.ndarray] = []
         self.emb_a: list[np.ndarray] = []
         self.emb_v: list[np.ndarray] = []
 
-    def run(self, batch: Sequence[tuple[int, ClipInputs]]) -> None:
+    def run(self, batch: Sequence[tuple[int, _Loaded]]) -> None:
         """Classify and / or embed one mini-batch of loaded clips."""
         if not batch:
             return
         plan, pipe = self.plan, self.pipeline
-        audio = stack_inputs([x.audio for _, x in batch]) if plan.need_audio else None
-        frames = stack_inputs([x.frames for _, x in batch]) if plan.frame_indices is not None else None
         if plan.classify:
             assert plan.mode is not None  # _plan classifies only in a given mode
             self.scores.append(
                 pipe.classify_batch(
-                    audio if plan.cls_audio else None,
-                    frames if plan.cls_frames else None,
+                    stack_inputs([x.inputs.audio for _, x in batch]) if plan.cls_audio else None,
+                    stack_inputs([x.inputs.frames for _, x in batch]) if plan.cls_frames else None,
                     plan.mode,
                 )
             )
         if plan.retrieve:
-            assert audio is not None and frames is not None  # retrieval loads both (_plan)
-            self.emb_a.append(pipe.embed_audio(audio))
-            self.emb_v.append(pipe.embed_frames(frames, plan.embed_frame))
+            self.classified_only.extend((n, x.skip_retrieval) for n, x in batch if x.skip_retrieval)
+            usable = [(n, x.inputs) for n, x in batch if x.skip_retrieval is None]
+            if usable:  # retrieval loads both streams (_plan)
+                self.emb_a.append(pipe.embed_audio(stack_inputs([x.audio for _, x in usable])))
+                frames = stack_inputs([x.frames for _, x in usable])
+                self.emb_v.append(pipe.embed_frames(frames, plan.embed_frame))
+                self.retrieved.extend(n for n, _ in usable)
         self.done.extend(n for n, _ in batch)
 
 
@@ -406,7 +427,7 @@ def _run(
     """Load the clips at positions ``jobs`` ahead on ``workers`` threads (decoding releases the
     GIL; 1 = inline) and run them in batches of ``batch_size``; a clip that fails to load is
     reported through ``fail`` and skipped."""
-    stream: Iterable[Fetched[int, ClipInputs]] = prefetch(
+    stream: Iterable[Fetched[int, _Loaded]] = prefetch(
         lambda n: outputs.plan.load(clips[n]),
         jobs,
         workers=workers if workers > 1 else 0,
@@ -415,7 +436,7 @@ def _run(
     )
     if progress is not None:
         stream = progress(stream, len(jobs))
-    batch: list[tuple[int, ClipInputs]] = []
+    batch: list[tuple[int, _Loaded]] = []
     for got in stream:
         if got.error is not None:
             fail(got.item, _reason(got.error))
@@ -437,7 +458,17 @@ def _score(
         result.scores = np.concatenate(outputs.scores)
         result.targets = targets[outputs.done]
         result.classification = classification_metrics(result.scores, result.targets, task)
-    if outputs.plan.retrieve:
+    if outputs.plan.retrieve and outputs.classified_only:
+        id_of = dict(zip(outputs.done, result.ids, strict=True))
+        result.classified_only = [(id_of[n], why) for n, why in outputs.classified_only]
+        result.retrieval_ids = [id_of[n] for n in outputs.retrieved]
+        result.notes.append(
+            f"{len(outputs.classified_only)} clip(s) lack a stream retrieval needs ({outputs.classified_only[0][1]}"
+            f"{', ...' if len(outputs.classified_only) > 1 else ''}): classified, left out of retrieval"
+        )
+    if outputs.plan.retrieve and not outputs.retrieved:
+        result.notes.append("retrieval: no clip has both streams")
+    elif outputs.plan.retrieve:
         result.audio_embeddings = np.concatenate(outputs.emb_a)
         result.visual_embeddings = np.concatenate(outputs.emb_v)
         result.retrieval, result.ranks = retrieval_report(

@@ -468,6 +468,34 @@ def test_video_folder_with_labels_file(files, pipe, tmp_path):
     assert any("no labels" in n for n in unlabelled.notes)
 
 
+def test_a_clip_only_retrieval_cannot_use_is_still_classified(pipe, tmp_path):
+    """Audio-mode classification on a folder where one clip has no video: that clip is
+    classified, and retrieval runs on the others (its rows named by ``retrieval_ids``)."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    paths = [make_media(folder / f"v{k}.mp4", duration=1.0, fps=10, tones=(300.0 + 200 * k,)) for k in range(3)]
+    sound = make_media(folder / "sound.mp4", duration=1.0, with_video=False, tones=(900.0,))
+    (folder / "labels.csv").write_text("file,labels\nv0.mp4,Dog\nv1.mp4,Cat\nv2.mp4,Music\nsound.mp4,Dog\n")
+    data = cl.read_video_files([*paths, sound], folder / "labels.csv")
+    result = ev.evaluate(pipe, data, mode="audio", batch_size=3)
+    assert result.ok and result.ids == ["v0", "v1", "v2", "sound"]
+    assert result.scores.shape[0] == 4 and result.retrieval_ids == ["v0", "v1", "v2"]
+    assert [i for i, _ in result.classified_only] == ["sound"] and "no video" in result.classified_only[0][1]
+    assert any("left out of retrieval" in n for n in result.notes)
+    clips = [load_clip(p, num_frames=NUM_FRAMES) for p in paths]
+    audio = np.stack([c.audio for c in clips])
+    sim = pipe.embed_audio(audio).astype(np.float64) @ pipe.embed_frames(np.stack([c.frames for c in clips])).astype(np.float64).T
+    assert result.retrieval["audio_to_visual"] == pytest.approx(retrieval_metrics(sim))
+    every = np.concatenate([audio, load_clip(sound, need_video=False).audio[None]])
+    np.testing.assert_allclose(result.scores, pipe.classify_batch(every, None, "audio"), atol=1e-6)
+    with np.load(result.save_predictions(tmp_path / "p.npz")) as z:
+        assert list(z["retrieval_ids"]) == ["v0", "v1", "v2"] and z["audio_embeddings"].shape[0] == 3
+    assert result.to_dict()["classified_only"][0]["id"] == "sound"
+    # av classification needs the video too: there the clip fails, as before
+    av = ev.evaluate(pipe, data, batch_size=3)
+    assert [f.id for f in av.failures] == ["sound"] and av.retrieval_ids is None
+
+
 def test_save_predictions(files, pipe, tmp_path):
     result = ev.evaluate(pipe, cl.read_dataset_json(files["json"]), batch_size=4)
     path = result.save_predictions(tmp_path / "out" / "pred.npz")
