@@ -29,7 +29,7 @@ def index() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
 def build_ann(index_dir: str, kind: str, nlist: int | None, nprobe: int | None, ef_search: int,
               as_json: bool) -> None:
-    """Build the approximate (faiss) index of INDEX, used by `cavmae search --ann`.
+    """Build the approximate index of INDEX (faiss) for search --ann.
 
     One faiss index per modality goes into INDEX/ann, replacing one there. It holds 8-bit
     codes of the embeddings and is memory-mapped when searched, so it needs no more RAM than
