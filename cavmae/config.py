@@ -177,3 +177,16 @@ class PreprocessConfig:
 #: The reference input pipeline.
 DEFAULT_PREPROCESS = PreprocessConfig()
 
+#: the most frames a clip may contribute: well past any protocol (the reference uses 10), and
+#: small enough that a mistyped count fails in one line instead of exhausting memory
+MAX_FRAMES = 64
+
+
+def check_num_frames(num_frames: int) -> int:
+    """``num_frames`` when it is 1..:data:`MAX_FRAMES`, else a one-line ``CavmaeError``."""
+    from .errors import CavmaeError
+
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or not 1 <= num_frames <= MAX_FRAMES:
+        raise CavmaeError(f"frames per clip must be 1 to {MAX_FRAMES}, not {num_frames!r}")
+    return num_frames
+

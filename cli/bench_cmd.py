@@ -9,7 +9,7 @@ import click
 from cavmae import fsio
 from cavmae.manifest import TORCH_PRECISIONS
 
-from .common import ENGINE_CHOICES, echo_json
+from .common import ENGINE_CHOICES, FRAMES, echo_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,7 +19,7 @@ from .common import ENGINE_CHOICES, echo_json
               help="auto, cpu, cuda or cuda:N (auto: each engine's own choice; the baseline runs on"
                    " the GPU when an engine does).")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Clip batch sizes, comma separated.")
-@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--frames", default=10, show_default=True, type=FRAMES, help="Frames aggregated per clip.")
 @click.option("-m", "--model", default=None, metavar="MODEL",
               help="Registry name, checkpoint or export [default: full-size random weights].")
 @click.option("--clip", type=click.Path(exists=True, dir_okay=False), default=None,

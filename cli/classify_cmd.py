@@ -28,6 +28,7 @@ from cavmae.runtime.classify_records import (
 
 from . import ray_run
 from .common import (
+    FRAMES,
     echo,
     echo_json,
     expand_inputs,
@@ -49,7 +50,7 @@ from .results import ResultWriter
 @click.option("--mode", type=click.Choice([AUTO, *CLI_MODES]), default=AUTO, show_default=True,
               help="Modalities to use. auto: per file, audio-visual where the model and the file allow,"
                    " else the stream the file has (with a note on stderr).")
-@click.option("--frames", default=None, type=click.IntRange(1),
+@click.option("--frames", default=None, type=FRAMES,
               help="Frames aggregated per clip [default: 10; an export directory's own].")
 @click.option("--window", type=click.FloatRange(0, 10, min_open=True), default=None,
               help="Sliding windows of this many seconds over the whole video (max 10); see below.")

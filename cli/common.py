@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from cavmae import filetypes
+from cavmae.config import MAX_FRAMES
 from cavmae.errors import CavmaeError
 from cavmae.filetypes import MEDIA_SUFFIXES
 from cavmae.manifest import EXPORT_PRECISIONS, TORCH_PRECISIONS
@@ -158,3 +159,7 @@ def warn_skipped(path: str | Path, reason: str) -> None:
     from cavmae.errors import skipped_message
 
     warn(skipped_message(path, reason))
+
+
+#: the ``--frames`` of every command (frames aggregated per clip)
+FRAMES = click.IntRange(1, MAX_FRAMES)

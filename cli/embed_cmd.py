@@ -164,7 +164,10 @@ def _existing_meta(root: Path) -> dict[str, Any] | None:
 
     if root.exists() and not root.is_dir():
         raise CavmaeError(f"{root} exists and is not a directory; choose another -o")
-    return ix.EmbeddingIndex.open(root).meta if ix.is_index(root) else None
+    if ix.is_index(root):
+        return ix.EmbeddingIndex.open(root).meta
+    ix.check_new_index_dir(root)  # before the model loads: a folder of the user's files is refused
+    return None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from cavmae.manifest import EXPORT_PRECISIONS
 from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.modes import AUTO, FINETUNE_MODES
 
-from .common import echo_json
+from .common import FRAMES, echo_json
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,7 @@ from .common import echo_json
               help="int8: refuse the export when an embedding's cosine to fp32 is lower on any clip.")
 @click.option("--int8-method", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="int8: dynamic (weights int8, activations scaled per call) or static (QDQ, calibrated).")
-@click.option("--frames", default=10, show_default=True, type=click.IntRange(1), help="Frames aggregated per clip.")
+@click.option("--frames", default=10, show_default=True, type=FRAMES, help="Frames aggregated per clip.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of clips.")
 @click.option("--finetune-mode", type=click.Choice([AUTO, *FINETUNE_MODES]), default=AUTO,
               show_default=True, help="What a classifier was fine-tuned for (auto: from the registry, else multimodal).")

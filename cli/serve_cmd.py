@@ -13,7 +13,7 @@ from cavmae.errors import CavmaeError
 from cavmae.heap import steady_heap
 from cavmae.runtime.serve.config import MB, ServeConfig
 
-from .common import default_model, model_options
+from .common import FRAMES, default_model, model_options
 
 log = logging.getLogger(__name__)
 #: the defaults of the flags are the configuration's (the config needs no FastAPI)
@@ -48,7 +48,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--index", default=None, metavar="INDEX", help="Embedding index for /v1/search (cavmae embed -o).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 listens on all.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--frames", default=None, type=click.IntRange(1),
+@click.option("--frames", default=None, type=FRAMES,
               help="Frames aggregated per clip [default: 10; an export directory's own].")
 @click.option("--max-batch", default=_D.max_batch, show_default=True, type=click.IntRange(1),
               help="Clips per model call (1: no dynamic batching).")

@@ -25,7 +25,7 @@ import cavmae
 from cavmae import fsio
 from cavmae.checkpoint import load_checkpoint
 from cavmae.checkpoint_keys import embedded_labels
-from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig, check_num_frames
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import EXPORT_PRECISIONS, GraphSpec, Manifest, is_export_dir
@@ -442,6 +442,7 @@ def export_model(
     """
     out_dir = Path(out_dir)
     _check_arguments(precision, finetune_mode, out_dir, overwrite)
+    check_num_frames(num_frames)
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
     _check_destination(out_dir, src.get("checkpoint"))

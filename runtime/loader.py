@@ -23,7 +23,7 @@ from typing import Any
 
 from cavmae import fsio
 from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint
-from cavmae.config import DEFAULT_PREPROCESS
+from cavmae.config import DEFAULT_PREPROCESS, check_num_frames
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
 from cavmae.hub.cache import cavmae_home
@@ -359,7 +359,7 @@ def load(
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it
     user = model_labels(source, labels) if labels is not None else None  # checked before export
     registry_labels = _once(lambda: model_labels(source, progress=progress))  # asked at most once
-    frames = DEFAULT_PREPROCESS.num_frames if num_frames is None else num_frames
+    frames = DEFAULT_PREPROCESS.num_frames if num_frames is None else check_num_frames(num_frames)
     export_opts = dict(num_frames=frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
     # a user's labels never go into a (shared, cached) export: the export gets none then
     if source.kind == "export" and num_frames is not None:

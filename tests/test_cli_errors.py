@@ -176,3 +176,22 @@ def test_an_export_directory_keeps_its_settings_and_its_checkpoint(tmp_path):
     save_checkpoint(CAVMAEFT(TINY), model)  # another model where the export's checkpoint was
     out = run("classify", str(AUDIOSET_CLIP), "-m", str(tmp_path / "exp"), "--engine", "torch", tmp=tmp_path)
     assert out.returncode == 2 and "has changed since" in one_line(out)
+
+
+@pytest.mark.parametrize("command", [["classify", "x.mp4"], ["export", "x.pth", "-o", "out"], ["bench"], ["serve"]])
+def test_frames_are_bounded_for_every_command(tmp_path, command):
+    """A mistyped frame count is one line before any work, not an export that exhausts memory."""
+    out = run(*command, "--frames", "100000", tmp=tmp_path)
+    assert out.returncode == 2 and "--frames" in one_line(out) and "1<=x<=64" in one_line(out)
+
+
+def test_frames_are_bounded_in_the_library(ckpt, tmp_path):
+    from cavmae.export import export_model
+    from cavmae.runtime import load
+
+    for bad in (0, 65):
+        with pytest.raises(CavmaeError, match="frames per clip must be 1 to 64"):
+            load(ckpt, engine="ort", num_frames=bad)
+        with pytest.raises(CavmaeError, match="frames per clip must be 1 to 64"):
+            export_model(ckpt, tmp_path / "x", num_frames=bad)
+    assert not (tmp_path / "x").exists()

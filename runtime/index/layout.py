@@ -86,6 +86,21 @@ def find_shards(path: str | Path) -> list[tuple[int, int, Path]]:
     return sorted(out, key=lambda t: (t[1], t[0]))
 
 
+def check_new_index_dir(path: Path) -> None:
+    """Refuse to start an index in a folder that holds anything but what an index made there
+    would (its lock, its shard folders): the files there are someone else's, and a writer
+    cleans up names like its own."""
+    if not path.is_dir():
+        return
+    others = sorted(c.name for c in path.iterdir()
+                    if c.name != LOCK_NAME and not (_SHARD_RE.match(c.name) and c.is_dir()))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise EmbeddingIndexError(
+            f"{path} is a folder of other files ({shown}), not an index; give an empty or new folder"
+        )
+
+
 def new_meta(
     model: dict[str, Any], want: dict[str, Any], shard: tuple[int, int] | None
 ) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .layout import (
     EmbeddingIndexError,
     Part,
     array_row_shape,
+    check_new_index_dir,
     is_index,
     item_line,
     key_hash,
@@ -121,6 +122,7 @@ class IndexWriter:
                 check_compatible(self.meta, model, **want, where=self.path)
                 _check_arrays(self.path, self.meta)  # never add rows to a damaged index
             else:
+                check_new_index_dir(self.path)
                 self.meta = new_meta(model, want, shard)
             self._clean_orphans()
             if int(self.meta["version"]) < FORMAT_VERSION:
