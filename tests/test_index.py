@@ -450,3 +450,19 @@ def test_prune_refuses_what_it_cannot_prune(tmp_path):
     write(tmp_path / "busy", rows(rng, 2))
     with IndexWriter(tmp_path / "busy", model=MODEL, dim=D), pytest.raises(EmbeddingIndexError, match="another process"):
         prune_index(tmp_path / "busy")
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_and_found(tmp_path):
+    """A name of bytes that are not UTF-8 (Python's surrogate escapes) is written, looked up and
+    read back as the same name, beside an ordinary non-ASCII one."""
+    rng = np.random.default_rng(5)
+    latin1 = os.fsdecode(b"/data/caf\xe9.mp4")
+    names = [latin1, "/data/café.mp4", "/data/plain.mp4"]
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D, commit_every=2) as w:
+        for name, a in zip(names, unit(rng, 3), strict=True):
+            w.add(name, a, None, duration=1.0)
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    assert [it["path"] for it in index.items()] == [path_key(n) for n in names]
+    assert list(index.rows_of(names)) == [0, 1, 2] and latin1 in index
+    with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
+        assert w.contains_many(names).all()

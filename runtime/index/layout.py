@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -137,13 +138,21 @@ def new_uid() -> str:
 
 
 def item_line(item: dict[str, Any]) -> bytes:
-    """One line of ``items.jsonl``."""
-    return (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+    """One line of ``items.jsonl`` (UTF-8). A file name that is not valid UTF-8 reaches Python
+    with surrogate escapes, which UTF-8 cannot hold: that line is written with JSON's ``\\u``
+    escapes instead, which read back to the same name."""
+    text = json.dumps(item, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(item, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def key_hash(key: str) -> int:
-    """A 64-bit hash of a path key: what ``keys.npy`` sorts (collisions are checked by path)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    """A 64-bit hash of a path key: what ``keys.npy`` sorts (collisions are checked by path).
+    Hashes the name's bytes on disk (``os.fsencode``: UTF-8, and the raw bytes of a name that is
+    not valid UTF-8)."""
+    return int.from_bytes(hashlib.blake2b(os.fsencode(key), digest_size=8).digest(), "little")
 
 
 def line_offsets(lines: list[bytes]) -> np.ndarray:
