@@ -83,8 +83,17 @@ def open_pipeline(model: str | None, engine: str, device: str, mirror: str | Non
 
 
 def expand_inputs(inputs: Iterable[str], extensions: tuple[str, ...] = MEDIA_SUFFIXES) -> list[Path]:
-    """Local files, folders and globs as paths (see :func:`cavmae.filetypes.expand_inputs`)."""
-    return [Path(p) for p in filetypes.expand_inputs(inputs, extensions)]
+    """Local files, folders, globs and lists of paths (``.txt``/``.lst``, one a line) as paths
+    (see :func:`cavmae.filetypes.expand_inputs`)."""
+    return [Path(p) for p in filetypes.expand_inputs(inputs, extensions, path_lists=True)]
+
+
+def ray_inputs(inputs: Iterable[str], extensions: tuple[str, ...] = MEDIA_SUFFIXES) -> list[str]:
+    """With ``--ray``: what :func:`expand_inputs` takes and ``s3://``/``gs://`` files and folders,
+    listed in the driver (so a re-run can skip what is done); remote URIs stay strings."""
+    from cavmae.runtime.ray_data import list_inputs
+
+    return list_inputs(inputs, extensions)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .common import (
     open_pipeline,
     parse_shard,
     progress,
+    ray_inputs,
     select_shard,
     warn,
     warn_skipped,
@@ -127,7 +128,8 @@ def embed(
     from cavmae.runtime import index as ix
 
     frame_choice = ix.parse_frame(frame or "middle")
-    paths = select_shard(expand_inputs(inputs), (i, n), key=ix.path_key)
+    listed: list[Path | str] = [*(ray_inputs(inputs) if ray_address is not None else expand_inputs(inputs))]
+    paths = select_shard(listed, (i, n), key=ix.path_key)
 
     pipe = open_pipeline(model, engine, _torchrun_device(device, shard), mirror)
     try:
@@ -182,7 +184,7 @@ class _EmbedRun:
     commit_every: int
     ray: RayEmbed | None = None
 
-    def embed(self, pipe: Any, paths: list[Path], model: str | None,
+    def embed(self, pipe: Any, paths: list[Path | str], model: str | None,
               frame: str | int) -> dict[str, Any]:
         """Embed the files of ``paths`` not yet in the index; the run's summary (see ``_report``)."""
         from cavmae.runtime import index as ix
@@ -216,7 +218,7 @@ class _EmbedRun:
                 "failed": failed, "count": count, "shard": [i, n] if n > 1 else None,
                 "todo": len(todo)}
 
-    def _changed(self, skipped: list[Path], target: Path) -> list[Path]:
+    def _changed(self, skipped: list[Path | str], target: Path) -> list[Path]:
         """Of the files skipped as already indexed (here, or in the main index of a shard), those
         changed since their rows were embedded."""
         from cavmae.runtime import index as ix
@@ -227,7 +229,7 @@ class _EmbedRun:
                 out += ix.changed_files(ix.EmbeddingIndex.open(where), skipped)
         return sorted(set(out))
 
-    def _embed_new(self, pipe: Any, todo: list[Path], writer: Any) -> tuple[list[dict[str, str]], int]:
+    def _embed_new(self, pipe: Any, todo: list[Path | str], writer: Any) -> tuple[list[dict[str, str]], int]:
         """Embed ``todo`` into ``writer`` with progress; (failed files, rows added)."""
         from cavmae.runtime import index as ix
 

@@ -212,8 +212,17 @@ def main() -> None:
         from cavmae.heap import is_one_shot
 
         if is_one_shot() and (e.code is None or isinstance(e.code, int)):
+            _stop_ray()
             _end_now(e.code or 0)
         raise
+
+
+def _stop_ray() -> None:
+    """Stop the local Ray a ``--ray`` run started: :func:`_end_now` skips the exit hook that
+    would, and Ray's agent processes would outlive the command."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _end_now(code: int) -> None:

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from cavmae.errors import CavmaeError
+from cavmae.filetypes import is_remote
 
 from .common import EXIT_INPUT_FAILED, default_model, echo, progress, warn_skipped
 
@@ -245,7 +246,7 @@ class RayEmbed:
     engine: str
     device: str
 
-    def results(self, pipe: Any, todo: Sequence[Path], writer: Any) -> Iterator[Any]:
+    def results(self, pipe: Any, todo: Sequence[Path | str], writer: Any) -> Iterator[Any]:
         """Embed ``todo`` on Ray and append to ``writer``; one ``FileResult`` per path."""
         from cavmae.runtime import ray_data
         from cavmae.runtime.index import FileResult, file_stamp
@@ -259,7 +260,7 @@ class RayEmbed:
         ds = ray_data.embed_clips(ds, spec, actors=self.settings.actors,
                                   gpus_per_actor=self.settings.gpus_per_actor)
         for row in ds.iter_rows():
-            path = Path(row["path"])
+            path: Path | str = row["path"] if is_remote(row["path"]) else Path(row["path"])
             if row["error"]:
                 yield FileResult(path, error=row["error"])
                 continue
@@ -267,7 +268,7 @@ class RayEmbed:
             a = None if np.isnan(a).any() else a  # NaN: the file has no such stream
             v = None if np.isnan(v).any() else v
             try:  # what a later run compares to tell that the file changed (a local file)
-                stamp = file_stamp(path)
+                stamp = {} if isinstance(path, str) else file_stamp(path)
             except OSError:
                 stamp = {}
             r = writer.add(path, a, v, duration=None if math.isnan(duration) else float(duration), **stamp)

@@ -385,11 +385,22 @@ def actor_resources(actors: int | None, gpus_per_actor: float, cluster: dict[str
     reserve at most half the CPUs: a full CPU per actor on a 2-CPU node leaves none for the
     read and decode tasks, and the job never finishes. The reservation is bookkeeping for
     Ray's scheduler; ONNX Runtime still uses the threads it finds.
+
+    Raises ``CavmaeError`` for a pool the cluster cannot hold (Ray would wait for it forever):
+    GPUs it lacks, or more actors than CPUs (each actor loads the model).
     """
-    cpus = float(cluster.get("CPU", 1.0))
+    cpus, gpus = float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0))
+    if gpus_per_actor > 0 and gpus < gpus_per_actor:
+        raise CavmaeError(f"--ray-gpus-per-actor {gpus_per_actor:g}: the Ray cluster has {gpus:g} GPUs;"
+                          " leave it at 0 to run the model on CPUs")
     if actors is None:
-        gpus = float(cluster.get("GPU", 0.0))
-        actors = max(1, int(gpus / gpus_per_actor)) if gpus_per_actor > 0 and gpus else max(1, int(cpus // 2))
+        actors = max(1, int(gpus / gpus_per_actor)) if gpus_per_actor > 0 else max(1, int(cpus // 2))
+    if gpus_per_actor > 0 and actors * gpus_per_actor > gpus:
+        raise CavmaeError(f"{actors} actors x {gpus_per_actor:g} GPU need {actors * gpus_per_actor:g} GPUs;"
+                          f" the Ray cluster has {gpus:g}: lower --ray-actors or --ray-gpus-per-actor")
+    if actors > max(1, int(cpus)):
+        raise CavmaeError(f"--ray-actors {actors}: the Ray cluster has {cpus:g} CPUs and each actor loads"
+                          f" the model; use at most {max(1, int(cpus))}")
     per_actor = min(1.0, cpus / 2 / actors)
     return actors, round(per_actor, 3)
 

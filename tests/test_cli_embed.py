@@ -296,3 +296,12 @@ def test_two_shard_processes_then_merge_equal_single_run(env):
     # merging is idempotent with respect to paths: re-running the shards adds nothing new
     proc = cavmae(env, "embed", *inputs, "-o", str(sharded), "--shard", "1/2", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["added"] == 0
+
+
+def test_a_list_of_paths_is_an_input_without_ray_too(env):
+    tmp = env[3]
+    (tmp / "paths.txt").write_text("# clips to index\ngood/tone.mp4\n\ngood/sound.wav\n")
+    proc = cavmae(env, "embed", str(tmp / "paths.txt"), "-o", str(tmp / "idx-list"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["added"] == 2
+    assert EmbeddingIndex.open(tmp / "idx-list").rows_of([tmp / "good" / "tone.mp4"])[0] >= 0

@@ -76,6 +76,16 @@ def test_recall_at_10_on_clustered_data(index_dir, data, kind):
     assert np.mean(recall) >= 0.95, np.mean(recall)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_a_k_past_the_row_count_asks_faiss_for_no_more_than_the_rows(tmp_path, data, kind):
+    """k = 10**12 returns every row (faiss would allocate k results per query otherwise)."""
+    write(tmp_path / "idx", data[1][:60], data[2][:60])
+    build_ann(tmp_path / "idx", AnnParams(kind=kind, nlist=1))
+    index = EmbeddingIndex.open(tmp_path / "idx")
+    hits = ApproximateIndex.open(index).search(data[1][0], "visual", k=10**12)
+    assert len(hits) == 60 and hits[0].row == index.search(data[1][0], "visual", k=1)[0].row
+
+
 def test_outdated_approximate_index_is_refused(tmp_path, data):
     path = tmp_path / "idx"
     write(path, data[1][:1000], data[2][:1000])

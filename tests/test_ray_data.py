@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,16 @@ def test_cpu_reservations_leave_room_for_decode():
     assert ray_data.actor_resources(2, 0.0, {"CPU": 2.0}) == (2, 0.5)
     assert ray_data.actor_resources(None, 0.0, {"CPU": 2.0}) == (1, 1.0)
     assert ray_data.actor_resources(None, 1.0, {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0)
+
+
+@pytest.mark.parametrize("actors, gpus, cluster, message", [
+    (None, 1.0, {"CPU": 2.0}, "has 0 GPUs"),  # Ray would wait for a GPU forever
+    (3, 1.0, {"CPU": 16.0, "GPU": 2.0}, "need 3 GPUs"),
+    (50, 0.0, {"CPU": 2.0}, "use at most 2"),  # 50 model copies on 2 CPUs
+])
+def test_a_pool_the_cluster_cannot_hold_is_refused(actors, gpus, cluster, message):
+    with pytest.raises(CavmaeError, match=message):
+        ray_data.actor_resources(actors, gpus, cluster)
 
 
 def test_ray_before_the_inputs_and_parquet_without_ray_are_refused(tmp_path, sample_clips):
@@ -248,6 +259,14 @@ def test_cli_embed_on_ray_auto(setup):
     assert row is not None and not idx.has("visual")[row]
     np.testing.assert_allclose(idx.vectors("audio", np.array([row]))[0],
                                pipe.embed_audio(clip.audio[None])[0], atol=1e-6)
+    # a list of paths naming a clip already indexed and a new one: the driver expands the list,
+    # so the indexed clip is skipped and the run goes on (it stopped at a duplicate before)
+    shutil.copyfile(media / "sound.wav", tmp / "new.wav")
+    (tmp / "list.txt").write_text(f"{media / 'sound.wav'}\nnew.wav\n")
+    res = _cavmae(tmp, ckpt, "embed", str(tmp / "list.txt"), "-o", str(index), "--ray", "auto", "--json",
+                  env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+    assert res.returncode == 0, res.stderr
+    assert {k: json.loads(res.stdout)[k] for k in ("added", "skipped")} == {"added": 1, "skipped": 1}
 
 
 def test_import_does_not_load_ray():

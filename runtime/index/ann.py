@@ -253,6 +253,9 @@ class ApproximateIndex:
         fi, rowmap = self._load(check_modality(target))
         if fi is None:
             return np.zeros(0, dtype=np.int64)
+        n = min(n, int(fi.ntotal))  # faiss allocates n results per query: never more than rows
+        if n < 1:
+            return np.zeros(0, dtype=np.int64)
         params = self.meta["params"]
         if self.kind == "ivf":
             fi.nprobe = int(nprobe or params["nprobe"])

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class FileResult:
     """What happened to one input: its row, or why it failed."""
 
-    path: Path
+    path: Path | str  # a str for a remote URI (read with --ray)
     row: int | None = None
     error: str | None = None
     has_audio: bool = False

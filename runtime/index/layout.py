@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cavmae.errors import CavmaeError
+from cavmae.filetypes import is_remote
 
 FORMAT = "cavmae-embedding-index"
 FORMAT_VERSION = 2  # what writers write; version 1 (no offsets/keys files) still opens
@@ -40,7 +41,10 @@ class EmbeddingIndexError(CavmaeError):
 
 
 def path_key(path: str | Path) -> str:
-    """The canonical form of a media path stored in an index (absolute, symlinks resolved)."""
+    """The canonical form of a media path stored in an index (absolute, symlinks resolved); a
+    remote URI (``s3://``, read with ``--ray``) as it is."""
+    if isinstance(path, str) and is_remote(path):
+        return path
     return str(Path(path).resolve())
 
 

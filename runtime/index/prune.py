@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cavmae import fsio
+from cavmae.filetypes import is_remote
 
 from .embed import file_stamp
 from .layout import EmbeddingIndexError, find_shards, is_index
@@ -53,6 +54,8 @@ def stale_reason(item: dict[str, Any], *, changed: bool) -> str | None:
     """``"missing"`` when the row's file is gone, ``"changed"`` (with ``changed``) when its size
     or modification time differ from what the row remembers, else None. Rows written before
     rows kept a stamp are judged by presence only."""
+    if is_remote(item["path"]):
+        return None  # a remote file (read with --ray) is not looked at from here
     try:
         now = file_stamp(item["path"])
     except OSError:
