@@ -115,6 +115,11 @@ def test_a_damaged_part_is_named_by_readers_and_writers(tmp_path):
             EmbeddingIndex.open(tmp_path / "idx")
         with pytest.raises(EmbeddingIndexError, match="damaged"):  # no rows added to it either
             IndexWriter(tmp_path / "idx", model=MODEL, dim=D)
+    write(tmp_path / "idx2", rows(np.random.default_rng(5), 4))
+    items = sorted((tmp_path / "idx2").glob("chunk-*-items.jsonl"))[0]
+    items.write_text("garbage\n")  # an items file cut short: readers fail at its rows, so writers refuse
+    with pytest.raises(EmbeddingIndexError, match=f"{items.name} is damaged"):
+        IndexWriter(tmp_path / "idx2", model=MODEL, dim=D)
 
 
 def test_refuses_other_model_frame_dim_and_second_writer(tmp_path):

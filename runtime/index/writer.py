@@ -59,13 +59,25 @@ log = logging.getLogger(__name__)
 
 def _check_arrays(path: Path, meta: dict[str, Any]) -> None:
     """Each part's arrays hold the rows, widths and types ``index.json`` says (memory-mapped:
-    only the headers are read). Raises ``EmbeddingIndexError`` naming the damaged file."""
+    only the headers are read), and its items file reaches as far as its line offsets say (one
+    ``stat``). Raises ``EmbeddingIndexError`` naming the damaged file."""
     for part in parts(meta):
         for what in ARRAYS:
+            file = part.file(path, what)
             try:
-                load_npy(part.file(path, what), part.count, *array_row_shape(what, int(meta["dim"])))
+                load_npy(file, part.count, *array_row_shape(what, int(meta["dim"])))
             except (OSError, ValueError) as e:
-                raise EmbeddingIndexError(f"{part.file(path, what)} is damaged: {e}") from None
+                raise EmbeddingIndexError(f"{file} is damaged: {e}") from None
+        if int(meta["version"]) < 2:
+            continue  # version 1 has no line offsets to compare with
+        items = part.file(path, "items")
+        try:
+            end = int(load_npy(part.file(path, "offsets"), part.count + 1)[part.count])
+            size = items.stat().st_size
+        except (OSError, ValueError) as e:
+            raise EmbeddingIndexError(f"{part.file(path, 'offsets')} is damaged: {e}") from None
+        if size < end:
+            raise EmbeddingIndexError(f"{items} is damaged: {size} bytes, its rows end at byte {end}")
 
 
 @dataclass
