@@ -96,6 +96,10 @@ def ray_inputs(inputs: Iterable[str], extensions: tuple[str, ...] = MEDIA_SUFFIX
     return list_inputs(inputs, extensions)
 
 
+#: more shards than any job needs: a mistyped count fails instead of naming a folder with it
+MAX_SHARDS = 100_000
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"i/n"`` -> (i, n); ``"auto"`` takes torchrun's RANK / WORLD_SIZE; None -> (0, 1)."""
     if text is None:
@@ -106,8 +110,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise CavmaeError(f"--shard takes i/n (e.g. 0/4) or auto, not {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise CavmaeError(f"--shard {text}: need 0 <= i < n")
+    if not (1 <= n <= MAX_SHARDS and 0 <= i < n):
+        raise CavmaeError(f"--shard {text}: need 0 <= i < n <= {MAX_SHARDS}")
     return i, n
 
 

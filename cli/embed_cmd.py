@@ -143,14 +143,11 @@ def embed(
     _report(summary, root, as_json)
 
 
-def _merge(index: str | None, inputs: tuple[str, ...], as_json: bool) -> None:
-    """``--merge``: combine the finished shard directories of INDEX and print what was added."""
+def merge_index(index: str, as_json: bool) -> None:
+    """Combine the finished shard directories of INDEX and print what was added (``cavmae embed
+    --merge INDEX``, also ``cavmae index merge INDEX``)."""
     from cavmae.runtime import index as ix
 
-    if index is None and len(inputs) == 1:
-        index, inputs = inputs[0], ()
-    if index is None or inputs:
-        raise click.UsageError("--merge takes only the index: cavmae embed --merge INDEX")
     result = ix.merge_shards(index)
     if as_json:
         echo_json({"index": index, "shards": result.shards, "added": result.added,
@@ -158,6 +155,15 @@ def _merge(index: str | None, inputs: tuple[str, ...], as_json: bool) -> None:
     else:
         click.echo(f"Merged {result.shards} shards into {index}: {result.added} rows added"
                    f" ({result.duplicates} duplicates skipped), {result.count} rows in all.")
+
+
+def _merge(index: str | None, inputs: tuple[str, ...], as_json: bool) -> None:
+    """``--merge``: the index is ``-o INDEX`` or the one argument."""
+    if index is None and len(inputs) == 1:
+        index, inputs = inputs[0], ()
+    if index is None or inputs:
+        raise click.UsageError("--merge takes only the index: cavmae embed --merge INDEX")
+    merge_index(index, as_json)
 
 
 def _existing_meta(root: Path) -> dict[str, Any] | None:
@@ -278,8 +284,8 @@ def _report(summary: dict[str, Any], root: Path, as_json: bool) -> None:
 @click.option("--target", type=click.Choice(["audio", "visual", "both"]), default=None,
               help="Index rows to search: audio, visual or both. [default: the other modality for"
                    " --audio/--image; each stream's own modality for --video]")
-@click.option("--modality", type=click.Choice(["audio", "visual", "both"]), default="both", show_default=True,
-              help="Which streams of a --video query to use.")
+@click.option("--modality", type=click.Choice(["audio", "visual", "both"]), default=None,
+              help="Which streams of a --video query to use. [default: both]")
 @click.option("-m", "--model", default=None, metavar="MODEL",
               help="Model to embed the query with. [default: the one recorded in the index]")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True,
@@ -298,7 +304,7 @@ def search(
     video_file: str | None,
     k: int,
     target: str | None,
-    modality: str,
+    modality: str | None,
     model: str | None,
     engine: str,
     device: str,
@@ -326,12 +332,17 @@ def search(
     if len(given) != 1:
         raise click.UsageError("give exactly one query: --audio FILE, --image FILE or --video FILE")
     kind, query_file = given[0]
+    if modality is not None and kind != "video":
+        raise click.UsageError(f"--modality picks the streams of a --video query; an --{kind} query has one")
+    modality = modality or "both"
     idx = ix.EmbeddingIndex.open(index)
     if ix.find_shards(index):
         warn(f"{index} has shard directories that are not merged yet (cavmae embed --merge {index})")
     if len(idx) == 0:
         raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
     query_path = Path(query_file)
+    if query_path.is_dir():
+        raise CavmaeError(f"{query_file} is a folder; give one file to query with")
     if not query_path.is_file():
         raise CavmaeError(f"no such file: {query_file}")
     searcher: Any = idx

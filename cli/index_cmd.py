@@ -1,5 +1,5 @@
-"""``cavmae index``: maintenance of an embedding index (``build-ann``: its approximate index;
-``prune``: drop the rows of deleted or changed files).
+"""``cavmae index``: maintenance of an embedding index (``merge``: its shards; ``build-ann``: its
+approximate index; ``prune``: drop the rows of deleted or changed files).
 
 Exit codes: 0 success; 2 a user mistake (no such index, faiss not installed, bad option).
 """
@@ -13,7 +13,7 @@ from .common import echo_json
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def index() -> None:
-    """Maintain an embedding index written by `cavmae embed`: its approximate index, stale rows."""
+    """Maintain an embedding index written by `cavmae embed`: shards, approximate index, stale rows."""
 
 
 @index.command("build-ann")
@@ -98,3 +98,19 @@ def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> N
         click.echo(f"{index_dir}: dropped {dropped} rows ({why}); {result.kept} rows kept")
         if result.ann_removed:
             click.echo(f"the approximate index was removed; rebuild it: cavmae index build-ann {index_dir}")
+
+
+@index.command("merge")
+@click.argument("index_dir", metavar="INDEX")
+@click.option("--json", "as_json", is_flag=True, help="Print what was merged as JSON on stdout.")
+def merge(index_dir: str, as_json: bool) -> None:
+    """Merge the finished shards of INDEX into it (= embed --merge).
+
+    \b
+    Examples:
+      cavmae embed clips/ -o my-index --shard 0/2 &  cavmae embed clips/ -o my-index --shard 1/2
+      cavmae index merge my-index
+    """
+    from .embed_cmd import merge_index
+
+    merge_index(index_dir, as_json)

@@ -51,7 +51,7 @@ SUMMARIES: dict[str, str] = {
     "classify": "Classify videos: top-k audio-visual labels.",
     "embed": "Build or merge an audio-visual embedding index.",
     "search": "Search an embedding index with audio, an image or a video.",
-    "index": "Maintain an embedding index: build-ann, prune stale rows.",
+    "index": "Maintain an embedding index: merge shards, build-ann, prune.",
     "reconstruct": "Masked reconstruction figure of a clip (pre-trained models).",
     "localize": "Sound-source heat map over a frame.",
     "evaluate": "mAP / accuracy and retrieval recall on a dataset.",

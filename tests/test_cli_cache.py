@@ -168,3 +168,10 @@ def test_removal_skips_an_export_its_writer_is_still_staging(home):
     assert [e.path for e in busy] == [staging] and removed == [] and staging.is_dir()
     removed, busy = remove_entries([e for e in list_cache(home) if e.path == staging])
     assert [e.path for e in removed] == [staging] and not staging.exists()
+
+
+def test_a_cache_that_is_a_file_is_named_not_called_empty(tmp_path):
+    (tmp_path / "home").write_text("not a folder")
+    for args in (["cache"], ["cache", "--json"], ["classify", str(tmp_path / "home")]):
+        out = run(*args, home=tmp_path / "home")
+        assert out.returncode == 2 and "is a file, not a folder; set CAVMAE_HOME" in out.stderr, (args, out.stderr)

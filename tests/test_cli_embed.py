@@ -246,6 +246,9 @@ def test_user_mistakes_exit_2_with_one_line(env, built):
         ("embed", str(AUDIOSET_CLIP), "-o", idx, "--shard", "2/2"),
         ("embed", str(env[3] / "no-such-folder"), "-o", idx),
         ("embed", "--merge", idx),  # no shards
+        ("search", idx, "--audio", str(AUDIOSET_CLIP), "--modality", "visual"),  # an --audio query has one stream
+        ("search", idx, "--audio", str(env[3] / "good")),  # a folder
+        ("embed", str(AUDIOSET_CLIP), "-o", idx, "--shard", "0/99999999999999999999"),
     ]
     for args in cases:
         proc = cavmae(env, *args)
@@ -274,7 +277,7 @@ def test_two_shard_processes_then_merge_equal_single_run(env):
     assert sum(s["added"] for s in summaries) == 5 and all(s["added"] for s in summaries)
     assert {Path(s["index"]).name for s in summaries} == {"shard-0-of-2", "shard-1-of-2"}
 
-    proc = cavmae(env, "embed", "--merge", str(sharded), "--json", model=False)
+    proc = cavmae(env, "index", "merge", str(sharded), "--json", model=False)  # = embed --merge
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["count"] == 5
     assert not list(sharded.glob("shard-*"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cavmae.errors import CavmaeError
+
 #: Environment variable that moves the cache (read, never written).
 ENV_HOME = "CAVMAE_HOME"
 
@@ -25,7 +27,10 @@ def cavmae_home() -> Path:
     """
     home = os.environ.get(ENV_HOME)
     if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "cavmae"
+        path = Path(home).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        path = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "cavmae"
+    if path.exists() and not path.is_dir():  # else every command would call the cache empty
+        raise CavmaeError(f"the cache {path} is a file, not a folder; set {ENV_HOME} to a folder")
+    return path

@@ -17,6 +17,7 @@ frames [F, 3, H, W] | None)`` -> ``(audio embedding [D] | None, visual embedding
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from cavmae.errors import CavmaeError, MediaError, MissingStreamError, ModelKind
 from cavmae.modes import AUTO, needs
 
 from ..classify_records import classification_record, clip_end, clip_starts, file_mode, label_names
+
+log = logging.getLogger(__name__)
 
 QUERY_MODALITIES = ("audio", "visual", "both")
 SEARCH_TARGETS = ("audio", "visual", "both")
@@ -117,6 +120,9 @@ class Service:
             opened = ix.EmbeddingIndex.open(index)  # before the model: a typo fails fast
             if len(opened) == 0:
                 raise CavmaeError(f"{index} is empty; add clips with cavmae embed")
+            if ix.find_shards(index):
+                log.warning("%s has shard directories not merged yet; searches miss their rows"
+                            " until `cavmae index merge %s`", index, index)
         pipe = load(model, engine=engine, device=device, mirror=mirror, num_frames=num_frames, precision=precision,
                     labels=labels, progress=progress)
         try:
