@@ -87,6 +87,8 @@ def test_classify_windows_modes_and_parameter_errors(server):
         ({"top_k": 0}, 422, "top_k"),
         ({"window": 11}, 422, "window"),
         ({"window": 4, "hop": "inf"}, 422, "hop"),
+        ({"window": "nan"}, 422, "finite number"),  # said so, not "less than or equal to 10"
+        ({"offset": "nan"}, 422, "finite number"),
     ]:
         r = c.post("/v1/classify", files=upload(AUDIOSET_CLIP), data=data)
         assert r.status_code == status and words in r.json()["error"], (data, r.text)

@@ -351,10 +351,11 @@ def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
         mode: Annotated[ClassifyMode, Form(description="Modalities; auto: per file, audio-visual where the model"
                                            " and the file allow, else the stream the file has.")] = "auto",
         frames: Annotated[int | None, Form(ge=1, description="Frames aggregated per clip (must be the model's).")] = None,
-        window: Annotated[float | None, Form(gt=0, le=10, description="Sliding windows of this many seconds.")] = None,
+        window: Annotated[float | None, Form(gt=0, le=10, allow_inf_nan=False,
+                                             description="Sliding windows of this many seconds.")] = None,
         hop: Annotated[float | None, Form(gt=0, allow_inf_nan=False,
                                           description="Window hop in seconds [default window/2].")] = None,
-        offset: Annotated[float, Form(ge=0, description="Start of the clip (without window).")] = 0.0,
+        offset: Annotated[float, Form(ge=0, allow_inf_nan=False, description="Start of the clip (without window).")] = 0.0,
         all_scores: Annotated[bool, Form(description="Include every class's score.")] = False,
     ) -> Any:
         """One record `{path, mode, start, end, top[, scores]}`; with `window`, `{path, windows: [records]}`."""
