@@ -12,9 +12,31 @@ and at the end ``{out}/{json_name}`` (``{"data": [{"video_id", "wav", "video_pat
 that could not be used and why (and, given a label CSV, ``{json stem}_weight.csv`` with
 class-balanced sampling weights).
 
-Every output file is written to a temporary name and renamed, so a clip whose files all exist
-is complete: a re-run skips it (resume after an interruption). Bad files (corrupt, no audio or
-no video stream) are reported and skipped; they never stop the job. Work runs in a process pool.
+Every output file is written to a temporary name and renamed, and the WAV last, so a clip
+whose files all exist is complete. Bad files (corrupt, no audio or no video stream) are reported
+and skipped; they never stop the job. Work runs in a process pool.
+
+Re-runs into the same folder. A clip's id is its file stem (or the list's ``video_id``), so two
+runs may see different videos under one id. ``{out}/.prepare-sources.json`` records which video
+(resolved path, size, mtime) each id's files were extracted from:
+
+- a clip is skipped (resume after an interruption) only when its files all exist *and* the
+  record names this video with its current size and mtime; a replaced or edited video is
+  extracted again;
+- a video whose id already belongs to another video gets a new id (``{stem}-{8 hex of its
+  path}``, as two same-named videos in one run do) with a warning, instead of overwriting the
+  other's files, which an earlier dataset JSON still names; the record remembers the new id, so
+  later runs reuse it;
+- files with no record (made by an older version) are extracted again: nothing vouches for
+  which video they came from.
+
+An existing dataset JSON is added to, not replaced: its entries are kept in their order, an
+entry whose id this run prepares is replaced by the new one (same id = same video, see above)
+and new clips are appended. Delete the JSON to start a new list (the extracted files are
+reused). The sampling weights are computed over the whole merged list, so they stay aligned
+with it; without ``label_csv``, a run that would change the list of a folder that has weights
+is refused rather than leaving them misaligned. Labels are checked against the label CSV before
+anything is extracted. One run at a time per folder (a lock).
 
 numpy / PyAV / OpenCV only (no torch).
 """
@@ -22,13 +44,11 @@ numpy / PyAV / OpenCV only (no torch).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import logging
 import multiprocessing
 import wave
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -39,25 +59,40 @@ from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.data import (
     ClipRecord,
     balanced_sample_weights,
+    encode_labels,
     read_clips,
     read_labels,
     write_dataset_json,
 )
 from cavmae.errors import CavmaeError, DatasetError, skipped_message
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
+from cavmae.labels import LabelSet
+from cavmae.prepare_sources import (
+    SOURCES_NAME,
+    Sources,
+    assign_ids,
+    earlier_entries,
+    merge_entries,
+    video_facts,
+)
 from cavmae.visual import resize_center_crop
 
-__all__ = ["PrepareReport", "clip_outputs", "extract_clip", "prepare_videos"]
+__all__ = ["SOURCES_NAME", "PrepareReport", "clip_outputs", "extract_clip", "prepare_videos"]
 
 log = logging.getLogger(__name__)
+
+_LOCK_NAME = ".prepare.lock"
 
 
 @dataclass
 class PrepareReport:
     """What a prepare run did.
 
-    ``clips``: the clips in the dataset JSON (input order); ``extracted`` / ``skipped``: how
-    many were written now / found complete from an earlier run; ``failed``: ``(video, reason)``.
+    ``clips``: the clips in the dataset JSON (earlier entries kept, then this run's new ones);
+    ``extracted`` / ``skipped``: how many of this run's clips were written now / found complete
+    from an earlier run; ``kept``: entries of the earlier dataset JSON this run did not touch;
+    ``failed``: ``(video, reason)``; ``renamed``: ``(video, id)`` of videos that got a new id
+    because theirs belongs to another video in this folder.
     """
 
     output_dir: Path
@@ -65,7 +100,9 @@ class PrepareReport:
     clips: list[ClipRecord] = field(default_factory=list)
     extracted: int = 0
     skipped: int = 0
+    kept: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
     weight_csv: Path | None = None
 
 
@@ -74,6 +111,11 @@ def clip_outputs(out_dir: Path, video_id: str, num_frames: int) -> tuple[Path, l
     wav = out_dir / "audio" / f"{video_id}.wav"
     frames = [out_dir / "frames" / f"frame_{i}" / f"{video_id}.jpg" for i in range(num_frames)]
     return wav, frames
+
+
+def _complete(out_dir: Path, video_id: str, num_frames: int) -> bool:
+    wav, frames = clip_outputs(out_dir, video_id, num_frames)
+    return wav.is_file() and all(p.is_file() for p in frames)
 
 
 def _write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
@@ -91,16 +133,23 @@ def extract_clip(
     out_dir: str | Path,
     config: PreprocessConfig = DEFAULT_PREPROCESS,
     jpeg_quality: int = 95,
+    *,
+    force: bool = False,
 ) -> str:
     """Extract one video into the layout. Returns ``"skipped"`` when its outputs all exist and
-    are newer than the video, else ``"extracted"``. Raises ``MediaError`` for a file that
-    cannot be used."""
+    are newer than the video (never with ``force``), else ``"extracted"``. Raises ``MediaError``
+    for a file that cannot be used.
+
+    The mtime test cannot tell which video the outputs came from; :func:`prepare_videos` uses
+    its record of sources instead and passes ``force`` when the record does not vouch for them.
+    """
     from cavmae.media import decode_audio, decode_frames
 
     out_dir = Path(out_dir)
     wav_path, frame_paths = clip_outputs(out_dir, video_id, config.num_frames)
-    if wav_path.is_file() and all(p.is_file() for p in frame_paths) and _newer(wav_path, video):
+    if not force and _complete(out_dir, video_id, config.num_frames) and _newer(wav_path, video):
         return "skipped"
+    # decode everything before writing anything: a bad file leaves earlier outputs untouched
     waveform = decode_audio(video, config.sample_rate, 0.0, config.audio_seconds)
     frames, _ = decode_frames(video, config.num_frames, 0.0, config.clip_seconds)
     for rgb, path in zip(frames, frame_paths, strict=True):
@@ -124,40 +173,30 @@ def _newer(output: Path, video: str | Path) -> bool:
         return True
 
 
-#: one pool task: (video, video id, output dir, preprocessing, JPEG quality)
-_Task = tuple[str, str, str, PreprocessConfig, int]
-
-
-def _work(args: _Task) -> tuple[str, str | None]:
-    """Pool task: ``(status, None)`` or ``("failed", reason)``; never raises for a bad file."""
-    video, video_id, out_dir, config, quality = args
-    try:
-        return extract_clip(video, video_id, out_dir, config, quality), None
-    except CavmaeError as e:
-        return "failed", str(e)
-    except Exception as e:  # a decoder bug on one odd file must not stop a 2M-clip job
-        return "failed", f"{type(e).__name__}: {e}"
-
-
-def _unique_ids(clips: Sequence[ClipRecord]) -> list[ClipRecord]:
-    """Give clips whose ids collide (same file stem in different folders) a path-hash suffix."""
-    counts = Counter(c.video_id for c in clips)
-    out = []
-    for c in clips:
-        if counts[c.video_id] > 1:
-            digest = hashlib.sha1(str(Path(c.video or "").resolve()).encode()).hexdigest()[:8]
-            c = ClipRecord(video_id=f"{c.video_id}-{digest}", labels=c.labels, video=c.video)
-        out.append(c)
-    return out
+# --- collecting videos and earlier entries ---------------------------------------------------
 
 
 def _collect(videos: Sequence[str | Path], list_file: str | Path | None) -> list[ClipRecord]:
+    """The run's clips in order, ids as wanted (file stem or the list's ``video_id``); where two
+    collide is settled by :func:`~cavmae.prepare_sources.assign_ids`."""
+    return _gather(videos, list_file)[0]
+
+
+def _gather(
+    videos: Sequence[str | Path], list_file: str | Path | None
+) -> tuple[list[ClipRecord], list[str]]:
+    """:func:`_collect`, and where each clip was given, for messages: the list's line (CSV,
+    counted as ``read_clips`` counts them) or entry (JSON) and the video, else the video."""
     clips: list[ClipRecord] = []
+    places: list[str] = []
     if list_file is not None:
         listed = read_clips(list_file)
         if any(c.video is None for c in listed):
             raise DatasetError(f"{list_file} is a prepared dataset, not a list of videos")
         clips.extend(listed)
+        csv_list = Path(list_file).suffix.lower() == ".csv"
+        places.extend(f"{list_file}, line {n + 2}: {c.video}" if csv_list
+                      else f"{list_file}, entry {n}: {c.video}" for n, c in enumerate(listed))
     for v in videos:
         p = Path(v)
         if p.is_dir():
@@ -169,13 +208,65 @@ def _collect(videos: Sequence[str | Path], list_file: str | Path | None) -> list
             clips.append(ClipRecord(video_id=p.stem, video=str(p)))
     if not clips:
         raise DatasetError("no videos given; pass video files, folders, or --list FILE")
-    return _unique_ids(clips)
+    places.extend(str(c.video) for c in clips[len(places):])
+    return clips, places
+
+
+def _check_labels(clips: Sequence[ClipRecord], places: Sequence[str], labels: LabelSet) -> None:
+    """Every label of ``clips`` is in the label CSV, as the sampling weights will need, checked
+    before any extraction so a typo does not cost the whole run."""
+    for clip, place in zip(clips, places, strict=True):
+        encode_labels(labels, clip.label_tokens(), place)
+
+
+def _as_written(path: str | None, out: Path, relative: bool) -> str | None:
+    """A path of a kept entry in this run's convention (relative to ``out`` or absolute); one
+    outside ``out`` stays absolute."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    if relative and p.is_relative_to(out):
+        return str(p.relative_to(out))
+    return str(p)
+
+
+def _entry(out: Path, clip: ClipRecord, num_frames: int, relative: bool) -> ClipRecord:
+    wav, _ = clip_outputs(out, clip.video_id, num_frames)
+    frame_dir = out / "frames"
+    if relative:
+        wav, frame_dir = wav.relative_to(out), frame_dir.relative_to(out)
+    return ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
+
+
+# --- running -----------------------------------------------------------------------------------
+
+#: one pool task: (video, video id, output dir, preprocessing, JPEG quality, the record vouches
+#: for existing outputs)
+_Task = tuple[str, str, str, PreprocessConfig, int, bool]
+
+
+def _work(args: _Task) -> tuple[str, str | None]:
+    """Pool task: ``(status, None)`` or ``("failed", reason)``; never raises for a bad file."""
+    video, video_id, out_dir, config, quality, vouched = args
+    try:
+        if vouched and _complete(Path(out_dir), video_id, config.num_frames):
+            return "skipped", None
+        return extract_clip(video, video_id, out_dir, config, quality, force=True), None
+    except CavmaeError as e:
+        return "failed", str(e)
+    except Exception as e:  # a decoder bug on one odd file must not stop a 2M-clip job
+        return "failed", f"{type(e).__name__}: {e}"
 
 
 def _run_tasks(
-    tasks: list[_Task], jobs: int, progress: bool, on_clip: Callable[[str, str], None] | None
+    tasks: list[_Task],
+    jobs: int,
+    progress: bool,
+    on_clip: Callable[[str, str], None] | None,
+    on_result: Callable[[int, str], None] | None = None,
 ) -> list[tuple[str, str | None]]:
-    """Run the extraction tasks in this process or a pool of ``jobs``; results in task order."""
+    """Run the extraction tasks in this process or a pool of ``jobs``; results in task order.
+    ``on_result(task index, status)`` is called as each finishes."""
     from cavmae.progress import bar_paused, progress_bar
 
     results: list[tuple[str, str | None]] = [("failed", "not run")] * len(tasks)
@@ -187,6 +278,8 @@ def _run_tasks(
         if result[0] == "failed":
             with bar_paused():  # the warning gets its own line, not the end of the bar's
                 log.warning("%s", skipped_message(tasks[i][0], result[1] or ""))
+        if on_result is not None:
+            on_result(i, result[0])
         if on_clip is not None:
             on_clip(tasks[i][0], result[0])
 
@@ -211,30 +304,8 @@ def _run_tasks(
     return results
 
 
-def _report(
-    out: Path,
-    json_name: str,
-    clips: list[ClipRecord],
-    results: list[tuple[str, str | None]],
-    num_frames: int,
-    relative_paths: bool,
-) -> PrepareReport:
-    """The run's report: counts, failures, and the dataset records of the usable clips."""
-    report = PrepareReport(output_dir=out, dataset_json=out / json_name)
-    for clip, (status, reason) in zip(clips, results, strict=True):
-        if status == "failed":
-            report.failed.append((str(clip.video), reason or ""))
-            continue
-        report.extracted += status == "extracted"
-        report.skipped += status == "skipped"
-        wav, _ = clip_outputs(out, clip.video_id, num_frames)
-        frame_dir = out / "frames"
-        if relative_paths:
-            wav, frame_dir = wav.relative_to(out), frame_dir.relative_to(out)
-        report.clips.append(
-            ClipRecord(video_id=clip.video_id, labels=clip.labels, wav=str(wav), frame_dir=str(frame_dir))
-        )
-    return report
+def _weights_text(weights: np.ndarray) -> str:
+    return "".join(f"{w:.6g}\n" for w in weights)
 
 
 def prepare_videos(
@@ -253,6 +324,8 @@ def prepare_videos(
 ) -> PrepareReport:
     """Extract videos into the reference layout under ``output_dir`` and write the dataset JSON.
 
+    An existing dataset JSON of that name is added to (see the module docstring for re-runs).
+
     Args:
         videos: video files, or folders searched recursively for video files.
         list_file: a CSV/JSON video list with labels (see :func:`cavmae.data.read_clips`); its
@@ -270,20 +343,119 @@ def prepare_videos(
     if not json_name.lower().endswith(".json") or Path(json_name).name != json_name:
         raise CavmaeError(f"the dataset JSON's name must be a file name ending in .json (it is"
                           f" written inside the output folder), not {json_name!r}")
+    if json_name == SOURCES_NAME:
+        raise CavmaeError(f"{SOURCES_NAME} is prepare's record of sources; choose another --json-name")
     out = Path(output_dir).resolve()
     fsio.probe_writable(out / json_name)  # a file in the way or a read-only folder fails first
-    clips = _collect(videos, list_file)
-    if label_csv is not None and not any(c.labels for c in clips):
-        raise CavmaeError("sampling weights (--label-csv) need labelled clips: give them with --list"
-                          " (a 'labels' column), or drop --label-csv")
-    tasks: list[_Task] = [(str(c.video), c.video_id, str(out), config, jpeg_quality) for c in clips]
-    results = _run_tasks(tasks, jobs, progress, on_clip)
-    report = _report(out, json_name, clips, results, config.num_frames, relative_paths)
-    write_dataset_json(report.clips, report.dataset_json)
+    try:
+        with fsio.exclusive_lock(out / _LOCK_NAME, timeout=0):
+            return _prepare(videos, out, list_file, jobs, json_name, relative_paths, config,
+                            jpeg_quality, progress, label_csv, on_clip)
+    except fsio.LockBusyError:
+        raise CavmaeError(f"another cavmae prepare is writing into {out}; wait for it to finish"
+                          " (two runs would each rewrite the dataset JSON without the other's clips)"
+                          ) from None
+
+
+def _check_before_extracting(
+    clips: Sequence[ClipRecord], places: Sequence[str], earlier: Sequence[ClipRecord], dataset_json: Path,
+    weight_csv: Path, label_csv: str | Path | None, entry: Callable[[ClipRecord], ClipRecord],
+) -> LabelSet | None:
+    """Refuse the run before any extraction: labels missing from the label CSV (of this run's
+    clips and of the earlier entries kept), or sampling weights that the run would leave
+    misaligned with the list. Returns the label set of ``label_csv``."""
+    label_set = None
+    new_ids = {c.video_id for c in clips}
+    untouched = [(n, c) for n, c in enumerate(earlier) if c.video_id not in new_ids]
     if label_csv is not None:
-        weights = balanced_sample_weights(report.clips, read_labels(label_csv))
-        report.weight_csv = out / f"{Path(json_name).stem}_weight.csv"
-        fsio.write_text(report.weight_csv, "".join(f"{w:.6g}\n" for w in weights))
+        if not any(c.label_tokens() for c in [*clips, *earlier]):
+            raise CavmaeError("sampling weights (--label-csv) need labelled clips: give them with"
+                              " --list (a 'labels' column), or drop --label-csv")
+        label_set = read_labels(label_csv)
+        # as the merge will write them: a clip given without labels keeps its earlier entry's
+        earlier_labels = {c.video_id: c.labels for c in earlier}
+        _check_labels([c if c.labels is not None else replace(c, labels=earlier_labels.get(c.video_id))
+                       for c in clips], places, label_set)
+        # an earlier entry this run replaces is checked in its new form only (a relabelled clip)
+        _check_labels([c for _, c in untouched],
+                      [f"{dataset_json}, entry {n}: {c.video_id}" for n, c in untouched],
+                      label_set)
+    elif weight_csv.exists():
+        planned = merge_entries(earlier, [entry(c) for c in clips])
+
+        def listing(entries: Sequence[ClipRecord]) -> list[tuple[str, str]]:
+            return [(e.video_id, e.to_json()["labels"]) for e in entries]
+
+        if listing(planned) != listing(earlier):
+            raise CavmaeError(f"{weight_csv} holds sampling weights for the clips of"
+                              f" {dataset_json}, which this run changes: pass --label-csv"
+                              " to write them again, or delete it")
+    return label_set
+
+
+def _prepare(
+    videos: Sequence[str | Path], out: Path, list_file: str | Path | None, jobs: int,
+    json_name: str, relative_paths: bool, config: PreprocessConfig, jpeg_quality: int,
+    progress: bool, label_csv: str | Path | None, on_clip: Callable[[str, str], None] | None,
+) -> PrepareReport:
+    report = PrepareReport(output_dir=out, dataset_json=out / json_name)
+    weight_csv = out / f"{Path(json_name).stem}_weight.csv"
+    collected, places = _gather(videos, list_file)
+    # identity is the resolved path; messages and workers keep the path as given
+    keys = [str(Path(c.video or "").resolve()) for c in collected]
+    sources = Sources(out / SOURCES_NAME)
+    if not sources.existed and (out / "audio").is_dir() and any((out / "audio").iterdir()):
+        log.warning("%s holds clips but no record of which videos they came from (an older cavmae"
+                    " made them): clips are extracted again", out)
+    clips, report.renamed = assign_ids(collected, keys, sources)
+    earlier = earlier_entries(report.dataset_json)
+
+    # everything that can refuse the run does so before any extraction
+    label_set = _check_before_extracting(clips, places, earlier, report.dataset_json, weight_csv,
+                                         label_csv, lambda c: _entry(out, c, config.num_frames, relative_paths))
+
+    key_of = {c.video_id: key for c, key in zip(clips, keys, strict=True)}
+    for vid, key in key_of.items():
+        sources.claim(vid, key)
+    sources.save()  # the claims are on disk before any file of theirs is written
+    order = list(key_of)  # one task per id: a video given twice is extracted once
+    video_of = {c.video_id: str(c.video) for c in clips}
+    facts = {vid: video_facts(key_of[vid]) for vid in order}
+    tasks: list[_Task] = [
+        (video_of[vid], vid, str(out), config, jpeg_quality, sources.vouches(vid, key_of[vid], facts[vid]))
+        for vid in order
+    ]
+
+    def on_result(i: int, status: str) -> None:
+        if status == "extracted":
+            sources.extracted(order[i], facts[order[i]])
+            sources.save(now=False)
+
+    try:
+        results = _run_tasks(tasks, jobs, progress, on_clip, on_result)
+    finally:
+        sources.save()  # also when interrupted: a resumed run skips what is done
+    status = dict(zip(order, results, strict=True))
+
+    for vid, (state, reason) in status.items():
+        if state == "failed":
+            report.failed.append((video_of[vid], reason or ""))
+        report.extracted += state == "extracted"
+        report.skipped += state == "skipped"
+    new = [_entry(out, c, config.num_frames, relative_paths)
+           for c in clips if status[c.video_id][0] != "failed"]
+    kept = [
+        replace(c, wav=_as_written(c.wav, out, relative_paths),
+                frame_dir=_as_written(c.frame_dir, out, relative_paths))
+        for c in earlier
+    ]
+    report.clips = merge_entries(kept, new)
+    report.kept = len(report.clips) - len(new)
+    if label_set is not None:
+        # computed before either file is written: a failure leaves the earlier pair as it was
+        weights = balanced_sample_weights(report.clips, label_set)
+        report.weight_csv = fsio.write_text(weight_csv, _weights_text(weights))
+    write_dataset_json(report.clips, report.dataset_json)
     failed_txt = out / "failed.txt"
     if report.failed:
         fsio.write_text(failed_txt, "".join(f"{v}\t{r}\n" for v, r in report.failed))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cavmae import fsio
 from cavmae.cli.main import cli
 from cavmae.data import AVDataset, read_clips, read_wav, read_weights
 from cavmae.errors import CavmaeError
@@ -141,3 +142,119 @@ def test_prepare_reports_each_failure_once(videos, tmp_path):
     assert proc.stderr.count(str(broken)) == 1, proc.stderr
     assert f"warning: skipped {broken}: not a readable" in proc.stderr
     assert "1 of 2 inputs failed" in proc.stderr
+
+
+def _tone(wav) -> float:
+    return dominant_frequency(read_wav(wav), 16000)
+
+
+def test_prepare_same_name_from_another_video_gets_its_own_id(tmp_path):
+    """Two runs into one folder, two different videos named clip.mp4: neither is served the
+    other's extraction, and a list's labels stay with their own video."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_media(tmp_path / "a" / "clip.mp4", duration=1.0, tones=(440.0,))
+    b = make_media(tmp_path / "b" / "clip.mp4", duration=1.0, tones=(1000.0,))
+    out = tmp_path / "out"
+    (tmp_path / "la.csv").write_text(f"video,labels\n{a},/m/a\n")
+    (tmp_path / "lb.csv").write_text(f"video,labels\n{b},/m/b\n")
+    first = prepare_videos(list_file=tmp_path / "la.csv", output_dir=out, progress=False)
+    res = CliRunner().invoke(cli, ["prepare", "--list", str(tmp_path / "lb.csv"), "-o", str(out),
+                                   "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    second = json.loads(res.stdout)
+    assert (second["extracted"], second["skipped"], second["kept"], second["clips"]) == (1, 0, 1, 2)
+    [renamed] = second["renamed"]
+    b_id = renamed["video_id"]
+    assert renamed["video"] == str(b) and b_id.startswith("clip-")
+    data = {d["video_id"]: d for d in json.loads((out / "data.json").read_text())["data"]}
+    assert set(data) == {"clip", b_id} and first.clips[0].video_id == "clip"
+    assert _tone(data["clip"]["wav"]) == pytest.approx(440.0, abs=5) and data["clip"]["labels"] == "/m/a"
+    assert _tone(data[b_id]["wav"]) == pytest.approx(1000.0, abs=5) and data[b_id]["labels"] == "/m/b"
+    # later runs find each video's id again: nothing re-extracted, renamed or duplicated
+    again = prepare_videos([tmp_path / "a", tmp_path / "b"], out, progress=False)
+    assert (again.extracted, again.skipped, again.renamed) == (0, 2, [])
+    assert sorted(c.video_id for c in again.clips) == sorted(["clip", b_id])
+    # the same path with other content, even with an older mtime (cp -p), is extracted again
+    old = a.stat().st_mtime_ns - 10**10
+    a.write_bytes(b.read_bytes())
+    os.utime(a, ns=(old, old))
+    redo = prepare_videos([a], out, progress=False)
+    assert (redo.extracted, redo.skipped) == (1, 0)
+    assert _tone(out / "audio" / "clip.wav") == pytest.approx(1000.0, abs=5)
+    # outputs the record does not vouch for (an older version's folder) are not trusted
+    (out / ".prepare-sources.json").unlink()
+    assert prepare_videos([a], out, progress=False).extracted == 1
+    # one run at a time per folder: two would each rewrite the JSON without the other's clips
+    with fsio.exclusive_lock(out / ".prepare.lock"), pytest.raises(CavmaeError, match="another cavmae prepare"):
+        prepare_videos([a], out, progress=False)
+
+
+def test_prepare_interrupted_run_resumes(videos, tmp_path):
+    """The record of what was extracted is saved when a run is interrupted, so a re-run skips it."""
+    _, good, other, _, _ = videos
+    out = tmp_path / "out"
+
+    def stop(video, status):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_videos([good, other], out, progress=False, on_clip=stop)
+    again = prepare_videos([good, other], out, progress=False)
+    assert (again.extracted, again.skipped) == (1, 1)
+
+
+def test_prepare_rerun_adds_to_the_dataset_and_keeps_weights_aligned(videos, tmp_path):
+    src, good, other, _, broken = videos
+    third = make_media(tmp_path / "third.mp4", duration=1.0, tones=(300.0,))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n")
+    (tmp_path / "l1.csv").write_text(f"video,labels\n{good},/m/a\n{other},/m/a\n")
+    (tmp_path / "l2.csv").write_text(f"video,labels\n{third},/m/b\n{broken},/m/b\n")
+    out = tmp_path / "out"
+    prepare_videos(list_file=tmp_path / "l1.csv", output_dir=out, progress=False,
+                   label_csv=tmp_path / "labels.csv")
+    # a second run adds its clips (a failed one adds nothing) and keeps the first run's
+    rep = prepare_videos(list_file=tmp_path / "l2.csv", output_dir=out, progress=False,
+                         label_csv=tmp_path / "labels.csv", relative_paths=True)
+    assert (rep.extracted, rep.kept, len(rep.failed)) == (1, 2, 1)
+    data = json.loads((out / "data.json").read_text())["data"]
+    assert [d["video_id"] for d in data] == ["good", "other", "third"]
+    assert [d["labels"] for d in data] == ["/m/a", "/m/a", "/m/b"]
+    assert data[0]["wav"] == "audio/good.wav"  # kept entries follow this run's path style
+    np.testing.assert_allclose(read_weights(out / "data_weight.csv", 3),
+                               [1000 / 2.01, 1000 / 2.01, 1000 / 1.01], rtol=1e-5)
+    assert len(AVDataset(read_clips(out / "data.json"))) == 3
+    # relabelling a clip replaces its entry in place, weights follow
+    (tmp_path / "l3.csv").write_text(f"video,labels\n{other},/m/b\n")
+    prepare_videos(list_file=tmp_path / "l3.csv", output_dir=out, progress=False,
+                   label_csv=tmp_path / "labels.csv")
+    data = json.loads((out / "data.json").read_text())["data"]
+    assert [(d["video_id"], d["labels"]) for d in data] == [("good", "/m/a"), ("other", "/m/b"), ("third", "/m/b")]
+    np.testing.assert_allclose(read_weights(out / "data_weight.csv", 3),
+                               [1000 / 1.01, 1000 / 2.01, 1000 / 2.01], rtol=1e-5)
+    # without --label-csv: a run that leaves the list as it is may; one that changes it is refused
+    # before extracting anything, rather than leave the weights misaligned
+    before = (out / "data.json").read_bytes(), (out / "data_weight.csv").read_bytes()
+    assert prepare_videos([good], out, progress=False).skipped == 1
+    fresh = make_media(tmp_path / "fresh.mp4", duration=1.0)
+    with pytest.raises(CavmaeError, match="data_weight.csv.*--label-csv"):
+        prepare_videos([fresh], out, progress=False)
+    assert not (out / "audio" / "fresh.wav").exists()
+    assert ((out / "data.json").read_bytes(), (out / "data_weight.csv").read_bytes()) == before
+    # a dataset JSON that is not one prepare can add to is refused, not overwritten
+    (out / "other.json").write_text("{not json")
+    with pytest.raises(CavmaeError, match="other.json.*another --json-name"):
+        prepare_videos([fresh], out, json_name="other.json", progress=False)
+    assert (out / "other.json").read_text() == "{not json"
+
+
+def test_prepare_checks_labels_before_extracting(videos, tmp_path):
+    _, good, other, _, _ = videos
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n")
+    (tmp_path / "list.csv").write_text(f"video,labels\n{good},/m/a\n{other},/m/zz\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["prepare", "--list", str(tmp_path / "list.csv"), "--label-csv",
+                                   str(tmp_path / "labels.csv"), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "'/m/zz'" in res.output and "line 3" in res.output and "Traceback" not in res.output
+    assert not list(out.rglob("*.wav")) and not (out / "data.json").exists()
