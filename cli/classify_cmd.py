@@ -9,13 +9,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cavmae import fsio
 from cavmae.errors import CavmaeError, MissingStreamError
 from cavmae.modes import AUTO, CLI_MODES
 from cavmae.runtime.classify_records import (
@@ -24,6 +29,8 @@ from cavmae.runtime.classify_records import (
     classification_rows,
     classify_files,
     label_names,
+    min_window,
+    rows_per_record,
 )
 
 from . import ray_run
@@ -43,6 +50,52 @@ from .ray_run import ParquetResults, RaySettings, ray_options
 from .results import ResultWriter
 
 
+class _Seconds(click.FloatRange):
+    """A range of seconds that refuses NaN and infinity too (NaN passes every comparison of a
+    range check, and an infinite hop makes NaN window starts); ``below``: why a value under
+    the minimum is refused, said instead of the bare range."""
+
+    def __init__(self, low: float, high: float | None = None, *, min_open: bool = False,
+                 below: str | None = None) -> None:
+        super().__init__(low, high, min_open=min_open)
+        self.below = below
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number of seconds.", param, ctx)
+        if self.below is not None and self.min is not None and number < self.min:
+            self.fail(f"{number:g} s is {self.below}.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during the run: it stops the run the way Ctrl-C does, so what is done is saved."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`_Terminated` (by default it would kill the process before
+    ``-o`` is written, losing a ``.json`` file's results). The previous handler is restored
+    after. Signal handlers can only be set in the main thread: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: exit status after SIGTERM: 128 + the signal's number, as a shell reports a process it killed
+EXIT_TERMINATED = 128 + int(signal.SIGTERM)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
 @model_options(precision=True)
@@ -52,11 +105,11 @@ from .results import ResultWriter
                    " else the stream the file has (with a note on stderr).")
 @click.option("--frames", default=None, type=FRAMES,
               help="Frames aggregated per clip [default: 10; an export directory's own].")
-@click.option("--window", type=click.FloatRange(0, 10, min_open=True), default=None,
-              help="Sliding windows of this many seconds over the whole video (max 10); see below.")
-@click.option("--hop", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--window", type=_Seconds(min_window(), 10, below=f"shorter than one audio frame (at least {min_window():g} s)"),
+              default=None, help="Sliding windows of this many seconds over the whole video (max 10); see below.")
+@click.option("--hop", type=_Seconds(0, min_open=True), default=None,
               help="Seconds between window starts [default: window/2].")
-@click.option("--offset", type=click.FloatRange(0), default=0.0, show_default=True, help="Start of the clip (without --window).")
+@click.option("--offset", type=_Seconds(0), default=0.0, show_default=True, help="Start of the clip (without --window).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,
               help="Label CSV (index,mid,display_name) replacing the model's label names.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per clip/window.")
@@ -113,11 +166,16 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
     # what a result depends on beyond its key (path, mode, start): a re-run must match it
     if isinstance(writer, ResultWriter):
         source = pipe.manifest.source
+        # the label file by content: the same file named another way (./l.csv, $PWD/l.csv) is
+        # the same setting, an edited one is not. An older cavmae recorded the name as typed:
+        # that name still matches (and the record is updated), as it did then.
+        labels = f"sha256:{fsio.sha256_file(labels_csv)}" if labels_csv else None
         writer.bind_settings({
             "model": source.get("sha256") or source.get("checkpoint") or str(model),
             "precision": pipe.manifest.precision, "frames": pipe.manifest.num_frames,
-            "labels": labels_csv, "window": window, "top_k": top_k, "all_scores": all_scores,
-        })
+            "labels": labels, "window": window, "top_k": top_k, "all_scores": all_scores,
+        }, older={"labels": [labels_csv]} if labels_csv else None)
+        writer.expect_csv_rows(rows_per_record(len(label_names(pipe)), top_k, all_scores))
     out = _Output(writer, label_names(pipe), top_k, all_scores, as_json,
                   csv.writer(sys.stdout) if as_csv else None, windows=window is not None)
     if out.stdout_csv:
@@ -129,7 +187,13 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
             offset=offset, writer=writer, emit=out.emit), len(files))
         return
     try:
-        failed, already_done = _classify_local(pipe, files, _Clips(mode, offset, window, hop), out, workers)
+        with _sigterm_stops_the_run():
+            failed, already_done = _classify_local(pipe, files, _Clips(mode, offset, window, hop), out, workers)
+    except _Terminated:
+        writer.close()  # before the message: it says the results are saved
+        saved = f"; the results so far are in {output}" if output is not None else ""
+        echo(f"Terminated{saved}.", err=True)
+        raise click.exceptions.Exit(EXIT_TERMINATED) from None
     finally:
         writer.close()
     if already_done:

@@ -12,15 +12,27 @@ results file is never mixed up. Records already in the file are keyed (by defaul
 resolved input path, the mode and the start time), so a re-run skips what is done; a command
 that binds its settings (model, frames, windows, ...) to the file is refused when a re-run
 changes them (they are kept beside it in a hidden ``.{name}.settings.json``).
+
+Inputs are recorded by absolute path (:func:`stored_path`): a relative one would name another
+file when a re-run starts in another folder, and its result would count as done (or a done one
+be redone and duplicated). Files of an older cavmae hold the paths as typed; those still read,
+relative to the folder the re-run starts in (as that cavmae did), with a warning.
+
+A job killed mid-write leaves a last line without its newline, and in a CSV file possibly only
+some of the rows of its last result: that whole result is not counted as done, and is cut off
+when the re-run appends its first result (not before: a file refused for other reasons, or a
+run that writes nothing, leaves the file as it was).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +42,7 @@ from cavmae.filetypes import is_remote
 
 from .common import warn
 
-__all__ = ["FORMATS", "ResultWriter", "result_format", "result_key"]
+__all__ = ["FORMATS", "ResultWriter", "result_format", "result_key", "stored_path"]
 
 #: file ending -> format of ``-o``
 FORMATS: dict[str, str] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -62,7 +74,11 @@ def result_format(path: Path, requested: str | None = None) -> str:
 
 def result_key(record: dict[str, Any], fields: Sequence[str] = ("path", "mode", "start")) -> tuple[Hashable, ...]:
     """The identity of a result: its input file resolved (so ``./a.mp4`` and ``$PWD/a.mp4``
-    are one), then the other ``fields`` (numbers as floats: CSV gives them as text)."""
+    are one), then the other ``fields`` (numbers as floats: CSV gives them as text).
+
+    Result files record absolute paths (:func:`stored_path`), whose key does not depend on the
+    current folder; a relative path (an input as typed, or a file of an older cavmae) is
+    resolved against it."""
     key: list[Hashable] = []
     for name in fields:
         value = record[name]
@@ -73,6 +89,28 @@ def result_key(record: dict[str, Any], fields: Sequence[str] = ("path", "mode", 
         else:
             key.append(str(value))
     return tuple(key)
+
+
+def stored_path(path: str | Path) -> str:
+    """The ``path`` a result file records for an input: absolute, so the file names the same
+    input whichever folder a re-run starts in. ``..`` is folded away where that names the same
+    file (it does not across a symbolic link); symbolic links are kept, not resolved, so a
+    folder of links (git-annex, DVC) shows its own names."""
+    text = str(path)
+    if is_remote(text):
+        return text
+    folded = Path(os.path.abspath(text))
+    return str(folded if folded.resolve() == Path(text).resolve() else Path(text).absolute())
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """The last result of a CSV file: its rows are the trailing run of rows with one key."""
+
+    key: Hashable
+    offset: int  # byte offset of its first row: where the file is cut to redo it
+    rows: int
+    seen_before: bool  # the key has rows earlier in the file as well (it stays done)
 
 
 class ResultWriter:
@@ -106,6 +144,10 @@ class ResultWriter:
         self._dirty = False
         self._last_rewrite = 0.0
         self._settings: dict[str, Any] | None = None
+        self._cut: int | None = None  # bytes of the file to keep before the first append
+        self._size_read = 0
+        self._tail: _Tail | None = None
+        self._warned_relative = False
         if path is None:
             return
         if shared and self.fmt == "json":
@@ -123,12 +165,14 @@ class ResultWriter:
         assert self.path is not None
         return self.path.with_name(f".{self.path.name}.settings.json")
 
-    def bind_settings(self, settings: dict[str, Any]) -> None:
+    def bind_settings(self, settings: dict[str, Any], older: dict[str, Sequence[Any]] | None = None) -> None:
         """Tie the file to the settings its results depend on (model, frames, windows, ...).
 
         A re-run resumes only with the same settings: results of other settings under the same
         (path, mode, start) would otherwise count as done, and the file would mix two runs.
-        Call before the first ``write``; refuses with one line when they differ.
+        Call before the first ``write``; refuses with one line when they differ. ``older``:
+        per setting, the values an older cavmae recorded for the same setting (they match too,
+        and the record is brought up to date).
         """
         self._settings = json.loads(json.dumps(settings, default=str))  # as it reads back
         if self.path is None or not self.done:
@@ -139,10 +183,27 @@ class ResultWriter:
             warn(f"{self.path}: no record of the settings that wrote it; resuming by input, mode"
                  " and start time only")
             return
-        changed = sorted(k for k in set(earlier) | set(self._settings) if earlier.get(k) != self._settings.get(k))
+        if not isinstance(earlier, dict):
+            raise self._refuse(f"has an unreadable settings record ({self.settings_path().name})")
+        older = older or {}
+        current = self._settings
+        changed = sorted(k for k in set(earlier) | set(current)
+                         if earlier.get(k) != current.get(k) and earlier.get(k) not in older.get(k, ()))
         if changed:
-            what = ", ".join(f"{k} {earlier.get(k)!r} -> {self._settings.get(k)!r}" for k in changed)
+            what = ", ".join(f"{k} {earlier.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise self._refuse(f"holds results of other settings ({what})")
+        if earlier != current:  # matched an older form: record the current one from now on
+            fsio.write_json(self.settings_path(), current)
+
+    def expect_csv_rows(self, rows: int) -> None:
+        """Each result is ``rows`` CSV rows: a last result with fewer (a run killed mid-write)
+        is not done; it is cut off at the first append and redone. Call before ``is_done``."""
+        tail = self._tail
+        if self.fmt != "csv" or tail is None or tail.rows >= rows or self._cut == tail.offset:
+            return
+        self._drop_tail()
+        warn(f"{self.path}: the last result has {tail.rows} of its {rows} rows (from an interrupted"
+             " run); it is redone")
 
     def _open(self) -> Any:
         """The file, opened for appending on the first result (a job that fails before any
@@ -150,6 +211,7 @@ class ResultWriter:
         if self._file is None:
             assert self.path is not None
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._cut_tail()
             new = not self.path.exists() or self.path.stat().st_size == 0
             if new and self._settings is not None:
                 fsio.write_json(self.settings_path(), self._settings)
@@ -157,6 +219,25 @@ class ResultWriter:
             if self.fmt == "csv" and new:
                 csv.writer(self._file).writerow(self.columns)
         return self._file
+
+    def _cut_tail(self) -> None:
+        """Cut what an interrupted run left half-written, now that a result follows it."""
+        assert self.path is not None
+        if self._cut is None:
+            return
+        with open(self.path, "rb+") as f:
+            # Only the file as it was read: if it grew since, another process (a shard) is
+            # appending to it, and the end it wrote meanwhile is not ours to cut.
+            if os.fstat(f.fileno()).st_size == self._size_read:
+                f.truncate(self._cut)
+        self._cut = None
+
+    def _drop_tail(self) -> None:
+        """Redo the last result of a CSV file: cut it off before the first append."""
+        assert self._tail is not None
+        self._cut = self._tail.offset
+        if not self._tail.seen_before:
+            self.done.discard(self._tail.key)
 
     # -- reading what an earlier run wrote ------------------------------------------------------
     def _refuse(self, why: str) -> CavmaeError:
@@ -174,52 +255,90 @@ class ResultWriter:
                 self._mark_done(rec, f"{path}")
             self._records = data
             return
-        self._drop_incomplete_tail(path)
-        with open(path, newline="", encoding="utf-8") as f:
-            if self.fmt == "csv":
-                rows = csv.DictReader(f)
-                if rows.fieldnames != self.columns:
-                    raise self._refuse(
-                        f"has the columns {','.join(rows.fieldnames or [])}, not those of"
-                        f" `{self.command}` ({','.join(self.columns)})"
-                    )
-                for n, row in enumerate(rows, 2):
-                    self._mark_done(row, f"{path}:{n}")
-                return
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    raise self._refuse(f"is not a JSON-lines file (line {n})") from None
-                if not isinstance(rec, dict):
-                    raise self._refuse(f"is not a JSON-lines file of `{self.command}` results (line {n})")
-                self._mark_done(rec, f"{path}:{n}")
-
-    def _mark_done(self, rec: dict[str, Any], where: str) -> None:
+        data = path.read_bytes()
+        self._size_read = len(data)
+        # a last line without its newline is a job killed mid-write: read the lines before it
+        whole = data[: data.rfind(b"\n") + 1]
+        partial = data[len(whole):]
         try:
-            self.done.add(self.key(rec))
+            text = whole.decode("utf-8")
+        except UnicodeDecodeError:
+            kind = "CSV" if self.fmt == "csv" else "JSON-lines"
+            raise self._refuse(f"is not a UTF-8 {kind} file") from None
+        header = (",".join(self.columns) + "\r\n").encode("utf-8")
+        if not text and self.fmt == "csv" and header.startswith(partial):
+            self._cut = 0  # killed while writing the header: the file holds no result yet
+            return
+        if self.fmt == "csv":
+            self._read_csv(path, text, partial)
+        else:
+            self._read_jsonl(path, text)
+            if partial and not partial.lstrip().startswith(b"{"):  # not a cut record: not ours to cut
+                raise self._refuse(f"is not a JSON-lines file (line {text.count(chr(10)) + 1})")
+        if partial:
+            if self._cut is None:
+                self._cut = len(whole)
+            warn(f"{path}: dropped an incomplete last line (from an interrupted run); its result is redone")
+
+    def _read_jsonl(self, path: Path, text: str) -> None:
+        for n, line in enumerate(io.StringIO(text), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise self._refuse(f"is not a JSON-lines file (line {n})") from None
+            if not isinstance(rec, dict):
+                raise self._refuse(f"is not a JSON-lines file of `{self.command}` results (line {n})")
+            self._mark_done(rec, f"{path}:{n}")
+
+    def _read_csv(self, path: Path, text: str, partial: bytes) -> None:
+        rows = _csv_rows(text)
+        header = next(rows, None)
+        if header is None or header[1] != self.columns:
+            found = "" if header is None else ",".join(header[1])
+            raise self._refuse(f"has the columns {found}, not those of `{self.command}` ({','.join(self.columns)})")
+        earlier: set[Hashable] = set()  # the keys of the rows before the last result's
+        key: Hashable = None
+        offset = count = 0
+        for n, (start, row) in enumerate(rows, 2):
+            rec = dict(zip(self.columns, row, strict=False))  # a short row lacks its key: refused
+            row_key = self._mark_done(rec, f"{path}:{n}")
+            if count and row_key == key:
+                count += 1
+                continue
+            if count:
+                earlier.add(key)
+            key, offset, count = row_key, start, 1
+        if not count:
+            return
+        self._tail = _Tail(key, len(text[:offset].encode("utf-8")), count, key in earlier)
+        # The half-written line is a row of the last result unless its key (the fields before
+        # its last, maybe cut, one) shows that it began another: then the last one is whole.
+        try:
+            cut_row = next(csv.reader([partial.decode("utf-8", "ignore")]), [])
+            began_another = self.key(dict(zip(self.columns, cut_row[:-1], strict=False))) != key
+        except (csv.Error, KeyError, TypeError, ValueError):  # too little of it to tell
+            began_another = False
+        if partial and not began_another:
+            self._drop_tail()
+
+    def _mark_done(self, rec: dict[str, Any], where: str) -> Hashable:
+        """Count ``rec`` as done; its key."""
+        try:
+            key = self.key(rec)
         except (KeyError, TypeError, ValueError):
             raise CavmaeError(
                 f"{where} is not a `{self.command}` result (written by another command or an older"
                 " cavmae); choose another -o"
             ) from None
-
-    def _drop_incomplete_tail(self, path: Path) -> None:
-        """Cut a last line without its newline (a job killed mid-write): that item is redone, and
-        the next record does not continue the broken line."""
-        with open(path, "rb+") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 1))
-            if f.read(1) == b"\n":
-                return
-            f.seek(0)
-            data = f.read()
-            keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
-        warn(f"{path}: dropped an incomplete last line (from an interrupted run); its item is redone")
+        self.done.add(key)
+        path = rec.get("path")
+        if not self._warned_relative and isinstance(path, str) and not is_remote(path) and not Path(path).is_absolute():
+            self._warned_relative = True  # once per file: every record of such a file is relative
+            warn(f"{self.path}: written by an older cavmae, with input paths as typed; they are read"
+                 " relative to this folder")
+        return key
 
     # -- writing -------------------------------------------------------------------------------
     def is_done(self, record: dict[str, Any]) -> bool:
@@ -227,12 +346,22 @@ class ResultWriter:
         return self.path is not None and self.key(record) in self.done
 
     def write(self, record: dict[str, Any], csv_rows: Sequence[Sequence[Any]] = ()) -> None:
-        """Add one result: ``record`` to JSON files, ``csv_rows`` (one or more) to a CSV file."""
+        """Add one result: ``record`` to JSON files, ``csv_rows`` (one or more) to a CSV file.
+        A ``path`` field or column is written as :func:`stored_path`."""
         if self.path is None:
             return
+        if "path" in record:
+            record = {**record, "path": stored_path(record["path"])}
         self.done.add(self.key(record))
         if self.fmt == "csv":
-            csv.writer(self._open()).writerows(csv_rows)
+            if "path" in self.columns and "path" in record:
+                at = self.columns.index("path")
+                csv_rows = [[*row[:at], record["path"], *row[at + 1:]] for row in csv_rows]
+            # One write, then one flush: a result's rows reach the file together, never a part
+            # of them left in the buffer when the job is stopped.
+            text = io.StringIO()
+            csv.writer(text).writerows(csv_rows)
+            self._open().write(text.getvalue())
             self._file.flush()
         elif self.fmt == "jsonl":
             self._open().write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -264,3 +393,22 @@ class ResultWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """The rows of CSV ``text`` with the offset (in characters) where each begins; blank lines
+    are skipped. The reader takes one physical line at a time, so the characters it has taken
+    when a row comes out are exactly those up to that row's end."""
+    taken = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal taken
+        for line in io.StringIO(text, newline=""):
+            taken += len(line)
+            yield line
+
+    start = 0
+    for row in csv.reader(lines()):
+        if row:
+            yield start, row
+        start = taken

@@ -22,6 +22,7 @@ caller's thread, and yields one :class:`ClipOutcome` per clip in input order. At
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cavmae.errors import MediaError, MissingStreamError
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.errors import CavmaeError, MediaError, MissingStreamError
 from cavmae.modes import AUTO, best_mode, needs
 from cavmae.prefetch import prefetch
 
@@ -52,8 +54,10 @@ __all__ = [
     "decode_job",
     "file_mode",
     "label_names",
+    "min_window",
     "plan_clips",
     "predict_clip",
+    "rows_per_record",
 ]
 
 #: columns of the CSV rows (``cavmae classify --csv`` and ``-o results.csv``)
@@ -66,12 +70,29 @@ def label_names(pipe: Any) -> tuple[str, ...]:
     return pipe.labels or tuple(f"class {i}" for i in range(num_classes))
 
 
+def min_window(preprocess: PreprocessConfig = DEFAULT_PREPROCESS) -> float:
+    """The shortest window (seconds) the model can classify: one frame of the audio
+    spectrogram (25 ms). A shorter one holds no audio frame, so every window would fail."""
+    return preprocess.frame_length_ms / 1000.0
+
+
 def clip_starts(offset: float, window: float | None, hop: float | None,
                 duration: float | None = None) -> list[float]:
     """Start times of the clips to classify: ``[offset]``, or with ``window`` the sliding
-    windows over ``duration`` seconds every ``hop`` (default ``window / 2``) seconds."""
+    windows over ``duration`` seconds every ``hop`` (default ``window / 2``) seconds.
+
+    Raises:
+        CavmaeError: ``window`` or ``hop`` is not a finite number of seconds > 0 (NaN passes
+            every range check, and an infinite hop makes NaN starts), or ``window`` is shorter
+            than :func:`min_window`.
+    """
     if window is None:
         return [offset]
+    for name, value in (("window", window), ("hop", hop)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise CavmaeError(f"{name} must be a finite number of seconds > 0, got {value}")
+    if window < min_window():
+        raise CavmaeError(f"a window of {window:g} s is shorter than one audio frame ({min_window():g} s)")
     if duration is None:
         raise ValueError("sliding windows need the media's duration")
     from cavmae.media import window_offsets
@@ -138,6 +159,11 @@ def classification_rows(record: dict[str, Any], names: Sequence[str]) -> list[li
     if "scores" in record:
         return [[*head, "", i, names[i], s] for i, s in enumerate(record["scores"])]
     return [[*head, t["rank"], t["index"], t["label"], t["score"]] for t in record["top"]]
+
+
+def rows_per_record(num_classes: int, top_k: int, all_scores: bool) -> int:
+    """How many CSV rows :func:`classification_rows` gives each record."""
+    return num_classes if all_scores else min(top_k, num_classes)
 
 
 # -- the folder loop of ``cavmae classify`` ------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -94,11 +95,11 @@ def test_output_format_follows_the_ending_and_never_mixes(work):
     tmp, _ = work
     out = _classify(work, "a.mp4", "-o", "r.csv")  # no --csv: the ending decides
     assert out.returncode == 0, out.stderr
-    assert [r["path"] for r in _csv_rows(tmp / "r.csv")] == ["a.mp4"] * 5
+    assert [r["path"] for r in _csv_rows(tmp / "r.csv")] == [str(tmp / "a.mp4")] * 5  # absolute: see below
     out = _classify(work, "a.mp4", "b.mp4", "-o", "r.csv", "--csv")
     assert out.returncode == 0, out.stderr
     rows = _csv_rows(tmp / "r.csv")  # still one valid CSV under one header
-    assert [r["path"] for r in rows] == ["a.mp4"] * 5 + ["b.mp4"] * 5
+    assert [r["path"] for r in rows] == [str(tmp / "a.mp4")] * 5 + [str(tmp / "b.mp4")] * 5
     assert {r["mode"] for r in rows} == {"av"}
     before = (tmp / "r.csv").read_bytes()
     for args in (["--json", "-o", "r.csv"], ["--csv", "-o", "r.jsonl"], ["-o", "r.txt"]):
@@ -124,6 +125,25 @@ def test_resume_is_keyed_on_resolved_path_and_mode(work):
                                                                  ("a.mp4", "audio")]
 
 
+def test_resume_does_not_depend_on_the_folder_it_runs_in(work):
+    """``clip.mp4`` in A and another ``clip.mp4`` in B, each classified from its folder into
+    one file: B's is not taken for A's, and A's named from elsewhere is done (not duplicated).
+    The file records absolute paths; stdout shows the path as typed."""
+    tmp, home = work
+    for folder, clip in (("A", "a.mp4"), ("B", "b.mp4")):
+        (tmp / folder).mkdir(exist_ok=True)
+        shutil.copy(tmp / clip, tmp / folder / "clip.mp4")
+    for folder in ("A", "B"):
+        out = run("classify", "clip.mp4", "-m", "../model.pth", "-o", "../cwd.jsonl", home=home, cwd=tmp / folder)
+        assert out.returncode == 0 and "already" not in out.stderr, out.stderr
+        assert out.stdout.startswith("clip.mp4\n")
+    out = _classify(work, "A/clip.mp4", "-o", "cwd.jsonl")
+    assert out.returncode == 0 and "1 of 1 inputs already in cwd.jsonl" in out.stderr
+    recs = [json.loads(line) for line in (tmp / "cwd.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in recs] == [str(tmp / "A" / "clip.mp4"), str(tmp / "B" / "clip.mp4")]
+    assert recs[0]["top"] != recs[1]["top"]  # two files, two results
+
+
 def test_resume_refuses_other_settings(work):
     """A window, frame count, top-k or model other than the run that started the file would
     make results of other settings count as done (the 0-5 s window of a 5 s run is not the
@@ -141,14 +161,58 @@ def test_resume_refuses_other_settings(work):
     assert out.returncode == 0 and "1 of 2 inputs already in s.jsonl" in out.stderr
 
 
+def test_labels_are_one_setting_however_named_and_an_edit_is_another(work):
+    tmp, _ = work
+    labels = tmp / "l4.csv"
+    labels.write_text("index,mid,display_name\n" + "".join(f"{i},/m/{i},name {i}\n" for i in range(527)))
+    out = _classify(work, "a.mp4", "--labels", "l4.csv", "-o", "l.jsonl")
+    assert out.returncode == 0, out.stderr
+    out = _classify(work, "a.mp4", "b.mp4", "--labels", str(labels), "-o", "l.jsonl")
+    assert out.returncode == 0 and "1 of 2 inputs already in l.jsonl" in out.stderr, out.stderr
+    labels.write_text(labels.read_text().replace("name 3\n", "name three\n"))
+    out = _classify(work, "a.mp4", "--labels", "l4.csv", "-o", "l.jsonl")
+    assert out.returncode == 2 and "labels" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_csv_result_cut_mid_way_is_redone_whole(work):
+    """-k 2 writes two rows a clip: a file cut inside the last clip's rows gets that clip redone."""
+    tmp, _ = work
+    out = _classify(work, "a.mp4", "b.mp4", "-k", "2", "-o", "cut.csv")
+    assert out.returncode == 0, out.stderr
+    whole = (tmp / "cut.csv").read_bytes()
+    (tmp / "cut.csv").write_bytes(whole[:-30])  # inside b.mp4's rank-2 row
+    out = _classify(work, "a.mp4", "b.mp4", "-k", "2", "-o", "cut.csv")
+    assert out.returncode == 0 and "1 of 2 inputs already in cut.csv" in out.stderr, out.stderr
+    assert (tmp / "cut.csv").read_bytes() == whole
+
+
+def test_sigterm_saves_a_json_file_like_ctrl_c(work):
+    """A .json file is rewritten every few seconds; stopped by SIGTERM the run still writes out
+    every result it printed, then exits 143 with one line."""
+    tmp, home = work
+    proc = subprocess.Popen([CAVMAE_EXE, "classify", "a.mp4", "b.mp4", "-m", "model.pth", "-k", "1", "--window",
+                             "0.5", "--json", "-o", "term.json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(home), cwd=tmp)
+    assert proc.stdout is not None
+    printed = [proc.stdout.readline(), proc.stdout.readline()]  # two results are done: stop it now
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=120)
+    printed += rest.splitlines()
+    assert proc.returncode == 143, err
+    assert err == "Terminated; the results so far are in term.json.\n"
+    saved = json.loads((tmp / "term.json").read_text())
+    assert len(printed) < 2 * 39  # it was stopped before the end ...
+    assert len(saved) >= len([line for line in printed if line.strip()]) >= 2  # ... and lost nothing
+
+
 def test_json_output_is_one_valid_document(work):
     tmp, _ = work
     out = _classify(work, "a.mp4", "-o", "r.json")
     assert out.returncode == 0, out.stderr
-    assert [r["path"] for r in json.loads((tmp / "r.json").read_text())] == ["a.mp4"]
+    assert [r["path"] for r in json.loads((tmp / "r.json").read_text())] == [str(tmp / "a.mp4")]
     out = _classify(work, "a.mp4", "b.mp4", "-o", "r.json", "--json")
     assert out.returncode == 0 and "1 of 2 inputs already in r.json" in out.stderr
-    assert [r["path"] for r in json.loads((tmp / "r.json").read_text())] == ["a.mp4", "b.mp4"]
+    assert [Path(r["path"]).name for r in json.loads((tmp / "r.json").read_text())] == ["a.mp4", "b.mp4"]
 
 
 def test_a_log_gets_a_line_per_step_not_a_bar(work, tmp_path):
