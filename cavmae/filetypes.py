@@ -78,6 +78,8 @@ def expand_inputs(
                        for s in lines if s and not s.startswith("#"))
         elif path.is_file():
             out.append(str(path))
+        elif path.exists():  # a named pipe, socket or device: no media file to read (or read again)
+            raise CavmaeError(f"{item}: not a regular file (a named pipe, socket or device); give a media file")
         elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:

@@ -29,6 +29,7 @@ from cavmae.runtime.classify_records import (
     classification_rows,
     classify_files,
     label_names,
+    min_hop,
     min_window,
     rows_per_record,
 )
@@ -43,11 +44,12 @@ from .common import (
     open_pipeline,
     parse_shard,
     progress,
+    ray_inputs,
     select_shard,
     warn_skipped,
 )
 from .ray_run import ParquetResults, RaySettings, ray_options
-from .results import ResultWriter
+from .results import ResultWriter, stored_path
 
 
 class _Seconds(click.FloatRange):
@@ -107,7 +109,8 @@ EXIT_TERMINATED = 128 + int(signal.SIGTERM)
               help="Frames aggregated per clip [default: 10; an export directory's own].")
 @click.option("--window", type=_Seconds(min_window(), 10, below=f"shorter than one audio frame (at least {min_window():g} s)"),
               default=None, help="Sliding windows of this many seconds over the whole video (max 10); see below.")
-@click.option("--hop", type=_Seconds(0, min_open=True), default=None,
+@click.option("--hop", type=_Seconds(min_hop(), below=f"shorter than the audio frame shift (at least {min_hop():g} s)"),
+              default=None,
               help="Seconds between window starts [default: window/2].")
 @click.option("--offset", type=_Seconds(0), default=0.0, show_default=True, help="Start of the clip (without --window).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,
@@ -152,7 +155,9 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
         raise click.UsageError("--hop needs --window")
     if offset and window is not None:
         raise click.UsageError("--offset picks one clip; --window covers the whole file from 0 s (drop one)")
-    files = select_shard(expand_inputs(inputs), parse_shard(shard), key=lambda p: str(p.resolve()))
+    # with --ray, lists of paths and s3:// or gs:// inputs too, listed here so a re-run skips what is done
+    listed: list[Any] = [*(ray_inputs(inputs) if ray_address is not None else expand_inputs(inputs))]
+    files = select_shard(listed, parse_shard(shard), key=stored_path)
     # checked before the model loads: a wrong -o fails in a second, and writes nothing
     if ray_address is not None and output is not None and output.suffix.lower() == ".parquet":
         writer: Any = ParquetResults(output, all_scores)

@@ -20,6 +20,7 @@ from cavmae.errors import CavmaeError
 from cavmae.filetypes import is_remote
 
 from .common import EXIT_INPUT_FAILED, default_model, echo, progress, warn_skipped
+from .results import stored_path
 
 #: ``--ray`` given without an address
 LOCAL = "local"
@@ -148,7 +149,7 @@ class ParquetResults:
 
     def write(self, record: dict[str, Any], csv_rows: Sequence[Sequence[Any]] = ()) -> None:
         top = record["top"]
-        row = {"path": record["path"], "mode": record["mode"], "offset": float(record["start"]),
+        row = {"path": stored_path(record["path"]), "mode": record["mode"], "offset": float(record["start"]),
                "duration": round(record["end"] - record["start"], 3), "end": record["end"],
                "top_index": [t["index"] for t in top], "top_label": [t["label"] for t in top],
                "top_score": [t["score"] for t in top], "error": ""}
@@ -160,7 +161,7 @@ class ParquetResults:
 
     def write_error(self, path: str, mode: str, offset: float, reason: str) -> None:
         """The row of a clip that could not be classified (NaN times, empty lists)."""
-        row = {"path": path, "mode": mode, "offset": float(offset), "duration": math.nan,
+        row = {"path": stored_path(path), "mode": mode, "offset": float(offset), "duration": math.nan,
                "end": math.nan, "top_index": [], "top_label": [], "top_score": [],
                "error": reason}
         if self.all_scores:

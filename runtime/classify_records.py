@@ -76,6 +76,12 @@ def min_window(preprocess: PreprocessConfig = DEFAULT_PREPROCESS) -> float:
     return preprocess.frame_length_ms / 1000.0
 
 
+def min_hop(preprocess: PreprocessConfig = DEFAULT_PREPROCESS) -> float:
+    """The shortest hop (seconds) between windows: one shift of the audio spectrogram (10 ms).
+    Closer windows repeat each other, and a hop near 0 would plan windows without end."""
+    return preprocess.frame_shift_ms / 1000.0
+
+
 def clip_starts(offset: float, window: float | None, hop: float | None,
                 duration: float | None = None) -> list[float]:
     """Start times of the clips to classify: ``[offset]``, or with ``window`` the sliding
@@ -93,6 +99,8 @@ def clip_starts(offset: float, window: float | None, hop: float | None,
             raise CavmaeError(f"{name} must be a finite number of seconds > 0, got {value}")
     if window < min_window():
         raise CavmaeError(f"a window of {window:g} s is shorter than one audio frame ({min_window():g} s)")
+    if hop is not None and hop < min_hop():
+        raise CavmaeError(f"a hop of {hop:g} s is shorter than the audio frame shift ({min_hop():g} s)")
     if duration is None:
         raise ValueError("sliding windows need the media's duration")
     from cavmae.media import window_offsets

@@ -23,6 +23,7 @@ from cavmae.runtime.classify_records import clip_starts, min_window
     (["--window", "0.01"], "0.01 s is shorter than one audio frame (at least 0.025 s)"),
     (["--window", "11"], "'--window'"),
     (["--window", "4", "--hop", "0"], "'--hop'"),
+    (["--window", "4", "--hop", "1e-300"], "shorter than the audio frame shift (at least 0.01 s)"),  # endless windows
 ])
 def test_bad_seconds_are_one_usage_line(args, says, tmp_path):
     """Refused while parsing, before the model loads (a missing model file is never looked at)."""
@@ -34,7 +35,8 @@ def test_bad_seconds_are_one_usage_line(args, says, tmp_path):
 def test_the_shortest_window_is_one_audio_frame():
     assert min_window() == 0.025
     assert clip_starts(0.0, min_window(), None, 0.1)[:2] == [0.0, 0.0125]  # accepted
-    for window, hop in ((0.01, None), (float("nan"), None), (4.0, float("inf")), (4.0, float("nan")), (4.0, -1.0)):
+    for window, hop in ((0.01, None), (float("nan"), None), (4.0, float("inf")), (4.0, float("nan")), (4.0, -1.0),
+                        (4.0, 1e-300)):
         with pytest.raises(CavmaeError):
             clip_starts(0.0, window, hop, 10.0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cavmae.cli.common import expand_inputs
 from cavmae.filetypes import AUDIO_SUFFIXES, MEDIA_SUFFIXES, VIDEO_SUFFIXES, is_media_file
 from cavmae.prepare import _collect
@@ -24,3 +26,14 @@ def test_folder_searches_take_their_endings_from_the_one_list(tmp_path: Path) ->
     videos = {Path(c.video or "").name for c in _collect([tmp_path], None)}
     assert videos == {n for n in names if is_media_file(n, VIDEO_SUFFIXES)}  # video only
     assert "v0.mp4" in videos and not any(n.endswith(AUDIO_SUFFIXES) for n in videos)
+
+
+def test_a_named_pipe_is_named_as_not_a_file(tmp_path):
+    import os
+
+    from cavmae.errors import CavmaeError
+    from cavmae.filetypes import expand_inputs
+
+    os.mkfifo(tmp_path / "p.mp4")
+    with pytest.raises(CavmaeError, match="not a regular file"):
+        expand_inputs([str(tmp_path / "p.mp4")])
