@@ -54,9 +54,12 @@ def prepare(
     """Extract audio (16 kHz, first channel) and 10 frames (224 JPEGs) of videos into the
     reference dataset layout and write the dataset JSON.
 
-    VIDEOS are files or folders (searched recursively). Clips already extracted are skipped,
-    so an interrupted run continues where it stopped. Files that cannot be used are reported
-    (and listed in OUTPUT/failed.txt) and skipped; the exit code is then 2.
+    VIDEOS are files or folders (searched recursively). Clips already extracted from the same
+    video are skipped, so an interrupted run continues where it stopped. A re-run into the same
+    folder adds to its dataset JSON (delete the JSON to start a new list); a video whose name is
+    taken by another video prepared there earlier gets a new id, with a warning. Files that
+    cannot be used are reported (and listed in OUTPUT/failed.txt) and skipped; the exit code is
+    then 2.
 
     \b
     Examples:
@@ -77,22 +80,26 @@ def prepare(
         echo_json({
             "dataset_json": str(report.dataset_json), "output_dir": str(report.output_dir),
             "clips": len(report.clips), "extracted": report.extracted, "skipped": report.skipped,
+            "kept": report.kept,
             "failed": [{"video": v, "reason": r} for v, r in report.failed],
+            "renamed": [{"video": v, "video_id": i} for v, i in report.renamed],
             "failed_list": str(failed_txt) if report.failed else None,
             "weight_csv": str(report.weight_csv) if report.weight_csv is not None else None,
         })
     else:
+        kept = f", {report.kept} kept from earlier runs" if report.kept else ""
         click.echo(
-            f"{len(report.clips)} clips in {report.dataset_json} "
-            f"({report.extracted} extracted, {report.skipped} already done, {len(report.failed)} failed)"
+            f"{len(report.clips)} clips in {report.dataset_json} ({report.extracted} extracted,"
+            f" {report.skipped} already done, {len(report.failed)} failed{kept})"
         )
         if report.weight_csv is not None:
             click.echo(f"sampling weights: {report.weight_csv}")
     # each failure was reported as it happened; the summary only points at the full list
-    if not report.clips:
+    prepared = report.extracted + report.skipped  # this run's; report.clips has earlier ones too
+    if not prepared:
         raise CavmaeError(f"no video could be prepared; see {failed_txt}")
     if report.failed:
-        total = len(report.clips) + len(report.failed)
+        total = prepared + len(report.failed)
         click.echo(f"{len(report.failed)} of {total} inputs failed (listed in {failed_txt});"
                    " the others were prepared", err=True)
         click.get_current_context().exit(EXIT_INPUT_FAILED)
@@ -227,8 +234,9 @@ _DOCS = {
 
     Every config field is an option; defaults follow the reference CAV-MAE-Scale++ recipe.
     The run directory gets metrics.jsonl, model.{epoch}.pth, best/final.pth and state.pt; running
-    the same command on a directory with a state.pt continues the run. Under torchrun the job runs
-    data-parallel (only rank 0 writes).
+    the same command on a directory with a state.pt continues the run; a directory holding an
+    earlier run without its state.pt is refused unless --overwrite (which deletes that run's
+    files). Under torchrun the job runs data-parallel (only rank 0 writes).
 
     \b
     Examples:

@@ -129,6 +129,54 @@ def test_config_errors(changes, message):
         PretrainConfig.from_dict({"train_data": "t", "output_dir": "o", **changes}).validate()
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lr": "nan"}, "lr must be a finite number, got nan"),
+        ({"lr": "-inf"}, "lr must be a finite number, got -inf"),
+        ({"weight_decay": "inf"}, "weight_decay must be a finite number, got inf"),
+        ({"lr_decay": "nan"}, "lr_decay must be a finite number"),
+        ({"betas": ["nan", 0.9]}, "betas must be finite numbers"),
+        ({"mixup_alpha": "inf"}, "mixup_alpha must be a finite number"),
+        ({"mask_ratio_a": "nan"}, "mask_ratio_a must be a finite number"),
+        ({"contrast_loss_weight": "nan"}, "contrast_loss_weight must be a finite number"),
+        ({"mae_loss_weight": -1}, "mae_loss_weight must be >= 0"),
+        ({"model_config": {"embed_dim": 7}}, "model_config.embed_dim must be a multiple of 4"),
+        ({"model_config": {"embed_dim": 12, "num_heads": 5}}, "embed_dim 12 must be divisible by num_heads 5"),
+        ({"model_config": {"decoder_num_heads": 3}}, "decoder_embed_dim 32 must be divisible by decoder_num_heads 3"),
+        ({"model_config": {"num_heads": 0}}, "model_config.num_heads must be >= 1"),
+        ({"model_config": {"mlp_ratio": "nan"}}, "model_config.mlp_ratio must be a finite number"),
+        ({"model_config": {"patch_size": 200}}, "num_mel_bins 128 is smaller than one patch"),
+        # with a checkpoint to start from, the overrides' own ranges are checked at once
+        ({"init_checkpoint": "x.pth", "model_config": {"layer_norm_eps": "inf"}}, "layer_norm_eps"),
+    ],
+)
+def test_config_numbers_that_cannot_train(changes, message):
+    """NaN and infinities fail every comparison, so each range check would let them through;
+    a model config the model cannot be built from is refused before anything starts."""
+    with pytest.raises(TrainConfigError, match=f"^invalid pretrain config: .*{message}"):
+        PretrainConfig.from_dict({"train_data": "t", "output_dir": "o", "model": "tiny", **changes}).validate()
+    with pytest.raises(TrainConfigError, match="head_lr must be a finite number"):
+        FinetuneConfig(train_data="t", output_dir="o", label_csv="l", head_lr=float("nan")).validate()
+    # one line per field: the NaN is not reported again by the field's own range check
+    with pytest.raises(TrainConfigError) as e:
+        PretrainConfig(train_data="t", output_dir="o", lr_decay=float("nan")).validate()
+    assert str(e.value).count("lr_decay") == 1
+
+
+def test_cli_bad_numbers_are_one_line(ds, tmp_path):
+    common = ["--train-data", str(ds.splits["train"]), "--model", "tiny", "--num-workers", "0",
+              "--no-progress"]
+    for args in (["finetune", "--label-csv", str(ds.label_csv), "--lr", "nan"],
+                 ["pretrain", "--model-config", '{"embed_dim": 7}']):
+        out = tmp_path / args[0]
+        res = CliRunner().invoke(cli, [*args, *common, "-o", str(out)])
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: invalid {args[0]} config: "), res.output
+        assert not out.exists()  # refused before the run directory was made
+
+
 def test_cross_entropy_refuses_multi_label_data(ds, tmp_path):
     data = json.loads(Path(ds.splits["train"]).read_text())
     mids = [row.split(",")[1] for row in Path(ds.label_csv).read_text().splitlines()[1:3]]
@@ -317,8 +365,84 @@ def test_resume_checks(ds, reference, tmp_path):
     state = tmp_path / "run" / "state.pt"
     for damage in (b"garbage\n", state.read_bytes()[:1000]):  # overwritten, truncated
         state.write_bytes(damage)
-        with pytest.raises(TrainConfigError, match="damaged.*delete it"):
+        with pytest.raises(TrainConfigError, match=r"damaged.*--overwrite"):
             pretrain(cfg.replace(max_steps=None))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_without_state_is_not_overwritten(ds, tmp_path):
+    """A run directory whose state.pt is gone cannot be resumed; starting afresh over it would
+    truncate its metrics, replace its checkpoints and leave later epochs' files mixed in. It is
+    refused until the user chooses overwrite, which deletes only the run's own files."""
+    run = tmp_path / "run"
+    cfg = _pre(ds, run, epochs=2, log_every=100)
+    pretrain(cfg)
+    (run / "state.pt").unlink()
+    (run / "notes.txt").write_text("mine")  # not the run's: never refused over, never deleted
+    (run / "init.pth").write_bytes(b"also mine")
+    before = _files(run)
+    with pytest.raises(TrainConfigError, match=r"earlier run .* no state\.pt .*--overwrite"):
+        pretrain(cfg.replace(epochs=1))
+    res = CliRunner().invoke(cli, ["pretrain", "--train-data", str(ds.splits["train"]), "-o", str(run),
+                                   "--model", "tiny", "--epochs", "1", "--batch-size", "4",
+                                   "--num-workers", "0", "--no-progress"])
+    assert res.exit_code == 2 and res.output.startswith("Error: ") and len(res.output.splitlines()) == 1, res.output
+    assert _files(run) == before
+    # a folder holding only other files is no earlier run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    assert pretrain(cfg.replace(output_dir=str(tmp_path / "other"), epochs=1, max_steps=1)).global_step == 1
+    # overwrite: a fresh run of 1 epoch, nothing of the 2-epoch run left, the user's files kept
+    done = pretrain(cfg.replace(epochs=1, overwrite=True))
+    assert done.completed and done.global_step == 4
+    names = {p.name for p in run.iterdir()}
+    assert "model.2.pth" not in names and {"model.1.pth", "state.pt", "final.pth"} <= names
+    assert (run / "notes.txt").read_text() == "mine" and (run / "init.pth").read_bytes() == b"also mine"
+    assert [r["epoch"] for r in _epochs(run) if r["event"] == "epoch"] == [1]
+
+
+def test_interrupt_while_saving_the_state(ds, tmp_path, monkeypatch):
+    """Ctrl-C while state.pt is written: the CLI says "Interrupted." (exit 130), never an
+    internal error, and state.pt stays whole: the earlier one when the save is abandoned, the
+    new one when the save is finished first and the interrupt delivered after it."""
+    import signal as signal_mod
+
+    run = tmp_path / "run"
+    cfg = _pre(ds, run, epochs=1, max_steps=1, log_every=100)
+    pretrain(cfg)
+    state = run / "state.pt"
+    saved = state.read_bytes()
+    real_save = torch.save
+
+    def abandoned(obj, f, *args, **kwargs):  # Ctrl-C lands mid-write, as a second one would
+        if Path(f).name.startswith(".state.pt."):
+            Path(f).write_bytes(b"half a state")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", abandoned)
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    res = CliRunner().invoke(cli, ["pretrain", "-c", str(tmp_path / "pre.yaml"), "--max-steps", "2"])
+    assert res.exit_code == 130 and "Interrupted." in res.output, res.output
+    assert "Internal error" not in res.output
+    assert state.read_bytes() == saved and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+    def interrupted(obj, f, *args, **kwargs):  # a real SIGINT arrives during the save
+        if Path(f).name.startswith(".state.pt."):
+            signal_mod.raise_signal(signal_mod.SIGINT)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    previous = signal_mod.signal(signal_mod.SIGINT, signal_mod.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg.replace(max_steps=2))
+    finally:
+        signal_mod.signal(signal_mod.SIGINT, previous)
+    assert torch.load(state, weights_only=True)["training"]["global_step"] == 2  # finished first
 
 
 # -- modes ----------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ into ``config.output_dir`` (the *run directory*):
   position, best metric, history, RNG states), written atomically after every epoch and every
   ``save_every_steps`` optimizer steps. Starting a run whose directory holds a ``state.pt``
   continues it (``resume=True``); a killed run resumed this way ends with the same weights as an
-  uninterrupted one. A run stopped by ``max_steps`` continues with a larger ``max_steps`` (or
+  uninterrupted one. A directory holding an earlier run's files but no ``state.pt`` is refused
+  (starting afresh there would replace and mix that run's files) unless ``overwrite=True``,
+  which deletes the run's files (only those named here) first. Ctrl-C while ``state.pt`` is
+  written lets the save finish, then stops (a second Ctrl-C abandons it; the previous file stays). A run stopped by ``max_steps`` continues with a larger ``max_steps`` (or
   none); a finished run given a larger ``epochs`` trains on to it and ends with the weights of
   a run started with that ``epochs`` (the lr schedule does not depend on the epoch count);
 - ``result.json``: a summary at the end.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +89,10 @@ class TrainConfig:
     save_epoch_checkpoints: bool = _f(True, "write model.{epoch}.pth after every epoch")
     max_steps: int | None = _f(None, "stop after this many optimizer steps in total (resumable)")
     resume: bool = _f(True, "continue from state.pt when the run directory has one")
+    overwrite: bool = _f(
+        False, "start afresh in an output_dir that holds an earlier run, deleting that run's files "
+        "(state.pt, config.json, metrics.jsonl, result.json, model.N/best/final/wa.pth) first",
+    )
     log_every: int = _f(20, "write a step record to metrics.jsonl every N optimizer steps")
     progress: bool = _f(True, "show progress bars")
     eval_at_start: bool = _f(False, "evaluate once before training (epoch 0)")
@@ -161,8 +168,6 @@ class TrainConfig:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.accum_steps < 1:
             problems.append("batch_size and accum_steps must be >= 1")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
         if self.model not in PRESETS and not self.init_checkpoint:
@@ -174,20 +179,36 @@ class TrainConfig:
         problems += _range_problems(self, at_least={
             "warmup_steps": 0, "num_workers": 0, "save_every_steps": 0, "lr_decay_start": 0,
             "eval_every": 1, "log_every": 1, "eval_batch_size": 1, "weight_decay": 0.0,
-        })
-        if not 0 < self.lr_decay <= 1:
+        }, above={"lr": 0.0})
+        # The checks below compare numbers; a NaN or infinity is reported once, above.
+        odd = _nonfinite(self)
+        if "lr_decay" not in odd and not 0 < self.lr_decay <= 1:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if "betas" not in odd and (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas)):
             problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        try:
-            self.augment_config()
-        except ValueError as e:
-            problems.append(str(e))
-        problems += self._validate_extra()
+        if not odd & {"mixup", "mixup_alpha", "label_smooth"}:
+            try:
+                self.augment_config()
+            except ValueError as e:
+                problems.append(str(e))
+        problems += self._model_config_problems()
+        problems += self._validate_extra(odd)
         if problems:
             raise TrainConfigError(f"invalid {self.kind} config: " + "; ".join(problems))
 
-    def _validate_extra(self) -> list[str]:
+    def _model_config_problems(self) -> list[str]:
+        """What keeps the model config (the preset with ``model_config`` applied) from building
+        a model. With ``init_checkpoint`` the base config is the checkpoint's, known only when
+        it is read, so only the overrides' own ranges are checked here (the rest when the
+        model is built: :func:`cavmae.train.models.initial_model`)."""
+        if self.init_checkpoint or self.model not in PRESETS:
+            return _range_problems(_Overrides(self.model_config), _MODEL_AT_LEAST, _MODEL_ABOVE,
+                                   prefix="model_config.", fields_of=ModelConfig)
+        return model_config_problems(PRESETS[self.model].replace(**self.model_config))
+
+    def _validate_extra(self, odd: set[str]) -> list[str]:
+        """The kind's own checks; ``odd`` names the fields that hold a NaN or an infinity
+        (already reported)."""
         return []
 
     def augment_config(self) -> AugmentConfig:
@@ -219,15 +240,17 @@ class PretrainConfig(TrainConfig):
 
     kind = "pretrain"
 
-    def _validate_extra(self) -> list[str]:
+    def _validate_extra(self, odd: set[str]) -> list[str]:
         problems = []
         if self.mask_mode not in MASK_MODES:
             problems.append(f"mask_mode must be one of {', '.join(MASK_MODES)}")
         for name in ("mask_ratio_a", "mask_ratio_v"):
             # 0 masks nothing: the reconstruction loss, a mean over masked patches, is undefined
-            if not 0.0 < getattr(self, name) < 1.0:
+            if name not in odd and not 0.0 < getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        return problems
+        return problems + _range_problems(
+            self, at_least={"mae_loss_weight": 0.0, "contrast_loss_weight": 0.0}, finite=False
+        )
 
 
 @dataclass
@@ -263,16 +286,14 @@ class FinetuneConfig(TrainConfig):
             return "mAP" if self.loss == "BCE" else "acc"
         return self.metric
 
-    def _validate_extra(self) -> list[str]:
-        problems = []
+    def _validate_extra(self, odd: set[str]) -> list[str]:
+        problems = _range_problems(self, above={"head_lr": 0.0}, finite=False)
         if self.mode not in FINETUNE_MODES:
             problems.append(f"mode must be {', '.join(FINETUNE_MODES)}, not {self.mode!r}")
         if self.loss not in ("BCE", "CE"):
             problems.append(f"loss must be BCE or CE, not {self.loss!r}")
         if self.metric not in ("auto", "mAP", "acc"):
             problems.append(f"metric must be auto, mAP or acc, not {self.metric!r}")
-        if self.head_lr <= 0:
-            problems.append(f"head_lr must be > 0, got {self.head_lr}")
         if self.wa and not 1 <= self.wa_start <= (self.wa_end or self.epochs) <= self.epochs:
             problems.append(
                 f"need 1 <= wa_start <= wa_end <= epochs, got {self.wa_start}, {self.wa_end}, {self.epochs}"
@@ -280,7 +301,96 @@ class FinetuneConfig(TrainConfig):
         return problems
 
 
-def _range_problems(config: Any, at_least: dict[str, float]) -> list[str]:
-    """``name must be >= low`` for each field below its lowest sensible value (None is unset)."""
-    return [f"{name} must be >= {low}, got {getattr(config, name)}" for name, low in at_least.items()
-            if getattr(config, name) is not None and getattr(config, name) < low]
+@functools.cache
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass ``cls`` that hold floats (alone, optional, or in a tuple)."""
+    def floats(annotation: Any) -> bool:
+        return annotation is float or any(floats(a) for a in typing.get_args(annotation))
+
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if floats(hints[f.name]))
+
+
+def _nonfinite(config: Any, fields_of: type | None = None) -> set[str]:
+    """The float fields of ``config`` (those of dataclass ``fields_of``, default its own type)
+    holding a NaN or an infinity (a tuple: any element)."""
+    odd = set()
+    for name in _float_fields(fields_of or type(config)):
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            odd.add(name)
+    return odd
+
+
+def _range_problems(
+    config: Any, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None,
+    *, finite: bool = True, prefix: str = "", fields_of: type | None = None,
+) -> list[str]:
+    """The numbers of ``config`` that cannot be used, one line each: with ``finite``, every
+    float field holding a NaN or an infinity (no comparison catches a NaN: ``nan < 0`` is
+    False); then ``name must be >= low`` (``at_least``) or ``> low`` (``above``) for each field
+    outside its range (None is unset; a field already found not finite is not repeated).
+    ``fields_of``: the dataclass whose fields ``config`` has, when it is not one itself."""
+    odd = _nonfinite(config, fields_of)
+    problems = [f"{prefix}{name} must be {_finite_what(getattr(config, name))}, got "
+                f"{_shown(getattr(config, name))}" for name in sorted(odd)] if finite else []
+    for bounds, op, fails in ((at_least or {}, ">=", lambda v, low: v < low),
+                              (above or {}, ">", lambda v, low: not v > low)):
+        for name, low in bounds.items():
+            value = getattr(config, name)
+            if value is not None and name not in odd and fails(value, low):
+                problems.append(f"{prefix}{name} must be {op} {low}, got {value}")
+    return problems
+
+
+def _finite_what(value: Any) -> str:
+    return "finite numbers" if isinstance(value, tuple) else "a finite number"
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Model config: what building a model needs (ModelConfig itself does not check its values)
+
+_MODEL_AT_LEAST: dict[str, float] = {
+    "embed_dim": 1, "num_heads": 1, "patch_size": 1, "audio_length": 1, "num_mel_bins": 1,
+    "image_size": 1, "num_classes": 1, "decoder_embed_dim": 1, "decoder_num_heads": 1,
+    "depth_modality": 0, "depth_joint": 0, "decoder_depth": 0,
+}
+_MODEL_ABOVE: dict[str, float] = {"mlp_ratio": 0.0, "layer_norm_eps": 0.0}
+
+
+class _Overrides:
+    """``model_config`` overrides read like a :class:`ModelConfig` (unset fields are None), so
+    that :func:`_range_problems` checks the given ones alone."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def __getattr__(self, name: str) -> Any:
+        return self.__dict__["values"].get(name)
+
+
+def model_config_problems(config: ModelConfig) -> list[str]:
+    """What keeps ``config`` from building a CAV-MAE model, one line each (``model_config.``
+    names): sizes below 1, non-finite or non-positive ratios, a width the heads or the sin-cos
+    position embedding cannot split, an input smaller than one patch."""
+    problems = _range_problems(config, _MODEL_AT_LEAST, _MODEL_ABOVE, prefix="model_config.")
+    if problems:  # the structural checks below divide by these numbers
+        return problems
+    for part in ("", "decoder_"):
+        width, heads = getattr(config, f"{part}embed_dim"), getattr(config, f"{part}num_heads")
+        if width % heads:
+            problems.append(f"model_config.{part}embed_dim {width} must be divisible by "
+                            f"{part}num_heads {heads}")
+        if width % 4:  # half the channels per grid axis, each half split into sin and cos
+            problems.append(f"model_config.{part}embed_dim must be a multiple of 4 (the sin-cos "
+                            f"position embedding), got {width}")
+    for side in ("audio_length", "num_mel_bins", "image_size"):
+        if getattr(config, side) < config.patch_size:
+            problems.append(f"model_config.{side} {getattr(config, side)} is smaller than one "
+                            f"patch (patch_size {config.patch_size})")
+    return problems

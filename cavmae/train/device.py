@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .configs import TrainConfig, TrainConfigError
+from .state import claim_run_dir
 
 
 @dataclass
@@ -110,7 +111,8 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
-    """Validate ``cfg``, join the process group, pick device and precision, make the run dir."""
+    """Validate ``cfg``, join the process group, pick device and precision, check (and with
+    ``overwrite`` clear) the run dir, make it."""
     cfg.validate()
     d = init_distributed(cfg.device)
     device = pick_device(cfg.device, d)
@@ -122,6 +124,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | Non
             f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = "
             f"{d.world_size} x {cfg.accum_steps}"
         )
+    claim_run_dir(cfg, d.main)  # every process, before the barrier: nothing is written yet
     if d.main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     barrier(d)

@@ -20,7 +20,7 @@ from .device import Dist, barrier, prepare_run
 from .evaluation import classification_metrics, evaluate_finetune, predict_clips
 from .loop import Callback, Job, TrainResult, run, write_result
 from .models import initial_model
-from .state import METRICS_FILE, MetricsLog
+from .state import AVERAGED_FILE, METRICS_FILE, MetricsLog, epoch_file
 from .steps import ClassifierStep, classification_loss
 
 HEAD_PREFIX = "mlp_head."
@@ -117,14 +117,14 @@ def _load_final_weights(
     run_dir = result.run_dir
     if cfg.wa:
         if d.main:
-            paths = [run_dir / f"model.{e}.pth" for e in range(cfg.wa_start, wa_end + 1)]
+            paths = [run_dir / epoch_file(e) for e in range(cfg.wa_start, wa_end + 1)]
             model.load_state_dict(average_checkpoints(paths))
-            save_checkpoint(model, run_dir / "wa.pth", labels=labels)
+            save_checkpoint(model, run_dir / AVERAGED_FILE, labels=labels)
         barrier(d)
         if not d.main:
-            state, _ = read_state_dict(run_dir / "wa.pth")
+            state, _ = read_state_dict(run_dir / AVERAGED_FILE)
             model.load_state_dict(state)
-        result.averaged_checkpoint = run_dir / "wa.pth"
+        result.averaged_checkpoint = run_dir / AVERAGED_FILE
         return "wa"
     if result.best_checkpoint is not None:
         state, _ = read_state_dict(result.best_checkpoint)

@@ -31,10 +31,13 @@ from .data import RunData, loader, to_device
 from .device import Dist, autocast, barrier
 from .optim import Optimization
 from .state import (
+    BEST_FILE,
+    FINAL_FILE,
     METRICS_FILE,
     RESULT_FILE,
     MetricsLog,
     RunState,
+    epoch_file,
     json_default,
     save_state,
     start_or_resume,
@@ -236,10 +239,10 @@ class _Loop:
             if improved:
                 rs.best = {"value": value, "epoch": rs.epoch}
                 if self.d.main:
-                    save_checkpoint(job.model, self.run_dir / "best.pth", labels=job.labels)  # type: ignore[arg-type]
+                    save_checkpoint(job.model, self.run_dir / BEST_FILE, labels=job.labels)  # type: ignore[arg-type]
         rec["time_s"] = round(time.time() - started, 3)
         if self.d.main and job.epoch_checkpoint(rs.epoch):
-            save_checkpoint(job.model, self.run_dir / f"model.{rs.epoch}.pth", labels=job.labels)  # type: ignore[arg-type]
+            save_checkpoint(job.model, self.run_dir / epoch_file(rs.epoch), labels=job.labels)  # type: ignore[arg-type]
         log.info("%s", json.dumps(rec, default=json_default))
         self.record_epoch(rec)
         rs.epoch += 1
@@ -257,15 +260,15 @@ class _Loop:
                                model=model.eval())
         completed_now = not rs.finished  # else a finished run was started again: nothing to do
         if self.d.main and completed_now:
-            save_checkpoint(model, self.run_dir / "final.pth", labels=self.job.labels)  # type: ignore[arg-type]
+            save_checkpoint(model, self.run_dir / FINAL_FILE, labels=self.job.labels)  # type: ignore[arg-type]
         rs.finished = True
         if completed_now:
             self.save()
         barrier(self.d)
         return TrainResult(
             self.run_dir, True, min(rs.epoch, self.cfg.epochs + 1) - 1, rs.global_step, rs.history,
-            final_checkpoint=self.run_dir / "final.pth",
-            best_checkpoint=(self.run_dir / "best.pth") if rs.best["epoch"] else None,
+            final_checkpoint=self.run_dir / FINAL_FILE,
+            best_checkpoint=(self.run_dir / BEST_FILE) if rs.best["epoch"] else None,
             model=model.eval(),
         )
 

@@ -8,17 +8,22 @@ from cavmae.checkpoint import load_checkpoint
 from cavmae.config import PRESETS, ModelConfig
 from cavmae.model import CAVMAE, CAVMAEFT
 
-from .configs import TrainConfig, TrainConfigError
+from .configs import TrainConfig, TrainConfigError, model_config_problems
 
 M = TypeVar("M", CAVMAE, CAVMAEFT)
 
 
 def model_config_for(cfg: TrainConfig, **changes: Any) -> ModelConfig:
-    """The preset ``cfg.model`` with ``cfg.model_config`` and ``changes`` applied."""
+    """The preset ``cfg.model`` with ``cfg.model_config`` and ``changes`` applied, checked
+    (ModelConfig does not check its values; a bad one fails deep in building the model)."""
     try:
-        return PRESETS[cfg.model].replace(**{**cfg.model_config, **changes})
+        config = PRESETS[cfg.model].replace(**{**cfg.model_config, **changes})
     except TypeError as e:
         raise TrainConfigError(f"invalid model_config: {e}") from None
+    problems = model_config_problems(config)
+    if problems:
+        raise TrainConfigError(f"invalid {cfg.kind} config: " + "; ".join(problems))
+    return config
 
 
 def initial_model(cfg: TrainConfig, cls: type[M], kind: str, **changes: Any) -> M:
@@ -26,7 +31,18 @@ def initial_model(cfg: TrainConfig, cls: type[M], kind: str, **changes: Any) -> 
     ``kind``; ``changes`` override the model config either way. The encoder's position
     embeddings train only with ``trainable_pos_embed``."""
     if cfg.init_checkpoint:
-        model = load_checkpoint(cfg.init_checkpoint, kind=kind, **{**cfg.model_config, **changes})
+        try:
+            model = load_checkpoint(cfg.init_checkpoint, kind=kind, **{**cfg.model_config, **changes})
+        except ValueError as e:
+            # The checkpoint's own sizes build; the model_config overrides applied to them may
+            # not (heads that do not split the width), and only building finds out.
+            if not cfg.model_config:
+                raise
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainConfigError(
+                f"invalid {cfg.kind} config: model_config {cfg.model_config} does not fit "
+                f"{cfg.init_checkpoint} ({first})"
+            ) from None
     else:
         model = cls(model_config_for(cfg, **changes))
     assert isinstance(model, cls)

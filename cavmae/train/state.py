@@ -7,9 +7,14 @@ offset and the global RNG states: everything a resumed run needs to continue bit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,18 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
+BEST_FILE = "best.pth"
+FINAL_FILE = "final.pth"
+AVERAGED_FILE = "wa.pth"
+#: what a run writes into its directory: starting afresh must not mix with, or overwrite, these
+_RUN_FILES = frozenset({STATE_FILE, METRICS_FILE, CONFIG_FILE, RESULT_FILE, BEST_FILE, FINAL_FILE,
+                        AVERAGED_FILE})
+_EPOCH_FILE = re.compile(r"^model\.\d+\.pth$")
+
+
+def epoch_file(epoch: int) -> str:
+    """The name of the weights after ``epoch``."""
+    return f"model.{epoch}.pth"
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 _RESUMABLE_CHANGES = frozenset(
@@ -39,7 +56,7 @@ _RESUMABLE_CHANGES = frozenset(
         "output_dir", "epochs", "max_steps", "resume", "progress", "num_workers", "log_every",
         "save_every_steps", "save_epoch_checkpoints", "eval_batch_size", "device", "train_data",
         "val_data", "label_csv", "weight_csv", "init_checkpoint", "wa_end", "eval_every",
-        "eval_at_start",
+        "eval_at_start", "overwrite",
     }
 )
 
@@ -156,6 +173,45 @@ def _check_epochs(run_dir: Path, cfg: TrainConfig, tr: dict[str, Any]) -> None:
         )
 
 
+def run_files(run_dir: Path) -> list[Path]:
+    """The files of a run (``state.pt``, ``config.json``, ``metrics.jsonl``, ``result.json``,
+    ``model.N.pth``, ``best/final/wa.pth``) in ``run_dir``, sorted; other files are not the
+    run's and are left alone."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if (p.name in _RUN_FILES or _EPOCH_FILE.match(p.name)) and not p.is_dir())
+
+
+def claim_run_dir(cfg: TrainConfig, main: bool) -> None:
+    """Make sure a run may start or continue in ``cfg.output_dir``, before anything is written.
+
+    A directory with a ``state.pt`` is resumed (:func:`start_or_resume` decides how). One with
+    run files but no ``state.pt`` holds an earlier run that cannot be continued: starting afresh
+    there would truncate its ``metrics.jsonl``, replace its checkpoints and leave the epoch
+    checkpoints beyond the new run's epochs mixed in, so it is refused unless ``overwrite``,
+    which deletes that run's files (rank 0; ``state.pt`` first, so a deletion cut short never
+    leaves a resumable state without its files). Every process calls this before the first
+    barrier, so all see the directory as it was and agree.
+    """
+    run_dir = Path(cfg.output_dir)
+    found = run_files(run_dir)
+    if cfg.overwrite:
+        if main and found:
+            log.info("%s: deleting the files of the earlier run (overwrite)", run_dir)
+            for path in sorted(found, key=lambda p: p.name != STATE_FILE):
+                path.unlink(missing_ok=True)
+        return
+    if not found or (run_dir / STATE_FILE).exists():
+        return
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    raise TrainConfigError(
+        f"{run_dir} holds files of an earlier run ({names}) but no {STATE_FILE} to continue it "
+        f"from; choose another output_dir, or pass overwrite=True (--overwrite) to delete that "
+        "run's files and start afresh"
+    )
+
+
 def start_or_resume(
     cfg: TrainConfig, model: nn.Module, opt: Optimization, mlog: MetricsLog, main: bool
 ) -> RunState:
@@ -174,7 +230,8 @@ def start_or_resume(
     if not cfg.resume:
         raise TrainConfigError(
             f"{run_dir} already holds a training state ({STATE_FILE}); pass resume=True "
-            "(--resume) to continue it, or choose another output_dir"
+            "(--resume) to continue it, choose another output_dir, or pass overwrite=True "
+            "(--overwrite) to delete that run's files and start afresh"
         )
     try:
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -182,8 +239,9 @@ def start_or_resume(
     except Exception as e:  # truncated, overwritten, or not a training state at all
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainConfigError(
-            f"{state_path} is damaged and cannot be resumed from ({first[:120]}); delete it to start"
-            " the run over, or choose another output_dir"
+            f"{state_path} is damaged and cannot be resumed from ({first[:120]}); choose another "
+            "output_dir, or pass overwrite=True (--overwrite) to delete this run's files and "
+            "start it over"
         ) from None
     if tr["kind"] != cfg.kind:
         raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
@@ -226,5 +284,41 @@ def save_state(
             "log_offset": mlog.offset(), "rng": _rng_state(),
         },
     }
-    with fsio.atomic_open(Path(cfg.output_dir) / STATE_FILE) as f:
-        torch.save(state, f)
+    # To a path, not a file object: torch's writer turns an exception raised inside a
+    # file object's write (Ctrl-C) into a RuntimeError ("unexpected pos") that hides it.
+    with _sigint_held() as interrupted:
+        try:
+            with fsio.atomic_path(Path(cfg.output_dir) / STATE_FILE) as tmp:
+                torch.save(state, tmp)
+        except BaseException as e:  # the save was abandoned; the previous state.pt is intact
+            if interrupted() and not isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt from e
+            raise
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[Callable[[], bool]]:
+    """Hold back Ctrl-C while the block runs, then deliver it as usual: a save it would cut
+    short is finished instead (seconds at most) and the run stops on a whole ``state.pt``. A
+    second Ctrl-C does not wait: it interrupts at once, the save is abandoned. Yields a
+    function that says whether a Ctrl-C came. Only the main thread receives signals; elsewhere,
+    or where SIGINT is not handled by Python code, nothing is held back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    came: list[tuple[int, Any]] = []
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield lambda: False
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        came.append((signum, frame))
+        if len(came) > 1:
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if len(came) == 1:  # held back: deliver it now that the block is done
+        previous(*came[0])
