@@ -402,6 +402,12 @@ def test_a_run_without_state_is_not_overwritten(ds, tmp_path):
     assert "model.2.pth" not in names and {"model.1.pth", "state.pt", "final.pth"} <= names
     assert (run / "notes.txt").read_text() == "mine" and (run / "init.pth").read_bytes() == b"also mine"
     assert [r["epoch"] for r in _epochs(run) if r["event"] == "epoch"] == [1]
+    # a run stopped in its first epoch, before any save, has nothing to lose: it starts again
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "config.json").write_text("{}")
+    (first / "metrics.jsonl").write_text('{"event": "step", "step": 1}\n')
+    assert pretrain(cfg.replace(output_dir=str(first), epochs=1, max_steps=1)).global_step == 1
 
 
 def test_interrupt_while_saving_the_state(ds, tmp_path, monkeypatch):

@@ -183,6 +183,21 @@ def run_files(run_dir: Path) -> list[Path]:
                   if (p.name in _RUN_FILES or _EPOCH_FILE.match(p.name)) and not p.is_dir())
 
 
+def _finished_any_epoch(found: list[Path]) -> bool:
+    """Whether the run files ``found`` hold any result: a checkpoint or result file, or an epoch
+    recorded in ``metrics.jsonl`` (a run stopped in its first epoch has only step records)."""
+    if any(p.name not in (CONFIG_FILE, METRICS_FILE) for p in found):
+        return True
+    metrics = next((p for p in found if p.name == METRICS_FILE), None)
+    if metrics is None:
+        return False
+    try:
+        with open(metrics, encoding="utf-8") as f:
+            return any(json.loads(line).get("event") != "step" for line in f if line.strip())
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: judged worth keeping
+
+
 def claim_run_dir(cfg: TrainConfig, main: bool) -> None:
     """Make sure a run may start or continue in ``cfg.output_dir``, before anything is written.
 
@@ -202,8 +217,8 @@ def claim_run_dir(cfg: TrainConfig, main: bool) -> None:
             for path in sorted(found, key=lambda p: p.name != STATE_FILE):
                 path.unlink(missing_ok=True)
         return
-    if not found or (run_dir / STATE_FILE).exists():
-        return
+    if not found or (run_dir / STATE_FILE).exists() or not _finished_any_epoch(found):
+        return  # a run stopped in its first epoch (before any save) has nothing to lose: restarted
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
     raise TrainConfigError(
         f"{run_dir} holds files of an earlier run ({names}) but no {STATE_FILE} to continue it "
