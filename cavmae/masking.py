@@ -10,10 +10,13 @@ frequency rows to be removed by giving them noise above any uniform draw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .errors import CavmaeError
 
 MASK_MODES = ("unstructured", "time", "freq", "tf")
 
@@ -24,11 +27,68 @@ DEFAULT_MASK_RATIO = 0.75
 FORCED_NOISE = 1.1
 
 
-def num_kept(num_tokens: int, ratio: float) -> int:
-    """How many of ``num_tokens`` stay visible at mask ``ratio`` (a Python int, as in the reference)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+class MaskRatioError(CavmaeError, ValueError):
+    """A mask ratio outside [0, 1), or one that keeps no token of a modality.
+
+    A ``ValueError`` too, as :func:`num_kept` always raised one for a bad ratio; a
+    ``CavmaeError`` so every command reports it in one line (a user's ``--mask-ratio`` reaches it)."""
+
+
+def _kept(num_tokens: int, ratio: float) -> int:
+    """The rule itself (the reference's rounding): every count of kept tokens comes from here."""
     return int(num_tokens * (1 - ratio))
+
+
+def num_kept(num_tokens: int, ratio: float, modality: str = "") -> int:
+    """How many of ``num_tokens`` stay visible at mask ``ratio`` (a Python int, as in the reference).
+
+    Raises ``MaskRatioError`` for a ratio outside [0, 1) and for one that keeps no token: the
+    graphs and the model would then run on an empty sequence (a zero-size reduction deep in
+    ONNX Runtime or PyTorch). ``modality`` ("audio", "visual") names the tokens in the message.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise MaskRatioError(f"mask ratio must be in [0, 1), got {ratio}")
+    kept = _kept(num_tokens, ratio)
+    if kept < 1:
+        raise _none_kept(num_tokens, ratio, modality, max_mask_ratio(num_tokens), "one")
+    return kept
+
+
+def _none_kept(num_tokens: int, ratio: float, modality: str, limit: float, what: str) -> MaskRatioError:
+    tokens = f"{modality} tokens" if modality else "tokens"
+    return MaskRatioError(f"mask ratio {ratio:g} keeps none of the {num_tokens} {tokens};"
+                          f" the largest ratio that keeps {what} is {limit:g}")
+
+
+def max_mask_ratio(num_tokens: int, digits: int = 4) -> float:
+    """The largest ratio of ``digits`` decimals that keeps at least one of ``num_tokens``
+    (0.0 where even no masking keeps none: no tokens at all).
+
+    Found with the rule's own rounding, so the ratio named in :func:`num_kept`'s error is one
+    it takes.
+    """
+    step = 10**-digits
+    # the exact bound 1 - 1/L rounded down, plus one step: float rounding of the bound (0.99
+    # for 100 tokens is 9899.999... steps) may put it a step too low
+    ratio = round((math.floor((1 - 1 / max(num_tokens, 1)) / step) + 1) * step, digits)
+    while ratio > 0 and (ratio >= 1 or _kept(num_tokens, ratio) < 1):
+        ratio = round(ratio - step, digits)
+    return max(ratio, 0.0)
+
+
+def kept_tokens(
+    num_audio_tokens: int, num_visual_tokens: int, ratio_a: float, ratio_v: float
+) -> tuple[int, int]:
+    """``(audio, visual)`` tokens kept at these mask ratios; ``MaskRatioError`` naming the
+    modality when a ratio keeps none. The check every entry point of a pre-training model
+    (export, reconstruction, runtime load) runs before any work."""
+    if ratio_a == ratio_v and 0.0 <= ratio_a < 1.0:
+        # one ratio for both (`--mask-ratio`): name the largest that suits both modalities
+        limit = min(max_mask_ratio(num_audio_tokens), max_mask_ratio(num_visual_tokens))
+        for n, modality in ((num_audio_tokens, "audio"), (num_visual_tokens, "visual")):
+            if _kept(n, ratio_a) < 1:
+                raise _none_kept(n, ratio_a, modality, limit, "a token of both modalities")
+    return num_kept(num_audio_tokens, ratio_a, "audio"), num_kept(num_visual_tokens, ratio_v, "visual")
 
 
 @dataclass

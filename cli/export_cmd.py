@@ -71,7 +71,9 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     int8_only = sorted(given & {"calibration", "int8_min_top5", "int8_min_cosine", "int8_method"})
     if precision != "int8" and int8_only:
         raise click.UsageError(f"{', '.join(_flag(n) for n in int8_only)} only apply to --precision int8")
-    source = resolve_model(model, mirror=mirror, progress=not as_json)
+    mask_ratios = (mask_ratio, mask_ratio if mask_ratio_v is None else mask_ratio_v)
+    # a ratio that keeps no token is refused before a registry model is downloaded
+    source = resolve_model(model, mirror=mirror, progress=not as_json, mask_ratios=mask_ratios)
     if source.kind == "export":
         raise click.UsageError(f"{model} is already an export; give a checkpoint or a registry name")
     masks = sorted(given & {"mask_ratio", "mask_ratio_v"})
@@ -84,8 +86,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
         num_frames=frames, max_batch=max_batch,
         task=None if task == "auto" else task,
         finetune_mode=source.finetune_mode if finetune_mode == AUTO else finetune_mode,
-        labels=labels, mask_ratio_a=mask_ratio,
-        mask_ratio_v=mask_ratio if mask_ratio_v is None else mask_ratio_v,
+        labels=labels, mask_ratio_a=mask_ratios[0], mask_ratio_v=mask_ratios[1],
         validate=not no_validate, validation_seed=validation_seed, overwrite=overwrite,
         progress=not as_json,
         source={"checkpoint": str(source.path.resolve()), "name": source.info.name if source.info else None,
@@ -94,9 +95,9 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     )
     triton_models = []
     if triton:
-        from cavmae.export.triton import write_triton_repository
+        from cavmae.export.triton import REPOSITORY_DIRNAME, write_triton_repository
 
-        triton_models = [str(p) for p in write_triton_repository(output, output / "triton")]
+        triton_models = [str(p) for p in write_triton_repository(output, output / REPOSITORY_DIRNAME)]
     summary = {
         "output": str(output),
         "kind": result.manifest.model_kind,
@@ -119,7 +120,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
 
         click.echo(format_gate(result.manifest.quantization))
     if triton:
-        click.echo(f"  triton repository: {output / 'triton'} ({len(triton_models)} models)")
+        click.echo(f"  triton repository: {output / REPOSITORY_DIRNAME} ({len(triton_models)} models)")
 
 
 def _int8_options(calibration, int8_min_top5, int8_min_cosine, int8_method):

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from cavmae import fsio
-from cavmae.manifest import GraphSpec
+from cavmae.graphs import GRAPHS
+from cavmae.manifest import MANIFEST_NAME, GraphSpec, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 VALIDATION_NAME = "validation.json"
 #: where ONNX Runtime keeps the optimized copies of an export's graphs (runtime/engines/ort.py)
 ORT_DIRNAME = ".ort"
+#: where TensorRT keeps the engines built from an export's graphs (runtime/engines/trt/cache.py)
+TRT_DIRNAME = ".trt"
 
 
 def graph_identity(
@@ -183,3 +186,37 @@ def export_dirs(root: Path) -> list[Path]:
     found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
              and (p / VALIDATION_NAME).is_file()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def foreign_files(export_dir: Path) -> list[Path]:
+    """The entries of the export ``export_dir`` that no export writes, sorted: what replacing
+    the export (``export --overwrite``) would delete of someone else's.
+
+    An export writes its manifest, ``validation.json``, one file per graph (those its manifest
+    declares, and any graph's name), the engines' caches (``.ort``, ``.trt``), the Triton
+    repository's models (``triton/<model>``; the repository may hold other models, which are
+    not the export's) and temporary names (:func:`cavmae.fsio.temp_sibling`) of a run that died.
+    """
+    from .triton import HELPER_MODELS, REPOSITORY_DIRNAME  # here: the cache's reuse needs no onnx
+
+    export_dir = Path(export_dir)
+    graphs = {f"{name}.onnx" for name in GRAPHS}
+    try:
+        declared = Manifest.load(export_dir).graphs
+    except Exception:  # an unreadable manifest declares nothing beyond the graph names
+        declared = {}
+    graphs |= {spec.file for spec in declared.values()}
+    models = {*GRAPHS, *declared, *HELPER_MODELS}
+    owned = {MANIFEST_NAME, VALIDATION_NAME, *graphs}
+    found: list[Path] = []
+    for entry in sorted(export_dir.iterdir()):
+        if fsio.temp_owner(entry.name) is not None or (entry.name in owned and entry.is_file()):
+            continue
+        if entry.name in (ORT_DIRNAME, TRT_DIRNAME) and entry.is_dir() and not entry.is_symlink():
+            continue
+        if entry.name == REPOSITORY_DIRNAME and entry.is_dir() and not entry.is_symlink():
+            found += [p for p in sorted(entry.iterdir())
+                      if p.name not in models and fsio.temp_owner(p.name) is None]
+            continue
+        found.append(entry)
+    return found

@@ -42,7 +42,7 @@ import onnx
 
 from cavmae import fsio
 from cavmae.config import PreprocessConfig
-from cavmae.errors import ExportError
+from cavmae.errors import ExportError, MediaError, MissingStreamError, skipped_message
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.manifest import GraphSpec
 from cavmae.progress import progress_bar, progress_note, progress_style
@@ -111,8 +111,9 @@ class ClipAgreement:
 
 
 # -- which clips ----------------------------------------------------------------------------
-def gate_clips(calibration: str | Path | Sequence[str | Path] | None, limit: int) -> list[Path]:
-    """The clips the gate (and static calibration) runs on, sorted, at most ``limit``."""
+def gate_clips(calibration: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """The candidate clips of the gate (and static calibration), directories' sorted; see
+    :func:`load_gate_clips` for the ones it runs on."""
     if calibration is None:
         items: list[Path] = list(sample_clips())
         if not items:
@@ -137,13 +138,52 @@ def gate_clips(calibration: str | Path | Sequence[str | Path] | None, limit: int
             f"calibration clips: no video files ({', '.join(VIDEO_SUFFIXES)}) in"
             f" {', '.join(map(str, items))}"
         )
-    return clips[:limit]
+    return clips
 
 
-def _load_clips(paths: list[Path], num_frames: int, preprocess: PreprocessConfig):
+@dataclass(frozen=True)
+class GateClip:
+    """One clip the gate (and static calibration) runs on: ``audio [T, F]``, ``frames [F, 3, H, W]``."""
+
+    name: str
+    audio: np.ndarray
+    frames: np.ndarray
+
+
+def load_gate_clips(
+    calibration: str | Path | Sequence[str | Path] | None, limit: int, num_frames: int,
+    preprocess: PreprocessConfig,
+) -> list[GateClip]:
+    """The first ``limit`` candidate clips (:func:`gate_clips`) that decode with both streams:
+    the gate runs every graph, the audio and the visual ones. A clip that
+    cannot be used (no audio or no video stream, not media, corrupt) is skipped with one
+    warning line and the next one taken; ``ExportError`` only when none is left."""
     from cavmae.media import load_clip
 
-    return [(p.name, load_clip(p, num_frames=num_frames, config=preprocess)) for p in paths]
+    candidates = gate_clips(calibration)
+    loaded: list[GateClip] = []
+    for path in candidates:
+        if len(loaded) == limit:
+            break
+        try:
+            clip = load_clip(path, num_frames=num_frames, config=preprocess)
+        except MissingStreamError as e:
+            log.warning("%s", skipped_message(path, str(e.with_hint(_BOTH_STREAMS))))
+        except MediaError as e:
+            log.warning("%s", skipped_message(path, str(e)))
+        else:
+            assert clip.audio is not None and clip.frames is not None  # both streams were asked for
+            loaded.append(GateClip(path.name, clip.audio, clip.frames))
+    if not loaded:
+        raise ExportError(
+            f"calibration clips: none of the {len(candidates)} clip(s) can be used (each skipped with"
+            " a warning); the int8 gate needs clips with an audio and a video stream"
+        )
+    return loaded
+
+
+#: why a calibration clip needs both streams, in its skip warning
+_BOTH_STREAMS = "the int8 gate runs the audio and the visual graphs, so each clip needs both streams"
 
 
 # -- quantization ---------------------------------------------------------------------------
@@ -359,28 +399,32 @@ def quantize_export(
     preprocess: PreprocessConfig,
     options: Int8Options | None = None,
     progress: bool = False,
+    clips: list[GateClip] | None = None,
 ) -> tuple[dict[str, GraphSpec], GateReport]:
     """Quantize the fp32 graphs in ``work`` in place, after the gate has accepted them.
 
     Returns the specs (precision ``int8`` where a graph was quantized) and the gate's report.
     Raises ``Int8GateError`` when int8 disagrees with fp32 beyond the thresholds; the caller
     discards ``work`` then, so nothing is written. ``progress``: a bar on a terminal, a line
-    per step (reference run, each graph quantized, gate) in a log.
+    per step (reference run, each graph quantized, gate) in a log. ``clips``: the gate's
+    clips as :func:`load_gate_clips` gives them (the exporter loads them before tracing, so a
+    calibration folder with no usable clip fails first); None loads them here.
     """
     opts = options or Int8Options()
     opts.check()
-    clips = _load_clips(gate_clips(opts.calibration, opts.max_clips), num_frames, preprocess)
+    if clips is None:
+        clips = load_gate_clips(opts.calibration, opts.max_clips, num_frames, preprocess)
     fp32_paths = {name: work / spec.file for name, spec in specs.items()}
     # read each graph once to see whether it has weight products (a full-size one is 330 MB)
     to_quantize = [name for name, path in fp32_paths.items() if has_weight_matmul(path)]
     with _Steps(2 + len(to_quantize), progress) as step:
         fp32 = _Runner(fp32_paths)
-        refs = [(name, fp32.clip_outputs(c.audio, c.frames)) for name, c in clips]
+        refs = [fp32.clip_outputs(c.audio, c.frames) for c in clips]
         step.done(f"fp32 reference outputs on {len(clips)} clip(s)")
         int8_paths, kept = _quantize_graphs(fp32_paths, to_quantize, opts, fp32, clips, refs, step)
         int8 = _Runner({**fp32_paths, **int8_paths})
-        agreements = [compare_clip(name, ref, int8.clip_outputs(c.audio, c.frames))
-                      for (name, c), (_, ref) in zip(clips, refs, strict=True)]
+        agreements = [compare_clip(c.name, ref, int8.clip_outputs(c.audio, c.frames))
+                      for c, ref in zip(clips, refs, strict=True)]
         del fp32, int8  # close the sessions before files are replaced
         report = GateReport(
             method=opts.method, per_channel=opts.per_channel, op_types=list(INT8_OPS), kept_fp32=sorted(kept),
@@ -404,8 +448,8 @@ def quantize_export(
 
 
 def _quantize_graphs(
-    fp32_paths: dict[str, Path], names: list[str], opts: Int8Options, fp32: _Runner, clips: list[Any],
-    refs: list[Any], step: _Steps,
+    fp32_paths: dict[str, Path], names: list[str], opts: Int8Options, fp32: _Runner, clips: list[GateClip],
+    refs: list[dict[str, np.ndarray]], step: _Steps,
 ) -> tuple[dict[str, Path], set[str]]:
     """Write ``NAME.int8.onnx`` beside each graph of ``names``; those paths, and the nodes
     kept in fp32."""
@@ -418,7 +462,7 @@ def _quantize_graphs(
         calibration = None
         if opts.method == "static":
             calibration = [fp32.feeds_for(name, c.audio, c.frames, ref)
-                           for (_, c), (_, ref) in zip(clips, refs, strict=True)]
+                           for c, ref in zip(clips, refs, strict=True)]
         quantize_graph(path, dst, method=opts.method, per_channel=opts.per_channel,
                        calibration=calibration)
         int8_paths[name] = dst

@@ -29,7 +29,7 @@ from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig, check_num_frames
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
 from cavmae.manifest import EXPORT_PRECISIONS, GraphSpec, Manifest, is_export_dir
-from cavmae.masking import DEFAULT_MASK_RATIO
+from cavmae.masking import DEFAULT_MASK_RATIO, kept_tokens
 from cavmae.model import CAVMAEFT, CAVMAEEncoder
 from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar, progress_note, progress_style
@@ -46,13 +46,14 @@ from cavmae.stages import (
 from .fp16 import convert_to_fp16
 from .graph_store import (
     find_reusable,
+    foreign_files,
     graph_identity,
     read_validation,
     reuse_graph,
     write_validation,
 )
 from .graph_templates import TEMPLATE_DIR, Template, fill_template, find_template
-from .int8 import Int8Options, quantize_export
+from .int8 import Int8Options, load_gate_clips, quantize_export
 from .onnx_wire import write_edited_model
 from .validate import (
     DEFAULT_SEED,
@@ -359,7 +360,33 @@ def _note(job: GraphJob, message: str) -> None:
     progress_note(f"export: {message}", enabled=job.progress)
 
 
-def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite: bool) -> None:
+def _fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
+
+def _check_mask_ratios(net: CAVMAEEncoder, mask_ratio_a: float, mask_ratio_v: float) -> None:
+    """Before tracing: a ratio that keeps no token of a pre-training model fails (one line)."""
+    if model_kind(net) == "pretrain":
+        kept_tokens(net.config.num_audio_tokens, net.config.num_visual_tokens, mask_ratio_a, mask_ratio_v)
+
+
+def _int8_gate_inputs(
+    precision: str, pending: Sequence[str], int8: Int8Options | None, num_frames: int, preprocess: PreprocessConfig
+) -> tuple[Int8Options | None, Any]:
+    """The int8 gate's options and clips, checked and loaded before minutes of tracing (the
+    options as given and no clips for another precision)."""
+    if precision != "int8":
+        return int8, None
+    if pending:
+        raise ExportError("an int8 export writes every graph at once (its gate runs them all)")
+    int8 = int8 or Int8Options()
+    int8.check()
+    return int8, load_gate_clips(int8.calibration, int8.max_clips, num_frames,
+                                 preprocess.replace(num_frames=num_frames))
+
+
+def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite: bool, num_frames: int) -> None:
+    check_num_frames(num_frames)
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if finetune_mode not in FINETUNE_MODES:
@@ -375,10 +402,18 @@ def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrit
 
 def _check_destination(out_dir: Path, checkpoint: str | None) -> None:
     """Before any tracing: the export may replace ``out_dir`` (never the checkpoint it is made
-    from) and its folder takes files (a read-only folder fails now, not after minutes of work)."""
+    from, nor files no export writes) and its folder takes files (a read-only folder fails now,
+    not after minutes of work)."""
     if checkpoint and Path(checkpoint).resolve().is_relative_to(out_dir.resolve()):
         raise ExportError(f"the checkpoint {checkpoint} is inside {out_dir}, which the export replaces;"
                           " choose another directory")
+    # an earlier export (only --overwrite gets here with one) is replaced whole, in one rename:
+    # not when the folder also holds what the user keeps there
+    foreign = foreign_files(out_dir) if is_export_dir(out_dir) else []
+    if foreign:
+        more, it = (f" and {len(foreign) - 1} more", "them") if len(foreign) > 1 else ("", "it")
+        raise ExportError(f"{out_dir} holds {foreign[0]}{more}, which no export writes and --overwrite"
+                          f" would delete; move {it} out of the folder, or choose another directory")
     if not fsio.writable_dir(out_dir.parent):
         raise ExportError(f"cannot write into {out_dir.parent}: not a writable folder")
 
@@ -441,11 +476,11 @@ def export_model(
     ``validation.json``, with each graph's identity and, for a reused graph, where it came from.
     """
     out_dir = Path(out_dir)
-    _check_arguments(precision, finetune_mode, out_dir, overwrite)
-    check_num_frames(num_frames)
+    _check_arguments(precision, finetune_mode, out_dir, overwrite, num_frames)
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
     _check_destination(out_dir, src.get("checkpoint"))
+    _check_mask_ratios(net, mask_ratio_a, mask_ratio_v)
     classifier = isinstance(net, CAVMAEFT)
     label_set = _labels(labels, model, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None
@@ -453,10 +488,8 @@ def export_model(
                                task=task or "multi-label", finetune_mode=finetune_mode,
                                mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v), graphs, write or ())
     pending = () if write is None else tuple(n for n in plan if n not in write)
-    if validation_seed is None:
-        validation_seed = int(np.random.SeedSequence().generate_state(1)[0])
-    if precision == "int8" and pending:
-        raise ExportError("an int8 export writes every graph at once (its gate runs them all)")
+    validation_seed = _fresh_seed() if validation_seed is None else validation_seed
+    int8, int8_clips = _int8_gate_inputs(precision, pending, int8, num_frames, preprocess)
     job = GraphJob(precision, task, validation_seed, validate, src.get("sha256"), net.config.to_dict(),
                    _versions(), reuse, optimized, progress, templates=templates)
     with fsio.staged_dir(out_dir) as work:  # a failed export leaves nothing behind
@@ -471,7 +504,8 @@ def export_model(
         ).replace(pending=pending)
         if precision == "int8":
             specs, gate = quantize_export(work, specs, num_frames=manifest.num_frames,
-                                          preprocess=manifest.preprocess, options=int8, progress=progress)
+                                          preprocess=manifest.preprocess, options=int8, progress=progress,
+                                          clips=int8_clips)
             manifest = manifest.replace(graphs=specs, quantization=gate.to_dict())
         manifest.save(work)
     return ExportResult(out_dir=out_dir, manifest=manifest, reports=reports)

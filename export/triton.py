@@ -107,6 +107,10 @@ _IMAGE_TOKENS_WIRE = "image_tokens"
 _FRAME_TOKENS_WIRE = "frame_tokens"
 FRAMES_TO_BATCH = "frames_to_batch"
 BATCH_TO_FRAMES = "batch_to_frames"
+#: the models a repository gets beside one per graph (their names are the graphs')
+HELPER_MODELS = (ENSEMBLE_NAME, FRAMES_TO_BATCH, BATCH_TO_FRAMES)
+#: where `cavmae export --triton` writes the repository, inside the export
+REPOSITORY_DIRNAME = "triton"
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from cavmae.errors import CavmaeError
 from cavmae.graphs import JOINT_CLASSIFIER
 
 from . import hardware
+
+if TYPE_CHECKING:
+    from .loader import ModelSource
 
 
 # -- measurement helpers ----------------------------------------------------------------------
@@ -233,6 +236,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     work = Path(cfg.work_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "cavmae-bench")
     work.mkdir(parents=True, exist_ok=True)
     model_ref = cfg.model if cfg.model is not None else _random_checkpoint(work)
+    source = _check_model(cfg, model_ref)  # before the baseline: it takes minutes at full size
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
@@ -248,7 +252,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
 
     if cfg.baseline:
         log("baseline: eager fp32 PyTorch, full forward once per frame")
-        base = _baseline(cfg, model_ref, clip_arrays, log, base_device or "cpu")
+        base = _baseline(cfg, source, clip_arrays, log, base_device or "cpu")
         timings.update(base)
     for engine, precision, name in _engine_runs(cfg):
         opts: dict[str, Any] = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
@@ -290,12 +294,30 @@ def _engine_runs(cfg: BenchConfig) -> list[tuple[str, str, str]]:
     return runs
 
 
-def _baseline(cfg: BenchConfig, model_ref, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:
+def _check_model(cfg: BenchConfig, model_ref: str | Path) -> ModelSource:
+    """The benchmarked model's ``ModelSource``, refused now when no run can use it: a
+    pre-training model (the benchmark classifies), or an export directory whose precision or
+    frame count is not one a run asks for (an export runs as it was written). The loader's
+    own checks, so the messages are those ``load`` gives."""
+    from cavmae.manifest import Manifest
+
+    from .loader import _check_export_frames, _check_export_precision, resolve_model
+
+    source = resolve_model(model_ref, task="classify")
+    if source.kind == "export":
+        manifest = Manifest.load(source.path)
+        _check_export_frames(source.path, manifest, cfg.num_frames)
+        for engine, precision, _name in _engine_runs(cfg):
+            if engine != "torch":  # the torch engine runs the export's checkpoint instead
+                _check_export_precision(source.path, manifest, precision)
+    return source
+
+
+def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:
     import torch
 
     from .loader import resolve_model
 
-    source = resolve_model(model_ref)
     if source.kind != "checkpoint":
         path = (source.path / "manifest.json").read_text()
         ckpt = json.loads(path).get("source", {}).get("checkpoint")

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from cavmae import fsio
-from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint
-from cavmae.config import DEFAULT_PREPROCESS, check_num_frames
+from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint, peek_metadata
+from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig, check_num_frames
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
 from cavmae.hub.cache import cavmae_home
 from cavmae.hub.inventory import mark_used
 from cavmae.labels import LabelSet, read_label_csv
 from cavmae.manifest import EXPORT_PRECISIONS, TORCH_PRECISIONS, Manifest, is_export_dir
-from cavmae.masking import DEFAULT_MASK_RATIO
+from cavmae.masking import DEFAULT_MASK_RATIO, kept_tokens
 from cavmae.modes import finetune_mode_of
 
 from .engines import check_engine, create_engine
@@ -84,13 +84,16 @@ class ModelSource:
 
 
 def resolve_model(
-    model: str | Path, *, mirror: str | None = None, progress: bool = True, task: str | None = None
+    model: str | Path, *, mirror: str | None = None, progress: bool = True, task: str | None = None,
+    mask_ratios: tuple[float, float] | None = None,
 ) -> ModelSource:
     """Classify a model reference; registry names are downloaded when not cached.
 
     With ``task`` (a key of ``TASKS``), a model of the wrong kind raises ``ModelKindError``
     before any download, hash or export: the kind comes from the registry entry, the manifest,
-    or the checkpoint's keys (read from a memory map, in well under a second).
+    or the checkpoint's keys (read from a memory map, in well under a second). With
+    ``mask_ratios`` (audio, visual), a pre-training model's ratios that keep no token raise
+    ``MaskRatioError`` as early (see :func:`_check_mask_ratios`).
     """
     path = Path(model)
     if path.is_dir():
@@ -100,14 +103,18 @@ def resolve_model(
         source = ModelSource("export", path, model_kind=manifest.model_kind,
                              num_classes=manifest.model_config.num_classes)
         check_kind(source, model, task)
+        _check_mask_ratios(source, mask_ratios)
         return source
     info = None if path.is_file() else registry.MODELS.get(str(model))
     if info is not None:  # checked before the download
-        check_kind(ModelSource("checkpoint", path, info, info.kind, info.num_classes), model, task)
+        known = ModelSource("checkpoint", path, info, info.kind, info.num_classes)
+        check_kind(known, model, task)
+        _check_mask_ratios(known, mask_ratios)
     file, info = registry.checkpoint_file(model, mirror=mirror, progress=progress)
     kind, classes = (info.kind, info.num_classes) if info is not None else _peek_checkpoint(file)
     source = ModelSource("checkpoint", file, info, kind, classes, mirror)
     check_kind(source, model, task)
+    _check_mask_ratios(source, mask_ratios)
     return source
 
 
@@ -355,7 +362,8 @@ def load(
     """
     name, dev = check_engine(engine, device)  # before any download or export
     check_precision(name, precision)
-    source = resolve_model(model, mirror=mirror, progress=progress, task=task)
+    source = resolve_model(model, mirror=mirror, progress=progress, task=task,
+                           mask_ratios=(mask_ratio_a, mask_ratio_v))
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it
     user = model_labels(source, labels) if labels is not None else None  # checked before export
     registry_labels = _once(lambda: model_labels(source, progress=progress))  # asked at most once
@@ -393,6 +401,33 @@ def _check_export_precision(path: Path, manifest: Manifest, precision: str | Non
             f" registry name to export it in {precision} on first use, or write one with"
             f" `cavmae export MODEL --precision {precision}`"
         )
+
+
+def _check_mask_ratios(source: ModelSource, ratios: tuple[float, float] | None) -> None:
+    """Refuse a pre-training model's mask ratios (audio, visual) that keep no token of a
+    modality (``MaskRatioError``) where its token counts are known without loading it (see
+    :func:`_known_config`); other checkpoints' are checked by the export, once the model is
+    loaded, before any tracing. Classifiers have no masking: nothing to check."""
+    if ratios is None or source.model_kind != "pretrain":
+        return
+    config = _known_config(source)
+    if config is not None:
+        kept_tokens(config.num_audio_tokens, config.num_visual_tokens, *ratios)
+
+
+def _known_config(source: ModelSource) -> ModelConfig | None:
+    """The ``ModelConfig`` of ``source`` from its manifest, its registry entry (every released
+    checkpoint is full-size) or the config a checkpoint written here carries; else None."""
+    if source.kind == "export":
+        return Manifest.load(source.path).model_config
+    if source.info is not None:
+        return BASE
+    meta = peek_metadata(source.path)
+    raw = meta.get("config") if meta is not None else None
+    try:
+        return ModelConfig.from_dict(raw) if isinstance(raw, dict) else None
+    except TypeError:  # metadata of another shape: the export checks the loaded model
+        return None
 
 
 def _check_export_frames(path: Path, manifest: Manifest, num_frames: int) -> None:

@@ -113,6 +113,18 @@ def test_user_mistakes_exit_2_with_one_line(env, command):
         assert len(lines) == 1 and text in lines[0], r.stderr
 
 
+def test_mask_ratio_that_keeps_no_token_is_one_line(env):
+    out = env["tmp"] / "none-kept.png"
+    for ratio, tokens in (("0.999", "512 audio tokens"), ("0.995", "196 visual tokens")):
+        r = run(env, "reconstruct", str(AUDIOSET_CLIP), "-o", str(out), "-m", env["pretrain"], *ORT,
+                "--mask-ratio", ratio)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: mask ratio {ratio} keeps none of the {tokens}")
+        assert "largest ratio that keeps a token of both modalities is 0.9948" in lines[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["reconstruct", "localize"])
 def test_help_has_an_example(env, command):
     r = run(env, command, "--help")

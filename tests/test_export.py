@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -110,8 +111,39 @@ def test_overwrite_keeps_the_checkpoint_it_exports(tmp_path, tiny_classifier):
     with pytest.raises(ExportError, match="inside"):
         export_model(ckpt, out, graphs=["audio_encoder"], validate=False, overwrite=True)
     assert ckpt.is_file()
+    # nor any other file of the user's in it (the checkpoint, once given as a model object)
+    with pytest.raises(ExportError, match="ft.pth, which no export writes"):
+        export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    assert ckpt.is_file()
+    ckpt.unlink()
     export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
-    assert not ckpt.exists() and Manifest.load(out).graphs  # an earlier export is replaced
+    assert Manifest.load(out).graphs  # an earlier export is replaced
+
+
+def test_overwrite_refuses_an_export_holding_the_users_files(tmp_path, tiny_classifier):
+    from cavmae.fsio import temp_sibling
+
+    out = tmp_path / "export"
+    export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False)
+    # what exports and engines write there: caches, a Triton model, a dead run's temporary file
+    for name in (".ort/audio_encoder.cpu.x.onnx", ".trt/engine.plan", "triton/audio_encoder/config.pbtxt",
+                 "triton/cavmae_classify/config.pbtxt", "visual_encoder.onnx", temp_sibling(out / "x").name):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("written by cavmae")
+    mine = [out / "my_notes.txt", out / "triton" / "my_model" / "config.pbtxt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("keep me")
+    with pytest.raises(ExportError, match=r"my_notes.txt and 1 more, which no export writes") as info:
+        export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    assert "\n" not in str(info.value)
+    assert all(p.read_text() == "keep me" for p in mine) and (out / ".ort").is_dir()
+    mine[0].unlink()
+    with pytest.raises(ExportError, match=r"holds \S*my_model, which"):  # the other Triton model
+        export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    shutil.rmtree(mine[1].parent)
+    export_model(tiny_classifier, out, graphs=["audio_encoder"], validate=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["audio_encoder.onnx", "manifest.json"]
 
 
 def test_refuses_to_overwrite_and_bad_arguments(tmp_path, tiny_classifier):

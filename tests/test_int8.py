@@ -4,6 +4,7 @@ report, pipeline, and a refused gate that leaves nothing on disk. No timing asse
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,8 +23,11 @@ from cavmae.manifest import Manifest
 from cavmae.media import load_clip
 from cavmae.runtime import load
 from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
+from media_factory import make_media, make_text_file
 
 CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavmae"))
+#: the graphs of a quick gated export: both encoders and the classifier the gate compares
+GATE_GRAPHS = ["audio_encoder", "visual_encoder", "joint_classifier"]
 QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
 
 
@@ -157,6 +161,38 @@ def test_calibration_dir_without_clips_is_one_error(tiny, tmp_path):
             "--calibration", str(tmp_path), home=tmp / "home")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("Error: calibration clips: no video files")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_clips_the_gate_cannot_use_are_skipped(tiny, tmp_path, caplog):
+    model, _, _ = tiny
+    clips = tmp_path / "calib"
+    clips.mkdir()
+    shutil.copy(VGGSOUND_CLIP, clips / "b_good.mp4")
+    make_media(clips / "a_audio_only.mp4", with_video=False)
+    make_text_file(clips / "c_not_media.mp4")
+    with caplog.at_level(logging.WARNING, logger="cavmae.export.int8"):
+        result = export_model(model, tmp_path / "out", "int8", max_batch=1, graphs=GATE_GRAPHS,
+                              int8=Int8Options(calibration=clips))
+    assert [c["clip"] for c in result.manifest.quantization["clips"]] == ["b_good.mp4"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"skipped {clips / 'a_audio_only.mp4'}: has no video stream")
+    assert warnings[1].startswith(f"skipped {clips / 'c_not_media.mp4'}")
+
+
+def test_calibration_without_a_usable_clip_fails_before_tracing(tiny, tmp_path):
+    _, ckpt, tmp = tiny
+    make_media(tmp_path / "audio_only.mp4", with_video=False)
+    make_media(tmp_path / "video_only.mp4", with_audio=False)
+    r = run("export", str(ckpt), "-o", str(tmp_path / "out"), "--precision", "int8",
+            "--calibration", str(tmp_path), home=tmp / "home", progress=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["warning", "warning", "Error"], r.stderr  # no graph traced
+    assert "audio_only.mp4: has no video stream" in lines[0] and "video_only.mp4: has no audio" in lines[1]
+    assert lines[2] == ("Error: calibration clips: none of the 2 clip(s) can be used (each skipped with a"
+                        " warning); the int8 gate needs clips with an audio and a video stream")
     assert not (tmp_path / "out").exists()
 
 

@@ -207,6 +207,22 @@ def test_manifest_disagreeing_with_onnx_fails_at_open(export: tuple[Path, Manife
         OrtEngine(d, m).session("nope")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_damaged_graph_file_is_one_line_naming_it(
+    export: tuple[Path, Manifest], damage: str, cache: bool
+) -> None:
+    d, m = export
+    source = d / "proj.onnx"
+    data = source.read_bytes()
+    source.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"hello\n"}[damage])
+    with pytest.raises(CavmaeError) as info:
+        OrtEngine(d, m, cache=cache).session("proj")
+    message = str(info.value)
+    assert str(source) in message and "re-export" in message and "\n" not in message
+    assert not list((d / ".ort").glob("*"))  # no optimized copy, no temporary file left
+
+
 # --------------------------------------------------------------------------------------------
 # Optimized-model cache
 # --------------------------------------------------------------------------------------------

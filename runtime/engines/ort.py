@@ -68,6 +68,17 @@ def _import_ort() -> Any:
     return ort
 
 
+#: ONNX Runtime's errors for a model file it cannot read as a graph: not protobuf or cut short
+#: (INVALID_PROTOBUF), empty ("No graph was found", INVALID_ARGUMENT), a graph that does not hold
+#: together (INVALID_GRAPH)
+_DAMAGED = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument")
+
+
+def _is_damaged_model(error: Exception) -> bool:
+    """Whether ``error``, raised opening a model file, says the file is not a usable graph."""
+    return type(error).__name__ in _DAMAGED and "onnxruntime" in type(error).__module__
+
+
 class OrtSession(GraphSession):
     """One graph in an ``onnxruntime.InferenceSession``."""
 
@@ -226,6 +237,23 @@ class OrtEngine(Engine):
             )
         return sess
 
+    def _source_session(self, spec: GraphSpec, source: Path, options: Any) -> Any:
+        """A session of the export's own graph file ``source``; a file ONNX Runtime cannot
+        parse (cut short, overwritten, empty) is a one-line ``CavmaeError`` naming it, as a
+        missing one is: the export is damaged and only re-exporting mends it."""
+        try:
+            return self._new_session(source, options)
+        except CavmaeError:
+            raise
+        except Exception as e:
+            if not _is_damaged_model(e):
+                raise
+            reason = str(e).rsplit("failed:", 1)[-1].strip().rstrip(".") or type(e).__name__
+            raise CavmaeError(
+                f"graph {spec.name!r}: {source} is not a readable ONNX graph ({reason}); the"
+                " export directory is damaged, re-export the model"
+            ) from None
+
     def validation_session(self, graph: str, path: Path, optimized: Path | None) -> Any:
         """A session of the new graph file ``path`` of ``graph``, opened as this engine opens
         a graph it optimizes (every optimization on; ``optimized``: where ONNX Runtime saves
@@ -253,7 +281,7 @@ class OrtEngine(Engine):
             )
         full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not self.cache:
-            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+            return OrtSession(spec, self._source_session(spec, source, self._options(full)), "source")
 
         cached = self.cache_path(spec)
         if cached.is_file():
@@ -281,7 +309,7 @@ class OrtEngine(Engine):
                 log.debug("cannot remove %s: %s", cached, e)
 
         if not fsio.writable_dir(cached.parent):
-            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+            return OrtSession(spec, self._source_session(spec, source, self._options(full)), "source")
 
         # Save to a private temporary name, then rename: concurrent processes never see a
         # half-written model.
@@ -292,14 +320,14 @@ class OrtEngine(Engine):
         # carries the provider, version and hardware, so silence that one warning.
         options.log_severity_level = 3
         try:
-            sess = self._new_session(source, options)
-        except EngineUnavailableError:
+            sess = self._source_session(spec, source, options)
+        except CavmaeError:  # no CUDA provider, or a damaged graph: not a caching problem
             tmp.unlink(missing_ok=True)
             raise
         except Exception as e:
             tmp.unlink(missing_ok=True)
             log.debug("graph %s: saving the optimized model failed (%s); not caching", spec.name, e)
-            return OrtSession(spec, self._new_session(source, self._options(full)), "source")
+            return OrtSession(spec, self._source_session(spec, source, self._options(full)), "source")
         try:
             fsio.publish_file(tmp, cached)
             log.debug("graph %s: cached optimized model at %s", spec.name, cached)
