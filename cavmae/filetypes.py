@@ -72,7 +72,10 @@ def expand_inputs(
                 raise CavmaeError(f"no media files in folder {path}")
             out.extend(str(p) for p in found)
         elif path.is_file() and path_lists and path.suffix.lower() in PATH_LIST_SUFFIXES:
-            lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
+            # a byte-order mark is no part of the first name; a name that is not UTF-8 keeps its
+            # bytes (surrogate escapes, as the file system gives names)
+            text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+            lines = [s.strip() for s in text.splitlines()]
             # relative entries are relative to the list, so a list travels with its files
             out.extend(s if is_remote(s) or Path(s).is_absolute() else str(path.parent / s)
                        for s in lines if s and not s.startswith("#"))

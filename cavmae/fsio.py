@@ -57,6 +57,7 @@ __all__ = [
     "sha256_file",
     "staged_dir",
     "temp_owner",
+    "temp_siblings",
     "temp_sibling",
     "writable_dir",
     "write_bytes",
@@ -87,6 +88,16 @@ def temp_owner(name: str) -> str | None:
     """The final name a :func:`temp_sibling` name stands for, or None for any other name."""
     m = _TEMP_NAME.match(name)
     return m.group("name") if m else None
+
+
+def temp_siblings(path: str | Path) -> list[Path]:
+    """The :func:`temp_sibling` names beside ``path`` that stand for it: what writers of
+    ``path`` left when they were killed, for a caller that holds ``path``'s lock to remove."""
+    path = Path(path)
+    try:
+        return sorted(p for p in path.parent.iterdir() if temp_owner(p.name) == path.name)
+    except OSError:
+        return []
 
 
 # --- durable renames -------------------------------------------------------------------------

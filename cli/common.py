@@ -147,7 +147,14 @@ def echo(message: str = "", *, err: bool = False, nl: bool = True) -> None:
 
 
 def echo_json(obj: Any) -> None:
-    echo(json.dumps(obj, ensure_ascii=False, default=_json_default))
+    """``obj`` as one line of JSON; a file name that is not UTF-8 (surrogate escapes) makes the
+    line ASCII with ``\\u`` escapes, which read back to the same name (UTF-8 could not carry it)."""
+    text = json.dumps(obj, ensure_ascii=False, default=_json_default)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, default=_json_default)
+    echo(text)
 
 
 def _json_default(o: Any) -> Any:

@@ -91,7 +91,8 @@ def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> N
         click.echo(f"  ... and {dropped - len(result.examples)} more", err=True)
     why = f"{result.dropped['missing']} deleted, {result.dropped['changed']} changed"
     if not dropped:
-        click.echo(f"{index_dir}: nothing to drop ({result.kept} rows, every file unchanged)")
+        state = "no file deleted" if keep_changed else "every file there and unchanged"
+        click.echo(f"{index_dir}: nothing to drop ({result.kept} rows, {state})")
     elif dry_run:
         click.echo(f"{index_dir}: would drop {dropped} rows ({why}) and keep {result.kept}; nothing changed")
     else:

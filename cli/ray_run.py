@@ -199,7 +199,7 @@ def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, s
 
     settings.init()
     done = writer.done if getattr(writer, "path", None) is not None else set()
-    ds = ray_data.read_media([str(f) for f in files])
+    ds = ray_data.from_paths([str(f) for f in files])  # listed by the driver already
     ds = ray_data.plan_clips(ds, modes=pipe.classify_modes, mode=mode, window=window, hop=hop,
                              offset=offset, done=done)
     ds = ray_data.decode_clips(ds, pipe.manifest.preprocess)
@@ -255,7 +255,7 @@ class RayEmbed:
         self.settings.init()
         spec = self.settings.spec(self.model, self.engine, self.device, num_frames=pipe.num_frames,
                                   frame=writer.meta["frame"])
-        ds = ray_data.read_media([str(p) for p in todo])
+        ds = ray_data.from_paths([str(p) for p in todo])  # listed by the driver already
         ds = ray_data.plan_clips(ds, modes=(), mode="embed")
         ds = ray_data.decode_clips(ds, pipe.manifest.preprocess)
         ds = ray_data.embed_clips(ds, spec, actors=self.settings.actors,

@@ -52,6 +52,7 @@ __all__ = [
     "init_ray",
     "list_inputs",
     "plan_clips",
+    "from_paths",
     "read_media",
     "unpack",
 ]
@@ -141,8 +142,14 @@ def list_inputs(inputs: Iterable[str], suffixes: tuple[str, ...] = MEDIA_SUFFIXE
 
 def read_media(inputs: Iterable[str] | Sequence[str]) -> ray.data.Dataset:
     """A dataset of one row ``{"path"}`` per file named by ``inputs`` (see :func:`list_inputs`)."""
+    return from_paths(list_inputs(inputs))
+
+
+def from_paths(paths: Sequence[str]) -> ray.data.Dataset:
+    """A dataset of one row ``{"path"}`` per path, as listed already (:func:`list_inputs`): a
+    path that is missing becomes that file's error row downstream, not the job's failure."""
     ray = _ray()
-    return ray.data.from_items([{"path": p} for p in list_inputs(inputs)])
+    return ray.data.from_items([{"path": p} for p in paths])
 
 
 # -- planning and decoding (CPU tasks) -----------------------------------------------------------

@@ -52,3 +52,15 @@ def test_sigterm_stops_the_run_and_the_handler_is_restored():
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_json_keeps_a_file_name_that_is_not_utf8(capsys):
+    """Such a name reaches JSON output as escapes that read back to it, not as replacement marks."""
+    import json
+
+    from cavmae.cli.common import echo_json
+
+    odd = os.fsdecode(b"caf\xe9.mp4")
+    echo_json({"path": odd, "label": "café"})
+    out = capsys.readouterr().out
+    assert out.isascii() and json.loads(out) == {"path": odd, "label": "café"}

@@ -37,3 +37,14 @@ def test_a_named_pipe_is_named_as_not_a_file(tmp_path):
     os.mkfifo(tmp_path / "p.mp4")
     with pytest.raises(CavmaeError, match="not a regular file"):
         expand_inputs([str(tmp_path / "p.mp4")])
+
+
+def test_a_list_with_a_byte_order_mark_and_a_name_that_is_not_utf8(tmp_path):
+    import os
+
+    from cavmae.filetypes import expand_inputs as expand
+
+    odd = os.fsdecode(b"caf\xe9.mp4")
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.mp4\ncaf\xe9.mp4\n")
+    assert expand([str(tmp_path / "list.txt")], path_lists=True) == [str(tmp_path / "a.mp4"), str(tmp_path / odd)]

@@ -471,3 +471,30 @@ def test_a_file_name_that_is_not_utf8_is_stored_and_found(tmp_path):
     assert list(index.rows_of(names)) == [0, 1, 2] and latin1 in index
     with IndexWriter(tmp_path / "idx", model=MODEL, dim=D) as w:
         assert w.contains_many(names).all()
+
+
+def test_prune_through_a_link_of_an_unfinished_shard_after_a_killed_prune(tmp_path):
+    """A link to the index: the index is pruned, the link kept. A shard that did not finish
+    stays unfinished (merge must still refuse it). A copy a killed prune left is removed."""
+    from cavmae.fsio import temp_sibling
+    from cavmae.runtime.index.prune import prune_index
+
+    rng = np.random.default_rng(6)
+    files = [tmp_path / f"c{k}.mp4" for k in range(3)]
+    for f in files:
+        f.write_bytes(b"clip")
+    shard = shard_dir(tmp_path / "idx", (0, 2))
+    w = IndexWriter(shard, model=MODEL, dim=D, shard=(0, 2))
+    for f, a in zip(files, unit(rng, 3), strict=True):
+        w.add(f, a, None, duration=1.0)
+    w.close(finished=False)  # killed before it finished
+    files[1].unlink()
+    (tmp_path / "link").symlink_to(shard)
+    leftover = temp_sibling(shard)
+    (leftover / "sub").mkdir(parents=True)  # what a prune killed mid-copy leaves
+    result = prune_index(tmp_path / "link")
+    assert result.rewritten and (tmp_path / "link").is_symlink() and not leftover.exists()
+    pruned = EmbeddingIndex.open(shard)
+    assert len(pruned) == 2 and pruned.meta["shard"] == [0, 2] and not pruned.meta["finished"]
+    with pytest.raises(EmbeddingIndexError, match="is a file"):
+        prune_index(files[0])

@@ -262,11 +262,12 @@ def test_cli_embed_on_ray_auto(setup):
     # a list of paths naming a clip already indexed and a new one: the driver expands the list,
     # so the indexed clip is skipped and the run goes on (it stopped at a duplicate before)
     shutil.copyfile(media / "sound.wav", tmp / "new.wav")
-    (tmp / "list.txt").write_text(f"{media / 'sound.wav'}\nnew.wav\n")
+    (tmp / "list.txt").write_text(f"{media / 'sound.wav'}\nnew.wav\nmissing.wav\n")
     res = _cavmae(tmp, ckpt, "embed", str(tmp / "list.txt"), "-o", str(index), "--ray", "auto", "--json",
                   env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
-    assert res.returncode == 0, res.stderr
-    assert {k: json.loads(res.stdout)[k] for k in ("added", "skipped")} == {"added": 1, "skipped": 1}
+    assert res.returncode == 2, res.stderr  # the missing entry is that file's failure, not the job's
+    summary = json.loads(res.stdout)
+    assert (summary["added"], summary["skipped"]) == (1, 1) and summary["failed"][0]["path"].endswith("missing.wav")
 
 
 def test_import_does_not_load_ray():

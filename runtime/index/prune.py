@@ -11,6 +11,8 @@ its row numbers no longer hold; ``cavmae index build-ann`` makes it again.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from .merge import copy_items
 from .reader import EmbeddingIndex
 from .storage import locked
 from .writer import IndexWriter
+
+log = logging.getLogger(__name__)
 
 #: why a row is dropped
 MISSING, CHANGED = "missing", "changed"
@@ -92,13 +96,19 @@ def prune_index(
     Raises:
         EmbeddingIndexError: no index there, unmerged shards in it, or another process writing it.
     """
-    root = Path(path)
-    if not is_index(root):
-        raise EmbeddingIndexError(f"no index at {root} (made by `cavmae embed -o {root}`)")
-    if find_shards(root):
-        raise EmbeddingIndexError(f"{root} holds shards not merged yet; run `cavmae embed --merge {root}` first")
+    given = Path(path)
+    if given.is_file():
+        raise EmbeddingIndexError(f"{given} is a file, not an index folder")
+    if not is_index(given):
+        raise EmbeddingIndexError(f"no index at {given} (made by `cavmae embed -o {given}`)")
+    if find_shards(given):
+        raise EmbeddingIndexError(f"{given} holds shards not merged yet; run `cavmae index merge {given}` first")
+    root = given.resolve()  # a link to the index: the index it names is replaced, not the link
     result = PruneResult()
     with locked(root):
+        for leftover in fsio.temp_siblings(root):  # a prune killed mid-copy (we hold the lock)
+            log.info("removing %s, left by an interrupted prune", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
         idx = EmbeddingIndex.open(root)
         for items in idx.item_blocks(block):  # first pass: only counts, nothing held per row
             _judge(items, changed, result, shown)
@@ -106,13 +116,15 @@ def prune_index(
             return result
         result = PruneResult()  # judged again while copying: a file may change meanwhile
         with fsio.staged_dir(root) as work:
-            writer = IndexWriter(work, model=idx.model, dim=idx.dim, frame=idx.frame,
-                                 num_frames=idx.num_frames, commit_every=block)
+            shard = idx.meta.get("shard")
+            writer = IndexWriter(work, model=idx.model, dim=idx.dim, frame=idx.frame, num_frames=idx.num_frames,
+                                 shard=tuple(shard) if shard else None, commit_every=block)
             flags = (idx.has("audio"), idx.has("visual"))
             with writer:
                 for items in idx.item_blocks(block):
                     copy_items(writer, idx, _judge(items, changed, result, shown), flags)
-                writer.close(compact=True)
+                # an unfinished index (a killed shard) stays unfinished: merge must still refuse it
+                writer.close(finished=bool(idx.meta.get("finished")), compact=True)
             result.ann_removed = (root / "ann").exists()
         result.rewritten = True
     return result
