@@ -59,6 +59,11 @@ def _adapter(annotation: Any) -> Any:
     return TypeAdapter(annotation)
 
 
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field of this type may hold true/false (``bool``, a union with it, or ``Any``)."""
+    return annotation is bool or annotation is Any or bool in typing.get_args(annotation)
+
+
 def coerce_fields(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``data`` with each value converted to the type of ``cls``'s dataclass field of that name.
 
@@ -78,6 +83,9 @@ def coerce_fields(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str
     for key, value in data.items():
         if key not in fields:
             out[key] = value
+            continue
+        if isinstance(value, bool) and not _admits_bool(hints[key]):  # pydantic would read true as 1
+            problems.append(f"{prefix}{key}: expected {describe_type(hints[key])}, got {value!r}")
             continue
         try:
             out[key] = _adapter(hints[key]).validate_python(value)

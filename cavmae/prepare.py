@@ -72,6 +72,7 @@ from cavmae.prepare_sources import (
     Sources,
     assign_ids,
     earlier_entries,
+    is_plain_id,
     merge_entries,
     video_facts,
 )
@@ -209,6 +210,10 @@ def _gather(
     if not clips:
         raise DatasetError("no videos given; pass video files, folders, or --list FILE")
     places.extend(str(c.video) for c in clips[len(places):])
+    for clip, place in zip(clips, places, strict=True):
+        if not is_plain_id(clip.video_id):  # its files would land outside the output folder
+            raise DatasetError(f"video_id {clip.video_id!r} ({place}) must be a plain name, without"
+                               " a folder part or '..'")
     return clips, places
 
 
@@ -374,8 +379,12 @@ def _check_before_extracting(
         label_set = read_labels(label_csv)
         # as the merge will write them: a clip given without labels keeps its earlier entry's
         earlier_labels = {c.video_id: c.labels for c in earlier}
-        _check_labels([c if c.labels is not None else replace(c, labels=earlier_labels.get(c.video_id))
-                       for c in clips], places, label_set)
+        as_merged = [c if c.labels is not None else replace(c, labels=earlier_labels.get(c.video_id)) for c in clips]
+        _check_labels(as_merged, places, label_set)
+        unlabelled = [c for c in [*as_merged, *(c for _, c in untouched)] if not c.label_tokens()]
+        if unlabelled:  # allowed (a folder may mix), but never drawn in training: say so
+            log.warning("%d clip(s) have no labels (%s%s): their sampling weight is 0", len(unlabelled),
+                        unlabelled[0].video or unlabelled[0].video_id, ", ..." if len(unlabelled) > 1 else "")
         # an earlier entry this run replaces is checked in its new form only (a relabelled clip)
         _check_labels([c for _, c in untouched],
                       [f"{dataset_json}, entry {n}: {c.video_id}" for n, c in untouched],

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 #: the output folder's record of the video each clip id was extracted from
 SOURCES_NAME = ".prepare-sources.json"
 
+
+def is_plain_id(video_id: str) -> bool:
+    """A clip id names files inside the output folder (``audio/{id}.wav``): no folder part, no
+    ``..``, nothing a path would read as leaving the folder."""
+    return bool(video_id) and video_id not in (".", "..") and not any(c in video_id for c in "/\\\0")
+
 # --- the record of sources -------------------------------------------------------------------
 
 #: ``(size, mtime in ns)`` of a video file, or None when it cannot be read
@@ -61,7 +67,7 @@ class Sources:
                 clips = obj["clips"]
                 if not isinstance(clips, dict) or not all(
                     isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) for v in clips.values()
-                ):
+                ) or not all(is_plain_id(k) for k in clips):
                     raise ValueError("bad entries")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CavmaeError(f"cannot read {path} ({e}); delete it to extract every clip of"

@@ -301,15 +301,15 @@ def _check_model(cfg: BenchConfig, model_ref: str | Path) -> ModelSource:
     own checks, so the messages are those ``load`` gives."""
     from cavmae.manifest import Manifest
 
-    from .loader import _check_export_frames, _check_export_precision, resolve_model
+    from .loader import check_export_frames, check_export_precision, resolve_model
 
-    source = resolve_model(model_ref, task="classify")
+    source = resolve_model(model_ref, task="bench")
     if source.kind == "export":
         manifest = Manifest.load(source.path)
-        _check_export_frames(source.path, manifest, cfg.num_frames)
+        check_export_frames(source.path, manifest, cfg.num_frames)
         for engine, precision, _name in _engine_runs(cfg):
             if engine != "torch":  # the torch engine runs the export's checkpoint instead
-                _check_export_precision(source.path, manifest, precision)
+                check_export_precision(source.path, manifest, precision)
     return source
 
 

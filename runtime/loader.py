@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 #: task -> (the model kind it needs, a released model of that kind to suggest)
 TASKS: dict[str, tuple[str, str]] = {
     "classify": ("classifier", registry.DEFAULT_MODEL),
+    "bench": ("classifier", registry.DEFAULT_MODEL),  # it times classification
     "reconstruct": ("pretrain", "cav-mae-base-nonorm"),
 }
 
@@ -371,7 +372,7 @@ def load(
     export_opts = dict(num_frames=frames, max_batch=max_batch, mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v)
     # a user's labels never go into a (shared, cached) export: the export gets none then
     if source.kind == "export" and num_frames is not None:
-        _check_export_frames(source.path, Manifest.load(source.path), num_frames)
+        check_export_frames(source.path, Manifest.load(source.path), num_frames)
     pipe = _open(source, name, dev, precision=precision, labels=(lambda: None) if user is not None else registry_labels,
                  progress=progress, export_opts=export_opts, engine_options=engine_options)
     names = user
@@ -393,7 +394,7 @@ def check_precision(engine: str, precision: str | None) -> None:
         raise CavmaeError(f"the {engine} engine runs precision {', '.join(allowed)}, not {precision}{also}")
 
 
-def _check_export_precision(path: Path, manifest: Manifest, precision: str | None) -> None:
+def check_export_precision(path: Path, manifest: Manifest, precision: str | None) -> None:
     """An export directory runs at its own precision: refuse another one asked for."""
     if precision is not None and manifest.precision != precision:
         raise CavmaeError(
@@ -430,7 +431,7 @@ def _known_config(source: ModelSource) -> ModelConfig | None:
         return None
 
 
-def _check_export_frames(path: Path, manifest: Manifest, num_frames: int) -> None:
+def check_export_frames(path: Path, manifest: Manifest, num_frames: int) -> None:
     """An export directory aggregates the frames it was exported for: refuse another count."""
     if num_frames != manifest.num_frames:
         raise CavmaeError(
@@ -496,7 +497,7 @@ def _open(
     mark_used(path)
     manifest = Manifest.load(path)
     if export is None:
-        _check_export_precision(path, manifest, precision)
+        check_export_precision(path, manifest, precision)
     engine = create_engine(name, path, manifest, dev, **engine_options)
     if export is not None:
         engine.provide = export.provide  # pending graphs are written when first opened

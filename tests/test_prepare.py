@@ -258,3 +258,19 @@ def test_prepare_checks_labels_before_extracting(videos, tmp_path):
     assert res.exit_code == 2, res.output
     assert "'/m/zz'" in res.output and "line 3" in res.output and "Traceback" not in res.output
     assert not list(out.rglob("*.wav")) and not (out / "data.json").exists()
+
+
+def test_prepare_refuses_ids_that_leave_the_folder_and_warns_of_unlabelled_clips(videos, tmp_path, caplog):
+    import logging
+
+    _, good, other, _, _ = videos
+    (tmp_path / "list.json").write_text(json.dumps({"data": [{"video_id": "../../evil", "video": str(good)}]}))
+    with pytest.raises(CavmaeError, match=r"video_id '\.\./\.\./evil' .* must be a plain name"):
+        prepare_videos(list_file=tmp_path / "list.json", output_dir=tmp_path / "out", progress=False)
+    assert not list(tmp_path.rglob("evil*")) and not list((tmp_path / "out").rglob("*.wav"))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n")
+    (tmp_path / "list.csv").write_text(f"video,labels\n{good},/m/a\n{other},\n")
+    with caplog.at_level(logging.WARNING, logger="cavmae.prepare"):
+        report = prepare_videos(list_file=tmp_path / "list.csv", output_dir=tmp_path / "o2", progress=False,
+                                label_csv=tmp_path / "labels.csv")
+    assert report.weight_csv is not None and "1 clip(s) have no labels" in caplog.text

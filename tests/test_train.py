@@ -147,6 +147,9 @@ def test_config_errors(changes, message):
         ({"model_config": {"num_heads": 0}}, "model_config.num_heads must be >= 1"),
         ({"model_config": {"mlp_ratio": "nan"}}, "model_config.mlp_ratio must be a finite number"),
         ({"model_config": {"patch_size": 200}}, "num_mel_bins 128 is smaller than one patch"),
+        ({"model_config": {"embed_dim": 1e9}}, "model_config.embed_dim must be <= 8192"),  # not terabytes
+        ({"model_config": {"embed_dim": True}}, "model_config.embed_dim: expected an integer, got True"),
+        ({"init_checkpoint": "x.pth", "model_config": {"mlp_ratio": 1e300}}, "mlp_ratio must be <= 64"),
         # with a checkpoint to start from, the overrides' own ranges are checked at once
         ({"init_checkpoint": "x.pth", "model_config": {"layer_norm_eps": "inf"}}, "layer_norm_eps"),
     ],

@@ -203,7 +203,7 @@ class TrainConfig:
         model is built: :func:`cavmae.train.models.initial_model`)."""
         if self.init_checkpoint or self.model not in PRESETS:
             return _range_problems(_Overrides(self.model_config), _MODEL_AT_LEAST, _MODEL_ABOVE,
-                                   prefix="model_config.", fields_of=ModelConfig)
+                                   prefix="model_config.", fields_of=ModelConfig, at_most=_MODEL_AT_MOST)
         return model_config_problems(PRESETS[self.model].replace(**self.model_config))
 
     def _validate_extra(self, odd: set[str]) -> list[str]:
@@ -326,17 +326,20 @@ def _nonfinite(config: Any, fields_of: type | None = None) -> set[str]:
 def _range_problems(
     config: Any, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None,
     *, finite: bool = True, prefix: str = "", fields_of: type | None = None,
+    at_most: dict[str, float] | None = None,
 ) -> list[str]:
     """The numbers of ``config`` that cannot be used, one line each: with ``finite``, every
     float field holding a NaN or an infinity (no comparison catches a NaN: ``nan < 0`` is
     False); then ``name must be >= low`` (``at_least``) or ``> low`` (``above``) for each field
-    outside its range (None is unset; a field already found not finite is not repeated).
-    ``fields_of``: the dataclass whose fields ``config`` has, when it is not one itself."""
+    outside its range (None is unset; a field already found not finite is not repeated), and
+    ``<= high`` (``at_most``). ``fields_of``: the dataclass whose fields ``config`` has, when
+    it is not one itself."""
     odd = _nonfinite(config, fields_of)
     problems = [f"{prefix}{name} must be {_finite_what(getattr(config, name))}, got "
                 f"{_shown(getattr(config, name))}" for name in sorted(odd)] if finite else []
     for bounds, op, fails in ((at_least or {}, ">=", lambda v, low: v < low),
-                              (above or {}, ">", lambda v, low: not v > low)):
+                              (above or {}, ">", lambda v, low: not v > low),
+                              (at_most or {}, "<=", lambda v, high: v > high)):
         for name, low in bounds.items():
             value = getattr(config, name)
             if value is not None and name not in odd and fails(value, low):
@@ -361,6 +364,14 @@ _MODEL_AT_LEAST: dict[str, float] = {
     "depth_modality": 0, "depth_joint": 0, "decoder_depth": 0,
 }
 _MODEL_ABOVE: dict[str, float] = {"mlp_ratio": 0.0, "layer_norm_eps": 0.0}
+#: far past any CAV-MAE (the largest is 768 wide, 12 deep): a typo fails in one line, not by
+#: asking for terabytes
+_MODEL_AT_MOST: dict[str, float] = {
+    "embed_dim": 8192, "num_heads": 256, "patch_size": 256, "audio_length": 1 << 16,
+    "num_mel_bins": 1024, "image_size": 4096, "num_classes": 1 << 20, "decoder_embed_dim": 8192,
+    "decoder_num_heads": 256, "depth_modality": 256, "depth_joint": 256, "decoder_depth": 256,
+    "mlp_ratio": 64.0,
+}
 
 
 class _Overrides:
@@ -378,7 +389,7 @@ def model_config_problems(config: ModelConfig) -> list[str]:
     """What keeps ``config`` from building a CAV-MAE model, one line each (``model_config.``
     names): sizes below 1, non-finite or non-positive ratios, a width the heads or the sin-cos
     position embedding cannot split, an input smaller than one patch."""
-    problems = _range_problems(config, _MODEL_AT_LEAST, _MODEL_ABOVE, prefix="model_config.")
+    problems = _range_problems(config, _MODEL_AT_LEAST, _MODEL_ABOVE, prefix="model_config.", at_most=_MODEL_AT_MOST)
     if problems:  # the structural checks below divide by these numbers
         return problems
     for part in ("", "decoder_"):
