@@ -27,6 +27,8 @@ runs may see different videos under one id. ``{out}/.prepare-sources.json`` reco
   path}``, as two same-named videos in one run do) with a warning, instead of overwriting the
   other's files, which an earlier dataset JSON still names; the record remembers the new id, so
   later runs reuse it;
+- a video moved since (gone from its old path, and one of the same name, size and modification
+  time, which ``mv`` keeps, at the new one) keeps its id and files;
 - files with no record (made by an older version) are extracted again: nothing vouches for
   which video they came from.
 

@@ -77,6 +77,7 @@ class Sources:
         for vid, (video, _, _) in self.clips.items():
             self.ids_of[video].append(vid)
         self._dirty = False
+        self._by_facts: dict[tuple[str, int, int], list[str]] | None = None
         self._last_save = time.monotonic()
         self._save_cost = 0.0
 
@@ -94,6 +95,30 @@ class Sources:
             self.clips[video_id] = [video, None, None]
             self.ids_of[video].append(video_id)
             self._dirty = True
+
+    def moved_here(self, video: str) -> str | None:
+        """The id of a clip extracted from a video that is gone now and had this video's file
+        name, size and modification time (``mv`` keeps both): the same video, moved. None when
+        there is none, or more than one."""
+        facts = video_facts(video)
+        if facts is None or video in self.ids_of:
+            return None
+        if self._by_facts is None:  # built once: a run may bring many new videos
+            self._by_facts = defaultdict(list)
+            for vid, (path, size, mtime) in self.clips.items():
+                if size is not None:
+                    self._by_facts[(Path(path).name, size, mtime)].append(vid)
+        found = [vid for vid in self._by_facts.get((Path(video).name, *facts), ())
+                 if not Path(self.clips[vid][0]).exists()]
+        return found[0] if len(found) == 1 else None
+
+    def move(self, video_id: str, video: str) -> None:
+        """``video_id``'s video now lives at ``video`` (its facts, so its extraction, stand)."""
+        old = self.clips[video_id][0]
+        self.clips[video_id][0] = video
+        self.ids_of[old].remove(video_id)
+        self.ids_of[video].append(video_id)
+        self._dirty = True
 
     def extracted(self, video_id: str, facts: Facts) -> None:
         entry = self.clips[video_id]
@@ -125,7 +150,8 @@ def assign_ids(
     """Give every clip an id that names only its video in this output folder.
 
     ``clips`` carry their wanted id (file stem or the list's ``video_id``); ``keys`` are their
-    resolved video paths. A video keeps the id the record gives it; else it gets its wanted id
+    resolved video paths. A video keeps the id the record gives it (or gives a video of its
+    name, size and modification time that is gone: the same video, moved); else it gets its wanted id
     when that is free and no other video of this run wants it; else a path-hash suffix
     (deterministic, so a later run of the same video finds it again through the record).
     Returns the clips and ``(video, new id)`` for those renamed because a video of an earlier
@@ -147,7 +173,11 @@ def assign_ids(
         vid = chosen.get((base, video))
         if vid is None:
             known = [i for i in sources.ids_of.get(video, ()) if i == base or i.startswith(base + "-")]
-            if sources.owner(base) == video and free(base, video):
+            moved = None if known else sources.moved_here(video)
+            if moved is not None and taken.get(moved, video) == video:  # keeps its id and files
+                sources.move(moved, video)
+                vid = moved
+            elif sources.owner(base) == video and free(base, video):
                 vid = base
             elif known and free(known[0], video):
                 vid = known[0]

@@ -274,3 +274,20 @@ def test_prepare_refuses_ids_that_leave_the_folder_and_warns_of_unlabelled_clips
         report = prepare_videos(list_file=tmp_path / "list.csv", output_dir=tmp_path / "o2", progress=False,
                                 label_csv=tmp_path / "labels.csv")
     assert report.weight_csv is not None and "1 clip(s) have no labels" in caplog.text
+
+
+def test_prepare_a_moved_video_keeps_its_id_labels_and_files(videos, tmp_path):
+    import shutil
+
+    _, good, _, _, _ = videos
+    (tmp_path / "a").mkdir()
+    first = shutil.copy2(good, tmp_path / "a" / "clip.mp4")
+    (tmp_path / "list.csv").write_text(f"video,labels\n{first},/m/a\n")
+    out = tmp_path / "out"
+    prepare_videos(list_file=tmp_path / "list.csv", output_dir=out, progress=False)
+    (tmp_path / "b").mkdir()
+    moved = tmp_path / "b" / "clip.mp4"
+    os.rename(first, moved)  # as mv does: same name, size and mtime
+    report = prepare_videos([moved], out, progress=False)
+    assert (report.extracted, report.skipped, report.renamed) == (0, 1, [])
+    assert [(c.video_id, c.labels) for c in report.clips] == [("clip", ("/m/a",))]
