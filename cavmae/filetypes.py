@@ -45,6 +45,13 @@ def is_remote(item: str) -> bool:
     return item.startswith(REMOTE_SCHEMES)
 
 
+def input_key(item: str | Path) -> str:
+    """What names one input whichever way it was written: a local path absolute with its links
+    resolved (``./a.mp4``, ``$PWD/a.mp4`` and a link to it are one); a remote URI as it is."""
+    text = str(item)
+    return text if is_remote(text) else str(Path(text).resolve())
+
+
 def expand_inputs(
     inputs: Iterable[str],
     suffixes: tuple[str, ...] = MEDIA_SUFFIXES,
@@ -93,7 +100,7 @@ def expand_inputs(
     seen: set[str] = set()
     unique = []
     for p in out:
-        key = p if is_remote(p) else str(Path(p).resolve())
+        key = input_key(p)
         if key not in seen:
             seen.add(key)
             unique.append(p)

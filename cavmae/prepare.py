@@ -67,7 +67,7 @@ from cavmae.data import (
     write_dataset_json,
 )
 from cavmae.errors import CavmaeError, DatasetError, skipped_message
-from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
+from cavmae.filetypes import VIDEO_SUFFIXES, input_key, is_media_file
 from cavmae.labels import LabelSet
 from cavmae.prepare_sources import (
     SOURCES_NAME,
@@ -413,7 +413,7 @@ def _prepare(
     weight_csv = out / f"{Path(json_name).stem}_weight.csv"
     collected, places = _gather(videos, list_file)
     # identity is the resolved path; messages and workers keep the path as given
-    keys = [str(Path(c.video or "").resolve()) for c in collected]
+    keys = [input_key(c.video or "") for c in collected]
     sources = Sources(out / SOURCES_NAME)
     if not sources.existed and (out / "audio").is_dir() and any((out / "audio").iterdir()):
         log.warning("%s holds clips but no record of which videos they came from (an older cavmae"

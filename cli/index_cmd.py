@@ -80,7 +80,7 @@ def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> N
     """
     from cavmae.runtime.index.prune import prune_index
 
-    result = prune_index(index_dir, changed=not keep_changed, dry_run=dry_run)
+    result = prune_index(index_dir, changed=not keep_changed, dry_run=dry_run, progress=True)
     if as_json:
         echo_json({"index": index_dir, "dry_run": dry_run, **result.to_dict()})
         return
@@ -94,9 +94,9 @@ def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> N
         state = "no file deleted" if keep_changed else "every file there and unchanged"
         click.echo(f"{index_dir}: nothing to drop ({result.kept} rows, {state})")
     elif dry_run:
-        click.echo(f"{index_dir}: would drop {dropped} rows ({why}) and keep {result.kept}; nothing changed")
+        click.echo(f"{index_dir}: would drop {dropped} row(s) ({why}) and keep {result.kept}; nothing changed")
     else:
-        click.echo(f"{index_dir}: dropped {dropped} rows ({why}); {result.kept} rows kept")
+        click.echo(f"{index_dir}: dropped {dropped} row(s) ({why}); {result.kept} kept")
         if result.ann_removed:
             click.echo(f"the approximate index was removed; rebuild it: cavmae index build-ann {index_dir}")
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from cavmae import fsio
 from cavmae.errors import CavmaeError
-from cavmae.filetypes import is_remote
+from cavmae.filetypes import input_key, is_remote
 
 from .common import warn
 
@@ -83,7 +83,7 @@ def result_key(record: dict[str, Any], fields: Sequence[str] = ("path", "mode", 
     for name in fields:
         value = record[name]
         if name == "path":  # a remote URI (s3://, gs://, as --ray reads them) is its own key
-            key.append(str(value) if is_remote(str(value)) else str(Path(value).resolve()))
+            key.append(input_key(value))
         elif name in ("start", "end"):
             key.append(round(float(value), 6))
         else:

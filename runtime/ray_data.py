@@ -34,6 +34,7 @@ from cavmae.errors import CavmaeError
 from cavmae.filetypes import (
     MEDIA_SUFFIXES,
     expand_inputs,
+    input_key,
     is_media_file,
     is_remote,
 )
@@ -231,7 +232,7 @@ class _Planner:
 
 
 def _done_key(path: str) -> str:
-    return path if is_remote(path) else str(Path(path).resolve())
+    return input_key(path)
 
 
 def plan_clips(

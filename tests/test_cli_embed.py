@@ -163,7 +163,7 @@ def test_a_file_changed_since_it_was_indexed_is_reported(env):
     # the way out it names: prune drops the changed (and deleted) files' rows, embed redoes them
     (folder / "silent-video.mp4").unlink()
     proc = cavmae(env, "index", "prune", str(tmp / "idx-changing"), "--dry-run", model=False)
-    assert proc.returncode == 0 and "would drop 2 rows (1 deleted, 1 changed)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "would drop 2 row(s) (1 deleted, 1 changed)" in proc.stdout, proc.stderr
     proc = cavmae(env, "index", "prune", str(tmp / "idx-changing"), "--json", model=False)
     assert proc.returncode == 0, proc.stderr
     assert {k: json.loads(proc.stdout)[k] for k in ("kept", "missing", "changed")} == {"kept": 1, "missing": 1, "changed": 1}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cavmae.errors import CavmaeError
-from cavmae.filetypes import is_remote
+from cavmae.filetypes import input_key
 
 FORMAT = "cavmae-embedding-index"
 FORMAT_VERSION = 2  # what writers write; version 1 (no offsets/keys files) still opens
@@ -42,10 +42,8 @@ class EmbeddingIndexError(CavmaeError):
 
 def path_key(path: str | Path) -> str:
     """The canonical form of a media path stored in an index (absolute, symlinks resolved); a
-    remote URI (``s3://``, read with ``--ray``) as it is."""
-    if isinstance(path, str) and is_remote(path):
-        return path
-    return str(Path(path).resolve())
+    remote URI (``s3://``, read with ``--ray``) as it is (:func:`cavmae.filetypes.input_key`)."""
+    return input_key(path)
 
 
 def shard_dir(index: str | Path, shard: tuple[int, int]) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 from cavmae import fsio
 from cavmae.filetypes import is_remote
+from cavmae.progress import progress_bar
 
 from .embed import file_stamp
 from .layout import EmbeddingIndexError, find_shards, is_index
@@ -87,11 +88,12 @@ def _judge(items: list[dict[str, Any]], changed: bool, result: PruneResult, show
 
 def prune_index(
     path: str | Path, *, changed: bool = True, dry_run: bool = False, block: int = 4096,
-    shown: int = 20,
+    shown: int = 20, progress: bool = False,
 ) -> PruneResult:
     """Drop the rows of ``path`` whose files are gone (and, with ``changed``, whose files changed
     since they were embedded; a later ``cavmae embed`` embeds those again). ``dry_run``: count,
-    change nothing. Holds the index's lock throughout, so no writer runs meanwhile.
+    change nothing. ``progress``: a bar per pass (checking, copying) on stderr. Holds the
+    index's lock throughout, so no writer runs meanwhile.
 
     Raises:
         EmbeddingIndexError: no index there, unmerged shards in it, or another process writing it.
@@ -110,8 +112,10 @@ def prune_index(
             log.info("removing %s, left by an interrupted prune", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
         idx = EmbeddingIndex.open(root)
-        for items in idx.item_blocks(block):  # first pass: only counts, nothing held per row
-            _judge(items, changed, result, shown)
+        with progress_bar(total=len(idx), desc="prune: checking", unit="row", enabled=progress) as bar:
+            for items in idx.item_blocks(block):  # first pass: only counts, nothing held per row
+                _judge(items, changed, result, shown)
+                bar.update(len(items))
         if dry_run or not result.dropped:
             return result
         result = PruneResult()  # judged again while copying: a file may change meanwhile
@@ -120,9 +124,10 @@ def prune_index(
             writer = IndexWriter(work, model=idx.model, dim=idx.dim, frame=idx.frame, num_frames=idx.num_frames,
                                  shard=tuple(shard) if shard else None, commit_every=block)
             flags = (idx.has("audio"), idx.has("visual"))
-            with writer:
+            with writer, progress_bar(total=len(idx), desc="prune: copying", unit="row", enabled=progress) as bar:
                 for items in idx.item_blocks(block):
                     copy_items(writer, idx, _judge(items, changed, result, shown), flags)
+                    bar.update(len(items))
                 # an unfinished index (a killed shard) stays unfinished: merge must still refuse it
                 writer.close(finished=bool(idx.meta.get("finished")), compact=True)
             result.ann_removed = (root / "ann").exists()
