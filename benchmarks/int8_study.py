@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     gf = stage_gflop(manifest.model_config, manifest.num_frames)
     gflop = {"audio_encoder": gf["audio_encoder"],
              "visual_encoder": gf["visual_encoder_per_frame"] * manifest.num_frames,
-             "joint_classifier": gf["joint_per_frame"] * manifest.num_frames}
+             "joint_classifier": gf["joint_graph_per_clip"]}
     feeds = graph_feeds(manifest, manifest.num_frames)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
               "load_before": Path("/proc/loadavg").read_text().split()[:3], "variants": {}}

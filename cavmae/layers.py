@@ -81,6 +81,48 @@ class Block(nn.Module):
         x = x + self.attn(n1(x))
         return x + self.mlp(n2(x))
 
+    def forward_shared_prefix(self, prefix: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The block (shared norms) on ``cat(prefix, rest[:, f])`` for every ``f``, with the work
+        that depends on ``prefix`` alone done once: ``prefix [B, P, D]``, ``rest [B, F, R, D]``
+        -> ``[B * F, P + R, D]``, equal to ``self(cat(prefix expanded F times, rest))`` up to
+        float rounding.
+
+        This is the reference's per-frame loop through the joint block, where every frame is
+        joined with the same audio tokens. LayerNorm and the qkv projection act on each token
+        alone, so the prefix's queries, keys and values are computed once, not ``F`` times. The
+        prefix queries' attention over the prefix keys is also shared: softmax over the
+        concatenated keys splits into the two key sets, each with its own running maximum and
+        sum (the rescaling of flash attention), so only the scores against ``rest`` are
+        per-frame. Everything after the attention mixes in the frame and runs per frame.
+        """
+        b, p, d = prefix.shape
+        f, r = rest.shape[1], rest.shape[2]
+        h = self.attn.num_heads
+        dh = d // h
+        # one qkv product over all tokens (one weight use keeps int8 and templates simple)
+        qkv = self.attn.qkv(self.norm1(torch.cat((prefix, rest.reshape(b, f * r, d)), dim=1)))
+        qp, kp, vp = qkv[:, :p].reshape(b, p, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        qr, kr, vr = qkv[:, p:].reshape(b, f, r, 3, h, dh).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        # prefix queries [B, H, P, dh]: the prefix-key part once, the rest-key part per frame
+        qp = qp * dh**-0.5
+        s_pp = qp @ kp.transpose(-1, -2)  # [B, H, P, P]
+        m_pp = s_pp.amax(-1, keepdim=True)
+        e_pp = torch.exp(s_pp - m_pp)
+        sum_pp, out_pp = e_pp.sum(-1, keepdim=True).unsqueeze(1), (e_pp @ vp).unsqueeze(1)
+        m_pp = m_pp.unsqueeze(1)
+        s_pr = qp.unsqueeze(1) @ kr.transpose(-1, -2)  # [B, F, H, P, R]
+        m = torch.maximum(m_pp, s_pr.amax(-1, keepdim=True))
+        e_pr, scale_pp = torch.exp(s_pr - m), torch.exp(m_pp - m)
+        out_p = (scale_pp * out_pp + e_pr @ vr) / (scale_pp * sum_pp + e_pr.sum(-1, keepdim=True))
+        # rest queries [B, F, H, R, dh]: ordinary attention over the prefix and their frame's keys
+        k_all = torch.cat((kp.unsqueeze(1).expand(b, f, h, p, dh), kr), dim=-2)
+        v_all = torch.cat((vp.unsqueeze(1).expand(b, f, h, p, dh), vr), dim=-2)
+        out_r = F.scaled_dot_product_attention(qr, k_all, v_all)
+        out = torch.cat((out_p, out_r), dim=-2).transpose(2, 3).reshape(b * f, p + r, d)
+        x = torch.cat((prefix.unsqueeze(1).expand(b, f, p, d), rest), dim=2).reshape(b * f, p + r, d)
+        x = x + self.attn.proj(out)
+        return x + self.mlp(self.norm2(x))
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection (key ``proj.*``): ``[B, C, H, W] -> [B, H*W/p^2, D]``.

@@ -13,6 +13,7 @@ Shapes: ``B`` batch; audio ``[B, 1024, 128]`` (time, frequency); image ``[B, 3, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -196,9 +197,10 @@ class CAVMAEFT(CAVMAEEncoder):
     ) -> torch.Tensor:
         """Branch outputs (``a [B, La, D]``, ``v [B, Lv, D]``) -> the head's input ``[B, D]``.
 
-        This is everything after the modality branches: the exporter's joint stage. The mode's
-        row in :mod:`cavmae.modes` says which inputs it reads and whether it uses the joint
-        stream (see docs/model.md section 4).
+        This is everything after the modality branches (the single-modality classifier stages
+        use it as is; :meth:`forward_joint_classifier` computes the multimodal row per frame with
+        the audio-only work shared). The mode's row in :mod:`cavmae.modes` says which inputs it
+        reads and whether it uses the joint stream (see docs/model.md section 4).
         """
         row = lookup(mode)
         if row.audio and row.video:
@@ -221,10 +223,19 @@ class CAVMAEFT(CAVMAEEncoder):
         # sizes as Python ints so only the batch axis is symbolic in an exported graph
         cfg, f = self.config, num_frames
         la, lv, d = cfg.num_audio_tokens, cfg.num_visual_tokens, cfg.embed_dim
-        a = audio_tokens.unsqueeze(1).expand(-1, f, la, d).reshape(-1, la, d)
-        v = visual_tokens.reshape(-1, lv, d)
-        logits = self.head(self.pooled_features(a, v, "multimodal"))
-        logits = logits.reshape(-1, f, cfg.num_classes)
+        v = visual_tokens.reshape(-1, f, lv, d)
+        if not self.blocks_u:
+            a = audio_tokens.unsqueeze(1).expand(-1, f, la, d).reshape(-1, la, d)
+            x = self.forward_joint(a, v.reshape(-1, lv, d))
+        else:
+            # the first joint block sees the same audio with every frame: its audio-only work
+            # is done once (Block.forward_shared_prefix), the rest per frame
+            first, *others = self.blocks_u
+            x = cast(Block, first).forward_shared_prefix(audio_tokens, v)
+            for blk in others:
+                x = blk(x)
+            x = self.norm(x)
+        logits = self.head(x.mean(1)).reshape(-1, f, cfg.num_classes)
         return logits, probabilities(logits, task).mean(1)
 
     def forward_audio_classifier(

@@ -110,18 +110,28 @@ def block_gflop(tokens: int, dim: int, mlp_ratio: float) -> float:
 
 
 def stage_gflop(cfg: ModelConfig, num_frames: int) -> dict[str, float]:
-    """GFLOP of one clip's stages (docs/model.md §11: audio 88.6, visual 31.8, joint 11.6)."""
-    d, r, p = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
+    """GFLOP of one clip's stages (docs/model.md §11: audio 88.6, visual 31.8, joint 11.6 per
+    forward), and of the joint classifier graph, which does its first block's audio-only work
+    once per clip rather than once per frame (``Block.forward_shared_prefix``)."""
+    d, r, p, f = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size, num_frames
     la, lv = cfg.num_audio_tokens, cfg.num_visual_tokens
     audio = cfg.depth_modality * block_gflop(la, d, r) + 2 * la * p * p * d / 1e9
     visual = cfg.depth_modality * block_gflop(lv, d, r) + 2 * lv * p * p * 3 * d / 1e9
     joint = cfg.depth_joint * block_gflop(la + lv, d, r)
+    joint_graph = f * joint
+    if cfg.depth_joint:
+        shared_first = (2 * (la + f * lv) * d * 3 * d  # qkv: audio tokens once
+                        + 4 * la * la * d  # audio queries on audio keys: once
+                        + 4 * f * (la * lv + lv * (la + lv)) * d  # the scores that involve a frame
+                        + 2 * f * (la + lv) * d * d * (1 + 2 * r)) / 1e9  # projection and MLP
+        joint_graph = (f * (cfg.depth_joint - 1) * block_gflop(la + lv, d, r)) + shared_first
     return {
         "audio_encoder": audio,
         "visual_encoder_per_frame": visual,
         "joint_per_frame": joint,
-        "pipeline_per_clip": audio + num_frames * (visual + joint),
-        "baseline_per_clip": num_frames * (audio + visual + joint),
+        "joint_graph_per_clip": joint_graph,
+        "pipeline_per_clip": audio + f * visual + joint_graph,
+        "baseline_per_clip": f * (audio + visual + joint),
     }
 
 
@@ -366,7 +376,7 @@ def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
         "audio graph": (lambda: pipe.run_audio_encoder(audio), gf["audio_encoder"] * b),
         "visual graph": (lambda: pipe.run_visual_encoder(flat), gf["visual_encoder_per_frame"] * b * f),
         "joint graph": (lambda: pipe.run_graph(JOINT_CLASSIFIER, a_tok, v_tok),
-                        gf["joint_per_frame"] * b * f),
+                        gf["joint_graph_per_clip"] * b),
     }
     for name, (fn, gflop) in runs.items():
         t = Timing(f"{engine} {name}", b, gflop=gflop)

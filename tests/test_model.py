@@ -160,3 +160,46 @@ def test_sincos_position_layout():
     assert not torch.allclose(pe[0, half:], pe[64, half:])
     # tokens 0 (f0, t0) and 1 (f0, t1) share a frequency index -> equal second halves
     torch.testing.assert_close(pe[0, half:], pe[1, half:])
+
+
+def test_joint_classifier_stage_is_the_reference_per_frame_loop(classifier, inputs):
+    """The joint stage shares the audio-only work of the first joint block across frames; its
+    logits must still be the reference's whole forward, one frame at a time."""
+    audio, image = inputs
+    frames = torch.stack([image, image.flip(-1), 0.5 * image], dim=1)  # [2, 3 frames, 3, 224, 224]
+    with torch.no_grad():
+        a_tok = classifier.forward_audio_encoder(audio)
+        v_tok = torch.stack([classifier.forward_visual_encoder(frames[:, i]) for i in range(3)], dim=1)
+        logits, probs = classifier.forward_joint_classifier(a_tok, v_tok, task="multi-label", num_frames=3)
+    s = ref.to64(classifier.state_dict())
+    want = torch.stack([ref.classify(s, audio, frames[:, i], "multimodal", TINY.num_heads) for i in range(3)], 1)
+    assert logits.shape == (2, 3, TINY.num_classes)
+    torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probs.double(), torch.sigmoid(want).mean(1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_scale, rest_scale", [(1.0, 1.0), (30.0, 1.0), (1.0, 30.0)])
+def test_block_shared_prefix_equals_the_block_per_frame(prefix_scale, rest_scale):
+    """Large scores on either side make the softmax's maximum come from the prefix keys for some
+    rows and from a frame's keys for others: both rescalings must give the plain block."""
+    torch.manual_seed(3)
+    m = CAVMAEFT(TINY).eval()
+    blk = m.blocks_u[0]
+    prefix = prefix_scale * torch.randn(2, 7, TINY.embed_dim)
+    rest = rest_scale * torch.randn(2, 4, 5, TINY.embed_dim)
+    with torch.no_grad():
+        got = blk.forward_shared_prefix(prefix, rest)
+        want = blk(torch.cat((prefix.unsqueeze(1).expand(2, 4, 7, TINY.embed_dim), rest), 2).reshape(8, 12, -1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(prefix_scale, rest_scale))
+
+
+@pytest.mark.parametrize("depth_joint", [0, 2])
+def test_joint_classifier_stage_any_joint_depth(depth_joint):
+    torch.manual_seed(4)
+    m = CAVMAEFT(TINY.replace(depth_joint=depth_joint)).eval()
+    a = torch.randn(1, 512, TINY.embed_dim)
+    v = torch.randn(1, 2, 196, TINY.embed_dim)
+    with torch.no_grad():
+        logits, _ = m.forward_joint_classifier(a, v, task="single-label", num_frames=2)
+        want = torch.stack([m.head(m.pooled_features(a, v[:, i], "multimodal")) for i in range(2)], 1)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
