@@ -182,6 +182,15 @@ DEFAULT_PREPROCESS = PreprocessConfig()
 MAX_FRAMES = 64
 
 
+def check_max_batch(max_batch: int) -> int:
+    """``max_batch`` when it is a whole number >= 1, else a one-line ``CavmaeError``."""
+    from .errors import CavmaeError
+
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise CavmaeError(f"max batch must be a whole number >= 1, not {max_batch!r}")
+    return max_batch
+
+
 def check_num_frames(num_frames: int) -> int:
     """``num_frames`` when it is 1..:data:`MAX_FRAMES`, else a one-line ``CavmaeError``."""
     from .errors import CavmaeError

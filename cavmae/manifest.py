@@ -26,6 +26,8 @@ BATCH = "batch"
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 #: autocast precisions of the torch engine, which runs the checkpoint's model itself
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+#: what an export deploys (``cavmae.stages.model_kind``)
+MODEL_KINDS = ("classifier", "pretrain", "encoder")
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,37 @@ class Manifest:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CavmaeError(f"cannot read {path}: {e}") from None
-        return cls.from_dict(data)
+        try:
+            manifest = cls.from_dict(data)
+            problem = manifest.problem()
+        except CavmaeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or mistyped
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise CavmaeError(f"{path} is damaged ({problem}); export the model again")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What makes this manifest unusable (a hand edit, a damaged file), or None.
+
+        The fields the runtime relies on without checking again: the kind and precision it
+        dispatches on, a batch of at least one, and one label name per class.
+        """
+        if self.model_kind not in MODEL_KINDS:
+            return f"model_kind {self.model_kind!r} is none of {', '.join(MODEL_KINDS)}"
+        if self.precision not in {*EXPORT_PRECISIONS, *TORCH_PRECISIONS}:
+            return f"precision {self.precision!r} is none of {', '.join(EXPORT_PRECISIONS)}"
+        if self.max_batch < 1 or any(g.max_batch < 1 for g in self.graphs.values()):
+            return "a max batch below 1"
+        if not self.graphs:
+            return "no graphs"
+        if self.labels is not None:
+            if not all(isinstance(x, str) for x in self.labels):
+                return "labels that are not all text"
+            if self.model_kind == "classifier" and len(self.labels) != self.model_config.num_classes:
+                return f"{len(self.labels)} labels for {self.model_config.num_classes} classes"
+        return None
 
 
 def _finetune_mode(d: dict[str, Any]) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,13 +26,12 @@ import cavmae
 from cavmae import fsio
 from cavmae.checkpoint import load_checkpoint
 from cavmae.checkpoint_keys import embedded_labels
-from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig, check_num_frames
+from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
-from cavmae.manifest import EXPORT_PRECISIONS, GraphSpec, Manifest, is_export_dir
-from cavmae.masking import DEFAULT_MASK_RATIO, kept_tokens
+from cavmae.manifest import EXPORT_PRECISIONS, GraphSpec, Manifest
+from cavmae.masking import DEFAULT_MASK_RATIO
 from cavmae.model import CAVMAEFT, CAVMAEEncoder
-from cavmae.modes import FINETUNE_MODES
 from cavmae.progress import progress_bar, progress_note, progress_style
 from cavmae.stages import (
     PlannedGraph,
@@ -43,10 +43,10 @@ from cavmae.stages import (
     stage_of,
 )
 
+from .export_checks import check_arguments, check_destination, check_mask_ratios
 from .fp16 import convert_to_fp16
 from .graph_store import (
     find_reusable,
-    foreign_files,
     graph_identity,
     read_validation,
     reuse_graph,
@@ -108,6 +108,10 @@ def _labels(
     return result
 
 
+#: one trace at a time in a process (see export_stage)
+_TRACE_LOCK = threading.Lock()
+
+
 def export_stage(
     stage: Stage, path: Path, opset: int = OPSET, inputs: dict[str, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
@@ -129,7 +133,9 @@ def export_stage(
     hook = stage.module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.inference_mode():
+        # torch.onnx.export keeps its state in module globals: two threads tracing at once (two
+        # exports in one process) break each other, so traces take turns
+        with _TRACE_LOCK, warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
             torch.onnx.export(
                 stage.module,
@@ -364,12 +370,6 @@ def _fresh_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1)[0])
 
 
-def _check_mask_ratios(net: CAVMAEEncoder, mask_ratio_a: float, mask_ratio_v: float) -> None:
-    """Before tracing: a ratio that keeps no token of a pre-training model fails (one line)."""
-    if model_kind(net) == "pretrain":
-        kept_tokens(net.config.num_audio_tokens, net.config.num_visual_tokens, mask_ratio_a, mask_ratio_v)
-
-
 def _int8_gate_inputs(
     precision: str, pending: Sequence[str], int8: Int8Options | None, num_frames: int, preprocess: PreprocessConfig
 ) -> tuple[Int8Options | None, Any]:
@@ -383,39 +383,6 @@ def _int8_gate_inputs(
     int8.check()
     return int8, load_gate_clips(int8.calibration, int8.max_clips, num_frames,
                                  preprocess.replace(num_frames=num_frames))
-
-
-def _check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite: bool, num_frames: int) -> None:
-    check_num_frames(num_frames)
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if finetune_mode not in FINETUNE_MODES:
-        raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
-    if not is_export_dir(out_dir):
-        # --overwrite replaces an earlier export only: a folder of other files is the user's
-        raise ExportError(f"{out_dir} is not empty and holds no earlier export; choose another directory")
-    if not overwrite:
-        raise ExportError(f"{out_dir} is an export; choose another directory or pass --overwrite")
-
-
-def _check_destination(out_dir: Path, checkpoint: str | None) -> None:
-    """Before any tracing: the export may replace ``out_dir`` (never the checkpoint it is made
-    from, nor files no export writes) and its folder takes files (a read-only folder fails now,
-    not after minutes of work)."""
-    if checkpoint and Path(checkpoint).resolve().is_relative_to(out_dir.resolve()):
-        raise ExportError(f"the checkpoint {checkpoint} is inside {out_dir}, which the export replaces;"
-                          " choose another directory")
-    # an earlier export (only --overwrite gets here with one) is replaced whole, in one rename:
-    # not when the folder also holds what the user keeps there
-    foreign = foreign_files(out_dir) if is_export_dir(out_dir) else []
-    if foreign:
-        more, it = (f" and {len(foreign) - 1} more", "them") if len(foreign) > 1 else ("", "it")
-        raise ExportError(f"{out_dir} holds {foreign[0]}{more}, which no export writes and --overwrite"
-                          f" would delete; move {it} out of the folder, or choose another directory")
-    if not fsio.writable_dir(out_dir.parent):
-        raise ExportError(f"cannot write into {out_dir.parent}: not a writable folder")
 
 
 def _select(
@@ -476,11 +443,11 @@ def export_model(
     ``validation.json``, with each graph's identity and, for a reused graph, where it came from.
     """
     out_dir = Path(out_dir)
-    _check_arguments(precision, finetune_mode, out_dir, overwrite, num_frames)
+    check_arguments(precision, finetune_mode, out_dir, overwrite, num_frames, max_batch, task)
     net, src = _resolve_model(model)
     src = {**src, **(source or {})}
-    _check_destination(out_dir, src.get("checkpoint"))
-    _check_mask_ratios(net, mask_ratio_a, mask_ratio_v)
+    check_destination(out_dir, src.get("checkpoint"))
+    check_mask_ratios(net, mask_ratio_a, mask_ratio_v)
     classifier = isinstance(net, CAVMAEFT)
     label_set = _labels(labels, model, net.config.num_classes) if classifier else None
     task = (task or default_task(net.config.num_classes)) if classifier else None
@@ -545,10 +512,16 @@ def add_graphs(
     ``open_session``: see :class:`GraphJob`. Returns the new manifest."""
     out_dir = Path(out_dir)
     manifest = Manifest.load(out_dir)
-    todo = [n for n in manifest.pending if n in names]
     unknown = sorted(set(names) - set(manifest.graphs))
     if unknown:
         raise ExportError(f"unknown graph(s) {unknown}; this export declares {sorted(manifest.graphs)}")
+    # a graph file deleted since (a damaged cache) is written again, as a pending one would be;
+    # not an int8 graph, which is only made with the others (the accuracy gate runs them all)
+    lost = [n for n in names if n not in manifest.pending and not (out_dir / manifest.graphs[n].file).is_file()]
+    if lost and manifest.precision == "int8":
+        raise ExportError(f"{out_dir / manifest.graphs[lost[0]].file} is missing, and an int8 graph is made"
+                          f" only with the rest of its export: delete {out_dir} and run again")
+    todo = [n for n in names if n in manifest.pending or n in lost]
     if not todo:
         return manifest
     record = read_validation(out_dir)

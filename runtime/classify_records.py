@@ -35,7 +35,7 @@ from cavmae.errors import CavmaeError, MediaError, MissingStreamError
 from cavmae.modes import AUTO, best_mode, needs
 from cavmae.prefetch import prefetch
 
-from .pipeline import Prediction
+from .pipeline import Prediction, best_first
 
 if TYPE_CHECKING:
     from cavmae.media import Clip
@@ -151,7 +151,7 @@ def classification_record(
     all_scores: bool = False,
 ) -> dict[str, Any]:
     """The record of one clip/window: ``probs [C]`` -> the ``top_k`` classes (and every score)."""
-    idx = probs.argsort()[::-1][:top_k]
+    idx = best_first(probs, top_k)
     top = [{"rank": r + 1, "index": int(i), "label": names[i], "score": round(float(probs[i]), 6)}
            for r, i in enumerate(idx)]
     record: dict[str, Any] = {"path": path, "mode": mode, "start": start, "end": round(end, 3), "top": top}

@@ -23,7 +23,7 @@ from typing import Any
 
 from cavmae import fsio
 from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint, peek_metadata
-from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig, check_num_frames
+from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig, check_max_batch, check_num_frames
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
 from cavmae.hub.cache import cavmae_home
@@ -33,7 +33,7 @@ from cavmae.manifest import EXPORT_PRECISIONS, TORCH_PRECISIONS, Manifest, is_ex
 from cavmae.masking import DEFAULT_MASK_RATIO, kept_tokens
 from cavmae.modes import finetune_mode_of
 
-from .engines import check_engine, create_engine
+from .engines import check_engine, check_engine_options, create_engine
 from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def _peek_checkpoint(path: Path) -> tuple[str | None, int | None]:
 
 def check_kind(source: ModelSource, model: str | Path, task: str | None) -> None:
     """Raise ``ModelKindError`` when ``source`` is not the kind of model ``task`` needs."""
+    if task is not None and task not in TASKS:
+        raise CavmaeError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     if task is None or source.model_kind is None:
         return
     needed, example = TASKS[task]
@@ -307,6 +309,9 @@ def model_labels(
     fine-tuned here carries, else ``None`` (an export's own names, or the bundled ones of its
     class count, apply)."""
     if labels is not None:
+        if source.model_kind not in (None, "classifier"):
+            raise CavmaeError(f"{labels}: class names apply to a classifier; this is a"
+                              f" {source.model_kind} model, which has no classes")
         label_set = read_label_csv(labels)
         if source.num_classes is not None and len(label_set) != source.num_classes:
             raise CavmaeError(
@@ -362,7 +367,11 @@ def load(
     of the wrong kind before any download or export (``ModelKindError``).
     """
     name, dev = check_engine(engine, device)  # before any download or export
+    check_engine_options(name, engine_options)
     check_precision(name, precision)
+    check_max_batch(max_batch)
+    if task is not None and task not in TASKS:
+        raise CavmaeError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     source = resolve_model(model, mirror=mirror, progress=progress, task=task,
                            mask_ratios=(mask_ratio_a, mask_ratio_v))
     mark_used(source.path)  # `cavmae cache` shows last use; prune goes by it

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from cavmae.patches import (
 )
 from cavmae.vectors import l2_normalize
 
-from .engines.base import Engine
+from .engines.base import Engine, check_inputs
 
 if TYPE_CHECKING:
     from cavmae.media import Clip  # decoding needs PyAV: imported where a clip is loaded
@@ -66,9 +66,27 @@ class Prediction:
 
     def top(self, k: int = 5) -> list[tuple[int, str, float]]:
         """``k`` best classes as (index, name, probability), best first."""
-        idx = np.argsort(-self.probs, kind="stable")[:k]
         names = self.labels or tuple(str(i) for i in range(len(self.probs)))
-        return [(int(i), names[i], float(self.probs[i])) for i in idx]
+        return [(int(i), names[i], float(self.probs[i])) for i in best_first(self.probs, k)]
+
+    def to_record(self, top_k: int = 5, all_scores: bool = False) -> dict[str, Any]:
+        """The JSON-ready record ``cavmae classify --json`` prints (and ``cavmae serve``
+        returns) for this prediction: path, mode, start, end, the ``top_k`` classes, and every
+        score with ``all_scores``."""
+        from .classify_records import classification_record
+
+        names = self.labels or tuple(str(i) for i in range(len(self.probs)))
+        end = self.offset if self.end is None else self.end
+        return classification_record(self.path or "", self.mode or "", self.offset, end, self.probs,
+                                     names, top_k, all_scores)
+
+
+def best_first(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest of ``probs [C]``, largest first; ties keep class order.
+    The one ranking of classes (predictions, records, the service)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise CavmaeError(f"k must be a whole number >= 0, not {k!r}")
+    return np.argsort(-np.asarray(probs), kind="stable")[:k]
 
 
 @dataclass
@@ -119,7 +137,15 @@ class Pipeline:
         return self.engine.describe()
 
     def close(self) -> None:
+        """Release the engine's sessions (memory, device buffers). The pipeline stays usable:
+        a later call opens the graphs it needs again."""
         self.engine.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- media ------------------------------------------------------------------------------
     def load_clip(
@@ -156,7 +182,11 @@ class Pipeline:
                 f"graph {spec.name!r} takes {len(spec.inputs)} input(s)"
                 f" ({', '.join(t.name for t in spec.inputs)}), not {len(inputs)}"
             )
+        # the whole batch is checked first, so an error names the arrays the caller passed
+        check_inputs(spec, dict(zip((t.name for t in spec.inputs), inputs, strict=True)), whole=True)
         n = inputs[0].shape[0]
+        if n == 0:  # nothing to run: empty outputs of the declared shapes
+            return tuple(np.zeros(t.concrete_shape(0), t.dtype) for t in spec.outputs)
         step = min(chunk or spec.max_batch, spec.max_batch)
         parts: list[dict[str, np.ndarray]] = []
         for i in range(0, n, step):
@@ -199,6 +229,12 @@ class Pipeline:
         graph = self._classify_graph(mode)
         feeds: dict[str, np.ndarray] = {}
         use_audio, use_video = needs(mode)
+        if use_audio and use_video and audio is not None and frames is not None \
+                and len(audio) != len(frames):
+            raise CavmaeError(
+                f"audio holds {len(audio)} clip(s) and frames {len(frames)}: mode {mode!r} pairs"
+                " them clip by clip, so both need the same first axis"
+            )
         if use_audio:
             if audio is None:
                 raise CavmaeError(f"mode {mode!r} needs audio")
@@ -261,6 +297,9 @@ class Pipeline:
         (``"middle"`` = the reference's frame 5, or an index) or the normalized mean over frames
         (``"mean"``)."""
         frames = _f32(frames)
+        if frames.ndim != 5:
+            raise CavmaeError(f"expected frames [N, F, 3, H, W] (5 axes), got {list(frames.shape)}"
+                              " (one clip's frames [F, 3, H, W] go in as frames[None])")
         n, f = frames.shape[:2]
         if frame == "mean":
             emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]))
@@ -325,6 +364,11 @@ class Pipeline:
                 f"this export keeps the tokens of mask ratios {m.mask_ratio_a}/{m.mask_ratio_v};"
                 f" for {ra}/{rv} export again with those ratios (cavmae export --mask-ratio)"
             )
+        if ka == la or kv == lv:
+            raise CavmaeError(f"mask ratios {ra}/{rv} remove no {'audio' if ka == la else 'visual'} patch:"
+                              " there is nothing to reconstruct (export with --mask-ratio above 0)")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise CavmaeError(f"seed must be a whole number >= 0, not {seed!r}")
         rng = np.random.default_rng(seed)
         idx_a = indices_from_noise(draw_noise(rng, 1, la, cfg.audio_grid, ra, mask_mode), ka)
         idx_v = indices_from_noise(draw_noise(rng, 1, lv), kv)

@@ -216,3 +216,24 @@ def test_full_size_export_validates_and_pipelines_match(tmp_path, cls):
         np.testing.assert_array_equal(rec.mask_a, out.mask_a[0].numpy())
         assert rec.mse_a == pytest.approx(out.loss_mae_a.item(), rel=1e-3)
         assert rec.mse_v == pytest.approx(out.loss_mae_v.item(), rel=1e-3)
+
+
+def test_two_exports_in_two_threads_both_succeed(tmp_path, tiny_classifier):
+    """torch.onnx.export keeps global state: two exports in one process must take turns tracing,
+    not fail one another."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            export_model(tiny_classifier, tmp_path / name, graphs=["audio_encoder", "audio_embed"], templates=None)
+        except BaseException as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and all((tmp_path / n / "audio_encoder.onnx").is_file() for n in ("a", "b"))

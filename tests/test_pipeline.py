@@ -89,6 +89,37 @@ def test_batched_classification_chunks_past_max_batch(classifier_files, clips):
     np.testing.assert_allclose(batched, single, atol=1e-6)
 
 
+def test_batch_mistakes_are_named_before_anything_runs(classifier_files, clips):
+    pipe = _pipeline("ort", classifier_files)
+    clip = clips[AUDIOSET_CLIP.name]
+    # two frame sets with one audio: refused, not one clip silently dropped
+    with pytest.raises(CavmaeError, match="audio holds 1 clip.*frames 2"):
+        pipe.classify_batch(clip.audio[None], np.stack([clip.frames, clip.frames]))
+    # the shape in the message is the one the caller passed, not a chunk of it
+    with pytest.raises(CavmaeError, match=r"got \[1024, 128\] \(2 axes\)"):
+        pipe.embed_audio(clip.audio)
+    with pytest.raises(CavmaeError, match=r"5 axes\), got \[10, 3, 224, 224\]"):
+        pipe.embed_frames(clip.frames)
+    # an empty batch is an empty answer of the right shape
+    empty = pipe.classify_batch(np.zeros((0, 1024, 128), np.float32), np.zeros((0, 10, 3, 224, 224), np.float32))
+    assert empty.shape == (0, 527) and pipe.embed_audio(np.zeros((0, 1024, 128), np.float32)).shape == (0, 64)
+
+
+def test_prediction_record_and_pipeline_as_context(classifier_files, clips):
+    _, _, export_dir = classifier_files
+    with load(export_dir, engine="ort") as pipe:
+        pred = pipe.classify_file(AUDIOSET_CLIP)
+    record = pred.to_record(top_k=3)
+    json.dumps(record)  # plain JSON types
+    assert [t["index"] for t in record["top"]] == [i for i, _, _ in pred.top(3)]
+    assert record["path"] == str(AUDIOSET_CLIP) and record["mode"] == "av" and record["end"] == 10.0
+    with pytest.raises(CavmaeError, match="k must be"):
+        pred.top(-1)
+    # ties rank by class order in both places
+    tied = type(pred)(probs=np.array([0.2, 0.5, 0.5, 0.1], np.float32), labels=None)
+    assert [i for i, _, _ in tied.top(3)] == [1, 2, 0] == [t["index"] for t in tied.to_record(3)["top"]]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_embeddings_and_localization(engine, classifier_files, clips):
     model = classifier_files[0]
@@ -163,6 +194,10 @@ def test_wrong_task_for_model_kind(classifier_files, pretrain_files, clips):
     pre = load(pretrain_files[2], engine="ort", device="cpu")
     with pytest.raises(CavmaeError, match="export again with those ratios"):
         pre.reconstruct(clip.audio, clip.frames[5], mask_ratio_a=0.5)
+    with pytest.raises(CavmaeError, match="seed must be"):
+        pre.reconstruct(clip.audio, clip.frames[5], seed=-1)
+    with pytest.raises(CavmaeError, match="class names apply to a classifier"):
+        load(pretrain_files[2], engine="ort", labels=AUDIOSET_CLIP)
 
 
 def test_checkpoint_is_exported_once_into_the_cache(classifier_files, tmp_path, monkeypatch):
@@ -176,6 +211,48 @@ def test_checkpoint_is_exported_once_into_the_cache(classifier_files, tmp_path, 
     assert (exports[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-exported
     load(ckpt, engine="ort", device="cpu", num_frames=5)  # other settings -> another export
     assert len([e for e in (tmp_path / "exports").iterdir() if e.is_dir()]) == 2
+
+
+def test_a_graph_deleted_from_the_cache_is_written_again(classifier_files, clips, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path))
+    clip = clips[AUDIOSET_CLIP.name]
+    want = load(classifier_files[1], engine="ort").classify(clip.audio, clip.frames)
+    (export,) = [e for e in (tmp_path / "exports").iterdir() if e.is_dir()]
+    (export / "joint_classifier.onnx").unlink()
+    again = load(classifier_files[1], engine="ort").classify(clip.audio, clip.frames)
+    np.testing.assert_allclose(again, want, atol=1e-6)
+    assert (export / "joint_classifier.onnx").is_file()
+
+
+def test_a_damaged_manifest_is_named_not_a_crash(classifier_files, tmp_path):
+    import shutil
+
+    export = shutil.copytree(classifier_files[2], tmp_path / "exp")
+    good = json.loads((export / "manifest.json").read_text())
+    for edit, what in [({"labels": good["labels"][:10]}, "10 labels for 527 classes"),
+                       ({"graphs": None}, "AttributeError"), ({"model_kind": "banana"}, "model_kind 'banana'"),
+                       ({"max_batch": 0}, "max batch below 1"), ({"precision": "int4"}, "precision 'int4'")]:
+        (export / "manifest.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(CavmaeError, match=f"manifest.json is damaged.*{what}"):
+            load(export, engine="ort")
+
+
+def test_api_arguments_are_checked_up_front(classifier_files, tmp_path):
+    _, ckpt, _ = classifier_files
+    with pytest.raises(CavmaeError, match="max batch must be"):
+        export_model(ckpt, tmp_path / "x", max_batch=0)
+    with pytest.raises(CavmaeError, match="max batch must be"):
+        load(ckpt, engine="ort", max_batch=-3)
+    with pytest.raises(CavmaeError, match="task must be"):
+        export_model(ckpt, tmp_path / "x", task="bogus")
+    with pytest.raises(CavmaeError, match="task must be one of"):
+        load(ckpt, engine="ort", task="bogus")
+    with pytest.raises(CavmaeError, match="engine 'torch' takes no option 'threads'"):
+        load(ckpt, engine="torch", threads=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CavmaeError, match="is a file"):
+        export_model(ckpt, tmp_path / "file")
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_finetuned_checkpoint_names_its_classes(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 
 from cavmae.audio import prepare_audio
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
+from cavmae.errors import MediaError
 from cavmae.visual import preprocess_frames
 
 from .audio_decode import decode_audio_packets
@@ -80,7 +81,7 @@ def load_clip(
     audio_window = config.audio_seconds  # the audio the 1024 fbank rows cover (10.255 s)
     if duration is not None:
         if not 0 < duration <= window:
-            raise ValueError(f"duration must be in (0, {window:g}] s, got {duration}")
+            raise MediaError(f"duration must be in (0, {window:g}] s, got {duration}")
         window = audio_window = float(duration)
     span = max(window if need_video else 0.0, audio_window if need_audio else 0.0)
     info, container, streams, packets = read_window(path, need_audio, need_video, offset, span)

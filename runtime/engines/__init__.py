@@ -25,7 +25,7 @@ from .. import hardware
 from .base import Engine, GraphSession
 from .devices import normalize_device
 
-__all__ = ["ENGINES", "Engine", "GraphSession", "check_engine", "create_engine", "resolve_engine"]
+__all__ = ["ENGINES", "Engine", "GraphSession", "check_engine", "check_engine_options", "create_engine", "resolve_engine"]
 
 #: Engines by command-line name; "auto" picks one of them.
 ENGINES: tuple[str, ...] = ("ort", "trt", "torch")
@@ -144,6 +144,22 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
+#: keyword arguments of an engine class that the loader sets, not the user
+_INTERNAL_OPTIONS = frozenset({"model", "precision"})
+
+
+def check_engine_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``CavmaeError`` naming an option engine ``name`` does not take (a misspelling, or
+    one of another engine's), with the ones it takes, before anything is loaded."""
+    import inspect
+
+    params = inspect.signature(engine_class(name).__init__).parameters
+    takes = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _INTERNAL_OPTIONS]
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        raise CavmaeError(f"engine {name!r} takes no option {unknown[0]!r}; its options: {', '.join(takes) or 'none'}")
+
+
 def create_engine(
     name: str,
     export_dir: str | Path,
@@ -158,6 +174,7 @@ def create_engine(
     ``EngineUnavailableError`` when the engine cannot run here, with what to install.
     """
     engine_name, dev = check_engine(name, device)
+    check_engine_options(engine_name, options)
     if manifest is None:
         manifest = Manifest.load(export_dir)
     return engine_class(engine_name)(export_dir, manifest, dev, **options)

@@ -99,12 +99,15 @@ def _shape_str(shape: tuple[int | str, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_inputs(spec: GraphSpec, inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+def check_inputs(
+    spec: GraphSpec, inputs: Mapping[str, Any], *, whole: bool = False
+) -> tuple[dict[str, np.ndarray], int]:
     """Validate ``inputs`` against ``spec`` and return C-contiguous arrays plus the batch size.
 
     Every input of ``spec`` must be present (no others), with the declared dtype (no silent
     casts: a float64 array fed to a float32 graph is a bug upstream) and the declared shape,
-    the ``"batch"`` axis being the same ``1 <= B <= spec.max_batch`` for all inputs. Raises
+    the ``"batch"`` axis being the same ``1 <= B <= spec.max_batch`` for all inputs (any
+    ``B >= 0`` with ``whole``: a caller's whole batch, before it is split into runs). Raises
     ``CavmaeError`` naming the graph, the input, what was expected and what was given.
     Arrays are made C-contiguous (a copy only when needed), since both runtimes read raw
     row-major buffers.
@@ -142,7 +145,7 @@ def check_inputs(spec: GraphSpec, inputs: Mapping[str, Any]) -> tuple[dict[str, 
             )
         for axis, (want, got) in enumerate(zip(t.shape, arr.shape, strict=True)):
             if want == BATCH:
-                if not 1 <= got <= spec.max_batch:
+                if not whole and not 1 <= got <= spec.max_batch:
                     raise CavmaeError(
                         f"{where}, input {t.name!r}: batch size {got} (axis {axis}) is outside"
                         f" 1..{spec.max_batch}, the range this export supports; split the"
@@ -160,5 +163,5 @@ def check_inputs(spec: GraphSpec, inputs: Mapping[str, Any]) -> tuple[dict[str, 
                     f"{where}, input {t.name!r}: expected shape {_shape_str(t.shape)}, got"
                     f" {list(arr.shape)} (axis {axis} should be {want})"
                 )
-        arrays[t.name] = np.ascontiguousarray(arr)
+        arrays[t.name] = arr if whole else np.ascontiguousarray(arr)
     return arrays, (batch if batch is not None else 1)
