@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import fsio
-from .checkpoint_keys import META_KEY, count_blocks, kind_of_keys, unreadable
+from .checkpoint_keys import META_KEY, TrainedHead, count_blocks, kind_of_keys, unreadable
 from .config import BASE, ModelConfig
 from .errors import CheckpointError
 from .hub import registry
@@ -317,29 +317,41 @@ def verify_checkpoint_file(
 # -- writing -------------------------------------------------------------------------------
 
 
-def checkpoint_meta(model: CAVMAEEncoder, labels: LabelSet | None = None) -> dict[str, Any]:
-    """The metadata embedded in files this project writes (with a classifier's class names,
-    when known, so that what is made from the file names its classes)."""
+def checkpoint_meta(model: CAVMAEEncoder, head: TrainedHead | None = None) -> dict[str, Any]:
+    """The metadata embedded in files this project writes: kind and config, and for a fine-tuned
+    classifier what its training fixed (:class:`~cavmae.checkpoint_keys.TrainedHead`), so that
+    what is made from the file names its classes and serves its mode and task."""
     meta = {"version": META_VERSION, "kind": model_kind(model), "config": model.config.to_dict()}
-    if labels is not None:
-        meta["labels"] = labels.to_meta()
+    if head is not None:
+        head.check(model_kind(model), model.config.num_classes)
+        meta.update(head.to_meta())
     return meta
 
 
-def save_checkpoint(model: CAVMAEEncoder, path: str | Path, *, labels: LabelSet | None = None) -> Path:
+def save_checkpoint(
+    model: CAVMAEEncoder,
+    path: str | Path,
+    *,
+    labels: LabelSet | None = None,
+    finetune_mode: str | None = None,
+    task: str | None = None,
+) -> Path:
     """Write ``model``'s weights so that both ``load_checkpoint`` and the reference recipe
     (``DataParallel(model).load_state_dict(torch.load(path))``) accept the file.
 
     ``.safetensors`` paths get a safetensors file with the config in its header; anything else a
-    ``module.``-prefixed state dict with the config in its ``_metadata``. ``labels``: the
-    classifier's class names, kept beside the config. Written atomically.
+    ``module.``-prefixed state dict with the config in its ``_metadata``. A classifier's class
+    names (``labels``), ``finetune_mode`` and ``task`` (``multi-label``/``single-label``) are kept
+    beside the config when given. Written atomically.
     """
     path = Path(path)
     state = model.state_dict()
-    if labels is not None and (model_kind(model) != "classifier" or len(labels) != model.config.num_classes):
-        raise CheckpointError(f"{len(labels)} class names do not fit a {model_kind(model)} model"
-                              f" of {model.config.num_classes} classes")
-    meta = json.dumps(checkpoint_meta(model, labels))
+    head = TrainedHead(labels=labels, finetune_mode=finetune_mode, task=task)
+    try:
+        head.check(model_kind(model), model.config.num_classes)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot save {path}: {e}") from None
+    meta = json.dumps(checkpoint_meta(model, head))
     with fsio.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file

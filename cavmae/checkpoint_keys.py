@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .labels import LabelSet
+from .labels import TASKS, LabelSet
 
 #: where files this project writes keep its metadata (a safetensors header key, the root
 #: entry of a state dict's ``_metadata``, a key of the trainer's state file)
@@ -163,10 +163,60 @@ class _KeysUnpickler(pickle.Unpickler):
         return None  # the tensor data, which a shape does not need
 
 
-def embedded_labels(path: str | Path) -> LabelSet | None:
-    """The class names kept in a checkpoint ``cavmae finetune`` wrote; None for other files."""
-    meta = peek_metadata(path)
-    return LabelSet.from_meta(meta.get("labels")) if meta is not None else None
+@dataclass(frozen=True)
+class TrainedHead:
+    """What fine-tuning fixed about a classifier, kept in the metadata of the checkpoints
+    ``cavmae finetune`` writes, so that what is made from the file (``classify``, ``export``,
+    ``serve``, ``evaluate``) follows it without flags: the class names, the fine-tune mode
+    (an audio-only model has no trained audio-visual head) and the task (softmax for a model
+    trained with cross-entropy). Each is None where unknown (the released checkpoints: their
+    registry entries say it)."""
+
+    labels: LabelSet | None = None
+    finetune_mode: str | None = None
+    task: str | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        """The metadata entries (only the known ones)."""
+        out: dict[str, Any] = {}
+        if self.labels is not None:
+            out["labels"] = self.labels.to_meta()
+        if self.finetune_mode is not None:
+            out["finetune_mode"] = self.finetune_mode
+        if self.task is not None:
+            out["task"] = self.task
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any] | None) -> TrainedHead:
+        """Read back :meth:`to_meta`'s entries; an entry that is not one of ours reads as None."""
+        if not isinstance(meta, dict):
+            return cls()
+        from .modes import FINETUNE_MODES  # modes -> graphs: imported when read
+
+        mode, task = meta.get("finetune_mode"), meta.get("task")
+        return cls(labels=LabelSet.from_meta(meta.get("labels")),
+                   finetune_mode=mode if mode in FINETUNE_MODES else None,
+                   task=task if task in TASKS else None)
+
+    def check(self, kind: str, num_classes: int) -> None:
+        """Raise ``CheckpointError`` when this does not fit a ``kind`` model of ``num_classes``."""
+        if kind != "classifier" and self != TrainedHead():
+            raise CheckpointError(f"class names, fine-tune mode and task apply to a classifier, not a {kind} model")
+        if self.labels is not None and len(self.labels) != num_classes:
+            raise CheckpointError(f"{len(self.labels)} class names do not fit a model of {num_classes} classes")
+        from .modes import FINETUNE_MODES
+
+        if self.finetune_mode is not None and self.finetune_mode not in FINETUNE_MODES:
+            raise CheckpointError(f"fine-tune mode must be one of {', '.join(FINETUNE_MODES)}, not {self.finetune_mode!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise CheckpointError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+
+
+def embedded_head(path: str | Path) -> TrainedHead:
+    """What a checkpoint ``cavmae finetune`` wrote keeps about its head (:class:`TrainedHead`);
+    all None for other files."""
+    return TrainedHead.from_meta(peek_metadata(path))
 
 
 def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:

@@ -110,6 +110,10 @@ def default_labels(num_classes: int) -> LabelSet | None:
     return audioset_labels() if num_classes == AUDIOSET_NUM_CLASSES else None
 
 
+#: what a classifier's probabilities are: sigmoid per class (multi-label) or softmax (single-label)
+TASKS = ("multi-label", "single-label")
+
+
 def default_task(num_classes: int) -> str:
     """VGGSound (309 classes) is single-label; AudioSet and anything else multi-label."""
     return "single-label" if num_classes == VGGSOUND_NUM_CLASSES else "multi-label"

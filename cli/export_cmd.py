@@ -31,9 +31,11 @@ from .common import FRAMES, echo_json
 @click.option("--frames", default=10, show_default=True, type=FRAMES, help="Frames aggregated per clip.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of clips.")
 @click.option("--finetune-mode", type=click.Choice([AUTO, *FINETUNE_MODES]), default=AUTO,
-              show_default=True, help="What a classifier was fine-tuned for (auto: from the registry, else multimodal).")
+              show_default=True, help="What a classifier was fine-tuned for (auto: from the registry, or what a checkpoint cavmae"
+              " finetune wrote says, else multimodal).")
 @click.option("--task", type=click.Choice(["auto", "multi-label", "single-label"]), default="auto", show_default=True,
-              help="Sigmoid (multi-label) or softmax (single-label) probabilities.")
+              help="Sigmoid (multi-label) or softmax (single-label) probabilities (auto: the registry's, or"
+                   " the loss a cavmae finetune checkpoint was trained with, else by class count).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Label CSV (index,mid,display_name) to embed in the manifest.")
 @click.option("--mask-ratio", default=DEFAULT_MASK_RATIO, show_default=True, type=click.FloatRange(0, 1, max_open=True),
@@ -63,7 +65,7 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     """
     from cavmae.export import export_model
     from cavmae.heap import keep_freed_memory
-    from cavmae.runtime.loader import model_labels, resolve_model
+    from cavmae.runtime.loader import export_settings, model_labels, resolve_model
 
     keep_freed_memory()  # one export, then exit: large freed buffers are reused (cavmae.heap)
 
@@ -84,7 +86,8 @@ def export(model, output, precision, frames, max_batch, finetune_mode, task, lab
     result = export_model(
         source.load_model(), output, precision,
         num_frames=frames, max_batch=max_batch,
-        task=None if task == "auto" else task,
+        # auto: the registry's, or what a checkpoint cavmae finetune wrote says
+        task=export_settings(source).get("task") if task == "auto" else task,
         finetune_mode=source.finetune_mode if finetune_mode == AUTO else finetune_mode,
         labels=labels, mask_ratio_a=mask_ratios[0], mask_ratio_v=mask_ratios[1],
         validate=not no_validate, validation_seed=validation_seed, overwrite=overwrite,

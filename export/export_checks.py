@@ -8,6 +8,7 @@ from pathlib import Path
 from cavmae import fsio
 from cavmae.config import check_max_batch, check_num_frames
 from cavmae.errors import ExportError
+from cavmae.labels import TASKS
 from cavmae.manifest import EXPORT_PRECISIONS, is_export_dir
 from cavmae.masking import kept_tokens
 from cavmae.model import CAVMAEEncoder
@@ -16,9 +17,6 @@ from cavmae.stages import model_kind
 
 from .graph_store import foreign_files
 
-#: what a classifier's probabilities are: sigmoid per class, or softmax over classes
-TASKS = ("multi-label", "single-label")
-
 
 def check_mask_ratios(net: CAVMAEEncoder, mask_ratio_a: float, mask_ratio_v: float) -> None:
     """Before tracing: a ratio that keeps no token of a pre-training model fails (one line)."""
@@ -26,7 +24,7 @@ def check_mask_ratios(net: CAVMAEEncoder, mask_ratio_a: float, mask_ratio_v: flo
         kept_tokens(net.config.num_audio_tokens, net.config.num_visual_tokens, mask_ratio_a, mask_ratio_v)
 
 
-def check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite: bool, num_frames: int,
+def check_arguments(precision: str, finetune_mode: str | None, out_dir: Path, overwrite: bool, num_frames: int,
                      max_batch: int, task: str | None) -> None:
     check_num_frames(num_frames)
     check_max_batch(max_batch)
@@ -36,7 +34,7 @@ def check_arguments(precision: str, finetune_mode: str, out_dir: Path, overwrite
         raise ExportError(f"{out_dir} is a file; an export is a folder: choose another path")
     if precision not in EXPORT_PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(EXPORT_PRECISIONS)}, not {precision!r}")
-    if finetune_mode not in FINETUNE_MODES:
+    if finetune_mode is not None and finetune_mode not in FINETUNE_MODES:
         raise ExportError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return

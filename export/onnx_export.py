@@ -25,7 +25,7 @@ import torch
 import cavmae
 from cavmae import fsio
 from cavmae.checkpoint import load_checkpoint
-from cavmae.checkpoint_keys import embedded_labels
+from cavmae.checkpoint_keys import embedded_head
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import ExportError
 from cavmae.labels import LabelSet, default_labels, default_task, read_label_csv
@@ -93,7 +93,7 @@ def _labels(
     """The export's class names: ``labels``, else those a checkpoint file carries (a fine-tuning
     run's), else the bundled ones of the class count."""
     if labels is None and isinstance(model, (str, Path)):
-        labels = embedded_labels(model)
+        labels = embedded_head(model).labels
     if labels is None:
         return default_labels(num_classes)
     if isinstance(labels, LabelSet):
@@ -404,7 +404,7 @@ def export_model(
     num_frames: int = 10,
     max_batch: int = 8,
     task: str | None = None,
-    finetune_mode: str = "multimodal",
+    finetune_mode: str | None = None,
     labels: LabelSet | str | Path | Sequence[str] | None = None,
     mask_ratio_a: float = DEFAULT_MASK_RATIO,
     mask_ratio_v: float = DEFAULT_MASK_RATIO,
@@ -427,7 +427,9 @@ def export_model(
     float32 inputs and outputs). ``precision="int8"`` exports and validates fp32 graphs, then
     quantizes them (``int8``: how, on which clips, the gate's thresholds; see
     :mod:`cavmae.export.int8`) and refuses the export when int8 disagrees with fp32 on those
-    clips; the gate's report is the manifest's ``quantization``. ``graphs`` limits the export
+    clips; the gate's report is the manifest's ``quantization``. ``finetune_mode`` and ``task``
+    (None: what a checkpoint ``cavmae finetune`` wrote says, else ``multimodal`` and the class
+    count's default) decide a classifier's graphs and probabilities. ``graphs`` limits the export
     to some graph names. The directory is written into a temporary sibling and renamed into
     place, so a failed export never leaves a half-written directory behind.
 
@@ -445,6 +447,10 @@ def export_model(
     out_dir = Path(out_dir)
     check_arguments(precision, finetune_mode, out_dir, overwrite, num_frames, max_batch, task)
     net, src = _resolve_model(model)
+    # a checkpoint cavmae finetune wrote says what its head was trained for
+    trained = embedded_head(model) if isinstance(model, (str, Path)) else None
+    finetune_mode = finetune_mode or (trained and trained.finetune_mode) or "multimodal"
+    task = task or (trained.task if trained else None)
     src = {**src, **(source or {})}
     check_destination(out_dir, src.get("checkpoint"))
     check_mask_ratios(net, mask_ratio_a, mask_ratio_v)

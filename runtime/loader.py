@@ -12,6 +12,7 @@ task asked of it is refused before anything is downloaded, hashed or exported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cavmae import fsio
-from cavmae.checkpoint_keys import embedded_labels, peek_checkpoint, peek_metadata
+from cavmae.checkpoint_keys import TrainedHead, embedded_head, peek_checkpoint, peek_metadata
 from cavmae.config import BASE, DEFAULT_PREPROCESS, ModelConfig, check_max_batch, check_num_frames
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.hub import registry
@@ -57,9 +58,20 @@ class ModelSource:
     num_classes: int | None = None  # of a classifier, when known
     mirror: str | None = None  # where the registry's files come from, label CSVs included
 
+    @functools.cached_property
+    def head(self) -> TrainedHead:
+        """What a checkpoint ``cavmae finetune`` wrote keeps about its head (class names, mode,
+        task); all None for other files, exports and registry models (their entries say it)."""
+        if self.kind != "checkpoint" or self.info is not None or self.model_kind not in (None, "classifier"):
+            return TrainedHead()
+        return embedded_head(self.path)
+
     @property
     def finetune_mode(self) -> str:
-        """What the checkpoint was fine-tuned for: from its registry entry, else ``multimodal``."""
+        """What the checkpoint was fine-tuned for: from its registry entry, else from the file's
+        metadata, else ``multimodal``."""
+        if self.info is None and self.head.finetune_mode is not None:
+            return self.head.finetune_mode
         return finetune_mode_of(self.info.modes if self.info else ())
 
     def load_model(self) -> Any:
@@ -165,6 +177,8 @@ def export_settings(source: ModelSource, **settings: Any) -> dict[str, Any]:
     out = {"finetune_mode": source.finetune_mode, **settings}
     if info is not None:
         out.setdefault("task", info.task)
+    elif source.head.task is not None:
+        out.setdefault("task", source.head.task)
     return out
 
 
@@ -331,7 +345,7 @@ def _checkpoint_labels(source: ModelSource) -> LabelSet | None:
     its label CSV's there); None for other files, or names that do not fit the head."""
     if source.kind != "checkpoint":
         return None
-    names = embedded_labels(source.path)
+    names = source.head.labels
     if names is None or (source.num_classes is not None and len(names) != source.num_classes):
         return None
     return names

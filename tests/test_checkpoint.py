@@ -88,13 +88,29 @@ def test_class_names_travel_with_the_file(tmp_path, suffix):
     assert "labels" not in (peek_metadata(unnamed) or {})
     with pytest.raises(CheckpointError, match="do not fit"):  # 2 names for 3 classes
         save_checkpoint(model, tmp_path / f"bad{suffix}", labels=LabelSet(names=("a", "b"), ids=("a", "b")))
-    with pytest.raises(CheckpointError, match="do not fit a pretrain"):
+    with pytest.raises(CheckpointError, match="apply to a classifier, not a pretrain"):
         save_checkpoint(_random_model(CAVMAE), tmp_path / f"pre{suffix}", labels=names)
     assert not (tmp_path / f"bad{suffix}").exists()
     # a reference file carries no metadata; odd metadata shapes are ignored, not trusted
     assert peek_metadata(save_reference_checkpoint(model, tmp_path / "ref.pth")) is None
     for odd in (None, [], {"names": ["a"], "ids": []}, {"names": [1, 2, 3], "ids": ["a", "b", "c"]}):
         assert LabelSet.from_meta(odd) is None
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_finetune_mode_and_task_travel_with_the_file(tmp_path, suffix):
+    from cavmae.checkpoint_keys import TrainedHead, embedded_head
+
+    model = _random_model(CAVMAEFT, TINY.replace(num_classes=3))
+    path = save_checkpoint(model, tmp_path / f"a{suffix}", finetune_mode="audioonly", task="single-label")
+    assert embedded_head(path) == TrainedHead(finetune_mode="audioonly", task="single-label")
+    assert embedded_head(save_checkpoint(model, tmp_path / f"b{suffix}")) == TrainedHead()
+    with pytest.raises(CheckpointError, match="fine-tune mode must be one of"):
+        save_checkpoint(model, tmp_path / f"c{suffix}", finetune_mode="stereo")
+    with pytest.raises(CheckpointError, match="task must be one of"):
+        save_checkpoint(model, tmp_path / f"c{suffix}", task="regression")
+    # values this project does not write read as unknown, not trusted
+    assert TrainedHead.from_meta({"finetune_mode": "stereo", "task": 3}) == TrainedHead()
 
 
 def test_saved_file_loads_with_reference_recipe(tmp_path):

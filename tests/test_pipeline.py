@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from cavmae import CAVMAE, CAVMAEFT, TINY, save_checkpoint
 from cavmae.errors import CavmaeError, ModelKindError
 from cavmae.export import export_model
+from cavmae.manifest import Manifest
 from cavmae.masking import draw_noise
 from cavmae.media import load_clip
 from cavmae.runtime import load
@@ -272,6 +274,31 @@ def test_a_finetuned_checkpoint_names_its_classes(tmp_path, monkeypatch):
     assert load(tmp_path / "export", device="cpu").manifest.labels == names.names
     (tmp_path / "other.csv").write_text("index,mid,display_name\n0,x,one\n1,y,two\n2,z,three\n")
     assert load(ckpt, engine="torch", device="cpu", labels=tmp_path / "other.csv").manifest.labels == ("one", "two", "three")
+
+
+def test_a_checkpoint_serves_the_mode_and_task_it_was_finetuned_for(tmp_path, monkeypatch, clips):
+    """An audio-only model trained with cross-entropy must not be served through the
+    audio-visual head it never trained, nor with sigmoid scores."""
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    torch.manual_seed(2)
+    ckpt = save_checkpoint(CAVMAEFT(TINY.replace(num_classes=3)).eval(), tmp_path / "audio.pth",
+                           finetune_mode="audioonly", task="single-label")
+    clip = clips[AUDIOSET_CLIP.name]
+    for engine in ENGINES:
+        pipe = load(ckpt, engine=engine, device="cpu")
+        assert pipe.classify_modes == ("audio",) and pipe.manifest.task == "single-label", engine
+        assert pipe.classify(clip.audio, None, "audio").sum() == pytest.approx(1.0, abs=1e-5)
+        with pytest.raises(ModelKindError, match="cannot classify in mode 'av'"):
+            pipe.classify(clip.audio, clip.frames, "av")
+    manifest = export_model(ckpt, tmp_path / "export", max_batch=1).manifest
+    assert (manifest.finetune_mode, manifest.task) == ("audioonly", "single-label")
+    assert "joint_classifier" not in manifest.graphs
+    from cavmae.cli.main import cli
+
+    run = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(tmp_path / "cli-export"), "--json"])
+    assert run.exit_code == 0, run.output
+    assert (Manifest.load(tmp_path / "cli-export").finetune_mode, Manifest.load(tmp_path / "cli-export").task) \
+        == ("audioonly", "single-label")
 
 
 BLOCK_TORCH = """

@@ -287,16 +287,20 @@ def test_finetune_run_directory_and_weight_average(ds, reference):
 
 
 def test_finetuned_checkpoints_carry_the_class_names(ds, reference):
-    """Every file a fine-tuning run writes names its classes (from the label CSV), read without
+    """Every file a fine-tuning run writes names its classes (from the label CSV), mode and task, read without
     torch; what pre-training writes names none; the reference recipe still loads them."""
     from cavmae.checkpoint_keys import peek_metadata
     from cavmae.labels import LabelSet, read_label_csv
 
     root, _, _ = reference
     expected = read_label_csv(ds.label_csv)
+    from cavmae.checkpoint_keys import TrainedHead, embedded_head
+
     for name in ("model.1.pth", "model.3.pth", "wa.pth", "final.pth", "state.pt"):
         meta = peek_metadata(root / "ft" / name)
         assert meta is not None and LabelSet.from_meta(meta.get("labels")) == expected, name
+        # the run's mode and loss (CE: single-label) travel too: classify serves them, no flags
+        assert embedded_head(root / "ft" / name) == TrainedHead(expected, "multimodal", "single-label"), name
     assert "labels" not in (peek_metadata(root / "pre" / "final.pth") or {"labels": None})
     raw = torch.load(root / "ft" / "wa.pth", map_location="cpu", weights_only=True)
     assert all(k.startswith("module.") for k in raw)

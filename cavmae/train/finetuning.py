@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cavmae.checkpoint import read_state_dict, save_checkpoint
+from cavmae.checkpoint_keys import TrainedHead
 from cavmae.data import AVDataset, read_labels
 from cavmae.labels import LabelSet
 from cavmae.model import CAVMAEFT
@@ -92,7 +93,7 @@ def finetune(
         cfg, model, ClassifierStep(model, cfg.mode), groups, data, ("loss",), forward,
         evaluate if data.val is not None else None, better,
         lambda e: cfg.save_epoch_checkpoints or (cfg.wa and cfg.wa_start <= e <= wa_end),
-        labels=labels,
+        head=trained_head(cfg, labels),
     )
     result = run(job, d, device, amp, on_step, on_epoch)
     if not result.completed:
@@ -109,6 +110,13 @@ def finetune(
     return result
 
 
+def trained_head(cfg: FinetuneConfig, labels: LabelSet) -> TrainedHead:
+    """What this fine-tuning fixes about the head, kept in every checkpoint it writes: the class
+    names, the mode (its inputs) and the task its loss trains for (CE: softmax, single-label)."""
+    return TrainedHead(labels=labels, finetune_mode=cfg.mode,
+                       task="single-label" if cfg.loss == "CE" else "multi-label")
+
+
 def _load_final_weights(
     model: CAVMAEFT, cfg: FinetuneConfig, result: TrainResult, d: Dist, wa_end: int, labels: LabelSet
 ) -> str:
@@ -119,7 +127,9 @@ def _load_final_weights(
         if d.main:
             paths = [run_dir / epoch_file(e) for e in range(cfg.wa_start, wa_end + 1)]
             model.load_state_dict(average_checkpoints(paths))
-            save_checkpoint(model, run_dir / AVERAGED_FILE, labels=labels)
+            head = trained_head(cfg, labels)
+            save_checkpoint(model, run_dir / AVERAGED_FILE, labels=head.labels, finetune_mode=head.finetune_mode,
+                            task=head.task)
         barrier(d)
         if not d.main:
             state, _ = read_state_dict(run_dir / AVERAGED_FILE)

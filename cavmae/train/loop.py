@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from cavmae.checkpoint import save_checkpoint
+from cavmae.checkpoint_keys import TrainedHead
 from cavmae.data import StepBatchSampler, epoch_order
 from cavmae.errors import CavmaeError
-from cavmae.labels import LabelSet
 
 from .configs import TrainConfig, TrainConfigError
 from .data import RunData, loader, to_device
@@ -69,7 +69,14 @@ class Job:
     evaluate: Callable[[], dict[str, float]] | None
     better: Callable[[dict[str, float], float | None], tuple[bool, float]]
     epoch_checkpoint: Callable[[int], bool]
-    labels: LabelSet | None = None  # a classifier's class names, kept in each checkpoint
+    #: a classifier's class names, fine-tune mode and task, kept in each checkpoint
+    head: TrainedHead | None = None
+
+
+def _head_fields(head: TrainedHead | None) -> dict[str, Any]:
+    """``save_checkpoint``'s keyword arguments for a job's head (none for pre-training)."""
+    h = head or TrainedHead()
+    return {"labels": h.labels, "finetune_mode": h.finetune_mode, "task": h.task}
 
 
 @dataclass
@@ -145,7 +152,7 @@ class _Loop:
     def save(self) -> None:
         if self.d.main:
             save_state(self.cfg, self.job.model, self.opt, self.rs, self.d.world_size, self.mlog,
-                       labels=self.job.labels)
+                       head=self.job.head)
 
     def record_epoch(self, rec: dict[str, Any]) -> None:
         self.rs.history.append(rec)
@@ -239,10 +246,10 @@ class _Loop:
             if improved:
                 rs.best = {"value": value, "epoch": rs.epoch}
                 if self.d.main:
-                    save_checkpoint(job.model, self.run_dir / BEST_FILE, labels=job.labels)  # type: ignore[arg-type]
+                    save_checkpoint(job.model, self.run_dir / BEST_FILE, **_head_fields(job.head))  # type: ignore[arg-type]
         rec["time_s"] = round(time.time() - started, 3)
         if self.d.main and job.epoch_checkpoint(rs.epoch):
-            save_checkpoint(job.model, self.run_dir / epoch_file(rs.epoch), labels=job.labels)  # type: ignore[arg-type]
+            save_checkpoint(job.model, self.run_dir / epoch_file(rs.epoch), **_head_fields(job.head))  # type: ignore[arg-type]
         log.info("%s", json.dumps(rec, default=json_default))
         self.record_epoch(rec)
         rs.epoch += 1
@@ -260,7 +267,7 @@ class _Loop:
                                model=model.eval())
         completed_now = not rs.finished  # else a finished run was started again: nothing to do
         if self.d.main and completed_now:
-            save_checkpoint(model, self.run_dir / FINAL_FILE, labels=self.job.labels)  # type: ignore[arg-type]
+            save_checkpoint(model, self.run_dir / FINAL_FILE, **_head_fields(self.job.head))  # type: ignore[arg-type]
         rs.finished = True
         if completed_now:
             self.save()

@@ -25,8 +25,7 @@ from torch import nn
 
 from cavmae import fsio
 from cavmae.checkpoint import checkpoint_meta
-from cavmae.checkpoint_keys import META_KEY
-from cavmae.labels import LabelSet
+from cavmae.checkpoint_keys import META_KEY, TrainedHead
 
 from .configs import TrainConfig, TrainConfigError
 from .optim import Optimization
@@ -284,11 +283,11 @@ def start_or_resume(
 
 def save_state(
     cfg: TrainConfig, model: nn.Module, opt: Optimization, rs: RunState, world_size: int,
-    mlog: MetricsLog, *, labels: LabelSet | None = None,
+    mlog: MetricsLog, *, head: TrainedHead | None = None,
 ) -> None:
     """Write ``state.pt`` atomically (rank 0 calls it)."""
     state = {
-        META_KEY: checkpoint_meta(model, labels),  # type: ignore[arg-type]
+        META_KEY: checkpoint_meta(model, head),  # type: ignore[arg-type]
         "state_dict": model.state_dict(),
         "training": {
             "kind": cfg.kind, "config": json.dumps(cfg.to_dict()),
