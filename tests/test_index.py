@@ -122,6 +122,22 @@ def test_a_damaged_part_is_named_by_readers_and_writers(tmp_path):
         IndexWriter(tmp_path / "idx2", model=MODEL, dim=D)
 
 
+def test_a_chunk_name_pointing_outside_the_index_is_damage(tmp_path):
+    """index.json names its chunks; an edited name with a folder part must not make a reader
+    (search, serve --index) read files outside the index."""
+    import json
+    import shutil
+
+    write(tmp_path / "idx", rows(np.random.default_rng(6), 3))
+    shutil.copytree(tmp_path / "idx", tmp_path / "elsewhere")
+    meta_path = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunks"][0]["name"] = "../elsewhere/" + meta["chunks"][0]["name"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(EmbeddingIndexError, match="chunk named '../elsewhere/chunk-.*damaged"):
+        EmbeddingIndex.open(tmp_path / "idx")
+
+
 def test_refuses_other_model_frame_dim_and_second_writer(tmp_path):
     write(tmp_path / "idx", rows(np.random.default_rng(2), 2))
     with pytest.raises(EmbeddingIndexError, match="not of"):

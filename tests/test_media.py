@@ -464,3 +464,16 @@ def test_window_offsets(duration: float, window: float, hop: float, expected: li
 def test_window_offsets_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError):
         window_offsets(10.0, 5.0, 0.0)
+
+
+def test_video_larger_than_the_limit_is_refused(media_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few KB of file can declare frames of gigabytes: refused before decoding (the limit is
+    8K; lowered here so a small file stands in for a huge one)."""
+    from cavmae.media import video_decode
+
+    path = make_media(media_dir / "big.mp4", duration=1.0, fps=5, size=(64, 48), with_audio=False)
+    monkeypatch.setattr(video_decode, "MAX_VIDEO_PIXELS", 64 * 48 - 1)
+    with pytest.raises(MediaError, match="64x48 is larger than 8K"):
+        load_clip(path, need_audio=False)
+    monkeypatch.setattr(video_decode, "MAX_VIDEO_PIXELS", 64 * 48)
+    assert load_clip(path, need_audio=False).frames is not None

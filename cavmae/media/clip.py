@@ -12,7 +12,7 @@ import numpy as np
 from cavmae.audio import prepare_audio
 from cavmae.config import DEFAULT_PREPROCESS, PreprocessConfig
 from cavmae.errors import MediaError
-from cavmae.visual import preprocess_frames
+from cavmae.visual import preprocess_frame
 
 from .audio_decode import decode_audio_packets
 from .container import EPS, time_origin
@@ -66,7 +66,7 @@ def load_clip(
     1024 rows, as the reference's whole-track fbank cut to 1024 rows does; first channel, resampled to ``config.sample_rate``, then
     :func:`cavmae.audio.prepare_audio` (``[1024, 128]``; shorter audio is padded). Video:
     ``num_frames`` frames at the reference positions, then
-    :func:`cavmae.visual.preprocess_frames` (``[F, 3, 224, 224]``).
+    :func:`cavmae.visual.preprocess_frame` on each (``[F, 3, 224, 224]``); a video larger than 8K is refused.
 
     Raises:
         MissingStreamError: ``need_audio`` and no audio stream, or ``need_video`` and no video.
@@ -98,13 +98,15 @@ def load_clip(
         if need_video:
             video = streams["video"]
             assert isinstance(video, av.video.stream.VideoStream)
+            # each picked frame becomes the model input at once: a large frame is not held on
             rgb, times = decode_video_packets(
-                video, packets[video.index], origin, offset, offset + window, num_frames, path
+                video, packets[video.index], origin, offset, offset + window, num_frames, path,
+                keep=lambda image: preprocess_frame(image, config),
             )
     if waveform is not None:
         audio = prepare_audio(waveform, config)
     if need_video:
-        frames = preprocess_frames(rgb, config)
+        frames = np.stack(rgb)
     return Clip(
         path=path,
         audio=audio,

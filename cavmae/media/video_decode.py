@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,9 @@ def sample_frame_positions(total: int, num_frames: int) -> list[int]:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     return [max(int(i * total / num_frames) - 1, 0) for i in range(num_frames)]
 
+
+#: the largest frame decoded (8K UHD): a few KB of file can declare a frame of gigabytes
+MAX_VIDEO_PIXELS = 7680 * 4320
 
 # Decoders that read ``skip_frame`` for every packet, so it can be switched per packet: frames
 # that are neither kept nor referenced by other frames are then not decoded at all.
@@ -87,8 +91,9 @@ class _Picker:
     decoded, the stand-in for positions past the last decodable frame.
     """
 
-    def __init__(self, window: _WindowFrames, positions: list[int], start: float, end: float) -> None:
-        self.window, self.positions, self.start, self.end = window, positions, start, end
+    def __init__(self, window: _WindowFrames, positions: list[int], start: float, end: float,
+                 keep: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.window, self.positions, self.start, self.end, self.keep = window, positions, start, end, keep
         self.pending = sorted(set(positions))
         self.kept: dict[int, tuple[np.ndarray, float]] = {}
         self.counted = 0  # in-window frames decoded so far (used when index_of is None)
@@ -110,7 +115,7 @@ class _Picker:
             return
         self.last = (frame, t)
         if self.pending and self.pending[0] <= index:
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb = self.keep(frame.to_ndarray(format="rgb24"))
             while self.pending and self.pending[0] <= index:
                 self.kept[self.pending.pop(0)] = (rgb, t)
 
@@ -129,7 +134,7 @@ class _Picker:
                 self.window.total,
                 self.pending,
             )
-            rgb = self.last[0].to_ndarray(format="rgb24")
+            rgb = self.keep(self.last[0].to_ndarray(format="rgb24"))
             for position in self.pending:
                 self.kept[position] = (rgb, self.last[1])
         frames = [self.kept[p][0] for p in self.positions]
@@ -175,19 +180,27 @@ def decode_video_packets(
     end: float,
     num_frames: int,
     path: str,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Decode once, in order, converting to RGB only the frames at the sampled positions.
 
     Each position takes the first decoded frame at or after it (itself, unless that frame
     failed to decode); positions past the last decodable frame take the last one. Decoding
     stops as soon as every position is filled. For codecs in ``_SKIP_NONREF_CODECS``,
-    non-reference frames that are not kept are skipped by the decoder.
+    non-reference frames that are not kept are skipped by the decoder. ``keep`` maps each
+    picked RGB frame to what is kept of it (the model input: a large frame is then not held
+    until the last one is decoded); default the RGB frame itself.
     """
     window = _window_frames(packets, origin, start, end)
     if window.total == 0:
         raise MediaError(f"{path}: no video frames in the window [{start:g}, {end:g}) s")
-    picker = _Picker(window, sample_frame_positions(window.total, num_frames), start, end)
     codec = stream.codec_context
+    if codec.width * codec.height > MAX_VIDEO_PIXELS:
+        # the decoder holds a dozen reference frames of this size: refused before it allocates
+        raise MediaError(f"{path}: video of {codec.width}x{codec.height} is larger than 8K"
+                         f" ({MAX_VIDEO_PIXELS} pixels); scale it down first (e.g. ffmpeg -vf scale=1920:-2)")
+    picker = _Picker(window, sample_frame_positions(window.total, num_frames), start, end,
+                     keep or (lambda rgb: rgb))
     wanted_pts = _decode_only(window, codec.name, picker.pending)
     skip_mode: str = ""
     clock = _Clock(stream, origin, start)

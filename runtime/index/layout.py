@@ -31,6 +31,8 @@ ARRAYS = (*MODALITIES, "mask")  # the three .npy files of each part
 SIDECARS = ("offsets", "keys")  # per part since version 2: line offsets, sorted path hashes
 ITEM_KEYS = ("row", "path", "duration", "has_audio", "has_video")  # written for every row
 _SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+#: the name of a chunk (its files are ``<name>-audio.npy`` ...)
+CHUNK_NAME_RE = re.compile(r"chunk-\d{5,}")
 CHUNK_RE = re.compile(
     r"^chunk-\d{5,}-(audio|visual|mask|offsets|keys)\.npy$|^chunk-\d{5,}-items\.jsonl$"
 )
@@ -194,6 +196,11 @@ def parts(meta: dict[str, Any]) -> list[Part]:
     if start:
         out.append(Part("", 0, start))
     for chunk in meta.get("chunks", []):
+        # a chunk is a file of this folder: a name with a folder part (an edited index.json
+        # pointing elsewhere) is damage, not a place to read
+        if not CHUNK_NAME_RE.fullmatch(str(chunk.get("name"))):
+            raise EmbeddingIndexError(f"index.json lists a chunk named {chunk.get('name')!r}, not"
+                                      " chunk-NNNNN; the index is damaged")
         out.append(Part(f"{chunk['name']}-", start, int(chunk["count"])))
         start += int(chunk["count"])
     return out
