@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 from pathlib import Path
 
@@ -95,11 +96,15 @@ def serve(model, engine, device, mirror, precision, index, host, port, frames, m
         raise CavmaeError(f"cavmae serve needs the serve extra ({e.name} is missing):"
                           ' pip install -e ".[serve]"') from None
 
+    if not math.isfinite(max_upload_mb):
+        raise CavmaeError(f"--max-upload-mb must be a finite number of MB, not {max_upload_mb}")
+    if api_key is not None and not api_key.strip():  # an empty key must not turn the check off
+        raise CavmaeError("the API key (--api-key or CAVMAE_API_KEY) must not be empty; unset it to serve without one")
     steady_heap()  # before the engine and the worker threads start
     config = ServeConfig(
         max_batch=max_batch, max_wait=max_wait_ms / 1000.0, max_queue=max_queue, workers=workers,
         max_upload=int(max_upload_mb * MB), max_duration=max_duration, timeout=timeout, max_windows=max_windows,
-        api_key=api_key or None, allow_dir=allow_dir,
+        api_key=api_key, allow_dir=allow_dir,
     )
     if not _is_loopback(host) and config.api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it may use it",

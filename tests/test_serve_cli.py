@@ -92,6 +92,13 @@ def test_serve_user_mistakes_are_one_line_exit_2(model, tmp_path):
         (["-m", str(model["export"]), "--port", port], "cannot listen"),
         (["-m", str(model["export"]), "--index", str(tmp_path / "no-index")], "index"),
         (["-m", str(model["export"]), "--allow-dir", str(tmp_path / "nowhere")], "nowhere"),
+        # an infinite wait never forms a batch, an infinite upload limit is no limit, an empty
+        # key would turn the check off: each is refused before the model loads
+        (["-m", str(model["export"]), "--max-wait-ms", "inf"], "max wait must be"),
+        (["-m", str(model["export"]), "--max-wait-ms", "1e9"], "at most the request timeout"),
+        (["-m", str(model["export"]), "--max-upload-mb", "inf"], "finite number of MB"),
+        (["-m", str(model["export"]), "--timeout", "nan"], "timeout must be"),
+        (["-m", str(model["export"]), "--api-key", ""], "must not be empty"),
     ]
     try:
         for args, words in cases:

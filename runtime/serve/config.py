@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,13 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         checks = [
+            (0 < self.timeout < math.inf, "timeout must be a positive number of seconds"),
             (self.max_batch >= 1, "max batch must be at least 1"),
-            (self.max_wait >= 0, "max wait must not be negative"),
+            (0 <= self.max_wait <= self.timeout, "max wait must be 0 or more, and at most the request timeout"),
             (self.max_queue >= 1, "max queue must be at least 1"),
             (self.workers >= 1, "workers must be at least 1"),
             (self.max_upload >= 1, "max upload size must be positive"),
-            (self.max_duration > 0, "max duration must be positive"),
-            (self.timeout > 0, "timeout must be positive"),
+            (0 < self.max_duration < math.inf, "max duration must be a positive number of seconds"),
             (self.max_windows >= 1, "max windows must be at least 1"),
             (self.api_key is None or len(self.api_key) > 0, "the API key must not be empty"),
         ]
