@@ -31,7 +31,9 @@ from cavmae.runtime.classify_records import (
     label_names,
     min_hop,
     min_window,
+    record_shows,
     rows_per_record,
+    shown_settings,
 )
 
 from . import ray_run
@@ -117,7 +119,9 @@ EXIT_TERMINATED = 128 + int(signal.SIGTERM)
               help="Label CSV (index,mid,display_name) replacing the model's label names.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per clip/window.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows.")
-@click.option("--all-scores", is_flag=True, help="Include every class's score in JSON/CSV output.")
+@click.option("--all-scores", is_flag=True,
+              help="Include every class's score: JSON records keep the top -k classes and add 'scores';"
+                   " CSV gives one row per class instead (rank left empty, -k not used).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write results here as they come, in the format of its ending (.csv, .jsonl, or .json"
                    " rewritten whole); a re-run skips the clips and modes already in it.")
@@ -163,33 +167,33 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
         writer: Any = ParquetResults(output, all_scores)
     else:
         writer = ResultWriter(output, HEADER, requested="csv" if as_csv else "json" if as_json else None,
-                              command="cavmae classify", shared=parse_shard(shard)[1] > 1)
+                              command="cavmae classify", shared=parse_shard(shard)[1] > 1, shows=record_shows)
+    # what a result depends on beyond its key (path, mode, start): a re-run must match it; what
+    # the flags decide is checked now, so a refused re-run neither loads nor exports the model
+    kept = _flag_settings(writer, labels_csv, window=window, top_k=top_k, all_scores=all_scores, frames=frames,
+                          precision=precision if engine != "torch" else None)  # torch: autocast, not the export's
     # --labels replaces the model's names inside load(), so no label file is downloaded then
     pipe = open_pipeline(model, engine, device, mirror, num_frames=frames, labels=labels_csv,
                          task="classify", precision=precision)
     mode = _choose_mode(pipe, mode)
-    # what a result depends on beyond its key (path, mode, start): a re-run must match it
     if isinstance(writer, ResultWriter):
         source = pipe.manifest.source
-        # the label file by content: the same file named another way (./l.csv, $PWD/l.csv) is
-        # the same setting, an edited one is not. An older cavmae recorded the name as typed:
-        # that name still matches (and the record is updated), as it did then.
-        labels = f"sha256:{fsio.sha256_file(labels_csv)}" if labels_csv else None
-        writer.bind_settings({
-            "model": source.get("sha256") or source.get("checkpoint") or str(model),
-            "precision": pipe.manifest.precision, "frames": pipe.manifest.num_frames,
-            "labels": labels, "window": window, "top_k": top_k, "all_scores": all_scores,
-        }, older={"labels": [labels_csv]} if labels_csv else None)
-        writer.expect_csv_rows(rows_per_record(len(label_names(pipe)), top_k, all_scores))
+        kept.update(model=source.get("sha256") or source.get("checkpoint") or str(model),
+                    precision=pipe.manifest.precision, frames=pipe.manifest.num_frames)
+        names = label_names(pipe)
+        writer.bind_settings(kept, older={"labels": [labels_csv]} if labels_csv else None,
+                             shown=shown_settings(len(names), top_k, all_scores, writer.fmt))
+        writer.expect_csv_rows(rows_per_record(len(names), top_k, all_scores))
     out = _Output(writer, label_names(pipe), top_k, all_scores, as_json,
                   csv.writer(sys.stdout) if as_csv else None, windows=window is not None)
     if out.stdout_csv:
         out.stdout_csv.writerow(HEADER)
     if ray_address is not None:  # the same results, computed on Ray Data (cli/ray_run.py)
         settings = RaySettings(ray_address, ray_actors, ray_gpus_per_actor)
+        done_before = bool(writer.done)  # the inputs done already are not counted on Ray
         ray_run.finish(ray_run.classify(settings, files=files, pipe=pipe, spec=settings.spec(
             model, engine, device, num_frames=pipe.manifest.num_frames, precision=precision), mode=mode, window=window, hop=hop,
-            offset=offset, writer=writer, emit=out.emit), len(files))
+            offset=offset, writer=writer, emit=out.emit), len(files), None if done_before else 0)
         return
     try:
         with _sigterm_stops_the_run():
@@ -203,7 +207,26 @@ def classify(inputs, model, engine, device, mirror, precision, top_k, mode, fram
         writer.close()
     if already_done:
         echo(f"{already_done} of {len(files)} inputs already in {output}: skipped", err=True)
-    ray_run.finish(failed, len(files))  # the same report with and without --ray
+    ray_run.finish(failed, len(files), already_done)  # the same report with and without --ray
+
+
+def _flag_settings(writer: Any, labels_csv: str | None, *, window: float | None, top_k: int, all_scores: bool,
+                   frames: int | None, precision: str | None) -> dict[str, Any]:
+    """The settings of ``-o``'s results that the flags decide, checked against the file's record
+    now, before the model loads (``frames``, ``precision``: None where the model decides them).
+    ``labels``: the label file by content, so the same file named another way (./l.csv,
+    $PWD/l.csv) is the same setting and an edited one is not; an older cavmae recorded the name
+    as typed, which still matches (and the record is updated)."""
+    if not isinstance(writer, ResultWriter) or writer.path is None:
+        return {}
+    known: dict[str, Any] = {"window": window, "top_k": top_k, "all_scores": all_scores}
+    known.update({k: v for k, v in (("frames", frames), ("precision", precision)) if v is not None})
+    if labels_csv is None:
+        known["labels"] = None
+    elif Path(labels_csv).is_file():  # else load() says what is wrong with it
+        known["labels"] = f"sha256:{fsio.sha256_file(labels_csv)}"
+    writer.check_settings(known, older={"labels": [labels_csv]} if labels_csv else None)
+    return known
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,8 @@ def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, s
                                  gpus_per_actor=settings.gpus_per_actor)
     failed: list[tuple[str, str]] = []
     try:
-        for row in progress(ds.iter_rows(), total=None, desc="classify", unit="clip"):
+        unit = "window" if window is not None else "clip"  # a row is one window of a file then
+        for row in progress(ds.iter_rows(), total=None, desc="classify", unit=unit):
             if row["error"]:
                 failed.append((row["path"], row["error"]))
                 warn_skipped(row["path"], row["error"])
@@ -225,15 +226,30 @@ def classify(settings: RaySettings, *, files: Sequence[str | Path], pipe: Any, s
     return list(seen.items())
 
 
-def finish(failed: Sequence[tuple[str, str]], total: int) -> None:
-    """Report the failed inputs at the end, as without ``--ray``: exit 2 when any failed."""
+def finish(failed: Sequence[tuple[str, str]], total: int, already_done: int | None = 0) -> None:
+    """Report the failed inputs at the end, as without ``--ray``: exit 2 when any failed.
+    ``already_done``: the inputs an earlier run had done (skipped), None when not counted."""
     if not failed:
         return
     if total == 1:
         raise CavmaeError(failed[0][1])
-    rest = "; the others were classified" if len(failed) < total else ""
-    click.echo(f"{len(failed)} of {total} inputs failed{rest}", err=True)
+    click.echo(f"{len(failed)} of {total} inputs failed{_the_others(total - len(failed), already_done)}", err=True)
     click.get_current_context().exit(EXIT_INPUT_FAILED)
+
+
+def _the_others(others: int, already_done: int | None) -> str:
+    """What happened to the inputs that did not fail: classified, or done by an earlier run."""
+    if not others:
+        return ""
+    if already_done is None:
+        return "; the others were classified or done already"
+    already_done = min(already_done, others)
+    classified = others - already_done
+    if not already_done:
+        return "; the others were classified"
+    if not classified:
+        return f"; {already_done} done already (skipped)"
+    return f"; {classified} classified, {already_done} done already (skipped)"
 
 
 # -- embed --------------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ file against the columns/fields of the command; a mismatch is refused with one l
 results file is never mixed up. Records already in the file are keyed (by default on the
 resolved input path, the mode and the start time), so a re-run skips what is done; a command
 that binds its settings (model, frames, windows, ...) to the file is refused when a re-run
-changes them (they are kept beside it in a hidden ``.{name}.settings.json``).
+changes them (they are kept beside it in a hidden ``.{name}.settings.json``). Settings known
+before the model loads (from the command's flags) are checked first (:meth:`ResultWriter.check_settings`),
+so a refused re-run neither loads nor exports anything. A file whose settings record is missing
+(copied or moved without it) is checked against what its records show (``shows``: for
+``cavmae classify``, the number of top classes and whether every score is there) and refused
+when they differ; the settings the records cannot show (model, frames, window, labels) are not
+checked then, which a warning says.
 
 Inputs are recorded by absolute path (:func:`stored_path`): a relative one would name another
 file when a re-run starts in another folder, and its result would count as done (or a done one
@@ -124,6 +130,10 @@ class ResultWriter:
         key: the identity of a record (see :func:`result_key`).
         shared: several processes (shards) write this file at once; refused for ``.json``,
             which each would rewrite with its own records only.
+        shows: what one record read back (a JSON record, or one CSV row as text) shows of the
+            settings that wrote it, as ``{setting: value}``; the file's value of a setting is
+            the largest its records show (checked by ``bind_settings(shown=)`` when the settings
+            record is missing).
     """
 
     def __init__(
@@ -135,8 +145,12 @@ class ResultWriter:
         command: str = "cavmae",
         key: Callable[[dict[str, Any]], Hashable] = result_key,
         shared: bool = False,
+        shows: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.path, self.columns, self.command, self.key = path, list(columns), command, key
+        self.shows = shows
+        #: per setting, the largest value the records read show (see ``shows``)
+        self.shown: dict[str, Any] = {}
         self.fmt = result_format(path, requested) if path is not None else None
         self.done: set[Hashable] = set()
         self._file: Any = None
@@ -165,35 +179,78 @@ class ResultWriter:
         assert self.path is not None
         return self.path.with_name(f".{self.path.name}.settings.json")
 
-    def bind_settings(self, settings: dict[str, Any], older: dict[str, Sequence[Any]] | None = None) -> None:
+    def bind_settings(
+        self,
+        settings: dict[str, Any],
+        older: dict[str, Sequence[Any]] | None = None,
+        shown: dict[str, Any] | None = None,
+    ) -> None:
         """Tie the file to the settings its results depend on (model, frames, windows, ...).
 
         A re-run resumes only with the same settings: results of other settings under the same
         (path, mode, start) would otherwise count as done, and the file would mix two runs.
         Call before the first ``write``; refuses with one line when they differ. ``older``:
         per setting, the values an older cavmae recorded for the same setting (they match too,
-        and the record is brought up to date).
+        and the record is brought up to date). ``shown``: what this run's records will show
+        (see ``shows``); a file without its settings record is refused when its records show
+        other values, and resumed with a warning otherwise.
         """
         self._settings = json.loads(json.dumps(settings, default=str))  # as it reads back
         if self.path is None or not self.done:
             return
+        earlier = self._earlier_settings()
+        if earlier is None:
+            self._check_shown(shown or {})
+            return
+        current = self._settings
+        self._refuse_changes(earlier, current, older)
+        if earlier != current:  # matched an older form: record the current one from now on
+            fsio.write_json(self.settings_path(), current)
+
+    def check_settings(self, settings: dict[str, Any], older: dict[str, Sequence[Any]] | None = None) -> None:
+        """Refuse now, before the model loads, when a setting known already (from the flags)
+        differs from the one that wrote the file; ``bind_settings`` checks them all later."""
+        if self.path is None or not self.done:
+            return
+        earlier = self._earlier_settings()
+        if earlier is None:
+            return
+        current = json.loads(json.dumps(settings, default=str))
+        self._refuse_changes({k: v for k, v in earlier.items() if k in current}, current, older)
+
+    def _earlier_settings(self) -> dict[str, Any] | None:
+        """The settings record beside the file; None when it is missing."""
         try:
             earlier = json.loads(self.settings_path().read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError):
-            warn(f"{self.path}: no record of the settings that wrote it; resuming by input, mode"
-                 " and start time only")
-            return
+            earlier = None
         if not isinstance(earlier, dict):
             raise self._refuse(f"has an unreadable settings record ({self.settings_path().name})")
+        return earlier
+
+    def _refuse_changes(self, earlier: dict[str, Any], current: dict[str, Any],
+                        older: dict[str, Sequence[Any]] | None) -> None:
         older = older or {}
-        current = self._settings
         changed = sorted(k for k in set(earlier) | set(current)
                          if earlier.get(k) != current.get(k) and earlier.get(k) not in older.get(k, ()))
         if changed:
             what = ", ".join(f"{k} {earlier.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise self._refuse(f"holds results of other settings ({what})")
-        if earlier != current:  # matched an older form: record the current one from now on
-            fsio.write_json(self.settings_path(), current)
+
+    def _check_shown(self, shown: dict[str, Any]) -> None:
+        """No settings record: compare what the records show with what this run writes."""
+        record = self.settings_path().name
+        checked = sorted(k for k in shown if k in self.shown)
+        changed = [k for k in checked if self.shown[k] != shown[k]]
+        if changed:
+            what = ", ".join(f"{k} {self.shown[k]!r} -> {shown[k]!r}" for k in changed)
+            raise self._refuse(f"holds results of other settings ({what}, as its results show; its"
+                               f" settings record {record} is missing)")
+        agree = f"its results agree on {', '.join(checked)}, but " if checked else ""
+        warn(f"{self.path}: no record of the settings that wrote it ({record}); {agree}the other"
+             " settings cannot be checked: resuming by input, mode and start time")
 
     def expect_csv_rows(self, rows: int) -> None:
         """Each result is ``rows`` CSV rows: a last result with fewer (a run killed mid-write)
@@ -333,6 +390,10 @@ class ResultWriter:
                 " cavmae); choose another -o"
             ) from None
         self.done.add(key)
+        if self.shows is not None:
+            for name, value in self.shows(rec).items():
+                if name not in self.shown or value > self.shown[name]:
+                    self.shown[name] = value
         path = rec.get("path")
         if not self._warned_relative and isinstance(path, str) and not is_remote(path) and not Path(path).is_absolute():
             self._warned_relative = True  # once per file: every record of such a file is relative

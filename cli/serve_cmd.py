@@ -67,7 +67,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-windows", default=_D.max_windows, show_default=True, type=click.IntRange(1),
               help="Sliding windows one classify request may ask for (window/hop).")
 @click.option("--api-key", envvar="CAVMAE_API_KEY", default=None, metavar="KEY",
-              help="Require 'Authorization: Bearer KEY' (env CAVMAE_API_KEY); health checks and the page are open.")
+              help="Require 'Authorization: Bearer KEY' (env CAVMAE_API_KEY); health checks, the page and the API docs are open.")
 @click.option("--allow-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Let requests name files inside this folder (field 'path') instead of uploading them.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None,

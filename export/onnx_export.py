@@ -108,6 +108,21 @@ def _labels(
     return result
 
 
+def _head_settings(
+    model: CAVMAEEncoder | str | Path, net: CAVMAEEncoder, finetune_mode: str | None, task: str | None,
+    labels: LabelSet | str | Path | Sequence[str] | None,
+) -> tuple[str, str | None, LabelSet | None]:
+    """A classifier's fine-tune mode, task and class names: as given, else what a checkpoint
+    ``cavmae finetune`` wrote says of its head, else the defaults (multimodal, the class count's
+    task, the bundled names); no task or names for other models."""
+    trained = embedded_head(model) if isinstance(model, (str, Path)) else None
+    finetune_mode = finetune_mode or (trained and trained.finetune_mode) or "multimodal"
+    if not isinstance(net, CAVMAEFT):
+        return finetune_mode, None, None
+    task = task or (trained.task if trained else None) or default_task(net.config.num_classes)
+    return finetune_mode, task, _labels(labels, model, net.config.num_classes)
+
+
 #: one trace at a time in a process (see export_stage)
 _TRACE_LOCK = threading.Lock()
 
@@ -447,16 +462,10 @@ def export_model(
     out_dir = Path(out_dir)
     check_arguments(precision, finetune_mode, out_dir, overwrite, num_frames, max_batch, task)
     net, src = _resolve_model(model)
-    # a checkpoint cavmae finetune wrote says what its head was trained for
-    trained = embedded_head(model) if isinstance(model, (str, Path)) else None
-    finetune_mode = finetune_mode or (trained and trained.finetune_mode) or "multimodal"
-    task = task or (trained.task if trained else None)
     src = {**src, **(source or {})}
     check_destination(out_dir, src.get("checkpoint"))
     check_mask_ratios(net, mask_ratio_a, mask_ratio_v)
-    classifier = isinstance(net, CAVMAEFT)
-    label_set = _labels(labels, model, net.config.num_classes) if classifier else None
-    task = (task or default_task(net.config.num_classes)) if classifier else None
+    finetune_mode, task, label_set = _head_settings(model, net, finetune_mode, task, labels)
     plan = _select(plan_graphs(model_kind(net), net.config, num_frames=num_frames, max_batch=max_batch,
                                task=task or "multi-label", finetune_mode=finetune_mode,
                                mask_ratio_a=mask_ratio_a, mask_ratio_v=mask_ratio_v), graphs, write or ())

@@ -32,6 +32,10 @@ from . import hardware
 if TYPE_CHECKING:
     from .loader import ModelSource
 
+#: a baseline estimated (after its first run) to take longer than this many seconds in all is
+#: announced, with the options that shorten it
+LONG_BASELINE_S = 60.0
+
 
 # -- measurement helpers ----------------------------------------------------------------------
 @dataclass
@@ -67,12 +71,21 @@ class Timing:
         return d
 
 
-def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], None] | None = None) -> list[float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times timed; returns seconds."""
+def measure(
+    fn: Callable[[], Any],
+    warmup: int,
+    repeat: int,
+    sync: Callable[[], None] | None = None,
+    step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times timed; returns seconds.
+    ``step`` is called after each run (warm-up ones included), outside the timed span."""
     for _ in range(warmup):
         fn()
         if sync:
             sync()
+        if step:
+            step()
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -80,7 +93,42 @@ def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], 
         if sync:
             sync()
         out.append(time.perf_counter() - t0)
+        if step:
+            step()
     return out
+
+
+def shown_measure(
+    fn: Callable[[], Any],
+    warmup: int,
+    repeat: int,
+    desc: str,
+    *,
+    progress: bool = False,
+    sync: Callable[[], None] | None = None,
+    after_first: Callable[[float], None] | None = None,
+) -> list[float]:
+    """:func:`measure` with its runs shown through :mod:`cavmae.progress`: a bar on a terminal,
+    else lines such as ``bench: baseline, batch 8: 2/6 runs, timed 1/5, 2 min 01 s, ~4 min 02 s
+    left`` (the first and last run always, in between at most one every
+    ``CAVMAE_PROGRESS_INTERVAL`` seconds). ``after_first(seconds)``: called once the first run
+    (warm-up or timed) is done, with the bar cleared (an estimate of the whole run goes there)."""
+    from cavmae.progress import bar_paused, progress_bar
+
+    started = time.perf_counter()
+    done = 0
+    with progress_bar(total=warmup + repeat, desc=desc, unit="run", leave=False, enabled=progress) as bar:
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            bar.set_postfix_str("warm-up" if done <= warmup else f"timed {done - warmup}/{repeat}", refresh=False)
+            bar.update(1)
+            if done == 1 and after_first is not None:
+                with bar_paused():
+                    after_first(time.perf_counter() - started)
+
+        return measure(fn, warmup, repeat, sync, step)
 
 
 def reset_peak_rss() -> None:
@@ -203,7 +251,7 @@ class BenchConfig:
     threads: int | None = None
 
 
-def _random_checkpoint(work: Path, config: ModelConfig = BASE) -> Path:
+def _random_checkpoint(work: Path, config: ModelConfig = BASE, log: Callable[[str], None] | None = None) -> Path:
     """A full-size classifier checkpoint with random weights, written once into ``work``."""
     import torch
 
@@ -212,6 +260,8 @@ def _random_checkpoint(work: Path, config: ModelConfig = BASE) -> Path:
 
     path = work / "random-classifier-base.pth"
     if not path.exists():
+        if log is not None:
+            log(f"writing a classifier with random weights to {path} (kept for later runs)")
         torch.manual_seed(0)
         save_checkpoint(CAVMAEFT(config), path)
     return path
@@ -228,14 +278,26 @@ def _inputs(cfg: BenchConfig, batch: int, clip_arrays: tuple[np.ndarray, np.ndar
     return audio, frames
 
 
-def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def _cache_bytes() -> int:
+    """What the cache ($CAVMAE_HOME) holds now, each hard-linked file once (``cavmae cache``)."""
+    from cavmae.hub.inventory import list_cache
+
+    return sum(e.size for e in list_cache())
+
+
+def run_benchmark(
+    cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, *, progress: bool = False
+) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-able dict with machine, timings and ratios.
 
     Every engine and the device are checked first, so a missing TensorRT or GPU is reported
-    before minutes of baseline runs.
+    before minutes of baseline runs. ``progress``: show each measurement's runs on stderr
+    (:func:`shown_measure`). ``result["cache"]["added_bytes"]``: what the run added to the
+    cache (a checkpoint's export, about 1.2 GB at full size; :func:`cache_note` says so).
     """
+    from cavmae.hub.cache import cavmae_home
+
     from .engines import check_engine
-    from .loader import load
 
     devices = {engine: check_engine(engine, cfg.device)[1] for engine in cfg.engines}
     if "fp16" in cfg.torch_precisions and not devices.get("torch", "cuda").startswith("cuda"):
@@ -243,9 +305,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     # The baseline runs where the engines do: on the GPU when any of them does.
     gpu = next((d for d in devices.values() if d.startswith("cuda")), None)
     base_device = check_engine("torch", gpu or "cpu")[1] if cfg.baseline else None
+    cache_before = _cache_bytes()
     work = Path(cfg.work_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "cavmae-bench")
     work.mkdir(parents=True, exist_ok=True)
-    model_ref = cfg.model if cfg.model is not None else _random_checkpoint(work)
+    model_ref = cfg.model if cfg.model is not None else _random_checkpoint(work, log=log)
     source = _check_model(cfg, model_ref)  # before the baseline: it takes minutes at full size
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -257,39 +320,77 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     }
     clip_arrays = None
     if cfg.clip is not None:
-        clip_arrays = _stage_timings(cfg, cfg.clip, result, log)
+        clip_arrays = _stage_timings(cfg, cfg.clip, result, log, progress)
     timings: dict[tuple[str, int], Timing] = {}
 
     if cfg.baseline:
         log("baseline: eager fp32 PyTorch, full forward once per frame")
-        base = _baseline(cfg, source, clip_arrays, log, base_device or "cpu")
+        base = _baseline(cfg, source, clip_arrays, log, base_device or "cpu", progress)
         timings.update(base)
     for engine, precision, name in _engine_runs(cfg):
-        opts: dict[str, Any] = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
-        pipe = load(model_ref, engine=engine, device=devices[engine], num_frames=cfg.num_frames,
-                    max_batch=max(cfg.batches), precision=precision, **opts)
-        gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
-        label = f"{name} ({pipe.describe()})"
-        result.setdefault("engines", {})[name] = pipe.describe()  # provider and thread count
-        for b in cfg.batches:
-            audio, frames = _inputs(cfg, b, clip_arrays)
-            log(f"{label}: classify, batch {b}")
-            reset_peak_rss()
-            t = Timing(f"{name} classify", b, gflop=gf["pipeline_per_clip"] * b)
-            t.samples = measure(functools.partial(pipe.classify_batch, audio, frames),
-                                cfg.warmup, cfg.repeat)
-            t.peak_rss_mb = peak_rss_mb()
-            timings[(name, b)] = t
-            if cfg.stages:
-                _graph_timings(cfg, pipe, name, b, audio, frames, gf, result)
-        pipe.close()
+        timings.update(_engine_timings(cfg, model_ref, (engine, precision, name), devices[engine], clip_arrays,
+                                       result, log, progress))
     result["timings"] += [t.to_dict() for t in timings.values()]
     for (engine, b), t in timings.items():
         ref = timings.get(("baseline", b))
         if engine != "baseline" and ref is not None:
             result["ratios"][f"{engine}/batch{b}"] = ref.p50 / t.p50
     result["matmul_gflops"] = matmul_gflops()
+    result["cache"] = {"home": str(cavmae_home()), "added_bytes": max(0, _cache_bytes() - cache_before),
+                       "random_checkpoint": None if cfg.model is not None else str(model_ref)}
     return result
+
+
+def cache_note(result: dict[str, Any]) -> str | None:
+    """One line on what a run left in the cache (``cavmae bench``'s last), or None when nothing."""
+    from cavmae.hub.inventory import format_size
+
+    cache = result.get("cache") or {}
+    added = cache.get("added_bytes") or 0
+    if not added:
+        return None
+    what = "the export of the random-weight model" if cache.get("random_checkpoint") else "the model's export"
+    return (f"bench: this run added {format_size(added)} to the cache {cache['home']} ({what}); `cavmae cache`"
+            " lists it, `cavmae cache prune --older-than AGE` or `cavmae cache clear` removes it")
+
+
+def _engine_timings(
+    cfg: BenchConfig,
+    model_ref: str | Path,
+    run: tuple[str, str, str],
+    device: str,
+    clip_arrays: tuple[np.ndarray, np.ndarray] | None,
+    result: dict[str, Any],
+    log: Callable[[str], None],
+    progress: bool,
+) -> dict[tuple[str, int], Timing]:
+    """One engine run (``(engine, precision, name)`` of :func:`_engine_runs`) at every batch:
+    the pipeline's classify timing per batch, and its per-graph timings into ``result``."""
+    from .loader import load
+
+    engine, precision, name = run
+    opts: dict[str, Any] = {"threads": cfg.threads} if engine == "ort" and cfg.threads else {}
+    pipe = load(model_ref, engine=engine, device=device, num_frames=cfg.num_frames,
+                max_batch=max(cfg.batches), precision=precision, progress=progress, **opts)
+    gf = stage_gflop(pipe.manifest.model_config, cfg.num_frames)
+    log(f"{name} ({pipe.describe()}): classify, batch {', '.join(map(str, cfg.batches))}")
+    result.setdefault("engines", {})[name] = pipe.describe()  # provider and thread count
+    out: dict[tuple[str, int], Timing] = {}
+    try:
+        for b in cfg.batches:
+            audio, frames = _inputs(cfg, b, clip_arrays)
+            reset_peak_rss()
+            t = Timing(f"{name} classify", b, gflop=gf["pipeline_per_clip"] * b)
+            t.samples = shown_measure(functools.partial(pipe.classify_batch, audio, frames), cfg.warmup,
+                                      cfg.repeat, f"bench: {engine} {precision} classify, batch {b}",
+                                      progress=progress)
+            t.peak_rss_mb = peak_rss_mb()
+            out[(name, b)] = t
+            if cfg.stages:
+                _graph_timings(cfg, pipe, (name, f"{engine} {precision}"), b, audio, frames, gf, result, progress)
+    finally:
+        pipe.close()
+    return out
 
 
 def _engine_runs(cfg: BenchConfig) -> list[tuple[str, str, str]]:
@@ -323,7 +424,8 @@ def _check_model(cfg: BenchConfig, model_ref: str | Path) -> ModelSource:
     return source
 
 
-def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: str) -> dict[tuple[str, int], Timing]:
+def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: str,
+              progress: bool = False) -> dict[tuple[str, int], Timing]:
     import torch
 
     from .loader import resolve_model
@@ -342,6 +444,7 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
     on_gpu = device.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else None
     gf = stage_gflop(model.config, cfg.num_frames)
+    repeat = cfg.baseline_repeat or cfg.repeat
     out = {}
     for b in cfg.batches:
         audio, frames = _inputs(cfg, b, clip_arrays)
@@ -357,7 +460,9 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         t = Timing("baseline (reference loop)", b, gflop=gf["baseline_per_clip"] * b)
-        t.samples = measure(loop, cfg.warmup, cfg.baseline_repeat or cfg.repeat, sync)
+        first = b == cfg.batches[0]
+        t.samples = shown_measure(loop, cfg.warmup, repeat, f"bench: baseline fp32, batch {b}", progress=progress,
+                                  sync=sync, after_first=_baseline_estimate(cfg, b, log) if first else None)
         t.peak_rss_mb = peak_rss_mb()
         if on_gpu:
             t.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -366,8 +471,27 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
     return out
 
 
-def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
-    """Per-graph timings of one engine at batch ``b`` (audio once per clip, frames batched)."""
+def _baseline_estimate(cfg: BenchConfig, batch: int, log: Callable[[str], None]) -> Callable[[float], None]:
+    """Given the seconds of the baseline's first run (at ``batch``), say how long the whole
+    baseline will take when that is long, and which options shorten it."""
+    runs = cfg.warmup + (cfg.baseline_repeat or cfg.repeat)
+
+    def announce(seconds: float) -> None:
+        total = seconds / batch * runs * sum(cfg.batches)  # its time grows with the clips
+        if total < LONG_BASELINE_S:
+            return
+        about = f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
+        batches = ", ".join(map(str, cfg.batches))
+        log(f"baseline: about {about} in all ({runs} runs at batch {batches}, {seconds:.0f} s for the first);"
+            " --baseline-repeat 1, --batch 1 or --no-baseline shortens it")
+
+    return announce
+
+
+def _graph_timings(cfg, pipe, names: tuple[str, str], b, audio, frames, gf, result, progress: bool = False) -> None:
+    """Per-graph timings of one engine at batch ``b`` (audio once per clip, frames batched);
+    ``names``: the run's name in the results and as its progress shows it."""
+    engine, shown = names
     n, f = frames.shape[:2]
     flat = frames.reshape(n * f, *frames.shape[2:])
     a_tok = pipe.run_audio_encoder(audio)
@@ -380,12 +504,12 @@ def _graph_timings(cfg, pipe, engine, b, audio, frames, gf, result) -> None:
     }
     for name, (fn, gflop) in runs.items():
         t = Timing(f"{engine} {name}", b, gflop=gflop)
-        t.samples = measure(fn, cfg.warmup, cfg.repeat)
+        t.samples = shown_measure(fn, cfg.warmup, cfg.repeat, f"bench: {shown} {name}, batch {b}", progress=progress)
         result["timings"].append(t.to_dict())
 
 
 def _stage_timings(
-    cfg: BenchConfig, clip: str | Path, result: dict[str, Any], log
+    cfg: BenchConfig, clip: str | Path, result: dict[str, Any], log, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode, fbank and frame preprocessing of ``clip``; returns its arrays."""
     from cavmae.audio import prepare_audio
@@ -407,7 +531,7 @@ def _stage_timings(
     }
     for name, fn in stages.items():
         t = Timing(name, 1)
-        t.samples = measure(fn, cfg.warmup, max(cfg.repeat, 5))
+        t.samples = shown_measure(fn, cfg.warmup, max(cfg.repeat, 5), f"bench: {name}", progress=progress)
         result["timings"].append(t.to_dict())
     return holder["audio"], holder["frames"]
 

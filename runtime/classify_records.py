@@ -57,7 +57,9 @@ __all__ = [
     "min_window",
     "plan_clips",
     "predict_clip",
+    "record_shows",
     "rows_per_record",
+    "shown_settings",
 ]
 
 #: columns of the CSV rows (``cavmae classify --csv`` and ``-o results.csv``)
@@ -172,6 +174,27 @@ def classification_rows(record: dict[str, Any], names: Sequence[str]) -> list[li
 def rows_per_record(num_classes: int, top_k: int, all_scores: bool) -> int:
     """How many CSV rows :func:`classification_rows` gives each record."""
     return num_classes if all_scores else min(top_k, num_classes)
+
+
+def record_shows(record: dict[str, Any]) -> dict[str, Any]:
+    """What a result read back shows of the settings that wrote it: a JSON record (of
+    :func:`classification_record`) its ``top_k`` (how many top classes) and ``all_scores``;
+    a CSV row (:data:`HEADER`, as text) ``all_scores`` (every class's row, rank left empty),
+    else its rank (a file's largest is its ``top_k``). See :func:`shown_settings`."""
+    if isinstance(record.get("top"), list):
+        return {"top_k": len(record["top"]), "all_scores": "scores" in record}
+    rank = str(record.get("rank") or "")
+    if not rank:
+        return {"all_scores": True}
+    return {"top_k": int(rank), "all_scores": False} if rank.isdigit() else {}
+
+
+def shown_settings(num_classes: int, top_k: int, all_scores: bool, fmt: str | None) -> dict[str, Any]:
+    """What the results of these settings show (:func:`record_shows`, the largest value of a
+    file): ``fmt`` ``"csv"`` has no rank with every score, the JSON formats always list the top."""
+    if fmt == "csv" and all_scores:
+        return {"all_scores": True}
+    return {"top_k": min(top_k, num_classes), "all_scores": all_scores}
 
 
 # -- the folder loop of ``cavmae classify`` ------------------------------------------------------

@@ -89,6 +89,12 @@ def model_label_set(pipeline: Pipeline, labels_csv: str | Path | None = None) ->
     return label_set
 
 
+def _labelled(clip: ClipRecord) -> bool:
+    """Whether ``clip`` carries a label: an entry without ``labels``, or with ``"labels": ""``
+    (or only separators), has none."""
+    return clip.labels is not None and bool(clip.label_tokens())
+
+
 def _targets(
     pipeline: Pipeline, clips: Sequence[ClipRecord], label_set: LabelSet | None
 ) -> tuple[np.ndarray, dict[int, str], LabelSet]:
@@ -105,6 +111,9 @@ def _targets(
             f" {m.model_config.num_classes}; pass the matching label CSV (--labels)"
         )
     targets, problems = encode_targets(clips, label_set, m.task or "multi-label")
+    for n, clip in enumerate(clips):  # an empty label string names no class: unlabelled
+        if n not in problems and not _labelled(clip):
+            problems[n] = "the dataset entry's 'labels' is empty"
     unknown = [r for r in problems.values() if r.startswith("unknown label")]
     if clips and len(unknown) == len(clips):
         raise DatasetError(
@@ -264,7 +273,7 @@ def _decide(
         if classification is None:
             notes.append("classification off: a pre-training model has no classification head")
         do_cls = False
-    elif not dataset.has_labels:
+    elif not any(_labelled(clip) for clip in dataset.clips):
         if classification:
             raise DatasetError("classification needs labels: pass a labels file (--labels-file)")
         if classification is None:

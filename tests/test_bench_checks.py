@@ -71,3 +71,57 @@ def test_cli_pretraining_model_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {ckpt} is a pre-training model"), r.stderr
+
+
+def _tiny_classifier(path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(CAVMAEFT(TINY.replace(num_classes=527)), path)
+
+
+def test_each_measurement_shows_its_runs_in_a_log_and_a_long_baseline_its_estimate(tmp_path, monkeypatch, capsys):
+    """stderr not a terminal (captured here): a line after the first and the last run of every
+    measurement, naming engine, precision, batch and run; after the baseline's first run an
+    estimate of the whole baseline (the threshold lowered: a tiny model is never long)."""
+    monkeypatch.setenv("CAVMAE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CAVMAE_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(benchmark, "LONG_BASELINE_S", 0.0)
+    logged: list[str] = []
+    ckpt = _tiny_classifier(tmp_path / "m.pth")
+    run_benchmark(BenchConfig(model=ckpt, batches=(1, 2), num_frames=2, warmup=1, repeat=2, stages=False,
+                              work_dir=tmp_path), log=logged.append, progress=True)
+    err = capsys.readouterr().err
+    for b in (1, 2):
+        assert f"bench: baseline fp32, batch {b}: 1/3 runs, warm-up," in err, err
+        assert f"bench: baseline fp32, batch {b}: 3/3 runs, timed 2/2," in err, err
+        assert f"bench: ort fp32 classify, batch {b}: 1/3 runs, warm-up," in err, err
+        assert f"bench: ort fp32 classify, batch {b}: 3/3 runs, timed 2/2," in err, err
+    assert "\r" not in err
+    (estimate,) = [line for line in logged if line.startswith("baseline: about")]
+    assert "3 runs at batch 1, 2" in estimate and "--baseline-repeat 1, --batch 1 or --no-baseline" in estimate
+
+
+def test_cli_bench_shows_progress_and_says_what_it_left_in_the_cache(tmp_path):
+    """The export a run makes stays in the cache: the last stderr line says how much and how to
+    remove it; a second run, adding nothing, says nothing of it."""
+    ckpt = _tiny_classifier(tmp_path / "m.pth")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAVMAE_")}
+    env.update(CAVMAE_HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path))
+    args = [CAVMAE_EXE, "bench", "-m", str(ckpt), "--batch", "1", "--repeat", "1", "--frames", "2",
+            "--no-baseline", "--no-stages"]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "bench: ort fp32 classify, batch 1: 2/2 runs, timed 1/1," in r.stderr, r.stderr
+    assert lines[-1].startswith("bench: this run added ") and " MB to the cache " in lines[-1], lines[-1]
+    assert "(the model's export)" in lines[-1]
+    assert "`cavmae cache clear`" in lines[-1] and "`cavmae cache prune --older-than AGE`" in lines[-1]
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "to the cache" not in again.stderr, again.stderr
+
+
+def test_cache_note_names_the_random_weight_export_and_its_size():
+    note = benchmark.cache_note({"cache": {"home": "/h", "added_bytes": int(1.2 * 2**30),
+                                           "random_checkpoint": "/tmp/cavmae-bench/random-classifier-base.pth"}})
+    assert note is not None and note.startswith("bench: this run added 1.2 GB to the cache /h")
+    assert "(the export of the random-weight model)" in note and "`cavmae cache clear`" in note
+    assert benchmark.cache_note({"cache": {"home": "/h", "added_bytes": 0, "random_checkpoint": None}}) is None

@@ -187,3 +187,17 @@ def test_user_mistakes_exit_2_with_one_line(env, tmp_path):
     out = run(env, str(env["json"]), *args)
     assert out.returncode == 2 and "3 classes but the model has 4" in out.stderr
     assert out.stderr.strip().count("\n") == 0
+
+
+def test_empty_label_strings_turn_classification_off(env, tmp_path):
+    """Every entry ``"labels": ""``: the note of an unlabelled dataset, no mAP line of 0 classes."""
+    root = env["json"].parent
+    entries = json.loads(env["json"].read_text())["data"]
+    for e in entries:
+        e["wav"], e["video_path"], e["labels"] = str(root / e["wav"]), str(root / e["video_path"]), ""
+    data = tmp_path / "empty-labels.json"
+    data.write_text(json.dumps({"data": entries}))
+    out = run(env, str(data), *model_args(env))
+    assert out.returncode == 0, out.stderr
+    assert "classification off: the dataset has no labels" in out.stderr + out.stdout
+    assert "mAP" not in out.stdout and "classes have positives" not in out.stdout

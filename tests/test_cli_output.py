@@ -22,7 +22,7 @@ import torch
 
 from cavmae import CAVMAEFT, TINY, save_checkpoint
 from conftest import AUDIOSET_CLIP, VGGSOUND_CLIP
-from media_factory import make_media
+from media_factory import make_media, make_text_file
 
 CAVMAE_EXE = shutil.which("cavmae") or str(Path(sys.executable).with_name("cavmae"))
 
@@ -252,3 +252,54 @@ def test_prepare_exits_2_on_a_failed_input_and_has_json(tmp_path):
     assert "prepare: 2/2 clips" in out.stderr and "\r" not in out.stderr  # a log line, not a bar
     again = run("prepare", str(good), "-o", "prepared", home=tmp_path / "home", cwd=tmp_path)
     assert again.returncode == 0 and "1 already done" in again.stdout
+
+
+def _exports(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "exports").iterdir()) if (home / "exports").is_dir() else []
+
+
+def test_other_flag_settings_are_refused_before_the_model_loads(work):
+    """--frames 4 on a file of 10 frames: refused before load, so no export entry is made for
+    4 frames (the export for 10 is the one the file was written with)."""
+    tmp, home = work
+    out = _classify(work, "a.mp4", "-o", "early.csv")
+    assert out.returncode == 0, out.stderr
+    before = _exports(home)
+    for args, what in ((["--frames", "4"], "frames 10 -> 4"), (["-k", "3"], "top_k 5 -> 3"),
+                       (["--precision", "int8"], "precision 'fp32' -> 'int8'")):
+        out = _classify(work, "a.mp4", *args, "-o", "early.csv")
+        assert out.returncode == 2 and what in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert _exports(home) == before, args
+
+
+def test_a_file_without_its_settings_record_is_checked_by_its_results(work):
+    """The hidden settings record lost (a file copied or moved): what its results show (how
+    many top classes, every score or not) must match the re-run; the rest cannot be checked,
+    which the warning says."""
+    tmp, _ = work
+    for name, first, other, what in (("lost.jsonl", ["-k", "3"], ["-k", "2"], "top_k 3 -> 2"),
+                                     ("lost.csv", ["-k", "3"], ["-k", "4"], "top_k 3 -> 4"),
+                                     ("lost-all.csv", ["--all-scores"], [], "all_scores True -> False"),
+                                     ("lost-all.jsonl", [], ["--all-scores"], "all_scores False -> True")):
+        out = _classify(work, "a.mp4", *first, "-o", name)
+        assert out.returncode == 0, out.stderr
+        (tmp / f".{name}.settings.json").unlink()
+        before = (tmp / name).read_bytes()
+        out = _classify(work, "a.mp4", "b.mp4", *other, "-o", name)
+        assert out.returncode == 2 and what in out.stderr and "is missing" in out.stderr, (name, out.stderr)
+        assert out.stderr.count("\n") == 1 and (tmp / name).read_bytes() == before
+        out = _classify(work, "a.mp4", "b.mp4", *first, "-o", name)  # the same flags: resumed, with a warning
+        assert out.returncode == 0 and "1 of 2 inputs already in" in out.stderr, out.stderr
+        assert "no record of the settings" in out.stderr and "cannot be checked" in out.stderr
+
+
+def test_a_failure_among_inputs_done_already_says_so(work):
+    tmp, _ = work
+    make_text_file(tmp / "broken.mp4")
+    out = _classify(work, "a.mp4", "-o", "mixed.jsonl")
+    assert out.returncode == 0, out.stderr
+    out = _classify(work, "a.mp4", "broken.mp4", "-o", "mixed.jsonl")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == "1 of 2 inputs failed; 1 done already (skipped)", out.stderr
+    out = _classify(work, "a.mp4", "b.mp4", "broken.mp4", "-o", "mixed.jsonl")
+    assert out.stderr.splitlines()[-1] == "1 of 3 inputs failed; 1 classified, 1 done already (skipped)"

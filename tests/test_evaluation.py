@@ -514,3 +514,28 @@ def test_labels_file_naming_no_video_is_a_user_mistake(tmp_path):
     labels.write_text("other.mp4,Dog\n")
     with pytest.raises(DatasetError, match="none of the 1 videos"):
         cl.read_video_files([video], labels)
+
+
+def test_empty_label_strings_are_unlabelled(files, pipe, tmp_path):
+    """``"labels": ""`` on every entry is an unlabelled dataset (classification off with the
+    note, retrieval on every clip), not a classification of 0 positive classes; in a labelled
+    dataset such an entry is a clip without labels, reported like one without the key."""
+    entries = json.loads(files["json"].read_text())["data"]
+    root = files["json"].parent
+    for e in entries:
+        e["wav"], e["video_path"] = str(root / e["wav"]), str(root / e["video_path"])
+    empty = [{**e, "labels": ""} for e in entries]
+    data_path = tmp_path / "empty.json"
+    data_path.write_text(json.dumps({"data": empty}))
+    result = ev.evaluate(pipe, cl.read_dataset_json(data_path))
+    assert result.classification is None and result.ok and result.retrieval is not None
+    assert any(n.startswith("classification off: the dataset has no labels") for n in result.notes)
+    assert result.ids == [e["video_id"] for e in entries]
+    with pytest.raises(DatasetError, match="classification needs labels"):
+        ev.evaluate(pipe, cl.read_dataset_json(data_path), classification=True)
+
+    mixed_path = tmp_path / "mixed-empty.json"
+    mixed_path.write_text(json.dumps({"data": [empty[0], *entries[1:]]}))
+    mixed = ev.evaluate(pipe, cl.read_dataset_json(mixed_path), retrieval=False)
+    assert [(f.id, f.reason) for f in mixed.failures] == [(entries[0]["video_id"], "the dataset entry's 'labels' is empty")]
+    assert mixed.classification is not None and mixed.ids == [e["video_id"] for e in entries[1:]]

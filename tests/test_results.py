@@ -271,3 +271,34 @@ def test_shards_cannot_share_a_json_file(tmp_path):
     with pytest.raises(CavmaeError, match="shards"):
         ResultWriter(tmp_path / "r.json", COLUMNS, shared=True)
     ResultWriter(tmp_path / "r.jsonl", COLUMNS, shared=True).close()  # appended: fine
+
+
+def test_settings_known_early_are_checked_alone(tmp_path):
+    """``check_settings`` compares only the settings it is given (those the flags decide, before
+    the model loads); the rest wait for ``bind_settings``."""
+    out = tmp_path / "r.jsonl"
+    with ResultWriter(out, COLUMNS) as w:
+        w.bind_settings({"model": "m1", "frames": 10, "top_k": 5})
+        w.write(*_rec("a.mp4"))
+    w = ResultWriter(out, COLUMNS)
+    w.check_settings({"top_k": 5})  # the model, not known yet, is not compared
+    with pytest.raises(CavmaeError, match=r"other settings \(frames 10 -> 4\)"):
+        w.check_settings({"top_k": 5, "frames": 4})
+    with pytest.raises(CavmaeError, match="model 'm1' -> 'm2'"):
+        w.bind_settings({"model": "m2", "frames": 10, "top_k": 5})
+
+
+def test_without_its_settings_record_a_file_is_checked_by_what_its_records_show(tmp_path, capsys):
+    def shows(rec):
+        return {"top_k": int(rec["label"])}
+
+    out = tmp_path / "r.csv"
+    with ResultWriter(out, COLUMNS, shows=shows) as w:
+        w.bind_settings({"top_k": 3})
+        for k in (1, 2, 3):
+            w.write({**_rec("a.mp4")[0], "label": k}, [["a.mp4", "av", 0.0, 10.0, k]])
+    w.settings_path().unlink()
+    with pytest.raises(CavmaeError, match=r"top_k 3 -> 2, as its results show; its settings record .* is missing"):
+        ResultWriter(out, COLUMNS, shows=shows).bind_settings({"top_k": 2}, shown={"top_k": 2})
+    ResultWriter(out, COLUMNS, shows=shows).bind_settings({"top_k": 3}, shown={"top_k": 3})
+    assert "its results agree on top_k, but the other settings cannot be checked" in capsys.readouterr().err

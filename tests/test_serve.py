@@ -320,9 +320,11 @@ def test_full_server_answers_503_with_retry_after(start):
 
 def test_api_key(start, monkeypatch):
     client, _ = start(api_key="s3cret")
-    for path in ("/v1/model", "/metrics", "/openapi.json"):
+    for path in ("/v1/model", "/metrics"):
         r = client.get(path)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+    for path in ("/v1/classify", "/v1/embed", "/v1/search", "/v1/localize"):
+        assert client.post(path, files=upload(AUDIOSET_CLIP)).status_code == 401, path
     r = client.post("/v1/classify", files=upload(AUDIOSET_CLIP), headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "API key" in r.json()["error"]
     good = {"Authorization": "Bearer s3cret"}
@@ -330,6 +332,27 @@ def test_api_key(start, monkeypatch):
     assert client.post("/v1/classify", files=upload(AUDIOSET_CLIP), headers=good).status_code == 200
     for path in ("/healthz", "/readyz", "/"):  # probes and the static page stay open
         assert client.get(path).status_code == 200
+
+
+def test_api_docs_open_without_the_key_and_offer_it(start):
+    """With --api-key the OpenAPI page and schema open in a browser (they hold no data) and
+    declare the key as a Bearer scheme on exactly the endpoints that need it, so the page has an
+    Authorize button and its calls carry the header; without a key nothing is declared."""
+    client, _ = start(api_key="s3cret")
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = client.get("/openapi.json")
+    assert schema.status_code == 200
+    spec = schema.json()
+    (name, scheme), = spec["components"]["securitySchemes"].items()
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    secured = {(path, method) for path, ops in spec["paths"].items() for method, op in ops.items()
+               if op.get("security") == [{name: []}]}
+    assert secured == {("/v1/model", "get"), ("/metrics", "get"), ("/v1/classify", "post"), ("/v1/embed", "post"),
+                       ("/v1/search", "post"), ("/v1/localize", "post")}
+    assert client.get("/v1/model").status_code == 401  # declaring it changed no check
+    open_client, _ = start()
+    assert "securitySchemes" not in open_client.get("/openapi.json").json().get("components", {})
 
 
 def test_path_guard(start, tmp_path):

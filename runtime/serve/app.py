@@ -25,9 +25,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as AnyUpload
@@ -39,7 +40,7 @@ from cavmae.modes import AUTO, CLI_MODES
 
 from .batcher import BatcherStopped, DynamicBatcher, QueueFull
 from .config import ServeConfig
-from .gate import Admission, Gate, Slot, deadline_of, slot_of
+from .gate import PUBLIC_PATHS, Admission, Gate, Slot, deadline_of, slot_of
 from .metrics import CONTENT_TYPE, Metrics
 from .service import ClassifyRequest, MediaTooLong, Service
 
@@ -79,6 +80,11 @@ class Runtime:
         self.tmp: Path | None = None
         self.ready = False
         self.warmup_error: str | None = None
+        #: the API key as the OpenAPI page knows it, on every endpoint that needs it (an
+        #: Authorize button on /docs then sends the header); the gate checks it, not this
+        self.auth: list[Any] = [Security(HTTPBearer(
+            auto_error=False, scheme_name="APIKey",
+            description="The server's --api-key, sent as `Authorization: Bearer KEY`."))] if config.api_key else []
         self.metrics.gauge("cavmae_requests_in_progress", "Model requests admitted and not finished.",
                            lambda: self.admission.in_use)
         self.metrics.gauge("cavmae_queue_depth", "Decoded requests waiting for the model.",
@@ -273,9 +279,12 @@ def _add_gate(app: FastAPI, rt: Runtime, known_paths: Callable[[], frozenset[str
     """The key check, admission, upload limit and request metrics, before any endpoint
     (:class:`~.gate.Gate`); ``known_paths`` bounds the metrics' endpoint label."""
     config = rt.config
+    # the OpenAPI page and schema need no key: they hold no data, and a browser opening /docs
+    # cannot send the header (the page's Authorize button sends it with the calls it makes)
+    docs = frozenset(u for u in (app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if u)
     app.add_middleware(Gate, metrics=rt.metrics, admission=rt.admission, known_paths=known_paths,
                        api_key=config.api_key, max_upload=config.max_upload, timeout=config.timeout,
-                       retry_after=rt.retry_after)
+                       retry_after=rt.retry_after, public_paths=PUBLIC_PATHS | docs)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -309,7 +318,7 @@ def _add_probe_routes(app: FastAPI, rt: Runtime) -> None:
         why = f"warm-up failed: {rt.warmup_error}" if rt.warmup_error else "the model is warming up"
         return _error(503, why, {"Retry-After": "2"})
 
-    @app.get("/metrics", summary="Prometheus metrics (text format).")
+    @app.get("/metrics", summary="Prometheus metrics (text format).", dependencies=rt.auth)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -318,7 +327,8 @@ def _add_info_routes(app: FastAPI, rt: Runtime) -> None:
     """What is loaded and under which limits (``/v1/model``), and the web page that uses it."""
     service, config = rt.service, rt.config
 
-    @app.get("/v1/model", summary="What is loaded: kind, classes, precision, engine, modes, index.")
+    @app.get("/v1/model", summary="What is loaded: kind, classes, precision, engine, modes, index.",
+             dependencies=rt.auth)
     async def model() -> dict[str, Any]:
         return {
             **service.model_info(),
@@ -342,7 +352,8 @@ def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
     """``POST /v1/classify``: the records of ``cavmae classify --json`` for one file."""
     service, config = rt.service, rt.config
 
-    @app.post("/v1/classify", summary="Top labels of a media file (the records of `cavmae classify --json`).")
+    @app.post("/v1/classify", summary="Top labels of a media file (the records of `cavmae classify --json`).",
+              dependencies=rt.auth)
     async def classify(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file.")] = None,
@@ -383,7 +394,7 @@ def _add_embed_route(app: FastAPI, rt: Runtime) -> None:
     """``POST /v1/embed``: a file's audio and visual embeddings."""
     service = rt.service
 
-    @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.")
+    @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.", dependencies=rt.auth)
     async def embed(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file.")] = None,
@@ -420,7 +431,7 @@ def _add_search_route(app: FastAPI, rt: Runtime) -> None:
     service = rt.service
 
     @app.post("/v1/search", summary="Nearest clips of the loaded index to an upload or an embedding.",
-              openapi_extra=_SEARCH_BODY)
+              openapi_extra=_SEARCH_BODY, dependencies=rt.auth)
     async def search(request: Request) -> dict[str, Any]:
         """An upload searches with each of its streams (each against its own modality unless
         `target` says otherwise); an embedding of `modality` searches the other modality by
@@ -463,7 +474,8 @@ def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
     """``POST /v1/localize``: the sound-source heat map over one frame."""
     service, config = rt.service, rt.config
 
-    @app.post("/v1/localize", summary="Sound-source heat map over one frame (default the middle one).")
+    @app.post("/v1/localize", summary="Sound-source heat map over one frame (default the middle one).",
+              dependencies=rt.auth)
     async def localize(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file (audio and video).")] = None,

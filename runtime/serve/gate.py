@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .metrics import Metrics
 
 #: endpoints that need no API key: liveness and readiness probes, and the static page (a
-#: browser cannot add a header to a page load; the page sends the key with its API calls)
+#: browser cannot add a header to a page load; the page sends the key with its API calls);
+#: the app adds its OpenAPI page and schema (``Gate(public_paths=)``)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/app.js"})
 #: endpoints that take media and run the model: admitted against the queue bound
 MODEL_PATHS = frozenset({"/v1/classify", "/v1/embed", "/v1/search", "/v1/localize"})
@@ -104,8 +105,10 @@ class Gate:
         max_upload: int,
         timeout: float,
         retry_after: Callable[[], int],
+        public_paths: frozenset[str] = PUBLIC_PATHS,
     ) -> None:
         self.app = app
+        self.public_paths = public_paths
         self.metrics, self.admission = metrics, admission
         self.known_paths = known_paths
         self.api_key = api_key.encode() if api_key else None
@@ -134,7 +137,7 @@ class Gate:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorized(headers):
+        if self.api_key is not None and path not in self.public_paths and not self._authorized(headers):
             await send_error(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                              {"WWW-Authenticate": "Bearer"})
             return
