@@ -10,10 +10,13 @@ picks up.
 from __future__ import annotations
 
 import glob
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import CavmaeError
+
+logger = logging.getLogger(__name__)
 
 #: containers with a video stream (``prepare`` needs frames, so it searches for these)
 VIDEO_SUFFIXES: tuple[str, ...] = (
@@ -74,7 +77,13 @@ def expand_inputs(
                 raise CavmaeError(f"{item}: remote inputs are read only with --ray")
             out.extend(list_remote(item))
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_media_file(p.name, suffixes))
+            named = [p for p in path.rglob("*") if is_media_file(p.name, suffixes) and not p.is_dir()]
+            found = sorted(p for p in named if p.is_file())
+            odd = len(named) - len(found)  # named pipes, sockets, devices, broken links
+            if odd:
+                example = next(p for p in named if not p.is_file())
+                logger.warning("%s: skipped %d entr%s with a media name that %s no regular file (%s)",
+                               path, odd, "y" if odd == 1 else "ies", "is" if odd == 1 else "are", example.name)
             if not found:
                 raise CavmaeError(f"no media files in folder {path}")
             out.extend(str(p) for p in found)

@@ -39,6 +39,19 @@ def test_a_named_pipe_is_named_as_not_a_file(tmp_path):
         expand_inputs([str(tmp_path / "p.mp4")])
 
 
+def test_a_named_pipe_inside_a_folder_is_skipped_with_a_warning(tmp_path, caplog):
+    import os
+
+    from cavmae.filetypes import expand_inputs
+
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    os.mkfifo(tmp_path / "p.mp4")
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    with caplog.at_level("WARNING"):
+        assert expand_inputs([str(tmp_path)]) == [str(tmp_path / "a.mp4")]
+    assert "skipped 2 entries with a media name that are no regular file" in caplog.text
+
+
 def test_a_list_with_a_byte_order_mark_and_a_name_that_is_not_utf8(tmp_path):
     import os
 
