@@ -5,8 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import signal
 import socket
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import click
 
@@ -19,6 +23,8 @@ from .common import FRAMES, default_model, model_options
 log = logging.getLogger(__name__)
 #: the defaults of the flags are the configuration's (the config needs no FastAPI)
 _D = ServeConfig()
+#: seconds uvicorn waits for requests in progress once told to stop
+GRACEFUL_S = 10
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -88,7 +94,7 @@ def serve(model, engine, device, mirror, precision, index, host, port, frames, m
       curl -F file=@video.mp4 -F top_k=3 http://127.0.0.1:8000/v1/classify
     """
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  # checked here, used by _run_until_stopped
 
         from cavmae.runtime.serve import create_app
         from cavmae.runtime.serve.service import Service
@@ -119,12 +125,40 @@ def serve(model, engine, device, mirror, precision, index, host, port, frames, m
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"cavmae serve: {service.pipe.describe()}; listening on http://{shown}:{bound_port}"
                    " (Ctrl+C stops)", err=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
-                                               access_log=log_level == "debug"))
-        try:
-            server.run(sockets=[sock])
-        except KeyboardInterrupt:
-            # uvicorn has shut down gracefully and re-raises the Ctrl+C it caught: a normal stop
-            click.echo("cavmae serve: stopped", err=True)
+        _run_until_stopped(app, sock, log_level)
     finally:
         sock.close()
+
+
+def _run_until_stopped(app: Any, sock: socket.socket, log_level: str) -> None:
+    """Serve until Ctrl+C or SIGTERM. The first signal halts the work in progress (its
+    requests get 503 at their next step) before uvicorn waits, at most its graceful timeout,
+    for them; the temporary folder goes even when a second Ctrl+C skips uvicorn's shutdown."""
+    import uvicorn
+
+    runtime = app.state.runtime
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            runtime.halt()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_S,
+                                   access_log=log_level == "debug"))
+    # uvicorn raises the signal it caught again once it has shut down: SIGTERM's default would
+    # kill the process there, before this cleanup and the closing line
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn has shut down gracefully and re-raises the Ctrl+C it caught: a normal stop
+        click.echo("cavmae serve: stopped", err=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        runtime.stop()  # done already unless a forced quit skipped the lifespan's shutdown
+
+
+def _interrupt(sig: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -89,6 +91,9 @@ def test_classify_windows_modes_and_parameter_errors(server):
         ({"window": 4, "hop": "inf"}, 422, "hop"),
         ({"window": "nan"}, 422, "finite number"),  # said so, not "less than or equal to 10"
         ({"offset": "nan"}, 422, "finite number"),
+        # windows cover the file from 0 s: an offset with them is refused, as on the command line
+        ({"window": 4, "offset": 2}, 400, "offset picks one clip"),
+        ({"window": 4, "offset": 999}, 400, "offset picks one clip"),
     ]:
         r = c.post("/v1/classify", files=upload(AUDIOSET_CLIP), data=data)
         assert r.status_code == status and words in r.json()["error"], (data, r.text)
@@ -146,8 +151,9 @@ def test_search_by_upload_and_by_embedding(server):
                         ({"embedding": emb, "modality": "smell"}, "modality")]:
         r = c.post("/v1/search", json=body)
         assert 400 <= r.status_code < 500 and words in r.json()["error"], r.text
-    r = c.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    for bad in (b"{not json", b"[" * 100000 + b"]" * 100000):  # the second nests past the parser's depth
+        r = c.post("/v1/search", content=bad, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"] == "the body is not valid JSON", r.text
     r = c.post("/v1/search", content=b"k=3", headers={"content-type": "text/plain"})
     assert r.status_code == 415
 
@@ -184,6 +190,36 @@ def test_bad_media_gets_one_clear_4xx_and_leaves_no_temporary_file(server, tmp_p
     # the server keeps serving after all that
     assert c.post("/v1/classify", files=upload(AUDIOSET_CLIP)).status_code == 200
     assert list(private_tmp(server).iterdir()) == []
+
+
+def test_one_whole_media_file_per_request(server):
+    """Two files are refused on every endpoint that takes media (only one would be used), and a
+    multipart body cut before its closing boundary is named as such, not as a missing file."""
+    c = server["client"]
+    two = [("file", ("a.mp4", AUDIOSET_CLIP.read_bytes(), "video/mp4")),
+           ("file", ("b.mp4", VGGSOUND_CLIP.read_bytes(), "video/mp4"))]
+    for endpoint in ("/v1/classify", "/v1/embed", "/v1/search", "/v1/localize"):
+        r = c.post(endpoint, files=two)
+        assert r.status_code == 400 and "one media file per request, not 2" in r.json()["error"], (endpoint, r.text)
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.mp4"\r\n\r\n'
+    for endpoint in ("/v1/classify", "/v1/embed", "/v1/search", "/v1/localize"):
+        r = c.post(endpoint, content=head + AUDIOSET_CLIP.read_bytes()[:5000],
+                   headers={"content-type": "multipart/form-data; boundary=B"})
+        assert r.status_code == 400 and "truncated" in r.json()["error"], (endpoint, r.text)
+    # the closing boundary may arrive in a chunk of its own (and a quoted boundary is one too)
+    chunks = [head, AUDIOSET_CLIP.read_bytes(), b"\r\n--B", b"--\r\n"]
+    r = c.post("/v1/classify", content=iter(chunks), headers={"content-type": 'multipart/form-data; boundary="B"'})
+    assert r.status_code == 200 and r.json()["path"] == "a.mp4", r.text
+    assert list(private_tmp(server).iterdir()) == []
+
+
+def test_probes_answer_head(server):
+    """Load balancers probe with HEAD: 200 (no body), as GET."""
+    c = server["client"]
+    for path in ("/healthz", "/readyz", "/"):
+        r = c.head(path)
+        assert r.status_code == 200 and r.content == b"", path
+    assert "needs internet" in c.get("/openapi.json").json()["info"]["description"]  # what /docs loads
 
 
 def test_metrics_are_prometheus_text(server):
@@ -297,6 +333,111 @@ def test_request_timeout_while_running_and_while_uploading(start):
     assert client.get("/readyz").status_code == 200  # (a full request could exceed the 1 s limit here)
 
 
+@pytest.fixture()
+def slow_decode(monkeypatch):
+    """Each window's decode takes 0.3 s more; returns the list of the offsets decoded."""
+    import cavmae.media
+
+    calls = []
+    original = cavmae.media.load_clip
+
+    def slow(*args, **kwargs):
+        calls.append(kwargs.get("offset"))
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cavmae.media, "load_clip", slow)
+    return calls
+
+
+def test_windows_are_decoded_and_run_a_batch_at_a_time(start):
+    """A request's sliding windows are decoded and sent to the model --max-batch at a time, so
+    it never holds every window of a long file at once; the records are those of one pass."""
+    client, app = start(max_batch=2)
+    service = app.state.runtime.service
+    sizes = []
+    original = service.run_batch
+
+    def record(key, payloads):
+        if key[0] == "classify":
+            sizes.extend(p.size for p in payloads)
+        return original(key, payloads)
+
+    service.run_batch = record
+    r = client.post("/v1/classify", files=upload(AUDIOSET_CLIP), data={"window": 2, "hop": 1})
+    assert r.status_code == 200, r.text
+    assert [w["start"] for w in r.json()["windows"]] == [float(k) for k in range(9)]
+    assert sum(sizes) == 9 and max(sizes) <= 2, sizes
+
+
+def test_a_timed_out_request_stops_decoding(start, slow_decode, tmp_path):
+    """Past the timeout the client gets 504 and the request's decode stops before its next
+    window, instead of going on through every window and holding a decoding thread. (A file
+    named by path: an upload's file is removed at the 504, which happens to end its decode.)"""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(AUDIOSET_CLIP, allowed / "clip.mp4")
+    client, app = start(timeout=1.0, max_batch=1, allow_dir=allowed)
+    rt = app.state.runtime
+    r = client.post("/v1/classify", data={"path": "clip.mp4", "window": 1, "hop": 0.5})  # 19 windows
+    assert r.status_code == 504, r.text
+    deadline = time.monotonic() + 30
+    while rt.admission.in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rt.admission.in_use == 0
+    decoded = len(slow_decode)
+    time.sleep(0.5)
+    assert len(slow_decode) == decoded < 19, slow_decode  # stopped, well before the last window
+    assert list(rt.tmp.iterdir()) == []
+
+
+def test_halt_answers_work_in_progress_503(start, slow_decode):
+    """When the server is told to stop (``cavmae serve``'s first Ctrl+C or SIGTERM), a request
+    in progress stops at its next window and gets a JSON 503, so shutdown does not wait for it."""
+    client, app = start(max_batch=1)
+    rt = app.state.runtime
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.post, "/v1/classify", files=upload(AUDIOSET_CLIP),
+                             data={"window": 1, "hop": 0.5})
+        deadline = time.monotonic() + 30
+        while not slow_decode and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rt.halt()
+        r = answer.result(60)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"] and r.headers["retry-after"]
+    assert len(slow_decode) < 19
+    assert client.get("/readyz").status_code == 503
+
+
+def test_request_cut_by_the_graceful_shutdown_timeout_gets_json_503(model, tmp_path):
+    """A request still running when uvicorn's graceful shutdown runs out (here a model call that
+    does not end) is cancelled by uvicorn: the client gets a JSON 503, not a plain-text 500."""
+    app = create_app(open_service(model, with_index=False), ServeConfig(tmp_dir=tmp_path))
+    service = app.state.runtime.service
+    release, entered = threading.Event(), threading.Event()
+    original = service.run_batch
+
+    def stuck(key, payloads):
+        entered.set()
+        release.wait(60)
+        return original(key, payloads)
+
+    srv = ServerThread(app)
+    url = srv.__enter__()
+    try:
+        service.run_batch = stuck
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, url + "/v1/classify", files=upload(AUDIOSET_CLIP), timeout=60)
+            assert entered.wait(30)
+            srv.server.should_exit = True  # a stop without the halt: uvicorn waits 5 s, then cancels
+            r = answer.result(60)
+    finally:
+        release.set()
+        srv.__exit__()
+    assert r.status_code == 503 and r.json()["error"].startswith("the server is shutting down"), r.text
+    assert not tmp_path.joinpath(app.state.runtime.tmp.name).exists()
+
+
 def test_full_server_answers_503_with_retry_after(start):
     client, app = start(max_queue=1)
     port = int(str(client.base_url).rsplit(":", 1)[1].strip("/"))
@@ -374,6 +515,14 @@ def test_path_guard(start, tmp_path):
         assert r.status_code == 403 and "outside" in r.json()["error"], (bad, r.text)
     r = client.post("/v1/embed", data={"path": "missing.mp4"})
     assert r.status_code == 404
+    # errors name the file as the client did, never by where the allowed folder is
+    make_text_file(allowed / "sub" / "notvideo.mp4")
+    (allowed / "text.mp4").symlink_to(allowed / "sub" / "notvideo.mp4")
+    for sent in ("sub/notvideo.mp4", "text.mp4", str(allowed / "sub" / "notvideo.mp4")):
+        for endpoint in ("/v1/classify", "/v1/embed", "/v1/localize"):
+            r = client.post(endpoint, data={"path": sent})
+            assert r.status_code == 422 and r.json()["error"].startswith(sent + ":"), (sent, endpoint, r.text)
+            assert str(tmp_path) not in r.json()["error"] or sent.startswith(str(tmp_path))
     # paths the system cannot look up are the client's mistake, not a 500
     (allowed / "loop.mp4").symlink_to(allowed / "loop.mp4")
     for bad, why in [("loop.mp4", "symlink loop"), ("sub/a\x00b.mp4", "NUL"), ("x" * 5000, "too long")]:

@@ -108,3 +108,55 @@ def test_serve_user_mistakes_are_one_line_exit_2(model, tmp_path):
             assert len(lines) == 1 and words in lines[0] and "Traceback" not in out.stderr, (args, out.stderr)
     finally:
         busy.close()
+
+
+def test_sigterm_during_a_long_decode_stops_it_and_answers_503(model, tmp_path):
+    """A stop signal halts the work in progress: the request decoding a long file's windows is
+    answered with a JSON 503 (not uvicorn's plain-text 500 after the graceful timeout), the
+    process exits 0 with its closing line and no traceback, and its temporary folder is gone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from media_factory import make_media
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    make_media(allowed / "long.mp4", duration=120.0, fps=5, size=(32, 32))  # 221 windows below
+    proc, url = start_serve("-m", str(model["export"]), "--allow-dir", str(allowed), "--max-batch", "2",
+                            tmp=tmp_path)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, url + "/v1/classify",
+                                 data={"path": "long.mp4", "window": "10", "hop": "0.5"}, timeout=120)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "cavmae_requests_in_progress 1" not in httpx.get(
+                    url + "/metrics", timeout=10).text:
+                time.sleep(0.05)
+            time.sleep(0.5)  # into the decode
+            proc.send_signal(signal.SIGTERM)
+            r = answer.result(120)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert r.status_code == 503 and "shutting down" in r.json()["error"], r.text
+    assert rc == 0 and "cavmae serve: stopped" in log and "Traceback" not in log, log
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("cavmae-serve-")]
+
+
+def test_forced_quit_still_removes_the_temporary_folder(model, tmp_path):
+    """A second Ctrl+C makes uvicorn skip its shutdown (the lifespan's cleanup too): the command
+    still stops the runtime, removes its temporary folder and says it stopped."""
+    proc, _ = start_serve("-m", str(model["export"]), tmp=tmp_path)
+    try:
+        assert [p for p in tmp_path.iterdir() if p.name.startswith("cavmae-serve-")]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # two signals, not one coalesced
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert rc == 0 and "cavmae serve: stopped" in log and "Traceback" not in log, log
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("cavmae-serve-")]

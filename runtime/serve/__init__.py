@@ -3,7 +3,9 @@
 Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart); importing ``cavmae.runtime``
 does not import this package. Layout: :mod:`.config` (limits), :mod:`.service` (the only
 module calling the runtime), :mod:`.batcher` (dynamic batching), :mod:`.gate` (key, admission,
-upload limit), :mod:`.metrics` (Prometheus text), :mod:`.app` (endpoints), ``static/`` (page).
+upload limit), :mod:`.metrics` (Prometheus text), :mod:`.server` (what lives as long as the
+server: pool, batcher, temporary folder, stop signal; a request's media), :mod:`.app`
+(endpoints), ``static/`` (page).
 """
 
 from .config import ServeConfig

@@ -1,4 +1,5 @@
-"""The FastAPI application of ``cavmae serve``: endpoints, error mapping, lifecycle.
+"""The FastAPI application of ``cavmae serve``: endpoints, error mapping, lifecycle (what
+lives as long as the server, :class:`~.server.Runtime`, is in :mod:`.server`).
 
 A model request goes: :class:`~.gate.Gate` (key, admission, upload limit) -> the upload is
 written to a private temporary file -> decoding on the worker pool -> the dynamic batcher's
@@ -12,209 +13,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import math
-import re
-import shutil
-import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile as AnyUpload
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
 from cavmae import __version__
 from cavmae.errors import CavmaeError, MediaError
 from cavmae.modes import AUTO, CLI_MODES
 
-from .batcher import BatcherStopped, DynamicBatcher, QueueFull
+from .batcher import BatcherStopped, QueueFull
 from .config import ServeConfig
-from .gate import PUBLIC_PATHS, Admission, Gate, Slot, deadline_of, slot_of
-from .metrics import CONTENT_TYPE, Metrics
-from .service import ClassifyRequest, MediaTooLong, Service
+from .gate import PUBLIC_PATHS, Gate, multipart_truncated, shutting_down
+from .metrics import CONTENT_TYPE
+from .server import ApiError, Media, Runtime
+from .service import ClassifyPlan, ClassifyRequest, MediaTooLong, Service
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ClassifyMode = Literal[(AUTO, *CLI_MODES)]  # type: ignore[valid-type]  # from the mode table
 Modality = Literal["audio", "visual", "both"]
-
-
-class ApiError(HTTPException):
-    """An answer for the client: status, one-line message, extra headers."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, headers)
-
-
-@dataclass
-class Media:
-    """The file a request is about: where it is here, and the name to report it under."""
-
-    path: Path
-    name: str
-
-
-class Runtime:
-    """What lives as long as the server: the service, decoding pool, batcher, temporary folder."""
-
-    def __init__(self, service: Service, config: ServeConfig) -> None:
-        self.service, self.config = service, config
-        self.metrics = Metrics(config.max_batch)
-        self.admission = Admission(config.max_queue)
-        self.batcher = DynamicBatcher(self._run, max_batch=config.max_batch,
-                                      max_wait=config.max_wait, max_queue=config.max_queue,
-                                      on_batch=self._on_batch)
-        self.pool: ThreadPoolExecutor | None = None
-        self.tmp: Path | None = None
-        self.ready = False
-        self.warmup_error: str | None = None
-        #: the API key as the OpenAPI page knows it, on every endpoint that needs it (an
-        #: Authorize button on /docs then sends the header); the gate checks it, not this
-        self.auth: list[Any] = [Security(HTTPBearer(
-            auto_error=False, scheme_name="APIKey",
-            description="The server's --api-key, sent as `Authorization: Bearer KEY`."))] if config.api_key else []
-        self.metrics.gauge("cavmae_requests_in_progress", "Model requests admitted and not finished.",
-                           lambda: self.admission.in_use)
-        self.metrics.gauge("cavmae_queue_depth", "Decoded requests waiting for the model.",
-                           lambda: self.batcher.depth)
-        self.metrics.gauge("cavmae_ready", "1 once the model is loaded and warmed up.", lambda: float(self.ready))
-
-    def _run(self, key: Hashable, payloads: Any) -> Any:
-        if key == ("warmup",):
-            self.service.warmup()
-            return [None for _ in payloads]
-        return self.service.run_batch(key, payloads)
-
-    def _on_batch(self, key: Hashable, size: int, seconds: float) -> None:
-        if key != ("warmup",):
-            self.metrics.batch_size.observe(size)
-            self.metrics.model_seconds.observe(seconds, task=str(key[0]))  # type: ignore[index]
-
-    def start(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="cavmae-serve-", dir=self.config.tmp_dir))
-        self.pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="cavmae-decode")
-        self.batcher.start()
-        warm = self.batcher.submit(("warmup",), None)
-        warm.add_done_callback(self._warmed)
-
-    def _warmed(self, future: Any) -> None:
-        error = future.exception()
-        if error is None:
-            self.ready = True
-            log.info("model warmed up; ready")
-        else:
-            self.warmup_error = f"{type(error).__name__}: {error}"
-            log.error("warm-up failed: %s", self.warmup_error)
-
-    def stop(self) -> None:
-        self.ready = False
-        self.batcher.stop()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.service.close()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def retry_after(self) -> int:
-        """Seconds a turned-away client should wait: about the time to clear the queue."""
-        per_batch = self.metrics.model_seconds.mean(task="classify") or 1.0
-        batches = math.ceil(max(self.admission.in_use, 1) / self.config.max_batch)
-        return int(min(60, max(1, math.ceil(per_batch * batches + self.config.max_wait))))
-
-    # -- running one request --------------------------------------------------------------
-    async def in_pool(self, slot: Slot | None, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the decoding pool; the request's slot stays taken until it finishes,
-        even when the request gave up (timeout), so the admission bound counts that work."""
-        assert self.pool is not None, "the server is not started"
-        if slot is not None:
-            slot.hold()
-        future = self.pool.submit(fn)
-        if slot is not None:
-            future.add_done_callback(lambda _: slot.release())
-        return await asyncio.wrap_future(future)
-
-    async def model(self, key: Hashable, payload: Any, size: int = 1) -> Any:
-        return await asyncio.wrap_future(self.batcher.submit(key, payload, size))
-
-    async def within_deadline(self, request: Request, work: Any) -> Any:
-        """Await ``work`` until the request's deadline; past it, 504."""
-        deadline = deadline_of(request.scope) or (time.monotonic() + self.config.timeout)
-        try:
-            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:
-            raise ApiError(504, f"the request took longer than the server's timeout of {self.config.timeout:g} s"
-                           " (--timeout)") from None
-
-    # -- media of a request ---------------------------------------------------------------
-    def allowed_path(self, text: str) -> Path:
-        """A file the request names by path: only inside ``--allow-dir``, symlinks resolved.
-
-        403 outside the folder (``..``, absolute paths, symlinks leading out), 404 for no such
-        file, 400 for a path the system cannot look up (a NUL byte, a symlink loop, a name too
-        long): a client's path never makes a 500."""
-        root = self.config.allow_dir
-        if root is None:
-            raise ApiError(403, "this server reads no files from its disk; upload the file instead"
-                           " (or start the server with --allow-dir DIR)")
-        root = Path(root).resolve()
-        candidate = Path(text)
-        try:
-            real = (candidate if candidate.is_absolute() else root / candidate).resolve()
-            inside = real.is_relative_to(root)
-            found = inside and real.is_file()
-        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: pathlib's symlink loop
-            why = "a symlink loop" if isinstance(e, RuntimeError) else (
-                "a NUL byte" if isinstance(e, ValueError) else (e.strerror or "not readable").lower())
-            raise ApiError(400, f"{text!r} cannot be looked up as a file path ({why})") from None
-        if not inside:
-            raise ApiError(403, f"{text!r} is outside the folder this server may read")
-        if not found:
-            raise ApiError(404, f"no such file in the allowed folder: {text!r}")
-        return real
-
-    @contextlib.asynccontextmanager
-    async def media(self, file: AnyUpload | None, path: str | None) -> AsyncIterator[Media]:
-        """The request's media as a local file; an upload is written to a temporary file that
-        is removed on the way out (success, error, timeout or a client that went away)."""
-        if (file is None) == (path is None or path == ""):
-            raise ApiError(400, "send one media file: a multipart field 'file' (or, where the server"
-                           " allows it, a field 'path')")
-        if file is None:
-            assert path is not None
-            yield Media(self.allowed_path(path), path)
-            return
-        assert self.tmp is not None, "the server is not started"
-        name = _safe_name(file.filename)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="upload-", suffix=Path(name).suffix[:16])
-        tmp = Path(tmp_name)
-        try:
-            with open(fd, "wb") as out:
-                await run_in_threadpool(shutil.copyfileobj, file.file, out, 1 << 20)
-            yield Media(tmp, name)
-        except CavmaeError as e:
-            # messages name the file: name it as the client did, not by the temporary path
-            raise type(e)(str(e).replace(str(tmp), name)) from None
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _safe_name(filename: str | None) -> str:
-    """The client's file name without folders or control characters (it appears in answers)."""
-    name = Path((filename or "").replace("\\", "/")).name
-    name = re.sub(r"[\x00-\x1f\x7f]", "", name)[:200]
-    return name or "upload"
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -233,7 +60,26 @@ def _client_errors() -> Any:
     except CavmaeError as e:
         raise ApiError(400, str(e)) from None
     except BatcherStopped:
-        raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+        raise ApiError(503, shutting_down(), {"Retry-After": "5"}) from None
+
+
+def _one_media(scope: Any, form: FormData) -> None:
+    """Refuse a body that is not one whole media request: a multipart body cut short (no
+    closing boundary: its parser keeps only the parts that ended, so the file would look
+    missing) or one with more than one file (only one would be used)."""
+    if multipart_truncated(scope):
+        raise ApiError(400, "the multipart body is invalid or truncated (it does not end with its closing"
+                       " boundary); send it again whole")
+    files = len(form.getlist("file"))
+    paths = len([p for p in form.getlist("path") if p])
+    if files > 1 or paths > 1:
+        raise ApiError(400, f"send one media file per request, not {max(files, paths)}: one field 'file'"
+                       " (or 'path')")
+
+
+async def _single_media(request: Request) -> None:
+    """:func:`_one_media` as a dependency of the endpoints whose form FastAPI parses."""
+    _one_media(request.scope, await request.form())
 
 
 def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
@@ -244,7 +90,9 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
         title="cavmae serve", version=__version__, lifespan=_lifespan(rt),
         description="CAV-MAE audio-visual classification, embeddings, search and sound-source maps."
                     " Send media as a multipart field `file`; with `--api-key`, send"
-                    " `Authorization: Bearer KEY`.",
+                    " `Authorization: Bearer KEY`. This page (as `/redoc`) loads its scripts from"
+                    " cdn.jsdelivr.net, so it needs internet access; the schema itself, `/openapi.json`,"
+                    " is served by this server and works offline.",
     )
     app.state.runtime = rt
     known: set[str] = set()  # filled once every route exists; the gate reads it per request
@@ -262,13 +110,17 @@ def create_app(service: Service, config: ServeConfig | None = None) -> FastAPI:
 
 def _lifespan(rt: Runtime) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """Start the runtime (pool, batcher, warm-up) with the server; stop it, off the event loop,
-    when the server stops."""
+    when the server stops. A forced quit (a second Ctrl+C) skips the shutdown message and tears
+    the event loop down, cancelling this task: it stops the runtime all the same and ends
+    quietly (the cancellation would otherwise be logged as a failed shutdown, with a traceback)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         rt.start()
         try:
             yield
+        except asyncio.CancelledError:
+            pass
         finally:
             await run_in_threadpool(rt.stop)
 
@@ -311,12 +163,18 @@ def _add_probe_routes(app: FastAPI, rt: Runtime) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # load balancers probe with HEAD too (FastAPI answers 405 to a HEAD of a GET route)
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/readyz", summary="Readiness: the model is loaded and warmed up.")
     async def readyz() -> Response:
         if rt.ready and rt.batcher.running:
             return JSONResponse({"status": "ready"})
-        why = f"warm-up failed: {rt.warmup_error}" if rt.warmup_error else "the model is warming up"
+        why = (shutting_down() if rt.halting.is_set() else f"warm-up failed: {rt.warmup_error}"
+               if rt.warmup_error else "the model is warming up")
         return _error(503, why, {"Retry-After": "2"})
+
+    app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", summary="Prometheus metrics (text format).", dependencies=rt.auth)
     async def metrics() -> PlainTextResponse:
@@ -339,7 +197,7 @@ def _add_info_routes(app: FastAPI, rt: Runtime) -> None:
                          "max_queue": config.max_queue, "workers": config.workers},
         }
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_static("index.html"), headers=_PAGE_HEADERS)
 
@@ -350,10 +208,10 @@ def _add_info_routes(app: FastAPI, rt: Runtime) -> None:
 
 def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
     """``POST /v1/classify``: the records of ``cavmae classify --json`` for one file."""
-    service, config = rt.service, rt.config
+    service = rt.service
 
     @app.post("/v1/classify", summary="Top labels of a media file (the records of `cavmae classify --json`).",
-              dependencies=rt.auth)
+              dependencies=[*rt.auth, Depends(_single_media)])
     async def classify(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file.")] = None,
@@ -373,28 +231,43 @@ def _add_classify_route(app: FastAPI, rt: Runtime) -> None:
         with _client_errors():
             if hop is not None and window is None:
                 raise CavmaeError("hop needs window")
+            if offset and window is not None:  # as `cavmae classify --offset --window`
+                raise CavmaeError("offset picks one clip; window covers the whole file from 0 s (drop one)")
             service.check_frames(frames)
             req = ClassifyRequest(mode=service.choose_mode(mode), top_k=top_k, offset=offset, window=window,
                                   hop=hop, all_scores=all_scores)
             async with rt.media(file, path) as media:
-
-                async def work() -> list[dict[str, Any]]:
-                    decoded = await rt.in_pool(slot_of(request.scope), lambda: service.decode_classify(
-                        media.path, req, config.max_duration, config.max_windows))
-                    probs = await _queued(rt.model(("classify", decoded.mode), decoded, decoded.size))
-                    return service.classify_records(media.name, req, decoded, probs)
-
-                records = await rt.within_deadline(request, work())
+                records = await rt.within_deadline(request, _classify(rt, request, media, req))
         if window is None:
             return records[0]
         return {"path": records[0]["path"], "windows": records}
+
+
+async def _classify(rt: Runtime, request: Request, media: Media, req: ClassifyRequest) -> list[dict[str, Any]]:
+    """The records of a classify request. Its windows are decoded and run a batch
+    (``--max-batch`` windows) at a time, so a request holds at most one batch of decoded
+    windows however long its file; the request's check (:meth:`Runtime.checker`) runs before
+    each window, so a request that timed out, or a server that is stopping, stops decoding."""
+    service, config = rt.service, rt.config
+    check = rt.checker(request)
+    plan: ClassifyPlan = await rt.in_pool(request, lambda: service.plan_classify(
+        media.path, req, config.max_duration, config.max_windows))
+    probs = []
+    for at in range(0, len(plan.starts), config.max_batch):
+        starts: Sequence[float] = plan.starts[at : at + config.max_batch]
+        check()
+        batch = await rt.in_pool(request, functools.partial(service.decode_windows, media.path, plan, starts, check))
+        probs.append(await _queued(rt.model(("classify", plan.mode), batch, batch.size)))
+        del batch  # the next batch is decoded without this one held
+    return service.classify_records(media.name, req, plan, probs)
 
 
 def _add_embed_route(app: FastAPI, rt: Runtime) -> None:
     """``POST /v1/embed``: a file's audio and visual embeddings."""
     service = rt.service
 
-    @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.", dependencies=rt.auth)
+    @app.post("/v1/embed", summary="The audio and visual embeddings of a media file.",
+              dependencies=[*rt.auth, Depends(_single_media)])
     async def embed(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file.")] = None,
@@ -443,13 +316,14 @@ def _add_search_route(app: FastAPI, rt: Runtime) -> None:
             if kind == "application/json":
                 q = _parse(SearchByEmbedding, await _json(request))
                 emb = service.check_embedding(q.embedding)
-                results = await rt.in_pool(slot_of(request.scope),
+                results = await rt.in_pool(request,
                                            lambda: service.search({q.modality: emb}, "embedding", q.target, q.k))
                 return {"index": service.index_path, "query": {"kind": "embedding", "modality": q.modality},
                         "k": q.k, "search": "exact", "results": results}
             if kind != "multipart/form-data":
                 raise ApiError(415, "send multipart/form-data with a media 'file', or JSON with an 'embedding'")
-            async with request.form(max_files=1, max_fields=16) as form:
+            async with request.form(max_files=2, max_fields=16) as form:  # 2: so that 2 are refused as elsewhere
+                _one_media(request.scope, form)
                 upload = form.get("file")
                 fields = {k: v for k, v in form.items() if isinstance(v, str)}
                 q = _parse(SearchByMedia, fields)
@@ -461,8 +335,7 @@ def _add_search_route(app: FastAPI, rt: Runtime) -> None:
                     async def work() -> list[dict[str, Any]]:
                         audio, visual = await _embed(rt, request, media, q.modality, frame)
                         queries = {k: v for k, v in (("audio", audio), ("visual", visual)) if v is not None}
-                        return await rt.in_pool(slot_of(request.scope),
-                                                lambda: service.search(queries, "video", q.target, q.k))
+                        return await rt.in_pool(request, lambda: service.search(queries, "video", q.target, q.k))
 
                     results = await rt.within_deadline(request, work())
             return {"index": service.index_path, "query": {"kind": "video", "path": media.name,
@@ -475,7 +348,7 @@ def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
     service, config = rt.service, rt.config
 
     @app.post("/v1/localize", summary="Sound-source heat map over one frame (default the middle one).",
-              dependencies=rt.auth)
+              dependencies=[*rt.auth, Depends(_single_media)])
     async def localize(
         request: Request,
         file: Annotated[UploadFile | None, File(description="The media file (audio and video).")] = None,
@@ -490,7 +363,7 @@ def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
             async with rt.media(file, path) as media:
 
                 async def work() -> dict[str, Any]:
-                    inp = await rt.in_pool(slot_of(request.scope),
+                    inp = await rt.in_pool(request,
                                            lambda: service.decode_localize(media.path, frame, config.max_duration))
                     heat = await _queued(rt.model(("localize",), (inp.audio, inp.image)))
                     return await rt.in_pool(None, lambda: service.localize_response(media.name, inp, heat))
@@ -500,7 +373,7 @@ def _add_localize_route(app: FastAPI, rt: Runtime) -> None:
 
 async def _embed(rt: Runtime, request: Request, media: Media, modality: str, frame: str | int) -> Any:
     service, config = rt.service, rt.config
-    inp = await rt.in_pool(slot_of(request.scope), lambda: service.decode_embed(media.path, modality, config.max_duration))
+    inp = await rt.in_pool(request, lambda: service.decode_embed(media.path, modality, config.max_duration))
     return await _queued(rt.model(("embed", frame), inp))
 
 
@@ -529,7 +402,7 @@ class SearchByMedia(BaseModel):
 async def _json(request: Request) -> Any:
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError(400, "the body is not valid JSON") from None
 
 

@@ -4,7 +4,12 @@ One pure ASGI middleware (:class:`Gate`), so these checks happen before the requ
 read: a request without the key, one that declares a body over the upload limit, or one that
 finds the server full is answered at once, without receiving its upload. For admitted model
 requests it wraps ``receive`` to count body bytes (a chunked upload has no length to check up
-front) and to enforce the request deadline while the upload arrives.
+front), to enforce the request deadline while the upload arrives and to note whether a
+multipart body ends with its closing boundary (:func:`multipart_truncated`: the multipart
+parser keeps the parts that ended and drops a cut-off one without a word).
+
+A request still running when the server's graceful shutdown runs out of time is cancelled by
+uvicorn; the gate answers it with a JSON 503 instead of uvicorn's bare 500 and traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +34,12 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/app.js"})
 #: endpoints that take media and run the model: admitted against the queue bound
 MODEL_PATHS = frozenset({"/v1/classify", "/v1/embed", "/v1/search", "/v1/localize"})
 #: scope["state"] keys set for admitted requests
-SLOT_KEY, DEADLINE_KEY = "cavmae_slot", "cavmae_deadline"
+SLOT_KEY, DEADLINE_KEY, CLOSED_KEY = "cavmae_slot", "cavmae_deadline", "cavmae_multipart_closed"
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def shutting_down() -> str:
+    return "the server is shutting down; retry later"
 
 
 class Slot:
@@ -122,15 +133,21 @@ class Gate:
         path: str = scope["path"]
         endpoint = path if path in self.known_paths() else "other"  # bounded label values
         start = time.monotonic()
-        status = {"code": 500}
+        status = {"code": 500, "started": 0}
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], 1
             await send(message)
 
         try:
             await self._handle(scope, receive, send_status, path)
+        except asyncio.CancelledError:
+            # uvicorn's graceful shutdown ran out of time: answer (a JSON 503, as the halted work
+            # does) rather than let uvicorn log a traceback and send a plain-text 500; the task
+            # ends here either way
+            if not status["started"]:
+                await send_error(send_status, 503, shutting_down(), {"Retry-After": "5"})
         finally:
             self.metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
             self.metrics.latency.observe(time.monotonic() - start, endpoint=endpoint)
@@ -157,9 +174,13 @@ class Gate:
         state = scope.setdefault("state", {})
         state[SLOT_KEY], state[DEADLINE_KEY] = slot, deadline
         received = 0
+        closing = _closing_delimiter(headers.get("content-type", ""))
+        if closing is not None:
+            state[CLOSED_KEY] = False
+        tail = b"\r\n"  # the body's last bytes, to find the delimiter across chunks
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, tail
             remaining = deadline - time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), max(remaining, 0.001))
@@ -170,6 +191,10 @@ class Gate:
                 received += len(message.get("body", b""))
                 if received > self.max_upload:
                     raise BodyLimitError(413, self._too_large())
+                if closing is not None and not state[CLOSED_KEY]:
+                    tail += message.get("body", b"")
+                    state[CLOSED_KEY] = closing in tail
+                    tail = tail[-len(closing):]
             return message
 
         try:
@@ -184,6 +209,22 @@ class Gate:
     def _too_large(self) -> str:
         return (f"the upload is larger than this server's limit of {self.max_upload / 2**20:g} MB"
                 " (--max-upload-mb)")
+
+
+def _closing_delimiter(content_type: str) -> bytes | None:
+    """The bytes that close a multipart body of this content type (RFC 2046: CRLF, two dashes,
+    the boundary, two dashes); None for another type."""
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    return b"\r\n--" + (found.group(1) or found.group(2)).encode("latin-1") + b"--"
+
+
+def multipart_truncated(scope: Scope) -> bool:
+    """Whether the request's multipart body, read whole, ended before its closing boundary."""
+    return scope.get("state", {}).get(CLOSED_KEY) is False
 
 
 def deadline_of(scope: Scope) -> float | None:

@@ -4,12 +4,14 @@ Everything the endpoints need from the pipeline, the media decoder, the embeddin
 the figure helpers goes through :class:`Service`, so a change of those APIs touches this module
 only. Its methods come in three kinds, by the thread they run on:
 
-- ``decode_*`` and ``search``: a worker thread of the decoding pool (file I/O and numpy);
+- ``plan_classify``, ``decode_*`` and ``search``: a worker thread of the decoding pool (file
+  I/O and numpy);
 - ``run_batch``: the batcher's model thread, on a batch of decoded payloads;
 - the rest (``model_info``, ``*_response``): anywhere; they only format results.
 
-Batch keys: ``("classify", mode)`` with payload ``(audio [n, T, F] | None, frames [n, F, 3, H,
-W] | None)`` -> probabilities ``[n, C]``; ``("embed", frame)`` with ``(audio [T, F] | None,
+Batch keys: ``("classify", mode)`` with a :class:`ClassifyInput` of ``n`` windows (at most
+one batch of them: a long file's windows are decoded and run a batch at a time, so a request
+holds a bounded amount of decoded media) -> probabilities ``[n, C]``; ``("embed", frame)`` with ``(audio [T, F] | None,
 frames [F, 3, H, W] | None)`` -> ``(audio embedding [D] | None, visual embedding [D] | None)``;
 ``("localize",)`` with ``(audio [T, F], image [3, H, W])`` -> heat map ``[gh, gw]``.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,20 +56,25 @@ class ClassifyRequest:
     all_scores: bool = False
 
 
-@dataclass
-class ClassifyInput:
-    """Decoded windows of one file, ready for one ``("classify", mode)`` job."""
+@dataclass(frozen=True)
+class ClassifyPlan:
+    """Which windows of one file a classify request covers, in which mode (``auto`` resolved);
+    made before any window is decoded, so the windows can be decoded a few at a time."""
 
-    mode: str  # the mode this file is classified in (``auto`` resolved)
+    mode: str
     starts: list[float]
     span: float | None
     duration: float
+
+
+@dataclass
+class ClassifyInput:
+    """Decoded windows of one file (some of its plan's), ready for one ``("classify", mode)`` job."""
+
+    mode: str  # the plan's
     audio: np.ndarray | None  # [n, T, F]
     frames: np.ndarray | None  # [n, F, 3, H, W]
-
-    @property
-    def size(self) -> int:
-        return len(self.starts)
+    size: int
 
 
 @dataclass
@@ -216,34 +223,52 @@ class Service:
             )
         return info
 
-    def decode_classify(self, path: Path, req: ClassifyRequest, max_duration: float,
-                        max_windows: int) -> ClassifyInput:
-        """Decode the window at ``req.offset``, or every sliding window, of ``path``, in the
-        request's mode (for ``auto``, the one the file's streams allow, as on the command line)."""
-        from cavmae.media import load_clip
-
+    def plan_classify(self, path: Path, req: ClassifyRequest, max_duration: float,
+                      max_windows: int) -> ClassifyPlan:
+        """The window at ``req.offset``, or every sliding window, of ``path``, and the request's
+        mode (for ``auto``, the one the file's streams allow, as on the command line)."""
         info = self.probe(path, max_duration)
         try:
             mode, _ = file_mode(path, req.mode, self.pipe.classify_modes)
-            need_audio, need_video = needs(mode)
-            if req.window is not None:  # no window: one clip
-                # checked before the list of starts is made: a tiny hop must not make a huge list
-                hop = req.hop or req.window / 2
-                if max(0.0, info.duration - req.window) >= hop * max_windows:  # > max_windows windows
-                    raise _too_many_windows(req.window, hop, info.duration, max_windows)
-            starts = clip_starts(req.offset, req.window, req.hop, info.duration)
-            if req.window is not None and len(starts) > max_windows:  # the tail window can add one
-                raise _too_many_windows(req.window, req.hop or req.window / 2, info.duration, max_windows)
-            clips = [load_clip(path, num_frames=self.num_frames, offset=s, config=self.preprocess,
-                               need_audio=need_audio, need_video=need_video, duration=req.window)
-                     for s in starts]
         except MissingStreamError as e:
             raise e.with_hint(self._missing_hint(e.stream or "")) from None
-        return ClassifyInput(
-            mode=mode, starts=starts, span=req.window, duration=clips[0].duration,
-            audio=stack_inputs([c.audio for c in clips]) if need_audio else None,
-            frames=stack_inputs([c.frames for c in clips]) if need_video else None,
-        )
+        if req.window is not None:  # no window: one clip
+            # checked before the list of starts is made: a tiny hop must not make a huge list
+            hop = req.hop or req.window / 2
+            if max(0.0, info.duration - req.window) >= hop * max_windows:  # > max_windows windows
+                raise _too_many_windows(req.window, hop, info.duration, max_windows)
+        starts = clip_starts(req.offset, req.window, req.hop, info.duration)
+        if req.window is not None and len(starts) > max_windows:  # the tail window can add one
+            raise _too_many_windows(req.window, req.hop or req.window / 2, info.duration, max_windows)
+        return ClassifyPlan(mode=mode, starts=starts, span=req.window, duration=info.duration)
+
+    def decode_windows(self, path: Path, plan: ClassifyPlan, starts: Sequence[float],
+                       check: Callable[[], None] = lambda: None) -> ClassifyInput:
+        """Decode the windows of ``plan`` that start at ``starts`` (a few of them: the caller
+        bounds how many are held at once); ``check`` runs before each window and raises to stop
+        (the request timed out, or the server is stopping)."""
+        from cavmae.media import load_clip
+
+        need_audio, need_video = needs(plan.mode)
+        audio, frames = [], []
+        try:
+            for s in starts:
+                check()
+                clip = load_clip(path, num_frames=self.num_frames, offset=s, config=self.preprocess,
+                                 need_audio=need_audio, need_video=need_video, duration=plan.span)
+                audio.append(clip.audio)
+                frames.append(clip.frames)
+        except MissingStreamError as e:
+            raise e.with_hint(self._missing_hint(e.stream or "")) from None
+        return ClassifyInput(mode=plan.mode, audio=stack_inputs(audio) if need_audio else None,
+                             frames=stack_inputs(frames) if need_video else None, size=len(starts))
+
+    def decode_classify(self, path: Path, req: ClassifyRequest, max_duration: float,
+                        max_windows: int) -> ClassifyInput:
+        """Every window of the request at once (its plan's): for one clip or a few windows, as
+        the benchmark measures a request's decode; the HTTP service decodes a batch at a time."""
+        plan = self.plan_classify(path, req, max_duration, max_windows)
+        return self.decode_windows(path, plan, plan.starts)
 
     def _missing_hint(self, stream: str) -> str:
         """What to do about a file without ``stream``, in this API's parameters."""
@@ -332,16 +357,17 @@ class Service:
             self.pipe.embed(audio[0], frames[0])
 
     # -- results ----------------------------------------------------------------------------
-    def classify_records(self, name: str, req: ClassifyRequest, decoded: ClassifyInput,
-                         probs: np.ndarray) -> list[dict[str, Any]]:
-        """The ``cavmae classify --json`` record of each window."""
+    def classify_records(self, name: str, req: ClassifyRequest, plan: ClassifyPlan,
+                         probs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """The ``cavmae classify --json`` record of each window of ``plan``; ``probs``: the
+        probabilities of its windows, in order, a batch of windows per array."""
         return [
             classification_record(
-                name, decoded.mode, start,
-                clip_end(start, decoded.span, decoded.duration, self.preprocess.clip_seconds),
+                name, plan.mode, start,
+                clip_end(start, plan.span, plan.duration, self.preprocess.clip_seconds),
                 p, self.names, req.top_k, req.all_scores,
             )
-            for start, p in zip(decoded.starts, probs, strict=True)
+            for start, p in zip(plan.starts, np.concatenate(probs), strict=True)
         ]
 
     def localize_response(self, name: str, inp: LocalizeInput, heat: np.ndarray) -> dict[str, Any]:
