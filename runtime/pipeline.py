@@ -365,7 +365,7 @@ class Pipeline:
                 f" for {ra}/{rv} export again with those ratios (cavmae export --mask-ratio)"
             )
         if ka == la or kv == lv:
-            raise CavmaeError(f"mask ratios {ra}/{rv} remove no {'audio' if ka == la else 'visual'} patch:"
+            raise CavmaeError(f"mask ratios {ra}/{rv} remove no {'audio patch' if ka == la else 'image patch'}:"
                               " there is nothing to reconstruct (export with --mask-ratio above 0)")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise CavmaeError(f"seed must be a whole number >= 0, not {seed!r}")

@@ -198,6 +198,10 @@ def test_wrong_task_for_model_kind(classifier_files, pretrain_files, clips):
         pre.reconstruct(clip.audio, clip.frames[5], mask_ratio_a=0.5)
     with pytest.raises(CavmaeError, match="seed must be"):
         pre.reconstruct(clip.audio, clip.frames[5], seed=-1)
+    # nothing masked: no reconstruction error to report (it was NaN)
+    unmasked = load(pretrain_files[1], engine="torch", device="cpu", mask_ratio_a=0.0)
+    with pytest.raises(CavmaeError, match="remove no audio patch"):
+        unmasked.reconstruct(clip.audio, clip.frames[5])
     with pytest.raises(CavmaeError, match="class names apply to a classifier"):
         load(pretrain_files[2], engine="ort", labels=AUDIOSET_CLIP)
 
