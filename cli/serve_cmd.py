@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import signal
 import socket
 import threading
@@ -104,6 +105,8 @@ def serve(model, engine, device, mirror, precision, index, host, port, frames, m
 
     if not math.isfinite(max_upload_mb):
         raise CavmaeError(f"--max-upload-mb must be a finite number of MB, not {max_upload_mb}")
+    if api_key is None and os.environ.get("CAVMAE_API_KEY") is not None:
+        api_key = os.environ["CAVMAE_API_KEY"]  # click reads a set but empty variable as unset
     if api_key is not None and not api_key.strip():  # an empty key must not turn the check off
         raise CavmaeError("the API key (--api-key or CAVMAE_API_KEY) must not be empty; unset it to serve without one")
     steady_heap()  # before the engine and the worker threads start

@@ -255,6 +255,10 @@ def test_api_arguments_are_checked_up_front(classifier_files, tmp_path):
         load(ckpt, engine="ort", task="bogus")
     with pytest.raises(CavmaeError, match="engine 'torch' takes no option 'threads'"):
         load(ckpt, engine="torch", threads=1)
+    # the public engine factory still takes the torch engine's own options
+    from cavmae.runtime.engines import create_engine
+
+    assert create_engine("torch", classifier_files[2], device="cpu", precision="bf16").describe() == "torch bf16 on cpu"
     (tmp_path / "file").write_text("x")
     with pytest.raises(CavmaeError, match="is a file"):
         export_model(ckpt, tmp_path / "file")

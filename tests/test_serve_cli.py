@@ -160,3 +160,12 @@ def test_forced_quit_still_removes_the_temporary_folder(model, tmp_path):
     log = (tmp_path / "serve.log").read_text()
     assert rc == 0 and "cavmae serve: stopped" in log and "Traceback" not in log, log
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("cavmae-serve-")]
+
+
+def test_an_empty_api_key_variable_is_refused_not_read_as_unset(model, tmp_path):
+    """click reads a set but empty variable as unset: CAVMAE_API_KEY=$MISSING_SECRET must not
+    start a server without its key."""
+    env = {**os.environ, "CAVMAE_NO_PROGRESS": "1", "CAVMAE_HOME": str(tmp_path / "home"), "CAVMAE_API_KEY": ""}
+    out = subprocess.run([CAVMAE_EXE, "serve", "-m", str(model["export"]), "--port", "0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "must not be empty" in out.stderr, out.stderr

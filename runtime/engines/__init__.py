@@ -144,17 +144,13 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
-#: keyword arguments of an engine class that the loader sets, not the user
-_INTERNAL_OPTIONS = frozenset({"model", "precision"})
-
-
 def check_engine_options(name: str, options: dict[str, Any]) -> None:
     """Raise ``CavmaeError`` naming an option engine ``name`` does not take (a misspelling, or
     one of another engine's), with the ones it takes, before anything is loaded."""
     import inspect
 
     params = inspect.signature(engine_class(name).__init__).parameters
-    takes = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _INTERNAL_OPTIONS]
+    takes = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
     unknown = [k for k in options if k not in takes]
     if unknown:
         raise CavmaeError(f"engine {name!r} takes no option {unknown[0]!r}; its options: {', '.join(takes) or 'none'}")
