@@ -120,6 +120,8 @@ def _lifespan(rt: Runtime) -> Callable[[FastAPI], contextlib.AbstractAsyncContex
         try:
             yield
         except asyncio.CancelledError:
+            # a second Ctrl+C (a forced quit) cancels the lifespan: not a failure worth a
+            # traceback; the work is stopped and the temporary folder removed below all the same
             pass
         finally:
             await run_in_threadpool(rt.stop)
