@@ -44,8 +44,10 @@ from cavmae import fsio
 from cavmae.config import PreprocessConfig
 from cavmae.errors import ExportError, MediaError, MissingStreamError, skipped_message
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
+from cavmae.graphs import VISUAL_ENCODER
 from cavmae.manifest import GraphSpec
 from cavmae.progress import progress_bar, progress_note, progress_style
+from cavmae.run_sizes import rows_per_run
 from cavmae.samples import sample_clips
 
 from .dynamic_int8 import quantize_dynamic_int8
@@ -268,8 +270,9 @@ def quantize_graph(
 class _Runner:
     """The export's graphs in ONNX Runtime, one session each, run as the runtime pipeline does."""
 
-    def __init__(self, paths: dict[str, Path]) -> None:
+    def __init__(self, paths: dict[str, Path], frame_rows: int) -> None:
         self.sessions = {name: ort_session(p) for name, p in paths.items()}
+        self.frame_rows = frame_rows  # frames per visual encoder run, as the pipeline runs them
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.sessions[name]
@@ -285,7 +288,10 @@ class _Runner:
         if "audio_encoder" in have:
             out["audio_tokens"] = self.run("audio_encoder", {"audio": audio[None]})["audio_tokens"]
         if "visual_encoder" in have:
-            out["visual_tokens"] = self.run("visual_encoder", {"image": frames})["visual_tokens"]
+            step = self.frame_rows
+            out["visual_tokens"] = np.concatenate([
+                self.run("visual_encoder", {"image": frames[i : i + step]})["visual_tokens"]
+                for i in range(0, len(frames), step)])
         if "audio_embed" in have and "audio_tokens" in out:
             out.update(self.run("audio_embed", {"audio_tokens": out["audio_tokens"]}))
         if "visual_embed" in have and "visual_tokens" in out:
@@ -391,6 +397,16 @@ class GateReport:
         return None
 
 
+def _frame_rows(specs: dict[str, GraphSpec], num_frames: int) -> int:
+    """Frames per visual encoder run in the gate: what the runtime runs on a CPU, where int8
+    graphs run (:mod:`cavmae.run_sizes`); its tokens per frame from the encoder's output."""
+    spec = specs.get(VISUAL_ENCODER.name)
+    if spec is None:
+        return num_frames
+    tokens_per_frame = int(spec.outputs[0].concrete_shape(1)[1])
+    return rows_per_run(tokens_per_frame, num_frames)
+
+
 def quantize_export(
     work: Path,
     specs: dict[str, GraphSpec],
@@ -415,14 +431,15 @@ def quantize_export(
     if clips is None:
         clips = load_gate_clips(opts.calibration, opts.max_clips, num_frames, preprocess)
     fp32_paths = {name: work / spec.file for name, spec in specs.items()}
+    frame_rows = _frame_rows(specs, num_frames)
     # read each graph once to see whether it has weight products (a full-size one is 330 MB)
     to_quantize = [name for name, path in fp32_paths.items() if has_weight_matmul(path)]
     with _Steps(2 + len(to_quantize), progress) as step:
-        fp32 = _Runner(fp32_paths)
+        fp32 = _Runner(fp32_paths, frame_rows)
         refs = [fp32.clip_outputs(c.audio, c.frames) for c in clips]
         step.done(f"fp32 reference outputs on {len(clips)} clip(s)")
         int8_paths, kept = _quantize_graphs(fp32_paths, to_quantize, opts, fp32, clips, refs, step)
-        int8 = _Runner({**fp32_paths, **int8_paths})
+        int8 = _Runner({**fp32_paths, **int8_paths}, frame_rows)
         agreements = [compare_clip(c.name, ref, int8.clip_outputs(c.audio, c.frames))
                       for c, ref in zip(clips, refs, strict=True)]
         del fp32, int8  # close the sessions before files are replaced

@@ -495,11 +495,11 @@ def _graph_timings(cfg, pipe, names: tuple[str, str], b, audio, frames, gf, resu
     n, f = frames.shape[:2]
     flat = frames.reshape(n * f, *frames.shape[2:])
     a_tok = pipe.run_audio_encoder(audio)
-    v_tok = pipe.run_visual_encoder(flat).reshape(n, f, -1, a_tok.shape[-1])
+    v_tok = pipe.run_visual_encoder(flat, f).reshape(n, f, -1, a_tok.shape[-1])
     runs = {
         "audio graph": (lambda: pipe.run_audio_encoder(audio), gf["audio_encoder"] * b),
-        "visual graph": (lambda: pipe.run_visual_encoder(flat), gf["visual_encoder_per_frame"] * b * f),
-        "joint graph": (lambda: pipe.run_graph(JOINT_CLASSIFIER, a_tok, v_tok),
+        "visual graph": (lambda: pipe.run_visual_encoder(flat, f), gf["visual_encoder_per_frame"] * b * f),
+        "joint graph": (lambda: pipe.run_graph(JOINT_CLASSIFIER, a_tok, v_tok, chunk=1),
                         gf["joint_graph_per_clip"] * b),
     }
     for name, (fn, gflop) in runs.items():

@@ -42,6 +42,7 @@ from cavmae.patches import (
     unpatchify,
     unstandardize_patches,
 )
+from cavmae.run_sizes import rows_per_run
 from cavmae.vectors import l2_normalize
 
 from .engines.base import Engine, check_inputs
@@ -193,14 +194,22 @@ class Pipeline:
             parts.append(session.run({t.name: x[i : i + step] for t, x in zip(spec.inputs, inputs, strict=True)}))
         return tuple(np.concatenate([p[t.name] for p in parts]) for t in spec.outputs)
 
+    def _encoder_rows(self, tokens_per_row: int, rows_per_clip: int) -> int | None:
+        """Rows per encoder run: cache-sized runs that never span two clips on an engine that
+        asks for them (a CPU, :mod:`cavmae.run_sizes`); None (the graph's max batch) elsewhere."""
+        return rows_per_run(tokens_per_row, rows_per_clip) if self.engine.cpu_sized_runs else None
+
     def run_audio_encoder(self, audio: np.ndarray) -> np.ndarray:
         """``[N, T, F] -> audio tokens [N, La, D]``."""
-        (tokens,) = self.run_graph(AUDIO_ENCODER, _f32(audio))
+        rows = self._encoder_rows(self.manifest.model_config.num_audio_tokens, 1)
+        (tokens,) = self.run_graph(AUDIO_ENCODER, _f32(audio), chunk=rows)
         return tokens
 
-    def run_visual_encoder(self, frames: np.ndarray) -> np.ndarray:
-        """``[M, 3, H, W] -> visual tokens [M, Lv, D]`` (every frame is one row)."""
-        (tokens,) = self.run_graph(VISUAL_ENCODER, _f32(frames))
+    def run_visual_encoder(self, frames: np.ndarray, frames_per_clip: int = 1) -> np.ndarray:
+        """``[M, 3, H, W] -> visual tokens [M, Lv, D]`` (every frame is one row; consecutive
+        groups of ``frames_per_clip`` rows are one clip's, which a run keeps together)."""
+        rows = self._encoder_rows(self.manifest.model_config.num_visual_tokens, frames_per_clip)
+        (tokens,) = self.run_graph(VISUAL_ENCODER, _f32(frames), chunk=rows)
         return tokens
 
     # -- classification ---------------------------------------------------------------------
@@ -249,7 +258,7 @@ class Pipeline:
                     f" this export aggregates {self.num_frames} frames per clip"
                 )
             n, f = frames.shape[:2]
-            tokens = self.run_visual_encoder(frames.reshape(n * f, *frames.shape[2:]))
+            tokens = self.run_visual_encoder(frames.reshape(n * f, *frames.shape[2:]), f)
             feeds[FRAME_TOKENS.name] = tokens.reshape(n, f, *tokens.shape[1:])
         # One clip per call: a clip is already F sequences of 708 tokens (large matrix products),
         # while 8 clips at once would hold 80 attention maps of 708 x 708 per head (~2 GB).
@@ -287,9 +296,11 @@ class Pipeline:
         (embedding,) = self.run_graph(AUDIO_EMBED, self.run_audio_encoder(audio))
         return embedding
 
-    def embed_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[M, 3, H, W] -> (embeddings [M, D], patch tokens [M, Lv, D])``."""
-        embedding, patches = self.run_graph(VISUAL_EMBED, self.run_visual_encoder(images))
+    def embed_images(self, images: np.ndarray, frames_per_clip: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``[M, 3, H, W] -> (embeddings [M, D], patch tokens [M, Lv, D])``; ``frames_per_clip``
+        as in :meth:`run_visual_encoder`."""
+        tokens = self.run_visual_encoder(images, frames_per_clip)
+        embedding, patches = self.run_graph(VISUAL_EMBED, tokens)
         return embedding, patches
 
     def embed_frames(self, frames: np.ndarray, frame: int | str = "middle") -> np.ndarray:
@@ -302,7 +313,7 @@ class Pipeline:
                               " (one clip's frames [F, 3, H, W] go in as frames[None])")
         n, f = frames.shape[:2]
         if frame == "mean":
-            emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]))
+            emb, _ = self.embed_images(frames.reshape(n * f, *frames.shape[2:]), f)
             return l2_normalize(emb.reshape(n, f, -1).mean(1))
         index = self._frame_index(frame, f)
         return self.embed_images(frames[:, index])[0]

@@ -3,7 +3,8 @@ the runs happened and were measured: benchmarks/first_use.py (a cold and a warm 
 per round, each in its own process and cache), benchmarks/ort_spin.py (sleeping vs spinning
 ONNX Runtime threads, taking turns), benchmarks/quantize_speed.py (ONNX Runtime's dynamic
 quantizer against cavmae's, with the check that both write the same graph) and
-benchmarks/int8_engines.py (ONNX Runtime int8 against torch int8, and the attention alone)."""
+benchmarks/int8_engines.py (ONNX Runtime int8 against torch int8, and the attention alone) and
+benchmarks/encoder_runs.py (encoder runs sized for the cache against whole batches)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def test_int8_engines_benchmark_runs_tiny(tmp_path):
     joint = result["graphs"]["joint_classifier"]["attention"]
     assert joint["tokens"] == 512 + 196 and joint["layers"] == 1
     assert all(v > 0 for v in result["clip"].values())
+
+
+def test_encoder_runs_benchmark_runs(tmp_path):
+    from test_run_sizes import tiny_export
+
+    out = tmp_path / "runs.json"
+    export = tiny_export(tmp_path)
+    assert _script("encoder_runs").main(["--export", str(export), "--batch", "1,2", "--repeat", "1",
+                                         "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["batches"]) == {"1", "2"}
+    for entry in result["batches"].values():
+        assert {k: len(v) for k, v in entry["times_s"].items()} == {"sized": 1, "whole": 1}
+        assert entry["whole_over_sized"] > 0

@@ -98,6 +98,11 @@ def test_cli_int8_export_gates_reports_and_runs(tiny):
     probs = pipe.classify(clip.audio, clip.frames)
     assert probs.shape == (527,) and np.isfinite(probs).all()
     assert len(set(np.argsort(-probs)[:5].tolist()) & _reference_top5(model, clip)) >= 4
+    # dynamic int8 scales activations per run; runs never span two clips (cavmae.run_sizes),
+    # so a clip's result is the same alone and in a batch
+    other = load_clip(VGGSOUND_CLIP)
+    batched = pipe.classify_batch(np.stack([clip.audio, other.audio]), np.stack([clip.frames, other.frames]))
+    np.testing.assert_array_equal(batched, np.stack([probs, pipe.classify(other.audio, other.frames)]))
     pipe.close()
 
 

@@ -61,6 +61,9 @@ class Engine(ABC):
 
     #: short name used on the command line: "ort", "trt", "torch"
     name: str = ""
+    #: whether the pipeline splits encoder batches into cache-sized runs that never span two
+    #: clips (:mod:`cavmae.run_sizes`): measured faster on a CPU; a GPU wants whole batches
+    cpu_sized_runs: bool = False
 
     def __init__(self, export_dir: str | Path, manifest: Manifest, device: str = "cpu") -> None:
         self.export_dir = Path(export_dir)

@@ -159,6 +159,7 @@ class OrtEngine(Engine):
         self.device_kind = kind
         self.device_index = index
         self.provider = _PROVIDERS[kind]
+        self.cpu_sized_runs = self.provider == "CPUExecutionProvider"
         #: graph name -> the session validation ran, taken by the graph's first ``_open``
         self._validated: dict[str, Any] = {}
         if kind == "cuda" and hasattr(self._ort, "preload_dlls"):
