@@ -15,7 +15,6 @@ Without ``--export`` it builds a full-size random-weight classifier export under
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cavmae.runtime import load
-from cavmae.runtime.benchmark import machine_info, parse_batches
+from cavmae.runtime.benchmark import load_average, machine_info, parse_batches, write_result
 
 
 def build_export(work: Path, precision: str, max_batch: int) -> Path:
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     clip = sized.load_clip(args.clip or sample_clips()[0])
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
               "export": str(export), "precision": sized.manifest.precision, "repeat": args.repeat,
-              "load_before": Path("/proc/loadavg").read_text().split()[:3], "batches": {}}
+              "load_before": load_average(), "batches": {}}
     for b in batches:
         audio, frames = np.stack([clip.audio] * b), np.stack([clip.frames] * b)
         times: dict[str, list[float]] = {"sized": [], "whole": []}
@@ -79,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         result["batches"][str(b)] = {"median_s": med, "times_s": times, "whole_over_sized": med["whole"] / med["sized"]}
         print(f"batch {b}: sized runs {med['sized'] * 1e3:.0f} ms, whole batch {med['whole'] * 1e3:.0f} ms"
               f" ({med['whole'] / med['sized']:.3f}x)", file=sys.stderr, flush=True)
-    result["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    text = json.dumps(result, indent=2) + "\n"
-    if args.output:
-        args.output.write_text(text)
-    else:
-        print(text)
+    write_result(result, args.output)
     return 0
 
 

@@ -32,7 +32,7 @@ from int8_study import TIMED, build_export, graph_feeds  # noqa: E402
 from cavmae.export.int8 import Int8Options, quantize_export  # noqa: E402
 from cavmae.export.validate import ort_session  # noqa: E402
 from cavmae.manifest import Manifest  # noqa: E402
-from cavmae.runtime.benchmark import machine_info, stage_gflop  # noqa: E402
+from cavmae.runtime.benchmark import load_average, machine_info, stage_gflop, write_result  # noqa: E402
 
 
 def torch_int8_stages(checkpoint: Path, num_frames: int) -> dict[str, Callable[..., object]]:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"tiny": args.tiny, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
                     "torch": torch.__version__, "torch_quantized_engine": torch.backends.quantized.engine,
                     "threads": args.threads, "repeat": args.repeat,
-                    "load_before": Path("/proc/loadavg").read_text().split()[:3], "graphs": {}}
+                    "load_before": load_average(), "graphs": {}}
     with torch.inference_mode():
         for name in TIMED:
             sess = ort_session(int8_dir / specs[name].file)  # all cores, as the runtime
@@ -144,13 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     result["clip"] = {key: sum(g[n][key] for n in TIMED) for key in ("ort_int8_s", "torch_int8_s")}
     result["clip"]["attention_fp32_s"] = sum(g[n]["attention"]["fp32_s"] for n in TIMED)
     result["clip"]["attention_bf16_s"] = sum(g[n]["attention"]["bf16_s"] for n in TIMED)
-    result["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(result["clip"]), file=sys.stderr)
-    text = json.dumps(result, indent=2, default=str) + "\n"
-    if args.output:
-        args.output.write_text(text)
-    else:
-        print(text)
+    write_result(result, args.output)
     shutil.rmtree(int8_dir, ignore_errors=True)
     return 0
 

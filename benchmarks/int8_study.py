@@ -13,7 +13,6 @@ Without ``--export`` it first writes a full-size random-weight classifier and ex
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 from cavmae.export.int8 import Int8Options, quantize_export
 from cavmae.export.validate import ort_session
 from cavmae.manifest import Manifest
-from cavmae.runtime.benchmark import machine_info, stage_gflop
+from cavmae.runtime.benchmark import load_average, machine_info, stage_gflop, write_result
 
 VARIANTS = {
     "dynamic-per-channel": Int8Options(method="dynamic", per_channel=True, min_top5=0, min_cosine=-1),
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
              "joint_classifier": gf["joint_graph_per_clip"]}
     feeds = graph_feeds(manifest, manifest.num_frames)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
-              "load_before": Path("/proc/loadavg").read_text().split()[:3], "variants": {}}
+              "load_before": load_average(), "variants": {}}
     for variant in args.variants.split(","):
         opts = VARIANTS[variant]
         work = args.work / variant
@@ -116,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             del fp, q
         result["variants"][variant] = entry
         shutil.rmtree(work, ignore_errors=True)
-    result["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    text = json.dumps(result, indent=2, default=str) + "\n"
-    if args.output:
-        args.output.write_text(text)
-    else:
-        print(text)
+    write_result(result, args.output)
     return 0
 
 

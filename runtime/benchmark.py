@@ -200,6 +200,23 @@ def matmul_gflops(threads: int | None = None, size: int = 2048, repeat: int = 10
     return out
 
 
+def load_average() -> list[str]:
+    """The 1, 5 and 15 minute load averages, as ``/proc/loadavg`` shows them (a benchmark
+    records them before and after its runs, so a reader can tell an idle machine)."""
+    return [f"{x:.2f}" for x in os.getloadavg()]
+
+
+def write_result(result: dict[str, Any], output: Path | None) -> None:
+    """Add the load average after the runs to ``result`` and write it as JSON to ``output``,
+    or print it when ``output`` is None."""
+    result["load_after"] = load_average()
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        print(text)
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
