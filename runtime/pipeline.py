@@ -197,6 +197,8 @@ class Pipeline:
     def _encoder_rows(self, tokens_per_row: int, rows_per_clip: int) -> int | None:
         """Rows per encoder run: cache-sized runs that never span two clips on an engine that
         asks for them (a CPU, :mod:`cavmae.run_sizes`); None (the graph's max batch) elsewhere."""
+        if isinstance(rows_per_clip, bool) or not isinstance(rows_per_clip, int) or rows_per_clip < 1:
+            raise CavmaeError(f"frames_per_clip must be a whole number >= 1, not {rows_per_clip!r}")
         return rows_per_run(tokens_per_row, rows_per_clip) if self.engine.cpu_sized_runs else None
 
     def run_audio_encoder(self, audio: np.ndarray) -> np.ndarray:

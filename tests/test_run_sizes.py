@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cavmae import CAVMAEFT, TINY, save_checkpoint
+from cavmae.errors import CavmaeError
 from cavmae.export import export_model
 from cavmae.media import load_clip
 from cavmae.run_sizes import CPU_TOKENS_PER_RUN, rows_per_run
@@ -86,3 +87,12 @@ def test_the_cpu_pipeline_runs_each_clip_in_cache_sized_runs(export_dir):
     assert whole_runs == [20]
     pipe.close()
     whole.close()
+
+
+def test_a_bad_frames_per_clip_is_one_error(export_dir):
+    pipe = load(export_dir, engine="ort", device="cpu")
+    images = np.zeros((2, 3, 224, 224), np.float32)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(CavmaeError, match="frames_per_clip"):
+            pipe.run_visual_encoder(images, bad)
+    pipe.close()
