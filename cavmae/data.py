@@ -12,7 +12,9 @@ shared preprocessing (:mod:`cavmae.media`). Labels are ``mid`` s looked up in a 
 returns dicts of numpy arrays; :func:`collate` stacks them into torch tensors. A training item
 is addressed by an :class:`ItemKey` that carries the index *and* the seed of its augmentation
 (``(run seed, epoch, position in the epoch)``), so what a position of an epoch looks like never
-depends on worker processes, ranks or resumption. :class:`StepBatchSampler` produces those keys:
+depends on worker processes, ranks or resumption. A training run's dataset
+(``skip_bad_clips``) replaces a clip that fails to load by the next clip that loads, and says so
+in the item (``"skipped"``); :meth:`AVDataset.missing_files` finds missing files up front. :class:`StepBatchSampler` produces those keys:
 one global order per epoch, cut into optimizer steps of ``batch_size`` samples, each step split
 into the micro-batches of every rank and accumulation round.
 
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 import functools
 import wave
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -191,6 +193,27 @@ class ItemKey(NamedTuple):
 #: what ``frame`` may be: "random" (training), "middle", an index, or "all" (the 10 frames)
 FrameChoice = str | int
 
+#: how many clips one training item may skip before the dataset is judged broken: a few bad
+#: clips are replaced, but a missing disk or a wrong path makes every clip fail, and replacing
+#: clip after clip would only hide that
+MAX_SKIPS_PER_ITEM = 8
+
+_T = TypeVar("_T")
+
+
+class _ClipFailed(Exception):
+    """Clip ``clip`` of a training item could not be loaded (``error`` says why); internal to
+    :class:`AVDataset`, which replaces the clip."""
+
+    def __init__(self, clip: int, error: BaseException) -> None:
+        super().__init__(clip, error)
+        self.clip, self.error = clip, error
+
+    @property
+    def reason(self) -> str:
+        text = str(self.error).splitlines()[0] if str(self.error) else ""
+        return text or type(self.error).__name__
+
 
 class AVDataset:
     """Audio-visual clips as model inputs (map-style dataset).
@@ -220,6 +243,13 @@ class AVDataset:
         frame_fallback: use the nearest lower frame when a reference-layout frame is missing, as
             the reference's training loader does (with a warning). Off by default: a missing
             frame is then a ``DatasetError`` naming the file.
+        skip_bad_clips: training items (:class:`ItemKey`) replace a clip (or mixup partner)
+            that fails to load by the next clip of the list that loads, and name the replaced
+            ones under ``"skipped"`` (``[(video_id, reason)]``); more than
+            :data:`MAX_SKIPS_PER_ITEM` in a row raise ``DatasetError``. The replacement is a
+            function of the key and of which clips fail, so it does not depend on workers or
+            resumption. Evaluation items (``int`` keys) always raise: a replaced clip would
+            silently change the metrics. Off by default.
     """
 
     def __init__(
@@ -233,6 +263,7 @@ class AVDataset:
         video: bool = True,
         preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
         frame_fallback: bool = False,
+        skip_bad_clips: bool = False,
     ) -> None:
         if not (audio or video):
             raise ValueError("AVDataset needs audio or video")
@@ -248,6 +279,7 @@ class AVDataset:
         self.video = video
         self.preprocess = preprocess
         self.frame_fallback = frame_fallback
+        self.skip_bad_clips = skip_bad_clips
         if labels is not None:
             for c in self.clips:  # fail early on unknown or missing labels
                 tokens = c.label_tokens()
@@ -283,46 +315,119 @@ class AVDataset:
         return [rgb[i] for i in which]
 
     # -- items -----------------------------------------------------------------------------
-    def _frame_indices(self, rng: np.random.Generator) -> list[int]:
-        n = self.preprocess.num_frames
-        if self.frame == "all":
-            return list(range(n))
-        if self.frame == "random":
-            return [int(rng.integers(n))]
+    def _frames_needed(self) -> list[int]:
+        """The frames an item may read: all of them for ``"random"`` and ``"all"``."""
+        if self.frame in ("random", "all"):
+            return list(range(self.preprocess.num_frames))
         if self.frame == "middle":
             return [self.preprocess.middle_frame]
         return [int(self.frame)]
+
+    def _frame_indices(self, rng: np.random.Generator) -> list[int]:
+        if self.frame == "random":
+            return [int(rng.integers(self.preprocess.num_frames))]
+        return self._frames_needed()
 
     def _images(self, index: int, rng: np.random.Generator) -> np.ndarray:
         which = self._frame_indices(rng)
         rgb = self.rgb_frames(index, which)
         return np.stack([preprocess_frame(x, self.preprocess) for x in rgb])
 
+    def missing_files(self) -> list[tuple[int, str]]:
+        """The files the clips name that do not exist, as ``(clip index, path)`` in clip order.
+
+        Only existence is checked (a stat per file, cheap next to decoding), and only of what
+        this dataset reads: the audio (``audio``); the video file, or the frames that ``frame``
+        may read (``video``). With ``frame_fallback`` a lower frame stands in for a missing one,
+        so a frame at or below the lowest needed one is enough.
+        """
+        needed = self._frames_needed()
+        missing: list[tuple[int, str]] = []
+        for i, clip in enumerate(self.clips):
+            if clip.video is not None:
+                if not Path(clip.video).is_file():
+                    missing.append((i, clip.video))
+                continue
+            if self.audio and clip.wav is not None and not Path(clip.wav).is_file():
+                missing.append((i, clip.wav))
+            if self.video and clip.frame_dir is not None:
+                if self.frame_fallback:
+                    low = min(needed)
+                    if not any(Path(clip.frame_path(j)).is_file() for j in range(low + 1)):
+                        missing.append((i, clip.frame_path(low)))
+                else:
+                    missing += [(i, p) for p in map(clip.frame_path, needed) if not Path(p).is_file()]
+        return missing
+
     def __getitem__(self, key: int | ItemKey) -> dict[str, Any]:
-        if isinstance(key, ItemKey):
-            index, rng, train = key.clip, key.rng(), True
-        else:
+        if not isinstance(key, ItemKey):
             index = int(key)
-            rng, train = np.random.default_rng([index]), False
+            return self._item(index, np.random.default_rng([index]), False, None)
+        if not self.skip_bad_clips:
+            return self._item(key.clip, key.rng(), True, None)
+        failed: dict[int, str] = {}  # clip index -> why it did not load, in the order found
+        while True:
+            try:
+                # a fresh generator each try: the replacement draws what the first try drew
+                out = self._item(key.clip, key.rng(), True, failed)
+            except _ClipFailed as f:
+                failed[f.clip] = f.reason
+                if len(failed) >= min(MAX_SKIPS_PER_ITEM, len(self.clips)):
+                    raise DatasetError(self._too_many_failed(failed)) from None
+                continue
+            if failed:
+                out["skipped"] = [(self.clips[i].video_id, why) for i, why in failed.items()]
+            return out
+
+    def _too_many_failed(self, failed: dict[int, str]) -> str:
+        first, why = next(iter(failed.items()))
+        return (
+            f"{len(failed)} clips in a row failed to load (first {self.clips[first].video_id}: "
+            f"{why}); check the dataset's files (a missing folder or disk?), then run again"
+        )
+
+    def _replacement(self, index: int, failed: dict[int, str] | None) -> int:
+        """``index``, or the next clip (cyclically) that has not failed to load."""
+        while failed and index in failed:  # fewer failed than clips: this ends
+            index = (index + 1) % len(self.clips)
+        return index
+
+    def _loaded(self, index: int, load: Callable[[int], _T], guarded: bool) -> _T:
+        """``load(index)``; when ``guarded`` a failure says which clip failed (``_ClipFailed``)."""
+        if not guarded:
+            return load(index)
+        try:
+            return load(index)
+        except (CavmaeError, OSError) as e:  # missing, corrupt or unreadable media
+            raise _ClipFailed(index, e) from e
+
+    def _item(
+        self, index: int, rng: np.random.Generator, train: bool, failed: dict[int, str] | None
+    ) -> dict[str, Any]:
+        """One item; with ``failed`` (a dict, even empty) the clips in it are replaced
+        (:meth:`_replacement`) and a clip that fails to load raises ``_ClipFailed``."""
         if not 0 <= index < len(self.clips):
             raise IndexError(f"index {index} out of range for {len(self.clips)} clips")
+        guarded = failed is not None
+        index = self._replacement(index, failed)
         aug = self.augment if train else AugmentConfig()
         cfg = self.preprocess
         out: dict[str, Any] = {"index": index}
 
         partner, lam = None, 1.0
         if aug.mixup > 0 and rng.random() < aug.mixup:
-            partner = int(rng.integers(len(self.clips)))
+            partner = self._replacement(int(rng.integers(len(self.clips))), failed)
             lam = mixup_lambda(rng, aug.mixup_alpha)
 
         if self.audio:
-            wav = self.waveform(index)
+            wav = self._loaded(index, self.waveform, guarded)
             if partner is not None:
-                wav = mix_waveforms(wav, self.waveform(partner), lam)
+                wav = mix_waveforms(wav, self._loaded(partner, self.waveform, guarded), lam)
             try:
                 x = prepare_audio(wav, cfg)  # mean-subtract, fbank, pad/cut, normalize
             except MediaError as e:
-                raise MediaError(f"clip {self.clips[index].video_id}: {e}") from None
+                error = MediaError(f"clip {self.clips[index].video_id}: {e}")
+                raise (_ClipFailed(index, error) if guarded else error) from None
             if aug.freqm or aug.timem:
                 fill = (0.0 - cfg.fbank_mean) / cfg.fbank_std
                 x = spec_augment(x, rng, aug.freqm, aug.timem, fill)
@@ -333,9 +438,9 @@ class AVDataset:
             out["audio"] = np.ascontiguousarray(x, dtype=np.float32)
 
         if self.video:
-            images = self._images(index, rng)
+            images = self._loaded(index, lambda i: self._images(i, rng), guarded)
             if partner is not None:
-                images = mix(images, self._images(partner, rng), lam)
+                images = mix(images, self._loaded(partner, lambda i: self._images(i, rng), guarded), lam)
             if self.frame == "all":
                 out["frames"] = images
             else:
@@ -353,16 +458,22 @@ class AVDataset:
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of :class:`AVDataset` items into a dict of torch tensors."""
+    """Stack a list of :class:`AVDataset` items into a dict of torch tensors; the items'
+    ``"skipped"`` lists (clips replaced in training) are joined into one list."""
     import torch
 
     out: dict[str, Any] = {}
     for k in items[0]:
+        if k == "skipped":
+            continue
         values = [it[k] for it in items]
         if k == "index":
             out[k] = torch.tensor(values, dtype=torch.long)
         else:
             out[k] = torch.from_numpy(np.stack(values))
+    skipped = [s for it in items for s in it.get("skipped", ())]
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 

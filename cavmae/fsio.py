@@ -283,6 +283,22 @@ def probe_writable(path: str | Path) -> None:
     probe.unlink()
 
 
+def probe_dir(path: str | Path) -> None:
+    """Raise ``OSError`` (naming the path) unless files can be created in the folder ``path``.
+    The folders made to find out are removed again, so checking an output before long work
+    leaves nothing behind when the work is then refused for another reason."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        probe_writable(path / "probe")
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not made after all, or no longer empty: not ours to remove
+                break
+
+
 def writable_dir(path: str | Path) -> bool:
     """True when ``path`` is (or can be made) a directory we can create files in.
 

@@ -294,3 +294,17 @@ def test_json_sha256_names_facts_whatever_their_order():
     assert a == fsio.json_sha256({"a": {"x": "p", "y": 1}, "b": [1, 2]})  # key order, str() of a Path
     assert a == hashlib.sha256(b'{"a": {"x": "p", "y": 1}, "b": [1, 2]}').hexdigest()  # cache keys stay put
     assert a != fsio.json_sha256({"a": {"x": "p", "y": 1}, "b": [2, 1]})
+
+
+def test_probe_dir_leaves_no_folder_it_made(tmp_path):
+    target = tmp_path / "a" / "b" / "run"
+    fsio.probe_dir(target)
+    assert list(tmp_path.iterdir()) == []  # the three folders it made are gone again
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "x.txt").write_text("x")
+    fsio.probe_dir(tmp_path / "kept")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["x.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        fsio.probe_dir(tmp_path / "file" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept"]

@@ -22,7 +22,15 @@ into ``config.output_dir`` (the *run directory*):
   written lets the save finish, then stops (a second Ctrl-C abandons it; the previous file stays). A run stopped by ``max_steps`` continues with a larger ``max_steps`` (or
   none); a finished run given a larger ``epochs`` trains on to it and ends with the weights of
   a run started with that ``epochs`` (the lr schedule does not depend on the epoch count);
-- ``result.json``: a summary at the end.
+- ``result.json``: a summary at the end;
+- ``skipped.txt``: the training clips that failed to load mid-run (corrupt or unreadable), one
+  ``video_id: reason`` a line; each was replaced by the next clip of the list that loads, with a
+  warning. Files that do not exist are refused before the run starts (and before its directory
+  is made); a run stopped by an error while loading data or validating saves ``state.pt``
+  first, so running it again after the fix continues where it stopped.
+
+A fine-tuning run resumes only with the label set it started with (the label CSV may move; its
+classes and their order may not change).
 
 Reproducibility: every random choice is a pure function of ``seed`` and a position. The epoch's
 sample order is drawn from ``(seed, epoch)``; a sample's augmentation from ``(seed, epoch,

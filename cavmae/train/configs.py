@@ -143,7 +143,9 @@ class TrainConfig:
             if path.suffix.lower() in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(text) or {}
+                data = yaml.safe_load(text)
+                if data is None:  # an empty file (or comments only): an empty config
+                    data = {}
             else:
                 data = json.loads(text)
         except Exception as e:

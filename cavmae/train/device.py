@@ -7,12 +7,13 @@ import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from cavmae import fsio
 
 from .configs import TrainConfig, TrainConfigError
 from .state import claim_run_dir
@@ -112,7 +113,9 @@ def seed_everything(seed: int) -> None:
 
 def prepare_run(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | None]:
     """Validate ``cfg``, join the process group, pick device and precision, check (and with
-    ``overwrite`` clear) the run dir, make it."""
+    ``overwrite`` clear) the run dir, and that it can be written. The run dir is made when
+    the run starts (:func:`~cavmae.train.state.start_or_resume`), so that a run refused before
+    (a bad dataset, a missing checkpoint) leaves no empty folder behind."""
     cfg.validate()
     d = init_distributed(cfg.device)
     device = pick_device(cfg.device, d)
@@ -125,8 +128,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[Dist, torch.device, torch.dtype | Non
             f"{d.world_size} x {cfg.accum_steps}"
         )
     claim_run_dir(cfg, d.main)  # every process, before the barrier: nothing is written yet
-    if d.main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if d.main:  # an unwritable run dir fails now, not after the model and data are loaded
+        fsio.probe_dir(cfg.output_dir)
     barrier(d)
     seed_everything(cfg.seed)
     return d, device, amp

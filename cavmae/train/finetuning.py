@@ -16,7 +16,7 @@ from cavmae.model import CAVMAEFT
 from cavmae.modes import finetune_needs
 
 from .configs import FinetuneConfig, TrainConfigError
-from .data import RunData, load_data, preprocess_for
+from .data import RunData, check_files, load_data, preprocess_for
 from .device import Dist, barrier, prepare_run
 from .evaluation import classification_metrics, evaluate_finetune, predict_clips
 from .loop import Callback, Job, TrainResult, run, write_result
@@ -72,6 +72,9 @@ def finetune(
     model.to(device).train()
     audio, video = finetune_needs(cfg.mode)
     data = load_data(cfg, labels, preprocess_for(model.config), audio, video)
+    final_val = _final_val_set(cfg, data)
+    if final_val is not None:  # the end's evaluation may read frames the epochs' does not
+        check_files(final_val, str(cfg.val_data))
     eval_bs = cfg.eval_batch_size or cfg.batch_size // (d.world_size * cfg.accum_steps)
     wa_end = min(cfg.wa_end or cfg.epochs, cfg.epochs)
 
@@ -101,8 +104,8 @@ def finetune(
     chosen = _load_final_weights(model, cfg, result, d, wa_end, labels)
     model.to(device).eval()
     result.final_metrics = {"model": chosen}
-    if data.val is not None:
-        result.final_metrics.update(_final_evaluation(model, cfg, data, device, amp, d, eval_bs))
+    if final_val is not None:
+        result.final_metrics.update(_final_evaluation(model, cfg, final_val, device, amp, d, eval_bs))
     if d.main:
         MetricsLog(result.run_dir / METRICS_FILE, True).write({"event": "final", **result.final_metrics})
         write_result(result)
@@ -143,18 +146,25 @@ def _load_final_weights(
     return "final"
 
 
-def _final_evaluation(
-    model: CAVMAEFT, cfg: FinetuneConfig, data: RunData, device: torch.device,
-    amp: torch.dtype | None, d: Dist, eval_bs: int,
-) -> dict[str, Any]:
-    """Metrics of the validation set, over all frames of each clip with ``frame_aggregation``."""
-    assert data.val is not None
+def _final_val_set(cfg: FinetuneConfig, data: RunData) -> AVDataset | None:
+    """The validation set of the final evaluation: all frames of each clip with
+    ``frame_aggregation``, else the middle one; no frame fallback (evaluation never has one)."""
+    if data.val is None:
+        return None
     audio, video = finetune_needs(cfg.mode)
     frames = "all" if cfg.frame_aggregation and video else "middle"
-    val = AVDataset(
+    return AVDataset(
         data.val.clips, data.labels, frame=frames, audio=audio, video=video,
         preprocess=data.val.preprocess,
     )
+
+
+def _final_evaluation(
+    model: CAVMAEFT, cfg: FinetuneConfig, val: AVDataset, device: torch.device,
+    amp: torch.dtype | None, d: Dist, eval_bs: int,
+) -> dict[str, Any]:
+    """Metrics of the final validation set (:func:`_final_val_set`)."""
+    frames = val.frame
     scores, targets = predict_clips(
         model, val, mode=cfg.mode, batch_size=max(1, eval_bs // 2 if frames == "all" else eval_bs),
         device=device, activation="sigmoid" if cfg.loss == "BCE" else "softmax",

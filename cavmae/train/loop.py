@@ -24,17 +24,18 @@ from torch import nn
 from cavmae.checkpoint import save_checkpoint
 from cavmae.checkpoint_keys import TrainedHead
 from cavmae.data import StepBatchSampler, epoch_order
-from cavmae.errors import CavmaeError
+from cavmae.errors import CavmaeError, DatasetError, skipped_message
 
 from .configs import TrainConfig, TrainConfigError
-from .data import RunData, loader, to_device
-from .device import Dist, autocast, barrier
+from .data import ERROR_KEY, RunData, to_device, training_loader
+from .device import Dist, autocast, barrier, gather
 from .optim import Optimization
 from .state import (
     BEST_FILE,
     FINAL_FILE,
     METRICS_FILE,
     RESULT_FILE,
+    SKIPPED_FILE,
     MetricsLog,
     RunState,
     epoch_file,
@@ -140,7 +141,14 @@ class _Loop:
         self.run_dir = Path(self.cfg.output_dir)
         self.mlog = MetricsLog(self.run_dir / METRICS_FILE, d.main)
         self.opt = Optimization.create(job.param_groups, self.cfg, amp)
-        self.rs: RunState = start_or_resume(self.cfg, job.model, self.opt, self.mlog, d.main)
+        n = len(job.data.train)  # an epoch draws as many samples as there are clips
+        if n < self.cfg.batch_size:  # refused before the run directory is made
+            raise TrainConfigError(
+                f"the training set has {n} samples per epoch, fewer than one batch of "
+                f"{self.cfg.batch_size}; lower batch_size"
+            )
+        self.rs: RunState = start_or_resume(self.cfg, job.model, self.opt, self.mlog, d.main,
+                                            head=job.head)
         self.module = job.step_module  # what the forward calls: the step module or its DDP
         if d.active:
             self.module = nn.parallel.DistributedDataParallel(
@@ -150,9 +158,53 @@ class _Loop:
             )
 
     def save(self) -> None:
+        """Save ``state.pt`` (rank 0) with the clips every process skipped. Every process calls
+        this at the same points of the run (the gather is collective)."""
+        if self.d.active:
+            parts = gather(self.rs.skipped, self.d)
+            self.rs.skipped = {vid: why for part in parts for vid, why in part.items()}
+        self._write_state()
+
+    def _write_state(self) -> None:
         if self.d.main:
             save_state(self.cfg, self.job.model, self.opt, self.rs, self.d.world_size, self.mlog,
                        head=self.job.head)
+
+    @contextmanager
+    def saved_on_failure(self) -> Iterator[None]:
+        """Save the state when the block (loading a batch, validating) fails, then let the
+        error go on, saying so. The model and the optimizer are then still those after the
+        last whole step (a step's update itself is never inside such a block), so the run
+        continues from there, bitwise, once the cause is fixed; without this, a bad file found
+        mid-epoch would lose everything since the last save. Rank 0 saves alone: no
+        collective, as the other processes may be stuck waiting for it."""
+        try:
+            yield
+        except Exception as e:
+            if not self.d.main:
+                raise
+            self._write_state()
+            rs = self.rs
+            note = (f"the run is saved at epoch {rs.epoch}, step {rs.global_step} in {self.run_dir}: "
+                    "run the same command again to continue from there once the cause is fixed")
+            if isinstance(e, CavmaeError):
+                e.args = (f"{e}; {note}",)  # the CLI prints it as one line
+            else:
+                log.warning("%s", note)
+            raise
+
+    def next_batch(self, it: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next micro-batch, on the device; the clips replaced in it are recorded."""
+        with self.saved_on_failure():
+            batch = next(it)
+            if ERROR_KEY in batch:  # clip after clip failed: the dataset is broken
+                raise DatasetError(batch[ERROR_KEY])
+        for video_id, reason in batch.pop("skipped", ()):
+            if video_id not in self.rs.skipped:  # once per clip, though drawn every epoch
+                log.warning("%s; another clip of the training set took its place (listed in %s)",
+                            skipped_message(f"clip {video_id}", reason), self.run_dir / SKIPPED_FILE)
+                self.rs.skipped[video_id] = reason
+        return to_device(batch, self.device)
 
     def record_epoch(self, rec: dict[str, Any]) -> None:
         self.rs.history.append(rec)
@@ -165,19 +217,15 @@ class _Loop:
         cfg, rs, d = self.cfg, self.rs, self.d
         data = self.job.data
         order = epoch_order(len(data.train), cfg.seed, rs.epoch, weights=data.weights)
+        # __init__ made sure the epoch holds at least one step
         sampler = StepBatchSampler(
             order, cfg.batch_size, seed=cfg.seed, epoch=rs.epoch, world_size=d.world_size,
             rank=d.rank, accum_steps=cfg.accum_steps, start_step=rs.step_in_epoch,
         )
-        if sampler.steps == 0:
-            raise TrainConfigError(
-                f"the training set has {len(order)} samples per epoch, fewer than one batch of "
-                f"{cfg.batch_size}; lower batch_size"
-            )
         if rs.step_in_epoch == 0:
             rs.meters = {}
         self.job.model.train()
-        it = iter(loader(data.train, sampler, cfg.num_workers, self.device))
+        it = iter(training_loader(data.train, sampler, cfg.num_workers, self.device))
         desc = f"{cfg.kind} epoch {rs.epoch}/{cfg.epochs}"
         with _progress(sampler.steps, rs.step_in_epoch, desc, cfg.progress and d.main) as bar:
             while rs.step_in_epoch < sampler.steps:
@@ -207,7 +255,7 @@ class _Loop:
         totals = torch.zeros(len(job.terms), dtype=torch.float64)
         indices: list[int] = []
         for a in range(cfg.accum_steps):
-            batch = to_device(next(it), self.device)
+            batch = self.next_batch(it)
             indices += batch["index"].tolist()
             micro = a * d.world_size + d.rank  # the micro-batch's place among all processes'
             sync = a == cfg.accum_steps - 1 or not d.active  # DDP averages on the last one only
@@ -240,7 +288,8 @@ class _Loop:
         }
         due = rs.epoch % max(cfg.eval_every, 1) == 0 or rs.epoch == cfg.epochs
         if job.evaluate is not None and due:
-            metrics = job.evaluate()
+            with self.saved_on_failure():  # the epoch's training is kept: resuming validates it
+                metrics = job.evaluate()
             rec.update({f"val_{k}": v for k, v in metrics.items()})
             improved, value = job.better(metrics, rs.best["value"])
             if improved:

@@ -2,7 +2,9 @@
 
 ``state.pt`` holds the model, the optimizer, the loss scaler, the position (epoch, step in the
 epoch, global step), the epoch's running sums, the best metric, the history, the metrics-log
-offset and the global RNG states: everything a resumed run needs to continue bitwise.
+offset, the clips skipped so far and the global RNG states: everything a resumed run needs to
+continue bitwise. Its metadata names the classes of a fine-tuning run: a run resumes only with
+the same label set (the label CSV may move, its classes may not change).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from cavmae import fsio
 from cavmae.checkpoint import checkpoint_meta
 from cavmae.checkpoint_keys import META_KEY, TrainedHead
+from cavmae.labels import LabelSet
 
 from .configs import TrainConfig, TrainConfigError
 from .optim import Optimization
@@ -39,9 +42,11 @@ RESULT_FILE = "result.json"
 BEST_FILE = "best.pth"
 FINAL_FILE = "final.pth"
 AVERAGED_FILE = "wa.pth"
+#: the training clips that failed to load and were replaced, one ``video_id: reason`` a line
+SKIPPED_FILE = "skipped.txt"
 #: what a run writes into its directory: starting afresh must not mix with, or overwrite, these
 _RUN_FILES = frozenset({STATE_FILE, METRICS_FILE, CONFIG_FILE, RESULT_FILE, BEST_FILE, FINAL_FILE,
-                        AVERAGED_FILE})
+                        AVERAGED_FILE, SKIPPED_FILE})
 _EPOCH_FILE = re.compile(r"^model\.\d+\.pth$")
 
 
@@ -49,7 +54,8 @@ def epoch_file(epoch: int) -> str:
     """The name of the weights after ``epoch``."""
     return f"model.{epoch}.pth"
 
-# Fields that may change when a run is resumed (they do not change the trajectory).
+# Fields that may change when a run is resumed (they do not change the trajectory). Of the
+# data files only the paths may change: the label set's content is compared (_check_labels).
 _RESUMABLE_CHANGES = frozenset(
     {
         "output_dir", "epochs", "max_steps", "resume", "progress", "num_workers", "log_every",
@@ -143,6 +149,7 @@ class RunState:
     best: dict[str, Any] = field(default_factory=lambda: {"value": None, "epoch": 0})
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # video_id -> why it did not load
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig, saved_json: str) -> None:
@@ -174,8 +181,8 @@ def _check_epochs(run_dir: Path, cfg: TrainConfig, tr: dict[str, Any]) -> None:
 
 def run_files(run_dir: Path) -> list[Path]:
     """The files of a run (``state.pt``, ``config.json``, ``metrics.jsonl``, ``result.json``,
-    ``model.N.pth``, ``best/final/wa.pth``) in ``run_dir``, sorted; other files are not the
-    run's and are left alone."""
+    ``skipped.txt``, ``model.N.pth``, ``best/final/wa.pth``) in ``run_dir``, sorted; other
+    files are not the run's and are left alone."""
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir()
@@ -184,8 +191,9 @@ def run_files(run_dir: Path) -> list[Path]:
 
 def _finished_any_epoch(found: list[Path]) -> bool:
     """Whether the run files ``found`` hold any result: a checkpoint or result file, or an epoch
-    recorded in ``metrics.jsonl`` (a run stopped in its first epoch has only step records)."""
-    if any(p.name not in (CONFIG_FILE, METRICS_FILE) for p in found):
+    recorded in ``metrics.jsonl`` (a run stopped in its first epoch has only step records;
+    ``skipped.txt`` lists inputs, no result)."""
+    if any(p.name not in (CONFIG_FILE, METRICS_FILE, SKIPPED_FILE) for p in found):
         return True
     metrics = next((p for p in found if p.name == METRICS_FILE), None)
     if metrics is None:
@@ -227,17 +235,21 @@ def claim_run_dir(cfg: TrainConfig, main: bool) -> None:
 
 
 def start_or_resume(
-    cfg: TrainConfig, model: nn.Module, opt: Optimization, mlog: MetricsLog, main: bool
+    cfg: TrainConfig, model: nn.Module, opt: Optimization, mlog: MetricsLog, main: bool,
+    *, head: TrainedHead | None = None,
 ) -> RunState:
     """Continue the run in ``cfg.output_dir`` from its ``state.pt``, or start it afresh there.
 
-    Resuming loads model, optimizer, scaler and RNG states in place and cuts ``metrics.jsonl``
-    back to what it held at the save; a fresh start writes ``config.json`` (rank 0).
+    Resuming checks that the run is the same (kind, config, epochs, ``head``'s label set, the
+    model's weights) and loads model, optimizer, scaler and RNG states in place and cuts
+    ``metrics.jsonl`` back to what it held at the save; a fresh start makes the run directory
+    and writes ``config.json`` (rank 0): nothing is created before the run is sure to start.
     """
     run_dir = Path(cfg.output_dir)
     state_path = run_dir / STATE_FILE
     if not state_path.exists():
         if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
             write_json({"kind": cfg.kind, **cfg.to_dict()}, run_dir / CONFIG_FILE)
             mlog.truncate(0)
         return RunState()
@@ -247,27 +259,18 @@ def start_or_resume(
             "(--resume) to continue it, choose another output_dir, or pass overwrite=True "
             "(--overwrite) to delete that run's files and start afresh"
         )
-    try:
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        tr = st["training"]
-    except Exception as e:  # truncated, overwritten, or not a training state at all
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TrainConfigError(
-            f"{state_path} is damaged and cannot be resumed from ({first[:120]}); choose another "
-            "output_dir, or pass overwrite=True (--overwrite) to delete this run's files and "
-            "start it over"
-        ) from None
+    st = _read_state(state_path)
+    tr = st["training"]
     if tr["kind"] != cfg.kind:
         raise TrainConfigError(f"{run_dir} holds a {tr['kind']} run, not a {cfg.kind} run")
     _check_resume_config(run_dir, cfg, tr["config"])
     _check_epochs(run_dir, cfg, tr)
-    model.load_state_dict(st["state_dict"])
-    opt.optimizer.load_state_dict(tr["optimizer"])
-    if tr["scaler"]:
-        opt.scaler.load_state_dict(tr["scaler"])
+    _check_labels(run_dir, st.get(META_KEY), head)
+    _load_weights(state_path, model, opt, st)
     rs = RunState(
         tr["epoch"], tr["step_in_epoch"], tr["global_step"],
         dict(tr["meters"]), dict(tr["best"]), list(tr["history"]),
+        skipped=dict(tr.get("skipped", {})),  # absent from states saved before it was kept
     )
     # A finished run asked for more epochs continues: the schedule is a function of (epoch,
     # step) that does not depend on the epoch count, so epochs N+1.. are exactly those of
@@ -281,11 +284,82 @@ def start_or_resume(
     return rs
 
 
+def _read_state(state_path: Path) -> dict[str, Any]:
+    """``state.pt`` as saved; one that cannot be read is one line saying what to do."""
+    damaged = (f"{state_path} is damaged and cannot be resumed from ({{}}); choose another "
+               "output_dir, or pass overwrite=True (--overwrite) to delete this run's files and "
+               "start it over")
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, overwritten, or not a torch file at all
+        # torch's own words help nobody here (a bare number for a text file, advice to
+        # unpickle untrusted code for another pickle): say what the file is
+        raise TrainConfigError(damaged.format(
+            "it is empty" if state_path.stat().st_size == 0
+            else "not a whole training state: cut short, overwritten, or not written by cavmae"
+        )) from None
+    if not isinstance(st, dict) or not isinstance(st.get("training"), dict) or "state_dict" not in st:
+        raise TrainConfigError(damaged.format("a PyTorch file, but not a cavmae training state"))
+    return st
+
+
+def _check_labels(run_dir: Path, meta: Any, head: TrainedHead | None) -> None:
+    """Refuse to resume a fine-tuning run with another label set than it started with: its
+    epochs so far trained the classes of the first, in its order, and the checkpoints would
+    carry the names of the second. The content is compared, not the label CSV's path."""
+    now = head.labels if head is not None else None
+    before = LabelSet.from_meta(meta.get("labels")) if isinstance(meta, dict) else None
+    if now is None or before is None or now == before:
+        return  # (a state saved without class names: the weights' shapes are still checked)
+    if len(now) != len(before):
+        change = f"{len(before)} classes, now {len(now)}"
+    elif sorted(zip(now.ids, now.names, strict=True)) == sorted(zip(before.ids, before.names, strict=True)):
+        change = f"the same {len(now)} classes in another order"
+    else:
+        i = next(i for i in range(len(now)) if (now.ids[i], now.names[i]) != (before.ids[i], before.names[i]))
+        change = (f"class {i} was {before.ids[i]} ({before.names[i]}), now {now.ids[i]} "
+                  f"({now.names[i]})")
+    raise TrainConfigError(
+        f"{run_dir} holds a run started with other labels ({change}); resume it with the label "
+        "CSV it started with, or train these labels into a new output folder (-o / output_dir)"
+    )
+
+
+def _load_weights(state_path: Path, model: nn.Module, opt: Optimization, st: dict[str, Any]) -> None:
+    """Load the saved model, optimizer and scaler in place; weights of another model (another
+    size, another head) are one line, not a deep PyTorch error."""
+    mine, saved = model.state_dict(), st["state_dict"]
+    odd = [f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here" for k, v in mine.items()
+           if k in saved and getattr(saved[k], "shape", None) != v.shape]
+    odd += [f"{k} is missing there" for k in mine if k not in saved]
+    odd += [f"{k} is not in this model" for k in saved if k not in mine]
+    tr = st["training"]
+    try:
+        if not odd:
+            model.load_state_dict(saved)
+            opt.optimizer.load_state_dict(tr["optimizer"])
+            if tr["scaler"]:
+                opt.scaler.load_state_dict(tr["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        odd.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if odd:
+        more = f" and {len(odd) - 2} more" if len(odd) > 2 else ""
+        raise TrainConfigError(
+            f"{state_path} holds another model than this run builds ({'; '.join(odd[:2])}{more});"
+            " resume it with the settings it started with, or use a new output folder "
+            "(-o / output_dir)"
+        )
+
+
 def save_state(
     cfg: TrainConfig, model: nn.Module, opt: Optimization, rs: RunState, world_size: int,
     mlog: MetricsLog, *, head: TrainedHead | None = None,
 ) -> None:
-    """Write ``state.pt`` atomically (rank 0 calls it)."""
+    """Write ``state.pt`` atomically (rank 0 calls it), and ``skipped.txt`` when clips were
+    skipped (it lists what the state holds, so the two always agree)."""
+    run_dir = Path(cfg.output_dir)
+    if rs.skipped:
+        fsio.write_text(run_dir / SKIPPED_FILE, "".join(f"{vid}: {why}\n" for vid, why in rs.skipped.items()))
     state = {
         META_KEY: checkpoint_meta(model, head),  # type: ignore[arg-type]
         "state_dict": model.state_dict(),
@@ -295,14 +369,14 @@ def save_state(
             "world_size": world_size, "optimizer": opt.optimizer.state_dict(),
             "scaler": opt.scaler.state_dict(), "scheduler": opt.scheduler.state_dict(),
             "meters": rs.meters, "best": rs.best, "history": rs.history, "finished": rs.finished,
-            "log_offset": mlog.offset(), "rng": _rng_state(),
+            "log_offset": mlog.offset(), "rng": _rng_state(), "skipped": rs.skipped,
         },
     }
     # To a path, not a file object: torch's writer turns an exception raised inside a
     # file object's write (Ctrl-C) into a RuntimeError ("unexpected pos") that hides it.
     with _sigint_held() as interrupted:
         try:
-            with fsio.atomic_path(Path(cfg.output_dir) / STATE_FILE) as tmp:
+            with fsio.atomic_path(run_dir / STATE_FILE) as tmp:
                 torch.save(state, tmp)
         except BaseException as e:  # the save was abandoned; the previous state.pt is intact
             if interrupted() and not isinstance(e, KeyboardInterrupt):
