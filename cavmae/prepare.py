@@ -12,6 +12,10 @@ and at the end ``{out}/{json_name}`` (``{"data": [{"video_id", "wav", "video_pat
 that could not be used and why (and, given a label CSV, ``{json stem}_weight.csv`` with
 class-balanced sampling weights).
 
+A video given more than once (``a.mp4 ./a.mp4``, a folder and a file in it, a list naming it
+twice) is one clip, identified by its resolved path as re-runs identify it; the repeats are
+dropped with a warning.
+
 Every output file is written to a temporary name and renamed, and the WAV last, so a clip
 whose files all exist is complete. Bad files (corrupt, no audio or no video stream) are reported
 and skipped; they never stop the job. Work runs in a process pool.
@@ -95,7 +99,8 @@ class PrepareReport:
     ``extracted`` / ``skipped``: how many of this run's clips were written now / found complete
     from an earlier run; ``kept``: entries of the earlier dataset JSON this run did not touch;
     ``failed``: ``(video, reason)``; ``renamed``: ``(video, id)`` of videos that got a new id
-    because theirs belongs to another video in this folder.
+    because theirs belongs to another video in this folder; ``duplicates``: inputs dropped as
+    repeats of a video given earlier in the run (see :func:`_drop_repeats`).
     """
 
     output_dir: Path
@@ -106,6 +111,7 @@ class PrepareReport:
     kept: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     renamed: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: int = 0
     weight_csv: Path | None = None
 
 
@@ -217,6 +223,48 @@ def _gather(
             raise DatasetError(f"video_id {clip.video_id!r} ({place}) must be a plain name, without"
                                " a folder part or '..'")
     return clips, places
+
+
+def _drop_repeats(
+    clips: Sequence[ClipRecord], places: Sequence[str], keys: Sequence[str]
+) -> tuple[list[ClipRecord], list[str], list[str], int]:
+    """One clip per video: ``clips``, ``places`` and ``keys`` (resolved paths, the identity
+    :func:`~cavmae.filetypes.input_key` gives) without the repeats of a video given earlier in
+    the run, and how many were dropped.
+
+    A video given twice (``a.mp4 ./a.mp4``, a folder and a file in it, a list naming it twice)
+    is one clip: two entries would weigh it twice in training, and a later run naming it once
+    would collapse them (see :func:`~cavmae.prepare_sources.merge_entries`), so the list would
+    depend on how often a run happened to name the video. The first keeps its place and id; a repeat without labels adds
+    nothing, one with labels lends them to a first without (as a re-run keeps an earlier
+    entry's labels), and labels that contradict the first's refuse the run: which is meant
+    cannot be guessed.
+    """
+    first: dict[str, int] = {}  # resolved path -> its clip's index in ``out``
+    out: list[ClipRecord] = []
+    out_places: list[str] = []
+    example = ""
+    for clip, place, key in zip(clips, places, keys, strict=True):
+        at = first.get(key)
+        if at is None:
+            first[key] = len(out)
+            out.append(clip)
+            out_places.append(place)
+            continue
+        if not example:
+            example = (f"{place} given more than once" if place == out_places[at]
+                       else f"{place}, the same file as {out_places[at]}")
+        given, kept = set(clip.label_tokens()), set(out[at].label_tokens())
+        if given and not kept:
+            out[at] = replace(out[at], labels=clip.labels)
+        elif given and given != kept:
+            raise DatasetError(f"{out_places[at]} and {place} are one video with different labels;"
+                               " give it once")
+    dropped = len(clips) - len(out)
+    if dropped:
+        log.warning("%d input(s) dropped as repeats of a video given earlier in this run (%s%s):"
+                    " each video is one clip", dropped, "e.g. " if dropped > 1 else "", example)
+    return out, out_places, list(first), dropped
 
 
 def _check_labels(clips: Sequence[ClipRecord], places: Sequence[str], labels: LabelSet) -> None:
@@ -414,6 +462,7 @@ def _prepare(
     collected, places = _gather(videos, list_file)
     # identity is the resolved path; messages and workers keep the path as given
     keys = [input_key(c.video or "") for c in collected]
+    collected, places, keys, report.duplicates = _drop_repeats(collected, places, keys)
     sources = Sources(out / SOURCES_NAME)
     if not sources.existed and (out / "audio").is_dir() and any((out / "audio").iterdir()):
         log.warning("%s holds clips but no record of which videos they came from (an older cavmae"

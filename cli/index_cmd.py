@@ -66,7 +66,7 @@ def build_ann(index_dir: str, kind: str, nlist: int | None, nprobe: int | None, 
 @click.option("--dry-run", is_flag=True, help="Count what would be dropped; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was found and done as JSON on stdout.")
 def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> None:
-    """Drop the rows of INDEX whose files were deleted or changed.
+    """Drop the rows of INDEX whose files were deleted or changed, and damaged rows.
 
     The rows kept are copied into a new index that replaces INDEX in one rename (rows are
     renumbered), so a search sees the old index or the new one, and an interrupted prune leaves
@@ -90,6 +90,8 @@ def prune(index_dir: str, keep_changed: bool, dry_run: bool, as_json: bool) -> N
     if dropped > len(result.examples):
         click.echo(f"  ... and {dropped - len(result.examples)} more", err=True)
     why = f"{result.dropped['missing']} deleted, {result.dropped['changed']} changed"
+    if result.dropped.get("damaged"):
+        why += f", {result.dropped['damaged']} damaged"
     if not dropped:
         state = "no file deleted" if keep_changed else "every file there and unchanged"
         click.echo(f"{index_dir}: nothing to drop ({result.kept} rows, {state})")

@@ -11,6 +11,7 @@ with exit code 2 as click gives them.
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import logging
 import os
@@ -133,7 +134,11 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            # output still buffered fails here, in one line, rather than at exit, where the
+            # interpreter (or _end_now) could only drop it
+            sys.stdout.flush()
+            return result
         except click.UsageError as e:  # a command's options, arguments, or an unknown command
             raise one_line_usage_error(e) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -152,6 +157,7 @@ class LazyGroup(click.Group):
             message = _resource_error(e)
             if debug or message is None:
                 raise
+            _drop_unwritable_output()
             click.echo(f"Error: {message}", err=True)
             ctx.exit(2)
         except Exception as e:  # a bug: keep it to one line unless asked
@@ -165,14 +171,42 @@ class LazyGroup(click.Group):
             ctx.exit(1)
 
 
+#: errors of a write that is refused for want of room. Writing stdout (redirected to a full disk
+#: or /dev/full) raises one that names no file, and so does writing a file object the library
+#: opened: either way the command's output could not be written, which the user can act on.
+#: A closed pipe (EPIPE) is not among them: click ends the command quietly, as a reader that
+#: stopped early (``cavmae models | head -1``) expects.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _resource_error(e: BaseException) -> str | None:
-    """One line for a file-system error on a path, or running out of memory; None for others."""
+    """One line for a file-system error on a path, a write refused for want of room (stdout
+    included), or running out of memory; None for others."""
     if isinstance(e, MemoryError):
         detail = str(e).splitlines()[0] if str(e) else "memory is exhausted"
         return f"out of memory ({detail}); use smaller batches or fewer workers"
     if isinstance(e, OSError) and e.filename is not None:
         return f"cannot use {e.filename}: {e.strerror or e}"
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return f"cannot write output: {e.strerror or e}"
     return None
+
+
+def _drop_unwritable_output() -> None:
+    """After a write was refused: when stdout still holds output it cannot write, point it at
+    the null device, so that the interpreter's flush at exit does not fail once more (a second
+    report, exit code 120) after the one-line error. Output stdout can write is flushed."""
+    try:
+        sys.stdout.flush()
+    except ValueError:  # closed: nothing left to flush
+        pass
+    except OSError:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):  # a stream without a file descriptor (a test's capture)
+            pass
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -83,6 +83,7 @@ def prepare(
             "kept": report.kept,
             "failed": [{"video": v, "reason": r} for v, r in report.failed],
             "renamed": [{"video": v, "video_id": i} for v, i in report.renamed],
+            "duplicates": report.duplicates,
             "failed_list": str(failed_txt) if report.failed else None,
             "weight_csv": str(report.weight_csv) if report.weight_csv is not None else None,
         })

@@ -66,7 +66,7 @@ Modules, one job each: :mod:`.layout` (file names, ``index.json``, parts), :mod:
 (the lock), :mod:`.identity` (which model made the embeddings), :mod:`.items` (rows and paths
 by offsets and hashes), :mod:`.reader`, :mod:`.writer`, :mod:`.merge`, :mod:`.embed` (decode,
 embed, append), :mod:`.ann` (the approximate index, faiss), :mod:`.prune` (a copy without the
-rows of deleted or changed files, published over the index in one rename).
+rows of deleted or changed files and of damaged rows, published over the index in one rename).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def _valid_rows(index: EmbeddingIndex, modality: str) -> np.ndarray:
 def _blocks(index: EmbeddingIndex, modality: str, rows: np.ndarray) -> Any:
     """``rows``' embeddings in blocks of :data:`_BLOCK` rows (memory-mapped reads)."""
     for at in range(0, len(rows), _BLOCK):
-        yield np.ascontiguousarray(index.vectors(modality, rows[at : at + _BLOCK]))
+        yield np.ascontiguousarray(index.checked_vectors(modality, rows[at : at + _BLOCK]))
 
 
 def _new_faiss_index(faiss: ModuleType, dim: int, p: AnnParams) -> Any:
@@ -135,7 +135,7 @@ def _build_one(
     want = len(rows) if p.kind == "hnsw" else min(len(rows), 40 * int(p.nlist or 1))
     want = min(want, 262144)  # enough for the 8-bit ranges and the cells, bounded memory
     sample = np.sort(rng.choice(rows, size=want, replace=False)) if want < len(rows) else rows
-    out.train(np.ascontiguousarray(index.vectors(modality, sample)))
+    out.train(np.ascontiguousarray(index.checked_vectors(modality, sample)))
     for block in _blocks(index, modality, rows):
         out.add(block)
     faiss.write_index(out, str(work / entry["file"]))
@@ -275,5 +275,5 @@ class ApproximateIndex:
         rows = self.candidates(query, target, n, nprobe=nprobe, ef_search=ef_search)
         if len(rows) == 0:
             return []
-        scores = self.index.vectors(target, rows) @ self.index.unit_query(query)
+        scores = self.index.checked_vectors(target, rows) @ self.index.unit_query(query)
         return self.index.ranked(rows, scores, k)

@@ -1,4 +1,4 @@
-"""Dropping the rows of files that are gone (or changed) from an index.
+"""Dropping the rows of files that are gone (or changed) from an index, and damaged rows.
 
 Rows are never removed in place: a row keeps its number for the life of an index, and the
 approximate index refers to rows by number. :func:`prune_index` instead copies the rows it
@@ -7,6 +7,11 @@ renumbered, a new ``uid``) and publishes it over the old directory in one rename
 (:func:`cavmae.fsio.publish_dir`): a reader sees the old index or the new one, and an interrupted
 prune leaves the old one as it was. The approximate index (``ann/``) is not carried over, since
 its row numbers no longer hold; ``cavmae index build-ann`` makes it again.
+
+A row whose embedding is not finite is damage on disk (the writer never writes one, and
+searches refuse it, see :meth:`EmbeddingIndex.damage`): a prune drops it whatever its file's
+state, so that a later ``cavmae embed`` embeds the file again. Finding such rows reads every
+embedding once more (the copy reads them anyway), a block at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cavmae import fsio
 from cavmae.filetypes import is_remote
 from cavmae.progress import progress_bar
 
 from .embed import file_stamp
-from .layout import EmbeddingIndexError, find_shards, is_index
+from .layout import MODALITIES, EmbeddingIndexError, find_shards, is_index
 from .merge import copy_items
 from .reader import EmbeddingIndex
 from .storage import locked
@@ -32,7 +39,7 @@ from .writer import IndexWriter
 log = logging.getLogger(__name__)
 
 #: why a row is dropped
-MISSING, CHANGED = "missing", "changed"
+MISSING, CHANGED, DAMAGED = "missing", "changed", "damaged"
 
 
 @dataclass
@@ -50,6 +57,7 @@ class PruneResult:
         return {
             "kept": self.kept, "dropped": sum(self.dropped.values()),
             "missing": self.dropped[MISSING], "changed": self.dropped[CHANGED],
+            "damaged": self.dropped[DAMAGED],
             "examples": [{"path": p, "reason": r} for p, r in self.examples],
             "rewritten": self.rewritten, "ann_removed": self.ann_removed,
         }
@@ -71,11 +79,22 @@ def stale_reason(item: dict[str, Any], *, changed: bool) -> str | None:
     return None
 
 
-def _judge(items: list[dict[str, Any]], changed: bool, result: PruneResult, shown: int) -> list[dict[str, Any]]:
-    """The ``items`` to keep; the others are counted into ``result``."""
+def _damaged(idx: EmbeddingIndex, items: list[dict[str, Any]], flags: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """bool per item: its row has an embedding that is not finite (damage on disk)."""
+    rows = np.array([it["row"] for it in items], dtype=np.int64)
+    bad = np.zeros(len(rows), dtype=bool)
+    for modality, has in zip(MODALITIES, flags, strict=True):
+        bad |= has[rows] & ~np.isfinite(idx.vectors(modality, rows)).all(axis=1)
+    return bad
+
+
+def _judge(items: list[dict[str, Any]], changed: bool, result: PruneResult, shown: int,
+           damaged: np.ndarray) -> list[dict[str, Any]]:
+    """The ``items`` to keep; the others are counted into ``result``. ``damaged``: per item,
+    whether its row is damaged (:func:`_damaged`)."""
     keep = []
-    for item in items:
-        reason = stale_reason(item, changed=changed)
+    for item, bad in zip(items, damaged, strict=True):
+        reason = DAMAGED if bad else stale_reason(item, changed=changed)
         if reason is None:
             keep.append(item)
             continue
@@ -91,7 +110,8 @@ def prune_index(
     shown: int = 20, progress: bool = False,
 ) -> PruneResult:
     """Drop the rows of ``path`` whose files are gone (and, with ``changed``, whose files changed
-    since they were embedded; a later ``cavmae embed`` embeds those again). ``dry_run``: count,
+    since they were embedded; a later ``cavmae embed`` embeds those again), and rows whose
+    embeddings are not finite (damage; embedded again the same way). ``dry_run``: count,
     change nothing. ``progress``: a bar per pass (checking, copying) on stderr. Holds the
     index's lock throughout, so no writer runs meanwhile.
 
@@ -112,9 +132,10 @@ def prune_index(
             log.info("removing %s, left by an interrupted prune", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
         idx = EmbeddingIndex.open(root)
+        flags = (idx.has("audio"), idx.has("visual"))
         with progress_bar(total=len(idx), desc="prune: checking", unit="row", enabled=progress) as bar:
             for items in idx.item_blocks(block):  # first pass: only counts, nothing held per row
-                _judge(items, changed, result, shown)
+                _judge(items, changed, result, shown, _damaged(idx, items, flags))
                 bar.update(len(items))
         if dry_run or not result.dropped:
             return result
@@ -123,10 +144,10 @@ def prune_index(
             shard = idx.meta.get("shard")
             writer = IndexWriter(work, model=idx.model, dim=idx.dim, frame=idx.frame, num_frames=idx.num_frames,
                                  shard=tuple(shard) if shard else None, commit_every=block)
-            flags = (idx.has("audio"), idx.has("visual"))
             with writer, progress_bar(total=len(idx), desc="prune: copying", unit="row", enabled=progress) as bar:
                 for items in idx.item_blocks(block):
-                    copy_items(writer, idx, _judge(items, changed, result, shown), flags)
+                    kept = _judge(items, changed, result, shown, _damaged(idx, items, flags))
+                    copy_items(writer, idx, kept, flags)
                     bar.update(len(items))
                 # an unfinished index (a killed shard) stays unfinished: merge must still refuse it
                 writer.close(finished=bool(idx.meta.get("finished")), compact=True)

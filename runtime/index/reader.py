@@ -227,7 +227,8 @@ class EmbeddingIndex:
         return l2_normalize(q)
 
     def vectors(self, modality: str, rows: np.ndarray) -> np.ndarray:
-        """``[len(rows), D]`` embeddings of ``modality`` at ``rows`` (reads those rows only)."""
+        """``[len(rows), D]`` embeddings of ``modality`` at ``rows`` (reads those rows only),
+        as stored: damaged rows too (:meth:`checked_vectors` refuses them)."""
         rows = np.asarray(rows, dtype=np.int64)
         arrays = self._arrays[check_modality(modality)]
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
@@ -236,6 +237,36 @@ class EmbeddingIndex:
             sel = np.flatnonzero(which == p)
             out[sel] = arrays[int(p)][rows[sel] - self._parts[int(p)].start]
         return out
+
+    def checked_vectors(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        """:meth:`vectors` of rows that have a ``modality`` embedding, refused
+        (:meth:`damage`) when one of them is not finite."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = self.vectors(modality, rows)
+        bad = ~np.isfinite(out).all(axis=1)  # one pass over what was read anyway
+        if bad.any():
+            raise self.damage(modality, rows[bad])
+        return out
+
+    def damage(self, modality: str, rows: np.ndarray) -> EmbeddingIndexError:
+        """The error for ``rows`` whose ``modality`` embeddings are not finite, naming the
+        file of the first and how to repair it.
+
+        The writer refuses non-finite embeddings, so such a row is damage on disk, like a
+        truncated chunk (which :meth:`open` refuses). Reads refuse it rather than skip it: a
+        search that left it out would answer without what may be its best hit and still look
+        complete, and a file damaged there may hold wrong finite values too. ``cavmae index
+        prune`` drops these rows (:mod:`.prune`), and ``cavmae embed`` then embeds their files
+        again."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        part = self._parts[int(np.searchsorted(self._starts, rows[0], side="right") - 1)]
+        in_part = int(((rows >= part.start) & (rows < part.start + part.count)).sum())
+        return EmbeddingIndexError(
+            f"{part.file(self.path, modality)} is damaged: {in_part} row(s) hold {modality}"
+            f" embeddings that are not finite (the first: row {int(rows[0])}); drop them with"
+            f" `cavmae index prune {self.path}`, then embed their files again with `cavmae"
+            f" embed FILES -o {self.path}`"
+        )
 
     def ranked(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
         """Hits for the best ``k`` of ``rows`` by ``scores`` (finite ones only), ties in row
@@ -253,7 +284,8 @@ class EmbeddingIndex:
 
     def scores(self, query: np.ndarray, target: str) -> np.ndarray:
         """Cosine similarity ``[N]`` of ``query [D]`` with every ``target`` row; -inf where a
-        row has no ``target`` embedding."""
+        row has no ``target`` embedding. A row whose embedding is not finite is refused as
+        damage (:meth:`damage`)."""
         q = self.unit_query(query)
         col = MODALITIES.index(check_modality(target))
         out = np.empty(len(self), dtype=np.float32)
@@ -261,7 +293,13 @@ class EmbeddingIndex:
         for part, emb, mask in rows:
             s = out[part.start : part.start + part.count]
             np.matmul(emb, q, out=s)
-            s[~np.asarray(mask[:, col], dtype=bool)] = -np.inf
+            has = np.asarray(mask[:, col], dtype=bool)
+            # a NaN or infinite value anywhere in a row makes its score NaN or infinite (q is
+            # finite), so checking the scores finds damage at O(rows), not O(rows * D)
+            bad = has & ~np.isfinite(s)
+            if bad.any():
+                raise self.damage(target, part.start + np.flatnonzero(bad))
+            s[~has] = -np.inf
         return out
 
     def search(self, query: np.ndarray, target: str, k: int = 10) -> list[Hit]:
