@@ -281,6 +281,12 @@ class _Runner:
         return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted}),
                         strict=True))
 
+    def _frame_runs(self, name: str, input_name: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Graph ``name`` over one clip's per-frame ``rows``, ``frame_rows`` at a time."""
+        step = self.frame_rows
+        parts = [self.run(name, {input_name: rows[i : i + step]}) for i in range(0, len(rows), step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def clip_outputs(self, audio: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
         """Every output the gate compares, for one clip (``audio [T, F]``, ``frames [F, 3, H, W]``)."""
         out: dict[str, np.ndarray] = {}
@@ -288,14 +294,11 @@ class _Runner:
         if "audio_encoder" in have:
             out["audio_tokens"] = self.run("audio_encoder", {"audio": audio[None]})["audio_tokens"]
         if "visual_encoder" in have:
-            step = self.frame_rows
-            out["visual_tokens"] = np.concatenate([
-                self.run("visual_encoder", {"image": frames[i : i + step]})["visual_tokens"]
-                for i in range(0, len(frames), step)])
+            out["visual_tokens"] = self._frame_runs("visual_encoder", "image", frames)["visual_tokens"]
         if "audio_embed" in have and "audio_tokens" in out:
             out.update(self.run("audio_embed", {"audio_tokens": out["audio_tokens"]}))
         if "visual_embed" in have and "visual_tokens" in out:
-            emb = self.run("visual_embed", {"visual_tokens": out["visual_tokens"]})
+            emb = self._frame_runs("visual_embed", "visual_tokens", out["visual_tokens"])
             out["visual_embedding"] = emb["visual_embedding"]
         feeds = {"audio_tokens": out.get("audio_tokens")}
         if "visual_tokens" in out:

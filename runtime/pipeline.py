@@ -295,14 +295,17 @@ class Pipeline:
     # -- embeddings and localization --------------------------------------------------------
     def embed_audio(self, audio: np.ndarray) -> np.ndarray:
         """``[N, T, F] -> L2-normalized audio embeddings [N, D]``."""
-        (embedding,) = self.run_graph(AUDIO_EMBED, self.run_audio_encoder(audio))
+        rows = self._encoder_rows(self.manifest.model_config.num_audio_tokens, 1)
+        (embedding,) = self.run_graph(AUDIO_EMBED, self.run_audio_encoder(audio), chunk=rows)
         return embedding
 
     def embed_images(self, images: np.ndarray, frames_per_clip: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """``[M, 3, H, W] -> (embeddings [M, D], patch tokens [M, Lv, D])``; ``frames_per_clip``
         as in :meth:`run_visual_encoder`."""
         tokens = self.run_visual_encoder(images, frames_per_clip)
-        embedding, patches = self.run_graph(VISUAL_EMBED, tokens)
+        # the embedding graphs hold weight products too (int8 in an int8 export): same runs
+        rows = self._encoder_rows(self.manifest.model_config.num_visual_tokens, frames_per_clip)
+        embedding, patches = self.run_graph(VISUAL_EMBED, tokens, chunk=rows)
         return embedding, patches
 
     def embed_frames(self, frames: np.ndarray, frame: int | str = "middle") -> np.ndarray:

@@ -103,6 +103,12 @@ def test_cli_int8_export_gates_reports_and_runs(tiny):
     other = load_clip(VGGSOUND_CLIP)
     batched = pipe.classify_batch(np.stack([clip.audio, other.audio]), np.stack([clip.frames, other.frames]))
     np.testing.assert_array_equal(batched, np.stack([probs, pipe.classify(other.audio, other.frames)]))
+    # the embedding graphs hold int8 products too: the same holds for embeddings
+    audio2, frames2 = np.stack([clip.audio, other.audio]), np.stack([clip.frames, other.frames])
+    np.testing.assert_array_equal(pipe.embed_audio(audio2)[0], pipe.embed_audio(clip.audio[None])[0])
+    for frame in ("middle", "mean"):
+        np.testing.assert_array_equal(pipe.embed_frames(frames2, frame)[1],
+                                      pipe.embed_frames(other.frames[None], frame)[0])
     pipe.close()
 
 

@@ -159,7 +159,9 @@ class OrtEngine(Engine):
         self.device_kind = kind
         self.device_index = index
         self.provider = _PROVIDERS[kind]
-        self.cpu_sized_runs = self.provider == "CPUExecutionProvider"
+        # on the CPU for the cache; and always for int8, whose dynamic scales must not depend
+        # on the other clips of a batch (its quantized products are CPU kernels anyway)
+        self.cpu_sized_runs = self.provider == "CPUExecutionProvider" or manifest.precision == "int8"
         #: graph name -> the session validation ran, taken by the graph's first ``_open``
         self._validated: dict[str, Any] = {}
         if kind == "cuda" and hasattr(self._ort, "preload_dlls"):
