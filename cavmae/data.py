@@ -164,8 +164,10 @@ def read_wav(path: str | Path, sample_rate: int = DEFAULT_PREPROCESS.sample_rate
         with wave.open(str(path), "rb") as w:
             if w.getsampwidth() == 2 and w.getframerate() == sample_rate and w.getcomptype() == "NONE":
                 channels = w.getnchannels()
-                data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-                data = data.reshape(-1, channels)[:, 0]
+                raw = w.readframes(w.getnframes())
+                # a file cut short ends inside a frame: keep its whole frames, as FFmpeg does
+                raw = raw[: len(raw) // (2 * channels) * (2 * channels)]
+                data = np.frombuffer(raw, dtype="<i2").reshape(-1, channels)[:, 0]
                 return data.astype(np.float32) / np.float32(32768.0)
     except (wave.Error, EOFError):
         pass  # not a plain PCM WAV: let FFmpeg read it

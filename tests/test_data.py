@@ -300,3 +300,21 @@ def test_training_runs_keep_the_reference_frame_fallback(ds):
     assert run.train.frame_fallback and run.val is not None and run.val.frame_fallback
     strict = load_data(cfg.replace(frame_fallback=False), None, DEFAULT_PREPROCESS, audio=True, video=True)
     assert not strict.train.frame_fallback
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_wav_cut_inside_a_frame_keeps_its_whole_frames(tmp_path, channels):
+    import wave
+
+    samples = (np.arange(1000, dtype=np.int16) * 7).repeat(channels)
+    path = tmp_path / "cut.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(DEFAULT_PREPROCESS.sample_rate)
+        w.writeframes(samples.tobytes())
+    path.write_bytes(path.read_bytes()[:-3])  # cut in the middle of the last frame
+    got = read_wav(path)
+    expect = (np.arange(1000, dtype=np.int16) * 7).astype(np.float32) / 32768.0
+    whole = (1000 * 2 * channels - 3) // (2 * channels)
+    np.testing.assert_array_equal(got, expect[:whole])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,49 @@ def test_two_process_ddp_matches_accumulation(tmp_path, dataset):
             # Adam also magnifies float noise in near-zero gradients elementwise, so compare
             # whole tensors: relative difference 1e-5 typically, 1e-3 allowed
             assert ((g - v).norm() / v.norm().clamp_min(1e-12)).item() < 1e-3, k
+
+
+def _failing_worker(rank: int, world: int, port: int, root: str, ds) -> None:
+    """Pre-training where only rank 1's clips stop loading after its first few reads."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import cavmae.data
+    from cavmae.errors import CavmaeError, MediaError
+
+    if rank == 1:
+        real, reads = cavmae.data.read_wav, [0]
+
+        def gone_after_a_step(path, *args, **kwargs):
+            reads[0] += 1
+            if reads[0] > 4:  # the first micro-batch loads; later ones find the disk gone
+                raise MediaError(f"{path}: the disk is gone")
+            return real(path, *args, **kwargs)
+
+        cavmae.data.read_wav = gone_after_a_step
+    pre, _ = _configs(ds, Path(root) / "fail", accum=1)
+    try:
+        pretrain(pre)
+        message = "finished"
+    except CavmaeError as e:
+        message = str(e)
+    (Path(root) / f"rank{rank}.txt").write_text(message)
+
+
+def test_a_batch_failing_on_one_process_stops_all_and_saves(tmp_path, dataset):
+    """Without telling the others, rank 1 would stop alone and rank 0 wait in the gradients'
+    all-reduce (gloo's timeout is half an hour): the test would time out with nothing saved."""
+    ctx = mp.start_processes(_failing_worker, args=(2, _free_port(), str(tmp_path), dataset),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a process was left waiting for the other")
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert "the disk is gone" in said[1] and "another training process" in said[0], said
+    assert "the run is saved" in said[0]
+    assert (tmp_path / "fail" / "pre" / "state.pt").is_file()

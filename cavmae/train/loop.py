@@ -177,7 +177,9 @@ class _Loop:
         last whole step (a step's update itself is never inside such a block), so the run
         continues from there, bitwise, once the cause is fixed; without this, a bad file found
         mid-epoch would lose everything since the last save. Rank 0 saves alone: no
-        collective, as the other processes may be stuck waiting for it."""
+        collective, as the other processes may be stuck waiting for it. With several processes
+        a training batch's failure reaches all of them (:meth:`next_batch`); a validation error
+        on another process than rank 0 is not saved (torchrun ends the job)."""
         try:
             yield
         except Exception as e:
@@ -194,11 +196,23 @@ class _Loop:
             raise
 
     def next_batch(self, it: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        """The next micro-batch, on the device; the clips replaced in it are recorded."""
-        with self.saved_on_failure():
+        """The next micro-batch, on the device; the clips replaced in it are recorded. A batch
+        that cannot be loaded, on any process, stops every process, the state saved first."""
+        error: Exception | None = None
+        try:
             batch = next(it)
             if ERROR_KEY in batch:  # clip after clip failed: the dataset is broken
                 raise DatasetError(batch[ERROR_KEY])
+        except Exception as e:
+            error = e
+        # Every process learns whether any failed (one bool per micro-batch, as every process
+        # loads the same number): otherwise a process whose batch failed would stop alone,
+        # rank 0 would wait in the gradients' all-reduce until killed, and nothing be saved.
+        failed = any(gather(error is not None, self.d)) if self.d.active else error is not None
+        if failed:
+            with self.saved_on_failure():
+                raise error or DatasetError("another training process could not load its batch"
+                                            " (its log says why)")
         for video_id, reason in batch.pop("skipped", ()):
             if video_id not in self.rs.skipped:  # once per clip, though drawn every epoch
                 log.warning("%s; another clip of the training set took its place (listed in %s)",
