@@ -119,8 +119,9 @@ def test_two_process_ddp_matches_accumulation(tmp_path, dataset):
             assert ((g - v).norm() / v.norm().clamp_min(1e-12)).item() < 1e-3, k
 
 
-def _failing_worker(rank: int, world: int, port: int, root: str, ds) -> None:
-    """Pre-training where only rank 1's clips stop loading after its first few reads."""
+def _failing_worker(rank: int, world: int, port: int, root: str, ds, when: str) -> None:
+    """Pre-training where only rank 1's clips stop loading: after its first few reads
+    (``when="train"``), or those of the validation set (``"val"``)."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -131,10 +132,12 @@ def _failing_worker(rank: int, world: int, port: int, root: str, ds) -> None:
 
     if rank == 1:
         real, reads = cavmae.data.read_wav, [0]
+        val = {c.wav for c in cavmae.data.read_clips(str(ds.splits["val"]))}
 
         def gone_after_a_step(path, *args, **kwargs):
             reads[0] += 1
-            if reads[0] > 4:  # the first micro-batch loads; later ones find the disk gone
+            # train: the first micro-batch loads, later ones find the disk gone
+            if (reads[0] > 4) if when == "train" else (str(path) in val):
                 raise MediaError(f"{path}: the disk is gone")
             return real(path, *args, **kwargs)
 
@@ -148,10 +151,12 @@ def _failing_worker(rank: int, world: int, port: int, root: str, ds) -> None:
     (Path(root) / f"rank{rank}.txt").write_text(message)
 
 
-def test_a_batch_failing_on_one_process_stops_all_and_saves(tmp_path, dataset):
+@pytest.mark.parametrize("when", ["train", "val"])
+def test_a_batch_failing_on_one_process_stops_all_and_saves(tmp_path, dataset, when):
     """Without telling the others, rank 1 would stop alone and rank 0 wait in the gradients'
-    all-reduce (gloo's timeout is half an hour): the test would time out with nothing saved."""
-    ctx = mp.start_processes(_failing_worker, args=(2, _free_port(), str(tmp_path), dataset),
+    all-reduce or validation's gather (gloo's timeout is half an hour): the test would time out
+    with nothing saved."""
+    ctx = mp.start_processes(_failing_worker, args=(2, _free_port(), str(tmp_path), dataset, when),
                              nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
@@ -160,6 +165,8 @@ def test_a_batch_failing_on_one_process_stops_all_and_saves(tmp_path, dataset):
                 p.kill()
             pytest.fail("a process was left waiting for the other")
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    assert "the disk is gone" in said[1] and "another training process" in said[0], said
+    assert "the disk is gone" in said[1], said
+    other = "another training process" if when == "train" else "another process failed while validating"
+    assert other in said[0], said
     assert "the run is saved" in said[0]
     assert (tmp_path / "fail" / "pre" / "state.pt").is_file()

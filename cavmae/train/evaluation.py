@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cavmae.data import AVDataset, eval_batches
+from cavmae.errors import CavmaeError, DatasetError
 from cavmae.metrics import accuracy, mean_average_precision, retrieval_metrics
 from cavmae.model import CAVMAE, CAVMAEFT
 from cavmae.modes import lookup
@@ -67,30 +68,51 @@ def predict_clips(
         return total / frames.shape[1]
 
     scores, targets = [], []
-    for batch in loader(dataset, batches, num_workers, device):
-        batch = to_device(batch, device)
-        with autocast(device, amp_dtype):
-            a = model.forward_audio_encoder(batch["audio"]) if uses_audio else None
-            if not uses_video:
-                out = scores_of(a, None)
-            elif "frames" in batch:
-                out = frame_average(a, batch["frames"])
-            else:
-                out = scores_of(a, model.forward_visual_encoder(batch["image"]))
-        scores.append(out.float().cpu().numpy())
-        if "target" in batch:
-            targets.append(batch["target"].cpu().numpy())
+    error: Exception | None = None
+    try:
+        for batch in loader(dataset, batches, num_workers, device):
+            batch = to_device(batch, device)
+            with autocast(device, amp_dtype):
+                a = model.forward_audio_encoder(batch["audio"]) if uses_audio else None
+                if not uses_video:
+                    out = scores_of(a, None)
+                elif "frames" in batch:
+                    out = frame_average(a, batch["frames"])
+                else:
+                    out = scores_of(a, model.forward_visual_encoder(batch["image"]))
+            scores.append(out.float().cpu().numpy())
+            if "target" in batch:
+                targets.append(batch["target"].cpu().numpy())
+    except Exception as e:  # raised after the gather, on every process (_gather_or_raise)
+        error = e
     c = model.config.num_classes
     local = (
         np.concatenate(scores) if scores else np.zeros((0, c), np.float32),
         np.concatenate(targets) if targets else None,
     )
-    parts = gather(local, d)
+    parts = _gather_or_raise(local, error, d)
     s = np.concatenate([p[0] for p in parts])
     t = None if any(p[1] is None for p in parts) else np.concatenate([p[1] for p in parts])
     if t is None and dataset.labels is not None and len(s) == 0:
         t = np.zeros((0, c), np.float32)
     return s, t
+
+
+def _gather_or_raise(local: Any, error: Exception | None, d: Dist) -> list[Any]:
+    """Every process's ``local`` (:func:`~cavmae.train.device.gather`), or, when one of them
+    failed (``error``), an error on every process: its own, or one quoting the failed one.
+
+    The gather comes first, so a process that failed still meets the others there: raising
+    before it would leave them waiting in the gather until the job is killed, and the run's
+    state would not be saved (the training loop saves on rank 0 when validation raises)."""
+    said = None if error is None else str(error) if isinstance(error, CavmaeError) else f"{type(error).__name__}: {error}"
+    parts = gather((local, said), d)
+    if error is not None:
+        raise error
+    failed = [message for _, message in parts if message is not None]
+    if failed:
+        raise DatasetError(f"another process failed while validating: {failed[0]}")
+    return [part for part, _ in parts]
 
 
 def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -128,21 +150,25 @@ def evaluate_pretrain(
     sums = dict.fromkeys(PRETRAIN_TERMS, 0.0)
     count = 0
     emb_a, emb_v = [], []
-    for batch in loader(ds, eval_batches(len(ds), batch_size, d.world_size, d.rank), 0, device):
-        batch = to_device(batch, device)
-        b = batch["audio"].shape[0]
-        first = int(batch["index"][0])
-        na, nv = mask_noise(cfg, model, b, [cfg.seed, EVAL_TAG, first])
-        with autocast(device, amp):
-            terms = step(batch["audio"], batch["image"], na.to(device), nv.to(device))
-            ea, ev = model.embed(batch["audio"], batch["image"])
-        assert ea is not None and ev is not None  # both inputs given
-        for k, v in zip(PRETRAIN_TERMS, terms, strict=True):
-            sums[k] += float(v) * b
-        count += b
-        emb_a.append(ea.float().cpu())
-        emb_v.append(ev.float().cpu())
-    parts = gather((sums, count, emb_a, emb_v), d)
+    error: Exception | None = None
+    try:
+        for batch in loader(ds, eval_batches(len(ds), batch_size, d.world_size, d.rank), 0, device):
+            batch = to_device(batch, device)
+            b = batch["audio"].shape[0]
+            first = int(batch["index"][0])
+            na, nv = mask_noise(cfg, model, b, [cfg.seed, EVAL_TAG, first])
+            with autocast(device, amp):
+                terms = step(batch["audio"], batch["image"], na.to(device), nv.to(device))
+                ea, ev = model.embed(batch["audio"], batch["image"])
+            assert ea is not None and ev is not None  # both inputs given
+            for k, v in zip(PRETRAIN_TERMS, terms, strict=True):
+                sums[k] += float(v) * b
+            count += b
+            emb_a.append(ea.float().cpu())
+            emb_v.append(ev.float().cpu())
+    except Exception as e:  # raised after the gather, on every process (_gather_or_raise)
+        error = e
+    parts = _gather_or_raise((sums, count, emb_a, emb_v), error, d)
     n = sum(p[1] for p in parts)
     out = {k: sum(p[0][k] for p in parts) / max(n, 1) for k in PRETRAIN_TERMS}
     a = torch.cat([x for p in parts for x in p[2]])

@@ -178,8 +178,8 @@ class _Loop:
         continues from there, bitwise, once the cause is fixed; without this, a bad file found
         mid-epoch would lose everything since the last save. Rank 0 saves alone: no
         collective, as the other processes may be stuck waiting for it. With several processes
-        a training batch's failure reaches all of them (:meth:`next_batch`); a validation error
-        on another process than rank 0 is not saved (torchrun ends the job)."""
+        a failure reaches all of them: a training batch's through :meth:`next_batch`, a
+        validation error through validation's gather (``evaluation._gather_or_raise``)."""
         try:
             yield
         except Exception as e:
