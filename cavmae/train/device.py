@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ def init_distributed(device_pref: str) -> Dist:
     if not dist.is_initialized():
         # Initialized once per process and kept for later runs in the same process (pretrain
         # then finetune): re-creating the rendezvous store on the same port can hang.
+        # With GPUs, NCCL carries the gradients and gloo what stays on the CPU (the step's loss
+        # terms, the objects `gather` exchanges): NCCL alone refuses CPU tensors.
         use_cuda = device_pref != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", init_method="env://")
         atexit.register(_destroy_group)
     return Dist(dist.get_world_size(), dist.get_rank(), local)
 
@@ -95,13 +98,29 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+# The tensors of the latest `gather`, held until the next one. Gloo's worker thread lets go of
+# a collective's tensors a moment after the caller is told it is done; were that the last
+# reference, freeing them would need the GIL, and a process that exits right after a gather
+# (one that stops on an error) can be finalizing the interpreter by then: the thread is then
+# killed inside C++ and the process aborts ("terminate called without an active exception").
+_last_exchange: list[torch.Tensor] = []
+
+
 def gather(obj: Any, d: Dist) -> list[Any]:
-    """Every rank's ``obj`` in rank order (just ``[obj]`` without DDP)."""
+    """Every rank's ``obj`` (picklable; the ranks trust each other) in rank order (just
+    ``[obj]`` without DDP). Exchanged on the CPU (gloo)."""
     if not d.active:
         return [obj]
-    out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(d.world_size)]
+    dist.all_gather(sizes, size)
+    mine = torch.zeros(int(max(s.item() for s in sizes)), dtype=torch.uint8)
+    mine[: data.numel()] = data
+    everyone = [torch.empty_like(mine) for _ in range(d.world_size)]
+    dist.all_gather(everyone, mine)
+    _last_exchange[:] = [size, *sizes, mine, *everyone]
+    return [pickle.loads(t[: int(n.item())].numpy().tobytes()) for t, n in zip(everyone, sizes, strict=True)]
 
 
 def seed_everything(seed: int) -> None:
