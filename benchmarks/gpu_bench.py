@@ -154,6 +154,12 @@ def compile_blocks(model: torch.nn.Module, **kw: Any) -> int:
     for name, child in model.named_children():
         if isinstance(child, torch.nn.ModuleList) and name.startswith(("blocks", "decoder_blocks")):
             for i in range(len(child)):
+                if name == "blocks_u" and i == 0:
+                    # The classifier runs the first joint block through forward_shared_prefix
+                    # (its audio-only work once per clip); a compiled module would hand that
+                    # method over uncompiled, so it is compiled by itself.
+                    blk = child[i]
+                    blk.forward_shared_prefix = torch.compile(blk.forward_shared_prefix, **kw)  # type: ignore[method-assign]
                 child[i] = torch.compile(child[i], **kw)
                 n += 1
     return n

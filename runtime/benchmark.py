@@ -459,7 +459,8 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
         torch.set_num_threads(cfg.threads)
     model = model.to(device).eval()
     on_gpu = device.startswith("cuda")
-    sync = torch.cuda.synchronize if on_gpu else None
+    gpu = torch.device(device) if on_gpu else None  # the CUDA calls below default to cuda:0
+    sync = (lambda: torch.cuda.synchronize(gpu)) if on_gpu else None
     gf = stage_gflop(model.config, cfg.num_frames)
     repeat = cfg.baseline_repeat or cfg.repeat
     out = {}
@@ -475,14 +476,14 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
 
         reset_peak_rss()
         if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(gpu)
         t = Timing("baseline (reference loop)", b, gflop=gf["baseline_per_clip"] * b)
         first = b == cfg.batches[0]
         t.samples = shown_measure(loop, cfg.warmup, repeat, f"bench: baseline fp32, batch {b}", progress=progress,
                                   sync=sync, after_first=_baseline_estimate(cfg, b, log) if first else None)
         t.peak_rss_mb = peak_rss_mb()
         if on_gpu:
-            t.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+            t.peak_gpu_mb = torch.cuda.max_memory_allocated(gpu) / 2**20
         log(f"baseline batch {b}: p50 {t.p50:.3f} s")
         out[("baseline", b)] = t
     return out

@@ -178,9 +178,31 @@ def _gpus_hidden() -> bool:
 
 @functools.cache
 def gpu_names() -> tuple[str, ...]:
-    """Names of the NVIDIA GPUs the driver reports (empty when there are none or they are hidden)."""
+    """Names of the NVIDIA GPUs this process may use, in CUDA's numbering: those the driver
+    reports, narrowed to ``CUDA_VISIBLE_DEVICES`` when it is set (empty when there are none)."""
     if _gpus_hidden():
         return ()
+    return _visible(_driver_gpu_names(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _visible(names: tuple[str, ...], visible: str | None) -> tuple[str, ...]:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` lets a process see: its entries up to the first one
+    that names no GPU (CUDA ignores the rest); an entry by UUID is taken on trust."""
+    if visible is None or not names:
+        return names
+    seen: list[str] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit() and int(entry) < len(names):
+            seen.append(names[int(entry)])
+        elif entry.startswith(("GPU-", "MIG-")):
+            seen.append("NVIDIA GPU")
+        else:
+            break
+    return tuple(seen)
+
+
+def _driver_gpu_names() -> tuple[str, ...]:
+    """Names of the NVIDIA GPUs the driver reports, in its order."""
     names: list[str] = []
     try:
         for info in sorted(_PROC_NVIDIA_GPUS.glob("*/information")):

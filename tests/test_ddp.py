@@ -33,6 +33,7 @@ def _configs(ds, out: Path, accum: int) -> tuple[PretrainConfig, FinetuneConfig]
     common = dict(
         train_data=str(ds.splits["train"]), val_data=str(ds.splits["val"]), model="tiny",
         batch_size=8, accum_steps=accum, num_workers=0, progress=False, log_every=1, seed=3,
+        device="cpu",  # gloo on the CPU, also on a machine with GPUs
     )
     pre = PretrainConfig(output_dir=str(out / "pre"), epochs=1, lr=1e-3, contrast_loss_weight=1.0, **common)
     ft = FinetuneConfig(

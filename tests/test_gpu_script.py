@@ -57,3 +57,31 @@ def test_gpu_step_without_gpu_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "reference",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("Error: no CUDA GPU here")
+
+
+def test_compiled_variant_compiles_the_joint_block_the_classifier_runs(monkeypatch):
+    """The classifier calls the first joint block's forward_shared_prefix, which a compiled
+    module hands over uncompiled: the "compile" variant would time that block eagerly."""
+    import torch
+
+    from cavmae.config import TINY
+    from cavmae.model import CAVMAEFT
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from gpu_bench import compile_blocks
+
+    model = CAVMAEFT(TINY).eval()
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    compile_blocks(model, backend=counting_backend)
+    cfg = model.config
+    audio = torch.randn(1, cfg.num_audio_tokens, cfg.embed_dim)
+    frames = torch.randn(1, 2, cfg.num_visual_tokens, cfg.embed_dim)
+    with torch.no_grad():
+        model.forward_joint_classifier(audio, frames, task="multi-label", num_frames=2)
+    torch._dynamo.reset()
+    assert compiled, "the joint classifier ran no compiled code"

@@ -50,6 +50,7 @@ def _pre(ds, out, **kw) -> PretrainConfig:
     base = dict(
         train_data=str(ds.splits["train"]), output_dir=str(out), model="tiny", epochs=3, batch_size=4,
         lr=1e-3, num_workers=0, progress=False, log_every=1, seed=5, mixup=0.5, freqm=8, timem=30,
+        device="cpu",  # the bitwise checks hold on the CPU; the GPU test below asks for cuda
     )
     return PretrainConfig(**{**base, **kw})
 
@@ -59,7 +60,7 @@ def _ft(ds, out, init=None, **kw) -> FinetuneConfig:
         train_data=str(ds.splits["train"]), val_data=str(ds.splits["val"]), label_csv=str(ds.label_csv),
         output_dir=str(out), model="tiny", init_checkpoint=str(init) if init else None, epochs=3,
         batch_size=4, lr=1e-3, head_lr=10, loss="CE", num_workers=0, progress=False, log_every=1, seed=5,
-        freqm=8, timem=30, wa_start=2,
+        freqm=8, timem=30, wa_start=2, device="cpu",
     )
     return FinetuneConfig(**{**base, **kw})
 

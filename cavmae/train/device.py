@@ -61,16 +61,30 @@ def _destroy_group() -> None:
 
 
 def pick_device(pref: str, d: Dist) -> torch.device:
-    """``auto`` is this process's GPU when there is one, else the CPU."""
+    """``auto`` is this process's GPU when there is one, else the CPU. With several processes
+    each takes the GPU of its ``LOCAL_RANK``, counted among the GPUs it sees (a launcher that
+    gives each process its own ``CUDA_VISIBLE_DEVICES`` shows it one)."""
     if pref == "auto":
-        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+        return _local_gpu(d) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(pref)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainConfigError(f"device {pref!r} asked for, but CUDA is not available here")
         if dev.index is None:
-            dev = torch.device(f"cuda:{d.local_rank}")
+            return _local_gpu(d)
+        if d.active:
+            raise TrainConfigError(
+                f"device {pref!r} names one GPU for all {d.world_size} processes; use --device cuda "
+                "(or auto): each process then takes the GPU of its LOCAL_RANK"
+            )
+        if dev.index >= torch.cuda.device_count():
+            raise TrainConfigError(f"device {pref!r} asked for, but this process sees "
+                                   f"{torch.cuda.device_count()} GPU(s)")
     return dev
+
+
+def _local_gpu(d: Dist) -> torch.device:
+    return torch.device("cuda", d.local_rank % torch.cuda.device_count())
 
 
 def precision_dtype(pref: str, device: torch.device) -> torch.dtype | None:
@@ -81,7 +95,9 @@ def precision_dtype(pref: str, device: torch.device) -> torch.dtype | None:
         return None
     if pref == "fp32":
         return None
-    if pref == "bf16" or (pref == "auto" and torch.cuda.is_bf16_supported()):
+    # Without emulation: older GPUs (compute capability < 8) emulate bf16 slowly; fp16 with a
+    # gradient scaler is what they run well.
+    if pref == "bf16" or (pref == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16
 

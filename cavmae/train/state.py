@@ -3,7 +3,9 @@
 ``state.pt`` holds the model, the optimizer, the loss scaler, the position (epoch, step in the
 epoch, global step), the epoch's running sums, the best metric, the history, the metrics-log
 offset, the clips skipped so far and the global RNG states: everything a resumed run needs to
-continue bitwise. Its metadata names the classes of a fine-tuning run: a run resumes only with
+continue bitwise on the CPU. (On a GPU, some kernels' backward passes, the token gather's and
+the fused attention's, add in an order that varies from run to run, so a resumed run matches
+an uninterrupted one as closely as two uninterrupted runs match each other.) Its metadata names the classes of a fine-tuning run: a run resumes only with
 the same label set (the label CSV may move, its classes may not change).
 """
 
@@ -131,7 +133,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw; a resume that sees fewer (another node,
+        # CUDA_VISIBLE_DEVICES) restores those it has: set_rng_state_all would fail on the rest.
+        for index, gpu_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 # --------------------------------------------------------------------------------------------

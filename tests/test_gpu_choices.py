@@ -1,0 +1,77 @@
+"""Decisions that only matter on GPU machines, checked with torch.cuda's answers stubbed (no
+test machine of this project has a GPU): which GPU a training process takes, when bf16 is
+chosen, restoring the GPUs' random states on a machine that shows fewer of them, and which GPUs
+CUDA_VISIBLE_DEVICES leaves a process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cavmae.runtime.hardware import _visible
+from cavmae.train.configs import TrainConfigError
+from cavmae.train.device import Dist, pick_device, precision_dtype
+from cavmae.train.state import _rng_state, _set_rng_state
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Make torch.cuda say it has ``n`` GPUs (set ``gpus.count``)."""
+
+    class Fake:
+        count = 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: Fake.count)
+    return Fake
+
+
+def test_each_process_takes_its_local_ranks_gpu_among_those_it_sees(gpus):
+    assert pick_device("auto", Dist(2, 1, 1)) == torch.device("cuda", 1)
+    assert pick_device("cuda", Dist(2, 1, 1)) == torch.device("cuda", 1)
+    gpus.count = 1  # a launcher that gives each process its own CUDA_VISIBLE_DEVICES
+    assert pick_device("auto", Dist(2, 1, 1)) == torch.device("cuda", 0)
+
+
+def test_one_gpu_named_for_several_processes_is_refused(gpus):
+    with pytest.raises(TrainConfigError, match="each process then takes the GPU of its LOCAL_RANK"):
+        pick_device("cuda:0", Dist(2, 1, 1))
+    assert pick_device("cuda:1", Dist()) == torch.device("cuda", 1)
+    with pytest.raises(TrainConfigError, match="sees 2 GPU"):
+        pick_device("cuda:2", Dist())
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch, native, expected):
+    asked = []
+
+    def bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return native or including_emulation  # an older GPU: emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert precision_dtype("auto", torch.device("cuda", 0)) is expected
+    assert asked == [False]
+
+
+def test_a_resume_seeing_fewer_gpus_restores_the_states_it_can(gpus, monkeypatch):
+    with monkeypatch.context() as m:  # this process's own states, so restoring them changes nothing
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        saved = _rng_state()
+    saved["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # saved on a machine with 8 GPUs
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    _set_rng_state(saved)
+    assert restored == [0, 1]
+
+
+@pytest.mark.parametrize(("visible", "expected"), [
+    (None, ("A", "B", "C")),
+    ("2", ("C",)),
+    ("2,0", ("C", "A")),
+    ("1,7,0", ("B",)),  # CUDA stops at the first entry that names no GPU
+    ("GPU-5d1c", ("NVIDIA GPU",)),
+    ("", ()),
+])
+def test_the_gpus_a_process_sees_follow_cuda_visible_devices(visible, expected):
+    assert _visible(("A", "B", "C"), visible) == expected
