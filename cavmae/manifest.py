@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BATCH = "batch"
 #: precisions an export's graphs can have (what a manifest's ``precision`` says); ONNX Runtime
-#: and TensorRT run exports
+#: runs them all, TensorRT the fp32 and fp16 ones (int8 graphs are ONNX Runtime's dynamic kind)
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 #: autocast precisions of the torch engine, which runs the checkpoint's model itself
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")

@@ -46,12 +46,13 @@ def _torchrun_device(device: str, shard: str | None) -> str:
     local = os.environ.get("LOCAL_RANK")
     if shard != "auto" or local is None or not local.isdigit() or device not in ("auto", "cuda"):
         return device
-    if device == "auto":
-        from cavmae.runtime import hardware
+    from cavmae.local_gpu import local_gpu_index
+    from cavmae.runtime import hardware
 
-        if not hardware.cuda_available():
-            return device
-    return f"cuda:{local}"
+    visible = len(hardware.gpu_names())
+    if device == "auto" and not visible:
+        return device
+    return f"cuda:{local_gpu_index(int(local), visible)}" if visible else "cuda"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

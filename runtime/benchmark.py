@@ -459,7 +459,7 @@ def _baseline(cfg: BenchConfig, source: ModelSource, clip_arrays, log, device: s
         torch.set_num_threads(cfg.threads)
     model = model.to(device).eval()
     on_gpu = device.startswith("cuda")
-    gpu = torch.device(device) if on_gpu else None  # the CUDA calls below default to cuda:0
+    gpu = torch.device(device) if on_gpu else None  # else the CUDA calls below use the current device
     sync = (lambda: torch.cuda.synchronize(gpu)) if on_gpu else None
     gf = stage_gflop(model.config, cfg.num_frames)
     repeat = cfg.baseline_repeat or cfg.repeat

@@ -187,11 +187,15 @@ def gpu_names() -> tuple[str, ...]:
 
 def _visible(names: tuple[str, ...], visible: str | None) -> tuple[str, ...]:
     """The GPUs ``CUDA_VISIBLE_DEVICES`` lets a process see: its entries up to the first one
-    that names no GPU (CUDA ignores the rest); an entry by UUID is taken on trust."""
+    that names no GPU (CUDA ignores the rest), none when one is named twice; an entry by UUID is
+    taken on trust."""
     if visible is None or not names:
         return names
     seen: list[str] = []
-    for entry in (e.strip() for e in visible.split(",")):
+    entries = [e.strip() for e in visible.split(",")]
+    if len(set(entries)) < len(entries):  # CUDA shows no GPU when one is named twice
+        return ()
+    for entry in entries:
         if entry.isdigit() and int(entry) < len(names):
             seen.append(names[int(entry)])
         elif entry.startswith(("GPU-", "MIG-")):

@@ -33,6 +33,24 @@ def test_each_process_takes_its_local_ranks_gpu_among_those_it_sees(gpus):
     assert pick_device("auto", Dist(2, 1, 1)) == torch.device("cuda", 0)
 
 
+def test_more_processes_than_gpus_on_a_node_are_refused(gpus):
+    gpus.count = 2
+    with pytest.raises(TrainConfigError, match="process 2 on this node sees 2 GPU"):
+        pick_device("auto", Dist(4, 2, 2))
+
+
+@pytest.mark.parametrize(("local", "gpus_seen", "expected"), [
+    ("1", ("A", "B"), "cuda:1"), ("1", ("A",), "cuda:0"), ("0", (), "auto"),
+])
+def test_sharded_embedding_takes_the_same_gpu_as_training(monkeypatch, local, gpus_seen, expected):
+    from cavmae.cli.embed_cmd import _torchrun_device
+    from cavmae.runtime import hardware
+
+    monkeypatch.setenv("LOCAL_RANK", local)
+    monkeypatch.setattr(hardware, "gpu_names", lambda: gpus_seen)
+    assert _torchrun_device("auto", "auto") == expected
+
+
 def test_one_gpu_named_for_several_processes_is_refused(gpus):
     with pytest.raises(TrainConfigError, match="each process then takes the GPU of its LOCAL_RANK"):
         pick_device("cuda:0", Dist(2, 1, 1))
@@ -72,6 +90,7 @@ def test_a_resume_seeing_fewer_gpus_restores_the_states_it_can(gpus, monkeypatch
     ("1,7,0", ("B",)),  # CUDA stops at the first entry that names no GPU
     ("GPU-5d1c", ("NVIDIA GPU",)),
     ("", ()),
+    ("0,0", ()),  # CUDA shows none when one is named twice
 ])
 def test_the_gpus_a_process_sees_follow_cuda_visible_devices(visible, expected):
     assert _visible(("A", "B", "C"), visible) == expected

@@ -81,7 +81,9 @@ def test_compiled_variant_compiles_the_joint_block_the_classifier_runs(monkeypat
     cfg = model.config
     audio = torch.randn(1, cfg.num_audio_tokens, cfg.embed_dim)
     frames = torch.randn(1, 2, cfg.num_visual_tokens, cfg.embed_dim)
-    with torch.no_grad():
-        model.forward_joint_classifier(audio, frames, task="multi-label", num_frames=2)
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            model.forward_joint_classifier(audio, frames, task="multi-label", num_frames=2)
+    finally:
+        torch._dynamo.reset()
     assert compiled, "the joint classifier ran no compiled code"

@@ -4,6 +4,7 @@ stand-in module, and (marked ``tensorrt``) a real build + run on a GPU compared 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from cavmae.config import DEFAULT_PREPROCESS, TINY
 from cavmae.errors import CavmaeError, EngineUnavailableError
 from cavmae.manifest import GraphSpec, Manifest, TensorSpec
 from cavmae.runtime import hardware
-from cavmae.runtime.engines import create_engine
+from cavmae.runtime.engines import create_engine, engine_class
 from cavmae.runtime.engines import trt as trt_mod
 from tiny_graphs import proj_graph, proj_spec
 
@@ -288,11 +289,14 @@ def test_cuda_check_unwraps_and_names_errors() -> None:
 # ---- build sequence against a minimal stand-in for the tensorrt module ----------------------
 
 
-def _fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True) -> Any:
+def _fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True,
+                   foreign_cache: bytes | None = None, serialize_ok: bool = True) -> Any:
     """The few names ``build_serialized_engine`` may touch, recording how they are called.
 
     Deliberately absent: ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` and ``BuilderFlag``
     (TensorRT 11 removed EXPLICIT_BATCH and BuilderFlag.FP16); touching them raises.
+    ``foreign_cache``: a timing cache blob set_timing_cache refuses (another device's);
+    ``serialize_ok=False``: serializing the timing cache fails.
     """
     calls: dict[str, Any] = {"set_shape": [], "timing_loaded": None, "pool": None}
 
@@ -308,6 +312,8 @@ def _fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True
             self.blob = blob
 
         def serialize(self) -> bytes:
+            if not serialize_ok:
+                raise RuntimeError("serialization failed")
             return self.blob + b"+new"
 
     class Config:
@@ -325,8 +331,10 @@ def _fake_tensorrt(version: str, *, parse_ok: bool = True, build_ok: bool = True
             return TimingCache(blob)
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-            self.cache = cache
             calls["ignore_mismatch"] = ignore_mismatch
+            if cache.blob == foreign_cache and not ignore_mismatch:
+                return False
+            self.cache = cache
             return True
 
         def get_timing_cache(self) -> TimingCache | None:
@@ -392,6 +400,30 @@ def test_build_uses_strong_typing_and_the_batch_profile(
     assert calls["pool"] == ("WORKSPACE", 1 << 30)
     assert calls["timing_loaded"] == b"old" and calls["ignore_mismatch"] is False
     assert timing.read_bytes() == b"old+new"  # the grown timing cache is written back
+
+
+def test_a_timing_cache_from_another_device_or_unsaved_loses_no_engine(
+    export: tuple[Path, Manifest], tmp_path: Path
+) -> None:
+    """TensorRT refuses a timing cache from another device of the same name (MIG slices); the
+    build goes on with a fresh cache. A cache that cannot be saved costs only the cache."""
+    d, m = export
+    shapes = trt_mod.profile_shapes(m.graph("proj"), 1)
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"other device")
+    trt, calls = _fake_tensorrt("10.13.0", foreign_cache=b"other device")
+    assert trt_mod.build_serialized_engine(trt, None, d / "proj.onnx", shapes, timing) == b"PLAN"
+    assert calls["timing_loaded"] == b"" and timing.read_bytes() == b"+new"
+    trt, _ = _fake_tensorrt("10.13.0", serialize_ok=False)
+    assert trt_mod.build_serialized_engine(trt, None, d / "proj.onnx", shapes, timing) == b"PLAN"
+    assert timing.read_bytes() == b"+new"  # left as it was
+
+
+def test_trt_refuses_an_int8_export_before_loading_tensorrt(tmp_path: Path) -> None:
+    d = tmp_path / "export"
+    m = dataclasses.replace(write_export(d), precision="int8")
+    with pytest.raises(CavmaeError, match="int8 for ONNX Runtime, which TensorRT cannot run; use engine 'ort'"):
+        engine_class("trt")(d, m, "cuda")
 
 
 def test_network_flags_without_strong_typing_flag() -> None:

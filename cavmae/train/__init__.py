@@ -45,12 +45,13 @@ Batching: ``batch_size`` is the number of samples per optimizer step over all pr
 micro-batch (as the reference computes it within each GPU's share of a DataParallel batch).
 
 Distributed data parallel: when the environment says ``WORLD_SIZE > 1`` (``torchrun``), the
-process group is initialized from the environment (NCCL on CUDA, gloo on CPU), each process
-takes its shard of every step, gradients are averaged, evaluation is sharded and gathered, and
-only rank 0 writes files and logs.
+process group is initialized from the environment (on GPUs NCCL for the gradients and gloo for
+the few CPU exchanges; gloo alone on CPUs), each process takes the GPU of its ``LOCAL_RANK`` and
+its shard of every step, gradients are averaged, evaluation is sharded and gathered, and only
+rank 0 writes files and logs.
 
-Mixed precision runs on CUDA only: bf16 where supported (no loss scaling), else fp16 with a
-gradient scaler; CPU runs in float32.
+Mixed precision runs on CUDA only: bf16 where the GPU runs it natively (no loss scaling), else
+fp16 with a gradient scaler; CPU runs in float32.
 
 Modules, one job each: ``configs`` (fields, file loading, validation), ``models`` (the model a
 run starts from), ``data`` (datasets and loaders), ``device`` (processes, device, precision),

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from cavmae import fsio
+from cavmae.errors import CavmaeError
+from cavmae.local_gpu import local_gpu_index
 
 from .configs import TrainConfig, TrainConfigError
 from .state import claim_run_dir
@@ -84,7 +86,10 @@ def pick_device(pref: str, d: Dist) -> torch.device:
 
 
 def _local_gpu(d: Dist) -> torch.device:
-    return torch.device("cuda", d.local_rank % torch.cuda.device_count())
+    try:
+        return torch.device("cuda", local_gpu_index(d.local_rank, torch.cuda.device_count()))
+    except CavmaeError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def precision_dtype(pref: str, device: torch.device) -> torch.dtype | None:
@@ -135,8 +140,11 @@ def gather(obj: Any, d: Dist) -> list[Any]:
     mine[: data.numel()] = data
     everyone = [torch.empty_like(mine) for _ in range(d.world_size)]
     dist.all_gather(everyone, mine)
+    objs = [pickle.loads(t[: int(n.item())].numpy().tobytes()) for t, n in zip(everyone, sizes, strict=True)]
+    for t in (mine, *everyone):
+        t.resize_(0)  # the memory goes now; the tensor objects stay for gloo's thread
     _last_exchange[:] = [size, *sizes, mine, *everyone]
-    return [pickle.loads(t[: int(n.item())].numpy().tobytes()) for t, n in zip(everyone, sizes, strict=True)]
+    return objs
 
 
 def seed_everything(seed: int) -> None:

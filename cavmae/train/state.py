@@ -4,9 +4,10 @@
 epoch, global step), the epoch's running sums, the best metric, the history, the metrics-log
 offset, the clips skipped so far and the global RNG states: everything a resumed run needs to
 continue bitwise on the CPU. (On a GPU, some kernels' backward passes, the token gather's and
-the fused attention's, add in an order that varies from run to run, so a resumed run matches
-an uninterrupted one as closely as two uninterrupted runs match each other.) Its metadata names the classes of a fine-tuning run: a run resumes only with
-the same label set (the label CSV may move, its classes may not change).
+the fused attention's, add in an order that varies from run to run, so a resumed run matches an
+uninterrupted one as closely as two uninterrupted runs match each other.) Its metadata names
+the classes of a fine-tuning run: a run resumes only with the same label set (the label CSV may
+move, its classes may not change).
 """
 
 from __future__ import annotations

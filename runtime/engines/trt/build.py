@@ -99,9 +99,13 @@ def _attach_timing_cache(config: Any, timing_cache: Path) -> Any:
     cache_obj = config.create_timing_cache(blob)
     if cache_obj is None and blob:  # unreadable file: start from an empty cache
         cache_obj = config.create_timing_cache(b"")
-    if cache_obj is not None:
-        # ignore_mismatch=False: the file is per TensorRT version and GPU model already.
-        config.set_timing_cache(cache_obj, False)
+    if cache_obj is not None and not config.set_timing_cache(cache_obj, False):
+        # The file is per TensorRT version and GPU model, yet devices of one name can differ
+        # (MIG slices): TensorRT refuses a cache from another; build with a fresh one.
+        log.debug("timing cache %s is from another device; starting a new one", timing_cache)
+        cache_obj = config.create_timing_cache(b"")
+        if cache_obj is not None and not config.set_timing_cache(cache_obj, False):
+            cache_obj = None
     return cache_obj
 
 
@@ -140,9 +144,9 @@ def build_serialized_engine(
             " above, or use engine 'ort'"
         )
     if timing_cache is not None and cache_obj is not None:
-        try:
-            fsio.write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-        except OSError as e:
+        try:  # the cache only speeds up later builds: failing to save it loses no engine
+            fsio.write_bytes(timing_cache, bytes(cache_obj.serialize()))
+        except Exception as e:
             log.debug("cannot save the timing cache %s: %s", timing_cache, e)
     del parser  # only now: the build read the weights it owns
     return bytes(serialized)

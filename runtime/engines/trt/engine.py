@@ -58,6 +58,13 @@ class TrtEngine(Engine):
                 f"the TensorRT engine runs on CUDA GPUs only (device {device!r}); use device"
                 " 'cuda' or engine 'ort' for the CPU"
             )
+        if manifest.precision == "int8":
+            # Its graphs are ONNX Runtime's dynamic int8 (DynamicQuantizeLinear + MatMulInteger),
+            # which TensorRT's ONNX parser does not take.
+            raise CavmaeError(
+                "this export is int8 for ONNX Runtime, which TensorRT cannot run; use engine"
+                " 'ort' for it, or give TensorRT an fp32 or fp16 export"
+            )
         super().__init__(export_dir, manifest, device)
         self._trt = import_tensorrt()
         self._cudart = import_cudart()
@@ -149,7 +156,7 @@ class TrtEngine(Engine):
             lambda: self._build(spec, source),
             what=f"graph {spec.name!r}",
         )
-        return TrtSession(spec, engine, self._trt, self._cudart, origin)
+        return TrtSession(spec, engine, self._trt, self._cudart, origin, self.device_index)
 
     def _cuda_set_device(self) -> None:
         cuda_check(self._cudart, self._cudart.cudaSetDevice(self.device_index), "cudaSetDevice")

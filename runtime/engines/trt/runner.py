@@ -58,9 +58,12 @@ def trt_name_to_numpy(name: str) -> np.dtype:
 class TrtSession(GraphSession):
     """One deserialized engine, its execution context, stream and device buffers."""
 
-    def __init__(self, spec: GraphSpec, engine: Any, trt: Any, cudart: Any, origin: str) -> None:
+    def __init__(
+        self, spec: GraphSpec, engine: Any, trt: Any, cudart: Any, origin: str, device_index: int
+    ) -> None:
         super().__init__(spec)
         self._cudart = cudart
+        self._device_index = device_index
         self._engine = engine
         #: "cache" when the engine came from the cache directory, "built" otherwise
         self.origin = origin
@@ -86,6 +89,10 @@ class TrtSession(GraphSession):
         for t in spec.inputs:
             if not is_input.get(t.name, False):
                 raise CavmaeError(f"graph {spec.name!r}: the engine has no input {t.name!r}")
+        unfed = sorted(n for n in names if is_input[n] and n not in {t.name for t in spec.inputs})
+        if unfed:  # nothing would give them a shape or an address
+            raise CavmaeError(f"graph {spec.name!r}: the engine takes inputs the manifest does not"
+                              f" name: {unfed}; re-export the model")
         for t in (*spec.inputs, *spec.outputs):
             if t.name in dtypes and dtypes[t.name] != np.dtype(t.dtype):
                 raise CavmaeError(
@@ -119,7 +126,8 @@ class TrtSession(GraphSession):
                 )
             self._alloc(n, shape)
         for n, ptr in self._buffers.items():
-            self._context.set_tensor_address(n, ptr)
+            if not self._context.set_tensor_address(n, ptr):
+                raise CavmaeError(f"graph {spec.name!r}: TensorRT rejects the buffer of {n!r}")
 
     def _alloc(self, name: str, shape: tuple[int, ...]) -> None:
         nbytes = max(1, math.prod(shape) * self._dtypes[name].itemsize)
@@ -132,6 +140,8 @@ class TrtSession(GraphSession):
         if self._context is None:
             raise CavmaeError(f"graph {self.spec.name!r}: the session is closed")
         cudart = self._cudart
+        # The current device is per thread: a session opened on one thread may run on another.
+        cuda_check(cudart, cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         for name, arr in inputs.items():
             if not self._context.set_input_shape(name, arr.shape):
