@@ -42,6 +42,7 @@ import onnx
 
 from cavmae import fsio
 from cavmae.config import PreprocessConfig
+from cavmae.cpu_flags import int8_products_saturate
 from cavmae.errors import ExportError, MediaError, MissingStreamError, skipped_message
 from cavmae.filetypes import VIDEO_SUFFIXES, is_media_file
 from cavmae.graphs import VISUAL_ENCODER
@@ -86,6 +87,9 @@ class Int8Options:
     min_top5: int = DEFAULT_MIN_TOP5
     min_cosine: float = DEFAULT_MIN_COSINE
     max_clips: int = 16  # the gate decodes and runs each clip twice; more adds little
+    #: weights in 7 bits (ONNX Runtime's reduce_range); None: where this CPU's int8 products
+    #: would saturate without it (:func:`cavmae.cpu_flags.int8_products_saturate`)
+    reduce_range: bool | None = None
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -239,7 +243,7 @@ class _FeedReader:
 
 def quantize_graph(
     src: Path, dst: Path, *, method: str = "dynamic", per_channel: bool = True,
-    calibration: list[dict[str, np.ndarray]] | None = None,
+    calibration: list[dict[str, np.ndarray]] | None = None, reduce_range: bool = False,
 ) -> None:
     """Write the int8 variant of the fp32 graph ``src`` to ``dst``.
 
@@ -247,7 +251,7 @@ def quantize_graph(
     """
     nodes = nodes_to_quantize(src)
     if method == "dynamic":  # what ONNX Runtime's quantize_dynamic writes, 10-20x sooner
-        quantize_dynamic_int8(src, dst, nodes, per_channel=per_channel)
+        quantize_dynamic_int8(src, dst, nodes, per_channel=per_channel, reduce_range=reduce_range)
         return
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -257,7 +261,7 @@ def quantize_graph(
             raise ExportError(f"static int8 quantization of {src.name} needs calibration inputs")
         quantize_static(
             src, dst, _FeedReader.make(calibration), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
+            op_types_to_quantize=list(INT8_OPS), per_channel=per_channel, reduce_range=reduce_range,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False},
@@ -360,6 +364,7 @@ class GateReport:
     min_cosine: float
     clips: list[ClipAgreement]
     passed: bool = True
+    reduce_range: bool = False  # weights in 7 bits (see Int8Options.reduce_range)
 
     def worst(self) -> dict[str, Any]:
         tops = [c.top5_shared for c in self.clips if c.top5_shared is not None]
@@ -431,6 +436,10 @@ def quantize_export(
     """
     opts = options or Int8Options()
     opts.check()
+    if opts.reduce_range is None:
+        opts = replace(opts, reduce_range=int8_products_saturate())
+        if opts.reduce_range:
+            log.info("int8: this CPU has no VNNI, so its int8 products would saturate; weights in 7 bits")
     if clips is None:
         clips = load_gate_clips(opts.calibration, opts.max_clips, num_frames, preprocess)
     fp32_paths = {name: work / spec.file for name, spec in specs.items()}
@@ -450,6 +459,7 @@ def quantize_export(
             method=opts.method, per_channel=opts.per_channel, op_types=list(INT8_OPS), kept_fp32=sorted(kept),
             graphs={name: ("int8" if name in int8_paths else "fp32") for name in specs},
             min_top5=opts.min_top5, min_cosine=opts.min_cosine, clips=agreements,
+            reduce_range=bool(opts.reduce_range),
         )
         reason = report.failure()
         step.done(f"gate {'failed' if reason else 'passed'} ({report.summary()})")
@@ -484,7 +494,7 @@ def _quantize_graphs(
             calibration = [fp32.feeds_for(name, c.audio, c.frames, ref)
                            for c, ref in zip(clips, refs, strict=True)]
         quantize_graph(path, dst, method=opts.method, per_channel=opts.per_channel,
-                       calibration=calibration)
+                       calibration=calibration, reduce_range=bool(opts.reduce_range))
         int8_paths[name] = dst
         step.done(f"{name} quantized")
     return int8_paths, kept
@@ -515,7 +525,8 @@ class _Steps:
 
 def format_gate(report: dict[str, Any]) -> str:
     """The gate's report (as in the manifest) as a few lines for the terminal."""
-    lines = [f"  int8 gate ({report['method']}, per-channel {report['per_channel']}): passed;"
+    weights = ", 7-bit weights" if report.get("reduce_range") else ""
+    lines = [f"  int8 gate ({report['method']}, per-channel {report['per_channel']}{weights}): passed;"
              f" thresholds top-5 >= {report['min_top5']}, cosine >= {report['min_cosine']:g}"]
     for c in report["clips"]:
         cos = min(c["cosines"].values()) if c["cosines"] else float("nan")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cavmae import CAVMAEFT, TINY, save_checkpoint
+from cavmae.cpu_flags import int8_products_saturate
 from cavmae.export import export_model
 from cavmae.export.int8 import Int8GateError, Int8Options
 from cavmae.manifest import Manifest
@@ -76,6 +77,8 @@ def test_cli_int8_export_gates_reports_and_runs(tiny):
     gate = manifest.quantization
     assert gate == summary["int8_gate"]
     assert gate["method"] == "dynamic" and gate["per_channel"] is True and gate["passed"] is True
+    # 7-bit weights exactly where this CPU's int8 products would saturate (no VNNI)
+    assert gate["reduce_range"] is int8_products_saturate()
     # the gate ran on both sample clips, per clip and per classifier graph
     assert [c["clip"] for c in gate["clips"]] == sorted([AUDIOSET_CLIP.name, VGGSOUND_CLIP.name])
     for c in gate["clips"]:
@@ -244,8 +247,8 @@ def test_bench_runs_int8_beside_fp32_and_torch_bf16_on_cpu(tiny):
     assert result["engines"]["torch-bf16"].startswith("torch bf16 on cpu")
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_dynamic_quantization_writes_what_onnx_runtime_writes(tmp_path, per_channel):
+@pytest.mark.parametrize(("per_channel", "reduce_range"), [(True, False), (False, False), (True, True)])
+def test_dynamic_quantization_writes_what_onnx_runtime_writes(tmp_path, per_channel, reduce_range):
     """cavmae.export.dynamic_int8 against onnxruntime.quantization.quantize_dynamic on the tiny
     encoder and joint classifier: the same int8 weights, scales and zero points under the same
     names, the encoder's outputs bit for bit; the joint classifier's within float rounding (ONNX
@@ -266,9 +269,10 @@ def test_dynamic_quantization_writes_what_onnx_runtime_writes(tmp_path, per_chan
         export_stage(stages[name], src)
         nodes = nodes_to_quantize(src)
         quantize_dynamic(src, theirs, op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, reduce_range=reduce_range,
                          extra_options={"MatMulConstBOnly": True})
-        count = quantize_dynamic_int8(src, ours, nodes, per_channel=per_channel)  # weight products only
+        count = quantize_dynamic_int8(src, ours, nodes, per_channel=per_channel,  # weight products only
+                                      reduce_range=reduce_range)
         want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(theirs)).graph.initializer}
         got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
         quantized = [k for k in want if k.endswith(("_quantized", "_scale", "_zero_point"))]
@@ -283,3 +287,22 @@ def test_dynamic_quantization_writes_what_onnx_runtime_writes(tmp_path, per_chan
                 np.testing.assert_array_equal(a, b)
             else:
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "machine", "saturate"), [
+    ({"avx2", "avx512bw"}, "x86_64", True),  # vpmaddubsw: 16-bit pair sums
+    ({"avx2", "avx512_vnni"}, "x86_64", False),
+    ({"avx2", "avx_vnni"}, "x86_64", False),
+    ({"avx2", "amx_int8"}, "x86_64", False),
+    ({"asimd"}, "aarch64", False),
+])
+def test_int8_products_saturate_where_the_cpu_has_no_vnni(flags, machine, saturate):
+    assert int8_products_saturate(frozenset(flags), machine) is saturate
+
+
+def test_reduced_range_weights_keep_every_pair_sum_in_16_bits():
+    from cavmae.export.dynamic_int8 import quantize_weight
+
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    q, _ = quantize_weight(w, per_channel=True, reduce_range=True)
+    assert int(np.abs(q.astype(np.int32)).max()) == 64 and 2 * 255 * 64 <= 32767
