@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -179,6 +180,12 @@ def _print_epoch(rec: dict[str, Any]) -> None:
     click.echo("  ".join(parts))
 
 
+def speaks_for_the_run() -> bool:
+    """Whether this process prints the run's outcome: the only process, or rank 0 of a
+    ``torchrun`` job (as with the epoch lines); the others would print the same lines again."""
+    return int(os.environ.get("WORLD_SIZE") or 1) <= 1 or int(os.environ.get("RANK") or 0) == 0
+
+
 def _report(result: Any, config: Any, config_file: Path | None, max_steps_option: bool) -> None:
     """Print the outcome; a run stopped by max_steps says how to continue it (the same
     max_steps would stop again at once)."""
@@ -223,7 +230,8 @@ def _train_command(name: str, cls_name: str, doc: str) -> click.Command:
             return
         config.validate()
         result = run(config, on_epoch=_print_epoch)
-        _report(result, config, config_file, options.get("max_steps") is not None)
+        if speaks_for_the_run():
+            _report(result, config, config_file, options.get("max_steps") is not None)
 
     return command
 

@@ -1,7 +1,7 @@
 """Decisions that only matter on GPU machines, checked with torch.cuda's answers stubbed (no
 test machine of this project has a GPU): which GPU a training process takes, when bf16 is
 chosen, restoring the GPUs' random states on a machine that shows fewer of them, and which GPUs
-CUDA_VISIBLE_DEVICES leaves a process."""
+CUDA_VISIBLE_DEVICES leaves a process; and that only one process of a torchrun job prints its outcome."""
 
 from __future__ import annotations
 
@@ -94,3 +94,17 @@ def test_a_resume_seeing_fewer_gpus_restores_the_states_it_can(gpus, monkeypatch
 ])
 def test_the_gpus_a_process_sees_follow_cuda_visible_devices(visible, expected):
     assert _visible(("A", "B", "C"), visible) == expected
+
+
+@pytest.mark.parametrize(("env", "speaks"), [
+    ({}, True), ({"WORLD_SIZE": "2", "RANK": "0"}, True), ({"WORLD_SIZE": "2", "RANK": "1"}, False),
+    ({"WORLD_SIZE": "1", "RANK": "3"}, True),
+])
+def test_only_rank_0_prints_a_torchrun_jobs_outcome(monkeypatch, env, speaks):
+    from cavmae.cli.train_cmd import speaks_for_the_run
+
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert speaks_for_the_run() is speaks
